@@ -1,0 +1,159 @@
+"""Converter throughput and memory on >= 2 GB of I3D-layout input (issue 2, part 6).
+
+Writes I3D-layout input (actor tensors (n, 1024, 4, 7, 7) float32 as in the published features,
+objects (m, 2048) float32 with cls_prob) under a temp dir, then for 1 GB and 2 GB of it:
+
+- raw read: open every .h5 once and read every dataset, with the same worker count;
+- conversion: ``tools/convert_features.py`` as a subprocess; its peak RSS is the largest sum of
+  RSS over its process tree (main, workers, manager), sampled every 20 ms with psutil.
+
+Prints input MB, raw read MB/s, conversion MB/s (of input), time ratio (target <= 2), store size
+vs input, and peak RSS (target < 2 GB and flat from 1 GB to 2 GB). Both reads see a warm page
+cache (the raw read runs first, twice, the second timed), so the ratio compares CPU work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+ACTOR_SHAPE = (1024, 4, 7, 7)
+OBJECT_DIM = 2048
+KEYFRAMES_PER_CLIP = 50
+
+
+def write_input(root: Path, gigabytes: float, seed: int = 0) -> tuple[Path, Path, list[str]]:
+    """I3D layout of about ``gigabytes`` under ``root``; returns actors dir, objects file, clip ids."""
+    rng = np.random.default_rng(seed)
+    actors_dir, objects_file = root / "actors", root / "objects.h5"
+    actors_dir.mkdir(parents=True)
+    actor_bytes = int(np.prod(ACTOR_SHAPE)) * 4
+    budget, written, clips = gigabytes * 1e9, 0, []
+    with h5py.File(objects_file, "w") as objects:
+        while written < budget:
+            video_id = f"-bench_{len(clips):04d}"
+            clips.append(video_id)
+            (actors_dir / video_id).mkdir()
+            for ts in range(902, 902 + KEYFRAMES_PER_CLIP):
+                n, m = int(rng.integers(0, 5)), int(rng.integers(0, 12))
+                boxes = np.sort(rng.random((n, 2, 2), dtype=np.float32), axis=1).reshape(n, 4)
+                labels = np.zeros((n, 81), np.float32)
+                labels[np.arange(n), rng.integers(1, 81, n)] = 1
+                with h5py.File(actors_dir / video_id / f"{ts:04d}.h5", "w") as f:
+                    f["features"] = rng.standard_normal((n, *ACTOR_SHAPE), dtype=np.float32)
+                    f["boxes"] = boxes
+                    f["labels"] = labels
+                obj_boxes = np.sort(rng.random((m, 2, 2), dtype=np.float32), axis=1).reshape(m, 4)
+                objects[f"{video_id}_{ts}_features"] = rng.standard_normal((m, OBJECT_DIM), dtype=np.float32)
+                objects[f"{video_id}_{ts}_boxes"] = obj_boxes
+                objects[f"{video_id}_{ts}_cls_prob"] = rng.random((m, 81), dtype=np.float32)
+                written += n * actor_bytes + m * (OBJECT_DIM + 81 + 4) * 4
+    return actors_dir, objects_file, clips
+
+
+def subset(actors_dir: Path, clips: list[str], out: Path) -> Path:
+    """An actors dir holding (links to) ``clips`` only."""
+    out.mkdir()
+    for clip in clips:
+        (out / clip).symlink_to(actors_dir / clip)
+    return out
+
+
+def _read_clip(args: tuple[Path, Path, str]) -> int:
+    actors_dir, objects_file, clip = args
+    total = 0
+    with h5py.File(objects_file, "r") as objects:
+        for file in sorted((actors_dir / clip).iterdir()):
+            with h5py.File(file, "r") as f:
+                for name in ("features", "boxes", "labels"):
+                    total += f[name][()].nbytes
+            for suffix in ("_features", "_boxes", "_cls_prob"):
+                total += objects[f"{clip}_{int(file.stem)}{suffix}"][()].nbytes
+    return total
+
+
+def raw_read(actors_dir: Path, objects_file: Path, clips: list[str], workers: int) -> tuple[int, float]:
+    """Read every dataset of the input once with ``workers`` processes: (bytes, seconds)."""
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(workers) as pool:
+        total = sum(pool.imap_unordered(_read_clip, [(actors_dir, objects_file, c) for c in clips]))
+    return total, time.perf_counter() - start
+
+
+def convert(actors_dir: Path, objects_file: Path, out: Path, workers: int) -> tuple[float, int, str]:
+    """Run the converter CLI; returns (seconds, peak RSS of its process tree, stdout)."""
+    cmd = [sys.executable, str(REPO / "tools" / "convert_features.py"), "--actors-dir", str(actors_dir),
+           "--objects-file", str(objects_file), "--out", str(out), "--workers", str(workers),
+           "--no-progress", "--overwrite", "--log-level", "ERROR"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"converter failed ({proc.returncode}):\n{stderr}")
+    return seconds, peak, stdout
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="input size in GB (1 and 2 GB are measured by default)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for raw read and conversion")
+    parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the input is written")
+    parser.add_argument("--keep", action="store_true", help="keep the generated input and stores")
+    args = parser.parse_args(argv)
+
+    free = shutil.disk_usage(args.tmp).free
+    if free < 3 * args.gb * 1e9:
+        print(f"need {3 * args.gb:.1f} GB free in {args.tmp}, have {free / 1e9:.1f} GB", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="convert_bench_", dir=args.tmp))
+    try:
+        t = time.perf_counter()
+        actors_dir, objects_file, clips = write_input(work / "input", args.gb)
+        print(f"input: {len(clips)} clips x {KEYFRAMES_PER_CLIP} keyframes, "
+              f"{dir_bytes(work / 'input') / 1e9:.2f} GB written in {time.perf_counter() - t:.0f} s "
+              f"(workers {args.workers}, cpus {os.cpu_count()})")
+        print(f"{'input GB':>8} {'raw MB/s':>9} {'conv MB/s':>9} {'ratio':>6} {'store/in':>8} {'peak RSS MB':>11}")
+        for fraction in (0.5, 1.0):
+            chosen = clips[: max(1, round(len(clips) * fraction))]
+            dirname = actors_dir if fraction == 1.0 else subset(actors_dir, chosen, work / f"actors_{fraction}")
+            raw_read(dirname, objects_file, chosen, args.workers)  # warm the page cache
+            nbytes, raw_s = raw_read(dirname, objects_file, chosen, args.workers)
+            conv_s, peak, stdout = convert(dirname, objects_file, work / f"store_{fraction}.zarr", args.workers)
+            store = dir_bytes(work / f"store_{fraction}.zarr")
+            print(f"{nbytes / 1e9:8.2f} {nbytes / 1e6 / raw_s:9.0f} {nbytes / 1e6 / conv_s:9.0f} "
+                  f"{conv_s / raw_s:6.2f} {store / nbytes:8.3f} {peak / 2**20:11.0f}"
+                  f"   (raw {raw_s:.1f} s, conversion {conv_s:.1f} s incl. startup)")
+            print("    converter: " + " | ".join(line for line in stdout.splitlines()[:2]))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

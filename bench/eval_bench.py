@@ -1,0 +1,140 @@
+"""Benchmark of the AVA evaluator (and the results.csv writer): wall time and peak memory.
+
+1. The real subset fixture (11,874 groundtruth rows, 32,410 detections); target <= 0.4 s.
+2. A generated full-validation-sized pair: 57,000 keyframes with 1-3 actors each (~2), a
+   results.csv with the 60 label-map classes per box (~6.8M rows, ~3.4M after the 50 cap);
+   target <= 60 s and < 4 GB on 2 CPU cores. The file is written with
+   ``stage_dist.ava.write_results_csv``, whose time is reported too.
+
+Each evaluation runs in a fresh subprocess that reports its own wall time and peak resident
+memory (``ru_maxrss``, which includes the interpreter and numpy: the import-only baseline is
+printed next to it).
+
+    python bench/eval_bench.py [--keyframes 57000] [--repeat 5] [--skip-full] [--work-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "ava"
+LABELMAP = FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt"
+KEYFRAMES_PER_VIDEO = 897  # timestamps 902..1798
+FIXTURE_TARGET_S, FULL_TARGET_S, FULL_TARGET_BYTES = 0.4, 60.0, 4 << 30
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None:
+    """Run in a fresh process: evaluate ``repeat`` times, print timings and peak RSS as JSON."""
+    from stage_dist.evaluate import evaluate
+
+    baseline = _peak_rss_bytes()
+    seconds, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = evaluate(groundtruth, detections, labelmap)
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "import_rss": baseline,
+                      "mean_ap": result.mean_ap, "rows": result.num_detection_rows,
+                      "evaluated": result.num_evaluated_detections}))
+
+
+def run_child(groundtruth: Path, detections: Path, repeat: int) -> dict:
+    command = [sys.executable, __file__, "--child", str(groundtruth), str(detections), str(LABELMAP),
+               "--repeat", str(repeat)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def generate_full(work_dir: Path, num_keyframes: int, seed: int) -> tuple[Path, Path, float]:
+    """Groundtruth and a results.csv of full-validation size; returns paths and writer seconds."""
+    from stage_dist.ava import read_labelmap, write_results_csv
+
+    rng = np.random.default_rng(seed)
+    class_ids = np.array(sorted(read_labelmap(LABELMAP)))
+    keyframe = np.arange(num_keyframes)
+    videos = np.array([f"bench{v:03d}_{'x' * 3}" for v in range(num_keyframes // KEYFRAMES_PER_VIDEO + 1)])
+    actors = rng.integers(1, 4, num_keyframes)
+    box_keyframe = np.repeat(keyframe, actors)
+    num_boxes = len(box_keyframe)
+    video_ids = videos[box_keyframe // KEYFRAMES_PER_VIDEO].tolist()
+    timestamps = 902 + box_keyframe % KEYFRAMES_PER_VIDEO
+    corner = rng.random((num_boxes, 2)) * 0.6
+    boxes = np.round(np.hstack([corner, corner + 0.1 + rng.random((num_boxes, 2)) * 0.3]), 3)
+
+    frequency = 1.0 / np.arange(1, len(class_ids) + 1)  # long-tailed, like AVA
+    labels = np.zeros((num_boxes, 80), dtype=bool)
+    for n in range(1, 3):
+        chosen = rng.choice(class_ids, size=num_boxes, p=frequency / frequency.sum())
+        labels[np.arange(num_boxes), chosen - 1] |= rng.random(num_boxes) < (1.0 if n == 1 else 0.5)
+    person = np.arange(num_boxes) - np.repeat(np.cumsum(actors) - actors, actors)
+    box_text = [",".join(f"{v:.3f}" for v in b) for b in boxes.tolist()]
+    with open(work_dir / "groundtruth.csv", "w") as out:
+        for i, row in zip(*np.nonzero(labels)):
+            out.write(f"{video_ids[i]},{timestamps[i]:04d},{box_text[i]},{row + 1},{person[i]}\n")
+
+    jitter = np.clip(boxes + rng.normal(0, 0.02, boxes.shape), 0, 1)
+    scores = np.clip(rng.random((num_boxes, 80)) * 0.6 + 0.35 * labels, 0, 1).astype(np.float32)
+    start = time.perf_counter()
+    rows = write_results_csv(work_dir / "results.csv", video_ids, timestamps, jitter, scores, class_ids=class_ids)
+    written = time.perf_counter() - start
+    print(f"generated {num_keyframes} keyframes, {num_boxes} boxes, {int(labels.sum())} groundtruth rows, "
+          f"{rows} result rows ({(work_dir / 'results.csv').stat().st_size / 1e6:.0f} MB); "
+          f"write_results_csv: {written:.2f} s ({rows / written / 1e6:.2f} M rows/s)")
+    return work_dir / "groundtruth.csv", work_dir / "results.csv", written
+
+
+def report(name: str, figures: dict, target_s: float, target_bytes: int | None = None) -> None:
+    best, first = min(figures["seconds"]), figures["seconds"][0]
+    peak, base = figures["peak_rss"] / 2**20, figures["import_rss"] / 2**20
+    verdict = "meets" if best <= target_s and (target_bytes is None or figures["peak_rss"] < target_bytes) else "MISSES"
+    print(f"{name}: {figures['rows']} detection rows ({figures['evaluated']} evaluated), mAP {figures['mean_ap']:.6f}")
+    print(f"  time: first {first:.3f} s, best of {len(figures['seconds'])} {best:.3f} s (target <= {target_s} s)")
+    print(f"  peak RSS: {peak:.0f} MiB (interpreter + imports alone: {base:.0f} MiB)"
+          + (f" (target < {target_bytes / 2**30:.0f} GiB)" if target_bytes else ""))
+    print(f"  -> {verdict} the target")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keyframes", type=int, default=57000, help="keyframes of the generated full-size file")
+    parser.add_argument("--repeat", type=int, default=5, help="evaluations of the fixture (best time reported)")
+    parser.add_argument("--full-repeat", type=int, default=1, help="evaluations of the full-size file")
+    parser.add_argument("--skip-full", action="store_true", help="only benchmark the subset fixture")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep the generated files here (default: a temporary directory, removed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated files")
+    parser.add_argument("--child", nargs=3, metavar=("GT", "DET", "LABELMAP"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(*args.child, repeat=args.repeat)
+        return 0
+
+    report("subset fixture", run_child(FIXTURES / "ava_val_v2.1_subset4.csv", FIXTURES / "detections_subset4.csv",
+                                       args.repeat), FIXTURE_TARGET_S)
+    if args.skip_full:
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        work_dir = args.work_dir or Path(scratch)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        groundtruth, detections, _ = generate_full(work_dir, args.keyframes, args.seed)
+        report(f"full-size ({args.keyframes} keyframes)", run_child(groundtruth, detections, args.full_repeat),
+               FULL_TARGET_S, FULL_TARGET_BYTES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

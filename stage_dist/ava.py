@@ -1,0 +1,621 @@
+"""AVA file formats: groundtruth/detection CSVs, label maps, excluded timestamps and results.csv.
+
+This module owns every byte the official AVA evaluator reads or writes, and nothing else
+(the metric itself is :mod:`stage_dist.evaluate`):
+
+- :func:`read_ava_csv` parses ``video,ts,x1,y1,x2,y2,action[,score|person]`` rows (and the
+  2-column ``video,ts`` rows that mark a keyframe without boxes) into numpy arrays, in file
+  order, with vectorised parsing so that a full validation results file (~7M rows) reads in
+  seconds. Keyframes are named by the official image key ``"<video>,<ts:.6f>"`` with the
+  timestamp read as a decimal number, so ``0902``, ``902`` and ``902.0`` are one keyframe.
+- :func:`read_labelmap` reads both pbtxt forms (``item { name id }`` and
+  ``label { name label_id }``); :func:`read_exclusions` reads ``video,ts`` exclusion lists.
+- :func:`write_results_csv` writes predictions in the AVA format, sorted and deterministic,
+  through a temporary file renamed into place.
+
+Every malformed input raises :class:`AvaFormatError` with ``"<file>:<line>: <what is wrong>"``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+_READ_BLOCK_BYTES = 1 << 25  # parse CSVs in ~32 MiB blocks of whole lines (bounded memory)
+_MAX_FIELD_BYTES = 64  # longer video ids or timestamps are malformed (AVA ids have 11 characters)
+_WRITE_BLOCK_ROWS = 1 << 20  # results.csv rows formatted per block
+_NEWLINE, _COMMA, _CR = 10, 44, 13
+
+
+class AvaFormatError(ValueError):
+    """A malformed AVA file; the message is ``"<file>:<line>: <what is wrong>"``."""
+
+    def __init__(self, path: PathLike, line: int | None, what: str) -> None:
+        self.path = os.fspath(path)
+        self.line = line
+        self.what = what
+        where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {what}")
+
+
+def image_key(video_id: str, timestamp: str) -> str:
+    """The official keyframe key ``"<video_id>,<timestamp:.6f>"``, timestamp read as a decimal.
+
+    Raises ``ValueError`` if ``timestamp`` is not a finite decimal number.
+    """
+    try:
+        value = Decimal(timestamp)
+    except InvalidOperation:
+        raise ValueError(f"timestamp {timestamp!r} is not a number") from None
+    if not value.is_finite():
+        raise ValueError(f"timestamp {timestamp!r} is not a finite number")
+    return "%s,%.6f" % (video_id, value)
+
+
+@dataclass(frozen=True)
+class AvaCsv:
+    """The rows of one AVA CSV, in file order.
+
+    ``keys[keyframe[i]]`` is the official image key of box row ``i``. ``boxes`` are
+    ``x1, y1, x2, y2`` as written; ``scores`` is 1.0 where a row has no score column (and for
+    groundtruth, whose 8th column is a person id). ``marked_keyframes`` lists the keyframes
+    named by 2-column ``video,ts`` rows (a keyframe with no boxes).
+    """
+
+    path: str
+    keys: list[str]
+    keyframe: np.ndarray  # (N,) int64 index into keys
+    boxes: np.ndarray  # (N, 4) float64
+    actions: np.ndarray  # (N,) int64
+    scores: np.ndarray  # (N,) float64
+    marked_keyframes: np.ndarray  # (M,) int64 index into keys
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.keyframe)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _iter_line_blocks(handle: BinaryIO, block_bytes: int) -> Iterator[bytes]:
+    """Yield blocks of whole lines, each ending with a newline."""
+    carry = b""
+    while True:
+        chunk = handle.read(block_bytes)
+        if not chunk:
+            break
+        chunk = carry + chunk
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:
+            carry = chunk
+            continue
+        carry = chunk[cut:]
+        yield chunk[:cut]
+    if carry:
+        yield carry + b"\n"
+
+
+def _gather_fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The byte ranges ``buf[starts[i]:ends[i]]`` as one fixed-width ``S`` array."""
+    lengths = ends - starts
+    width = max(int(lengths.max(initial=0)), 1)
+    if width > _MAX_FIELD_BYTES:  # rare overlong numbers: slice instead of a huge matrix
+        data = buf.tobytes()
+        return np.array([data[lo:hi] for lo, hi in zip(starts.tolist(), ends.tolist())], dtype=f"S{width}")
+    columns = np.arange(width)
+    index = np.minimum(starts[:, None] + columns, buf.size - 1)
+    matrix = buf[index]
+    matrix[columns >= lengths[:, None]] = 0
+    return matrix.view(f"S{width}").ravel()
+
+
+def _last_byte_used(text: np.ndarray) -> bool:
+    """Whether any value of an ``S`` array fills its width (it may have been cut)."""
+    return bool(text.view(np.uint8).reshape(len(text), -1)[:, -1].any()) if len(text) else False
+
+
+def _differs_from_previous(text: np.ndarray) -> np.ndarray:
+    """Row-wise ``text[i] != text[i - 1]`` (True for the first row), on 8-byte words if possible."""
+    changed = np.ones(len(text), dtype=bool)
+    if text.dtype.itemsize % 8 == 0 and text.flags.c_contiguous:
+        words = text.view(np.uint64).reshape(len(text), -1)
+        changed[1:] = (words[1:] != words[:-1]).any(axis=1)
+    else:
+        changed[1:] = text[1:] != text[:-1]
+    return changed
+
+
+class _CsvBlockParser:
+    """Parses blocks of an AVA CSV into column arrays, keeping keyframe names across blocks."""
+
+    def __init__(self, path: PathLike, score_column: bool, allowed_columns: tuple[int, ...]) -> None:
+        self.path = os.fspath(path)
+        self.score_column = score_column
+        self.allowed_columns = allowed_columns
+        self.keys: list[str] = []
+        self._key_ids: dict[str, int] = {}
+        self._raw_key_ids: dict[tuple[bytes, bytes], int] = {}
+        self.parts: dict[str, list[np.ndarray]] = {
+            name: [] for name in ("keyframe", "boxes", "actions", "scores", "marked")
+        }
+
+    def error(self, line: int, what: str) -> AvaFormatError:
+        return AvaFormatError(self.path, line, what)
+
+    def parse(self, block: bytes, first_line: int) -> int:
+        """Parse one block whose first line is ``first_line``; return the number of lines."""
+        if not self._parse_uniform(block):
+            self._parse_any(block, first_line)
+        return block.count(b"\n")
+
+    def _parse_uniform(self, block: bytes) -> bool:
+        """Fast path for a block whose lines all have 7 or 8 well-formed columns.
+
+        numpy's C reader parses it; any irregularity (other column counts, a bad number, an
+        overlong field, a bad key) returns False with nothing recorded, and the general path
+        then parses the block again and reports the error with its line number.
+        """
+        num_columns = block[: block.find(b"\n")].count(b",") + 1
+        if num_columns not in (7, 8) or num_columns not in self.allowed_columns:
+            return False
+        fields = [("video", f"S{_MAX_FIELD_BYTES}"), ("stamp", "S16"), ("box", "f8", (4,)), ("action", "i8")]
+        if num_columns == 8:
+            fields.append(("score", "f8") if self.score_column else ("ignored", "S1"))
+        try:
+            table = np.loadtxt(io.BytesIO(block), delimiter=",", dtype=fields, comments=None, ndmin=1)
+        except ValueError:
+            return False
+        videos, stamps = np.ascontiguousarray(table["video"]), np.ascontiguousarray(table["stamp"])
+        boxes = table["box"]
+        scores = table["score"] if num_columns == 8 and self.score_column else np.ones(len(table))
+        may_be_cut = _last_byte_used(videos) or _last_byte_used(stamps)
+        if may_be_cut or not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            return False
+        try:
+            keyframe = self._keyframe_ids(videos, stamps, np.zeros(len(table), dtype=np.int64))
+        except AvaFormatError:
+            return False
+        self._append(keyframe, boxes, table["action"], scores)
+        return True
+
+    def _append(self, keyframe, boxes, actions, scores) -> None:
+        self.parts["keyframe"].append(keyframe)
+        self.parts["boxes"].append(boxes)
+        self.parts["actions"].append(actions)
+        self.parts["scores"].append(scores)
+
+    def _parse_any(self, block: bytes, first_line: int) -> None:
+        """General path: any column counts, errors reported with their line number."""
+        buf = np.frombuffer(block, dtype=np.uint8)
+        ends = np.flatnonzero(buf == _NEWLINE)
+        starts = np.concatenate(([0], ends[:-1] + 1))
+        line_numbers = first_line + np.arange(len(ends))
+        has_cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == _CR)
+        ends = ends - has_cr
+        nonblank = ends > starts
+        starts, ends, line_numbers = starts[nonblank], ends[nonblank], line_numbers[nonblank]
+        if len(starts):
+            self._parse_lines(buf, starts, ends, line_numbers)
+
+    def _parse_lines(self, buf, starts, ends, line_numbers) -> None:
+        commas = np.flatnonzero(buf == _COMMA)
+        first_comma = np.searchsorted(commas, starts)
+        num_columns = np.searchsorted(commas, ends) - first_comma + 1
+        bad = ~np.isin(num_columns, self.allowed_columns)
+        if bad.any():
+            i = int(np.argmax(bad))
+            *others, last = (str(n) for n in self.allowed_columns)
+            expected = f"{', '.join(others)} or {last}" if others else last
+            raise self.error(
+                int(line_numbers[i]),
+                f"expected {expected} comma-separated columns, found {num_columns[i]}",
+            )
+
+        def field(rows: np.ndarray, column: int) -> np.ndarray:
+            comma = first_comma[rows] + column
+            lo = starts[rows] if column == 0 else commas[comma - 1] + 1
+            hi = ends[rows].copy()
+            inner = num_columns[rows] - 1 > column
+            hi[inner] = commas[comma[inner]]
+            too_long = hi - lo > _MAX_FIELD_BYTES
+            if column < 2 and too_long.any():
+                i = int(np.argmax(too_long))
+                name = "video id" if column == 0 else "timestamp"
+                raise self.error(
+                    int(line_numbers[rows[i]]), f"{name} is longer than {_MAX_FIELD_BYTES} characters"
+                )
+            return _gather_fields(buf, lo, hi)
+
+        every = np.arange(len(starts))
+        keyframe = self._keyframe_ids(field(every, 0), field(every, 1), line_numbers)
+        box_rows = np.flatnonzero(num_columns >= 7)
+        self.parts["marked"].append(keyframe[num_columns == 2])
+        if not len(box_rows):
+            return
+        rows_lines = line_numbers[box_rows]
+        names = ("x1", "y1", "x2", "y2")
+        boxes = np.stack(
+            [self._numbers(field(box_rows, 2 + j), rows_lines, names[j]) for j in range(4)],
+            axis=1,
+        )
+        actions = self._integers(field(box_rows, 6), rows_lines, "action id")
+        scores = np.ones(len(box_rows))
+        if self.score_column:
+            scored = np.flatnonzero(num_columns[box_rows] == 8)
+            if len(scored):
+                scores[scored] = self._numbers(
+                    field(box_rows[scored], 7), rows_lines[scored], "score"
+                )
+        self._append(keyframe[box_rows], boxes, actions, scores)
+
+    def _keyframe_ids(self, videos: np.ndarray, stamps: np.ndarray, lines: np.ndarray):
+        """Keyframe index of every line; Python work only where (video, ts) changes."""
+        changed = _differs_from_previous(videos) | _differs_from_previous(stamps)
+        heads = np.flatnonzero(changed)
+        head_ids = np.empty(len(heads), dtype=np.int64)
+        for n, (i, video, stamp) in enumerate(
+            zip(heads.tolist(), videos[heads].tolist(), stamps[heads].tolist())
+        ):
+            head_ids[n] = self._key_id(video, stamp, int(lines[i]))
+        return np.repeat(head_ids, np.diff(np.append(heads, len(videos))))
+
+    def _key_id(self, video: bytes, stamp: bytes, line: int) -> int:
+        raw = (video, stamp)
+        found = self._raw_key_ids.get(raw)
+        if found is not None:
+            return found
+        try:
+            video_id, timestamp = video.decode(), stamp.decode()
+        except UnicodeDecodeError:
+            raise self.error(line, "video id or timestamp is not valid UTF-8") from None
+        if not video_id.strip():
+            raise self.error(line, "empty video id")
+        try:
+            key = image_key(video_id, timestamp)
+        except ValueError as exc:
+            raise self.error(line, str(exc)) from None
+        key_id = self._key_ids.setdefault(key, len(self.keys))
+        if key_id == len(self.keys):
+            self.keys.append(key)
+        self._raw_key_ids[raw] = key_id
+        return key_id
+
+    def _numbers(self, text: np.ndarray, lines: np.ndarray, name: str) -> np.ndarray:
+        try:
+            values = text.astype(np.float64)
+        except ValueError:
+            self._raise_first_bad(text, lines, name, float)
+            values = np.array([float(t) for t in text.tolist()])
+        finite = np.isfinite(values)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            raise self.error(int(lines[i]), f"{name} {text[i].decode()!r} is not a finite number")
+        return values
+
+    def _integers(self, text: np.ndarray, lines: np.ndarray, name: str) -> np.ndarray:
+        try:
+            return text.astype(np.int64)
+        except (ValueError, OverflowError):
+            self._raise_first_bad(text, lines, name, int)
+            return np.array([int(t) for t in text.tolist()], dtype=np.int64)
+
+    def _raise_first_bad(self, text: np.ndarray, lines: np.ndarray, name: str, kind) -> None:
+        for i, value in enumerate(text.tolist()):
+            try:
+                kind(value)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise self.error(
+                    int(lines[i]), f"{name} {value.decode(errors='replace')!r} is not {what}"
+                ) from None
+
+    def result(self) -> AvaCsv:
+        def joined(name: str, empty_shape: tuple[int, ...], dtype) -> np.ndarray:
+            parts = self.parts[name]
+            return np.concatenate(parts) if parts else np.empty(empty_shape, dtype=dtype)
+
+        return AvaCsv(
+            path=self.path,
+            keys=self.keys,
+            keyframe=joined("keyframe", (0,), np.int64),
+            boxes=joined("boxes", (0, 4), np.float64),
+            actions=joined("actions", (0,), np.int64),
+            scores=joined("scores", (0,), np.float64),
+            marked_keyframes=joined("marked", (0,), np.int64),
+        )
+
+
+def read_ava_csv(
+    path: PathLike, *, score_column: bool = True, allowed_columns: tuple[int, ...] = (2, 7, 8)
+) -> AvaCsv:
+    """Read an AVA groundtruth or detection CSV (no header) into arrays, in file order.
+
+    Rows are ``video,ts`` (a keyframe with no boxes), ``video,ts,x1,y1,x2,y2,action`` or the
+    same with an 8th column, read as the score when ``score_column`` (detections) and ignored
+    otherwise (the person id of groundtruth). Blank lines are skipped; ``\\r\\n`` is accepted.
+    Fields are not unquoted (AVA files never quote). Rows with a number of columns not in
+    ``allowed_columns`` are errors.
+    """
+    parser = _CsvBlockParser(path, score_column, allowed_columns)
+    line = 1
+    try:
+        with open(path, "rb") as handle:
+            for block in _iter_line_blocks(handle, _READ_BLOCK_BYTES):
+                line += parser.parse(block, line)
+    except OSError as exc:
+        raise AvaFormatError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    return parser.result()
+
+
+def read_exclusions(path: PathLike) -> set[str]:
+    """Image keys listed in an excluded-timestamps CSV (``video,ts`` rows)."""
+    rows = read_ava_csv(path, score_column=False, allowed_columns=(2,))
+    return {rows.keys[i] for i in rows.marked_keyframes.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Label maps
+# ---------------------------------------------------------------------------------------------
+
+_PBTXT_TOKEN = re.compile(
+    r"""(?P<space>[ \t\r\f\v]+|\#[^\n]*)|(?P<newline>\n)|(?P<punct>[{}:])"""
+    r"""|(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')|(?P<word>[^\s{}:"'#]+)"""
+)
+_LABEL_BLOCKS = ("item", "label")
+_ID_FIELDS = ("id", "label_id")
+
+
+def _pbtxt_tokens(text: str, path: PathLike) -> list[tuple[str, str, int]]:
+    """(kind, text, line) tokens of a protocol-buffer text file."""
+    tokens = []
+    line, pos = 1, 0
+    while pos < len(text):
+        match = _PBTXT_TOKEN.match(text, pos)
+        if match is None:
+            raise AvaFormatError(path, line, f"unexpected character {text[pos]!r}")
+        kind = match.lastgroup
+        if kind == "newline":
+            line += 1
+        elif kind != "space":
+            tokens.append((kind, match.group(), line))
+        pos = match.end()
+    return tokens
+
+
+def read_labelmap(path: PathLike) -> dict[int, str]:
+    """Class id -> name from an AVA label map, in file order.
+
+    Accepts ``item { name: "..." id: N }`` and ``label { name: "..." label_id: N ... }``
+    blocks (other fields, e.g. ``label_type`` or ``display_name``, are ignored).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AvaFormatError(path, None, f"cannot read label map: {exc}") from None
+    tokens = _pbtxt_tokens(text, path)
+    labelmap: dict[int, str] = {}
+    pos = 0
+    while pos < len(tokens):
+        kind, word, line = tokens[pos]
+        if kind != "word" or word not in _LABEL_BLOCKS:
+            raise AvaFormatError(path, line, f"expected 'item {{' or 'label {{', found {word!r}")
+        if pos + 1 >= len(tokens) or tokens[pos + 1][1] != "{":
+            raise AvaFormatError(path, line, f"expected '{{' after {word!r}")
+        fields, pos = _parse_block(tokens, pos + 2, path, line)
+        class_id, name = _labelmap_entry(fields, path, line)
+        if class_id in labelmap:
+            raise AvaFormatError(path, line, f"class id {class_id} appears twice")
+        labelmap[class_id] = name
+    if not labelmap:
+        raise AvaFormatError(path, None, "label map has no entries")
+    return labelmap
+
+
+def _parse_block(tokens, pos: int, path: PathLike, open_line: int):
+    """Fields ``name: value`` of a block up to its ``}``; nested blocks are skipped."""
+    fields: dict[str, tuple[str, str, int]] = {}
+    depth = 0
+    while pos < len(tokens):
+        kind, text, line = tokens[pos]
+        if text == "}" and kind == "punct":
+            if depth == 0:
+                return fields, pos + 1
+            depth -= 1
+            pos += 1
+        elif kind == "word" and pos + 1 < len(tokens) and tokens[pos + 1][1] == "{":
+            depth += 1
+            pos += 2
+        elif kind == "word" and pos + 2 < len(tokens) and tokens[pos + 1][1] == ":":
+            value_kind, value, _ = tokens[pos + 2]
+            if value_kind not in ("word", "string"):
+                raise AvaFormatError(path, line, f"field {text!r} has no value")
+            if depth == 0:
+                fields[text] = (value_kind, value, line)
+            pos += 3
+        else:
+            raise AvaFormatError(path, line, f"unexpected {text!r} (expected 'field: value')")
+    raise AvaFormatError(path, open_line, "block is not closed with '}'")
+
+
+def _labelmap_entry(fields, path: PathLike, line: int) -> tuple[int, str]:
+    id_field = next((f for f in _ID_FIELDS if f in fields), None)
+    if id_field is None:
+        raise AvaFormatError(path, line, "entry has no 'id' or 'label_id'")
+    _, raw_id, id_line = fields[id_field]
+    try:
+        class_id = int(raw_id)
+    except ValueError:
+        raise AvaFormatError(path, id_line, f"{id_field} {raw_id!r} is not an integer") from None
+    if class_id < 1:
+        raise AvaFormatError(path, id_line, f"{id_field} {class_id} must be >= 1")
+    if "name" not in fields:
+        raise AvaFormatError(path, line, f"entry with {id_field} {class_id} has no 'name'")
+    name_kind, raw_name, name_line = fields["name"]
+    if name_kind != "string":
+        raise AvaFormatError(path, name_line, f"name {raw_name!r} must be quoted")
+    return class_id, re.sub(r"\\(.)", r"\1", raw_name[1:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# results.csv writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _format_fixed(values: np.ndarray, decimals: int) -> np.ndarray:
+    """``values`` as fixed-point text with ``decimals`` digits (``S`` array, vectorised).
+
+    Rounds ``values * 10**decimals`` half to even; negative zero is written as zero.
+    """
+    scale = 10**decimals
+    quanta = np.rint(values * scale).astype(np.int64)
+    negative = quanta < 0
+    whole, fraction = np.divmod(np.abs(quanta), scale)
+    digits = np.array([str(d).encode() for d in range(10)])
+    text = digits[np.minimum(whole, 9)]
+    large = whole >= 10
+    if large.any():
+        text = text.astype(f"S{len(str(int(whole.max())))}")
+        text[large] = whole[large].astype("S")
+    if decimals:
+        powers = 10 ** np.arange(decimals - 1, -1, -1, dtype=np.int64)
+        fraction_digits = (fraction[:, None] // powers % 10 + ord("0")).astype(np.uint8)
+        text = np.strings.add(np.strings.add(text, b"."), fraction_digits.view(f"S{decimals}").ravel())
+    if negative.any():
+        text = np.strings.add(np.where(negative, b"-", b""), text)
+    return text
+
+
+def _validate_results_inputs(video_ids, timestamps, boxes, scores) -> tuple[np.ndarray, ...]:
+    num_boxes = len(video_ids)
+    timestamps = np.asarray(timestamps)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if timestamps.shape != (num_boxes,):
+        raise ValueError(f"timestamps has shape {timestamps.shape}, expected ({num_boxes},)")
+    if boxes.shape != (num_boxes, 4):
+        raise ValueError(f"boxes has shape {boxes.shape}, expected ({num_boxes}, 4)")
+    if scores.ndim != 2 or scores.shape[0] != num_boxes:
+        raise ValueError(f"scores has shape {scores.shape}, expected ({num_boxes}, num_actions)")
+    for name, array in (("timestamps", timestamps), ("boxes", boxes), ("scores", scores)):
+        if array.size and not np.isfinite(array).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    as_int = timestamps.astype(np.int64)
+    if not (as_int == timestamps).all():
+        raise ValueError("timestamps must be whole seconds")
+    if (as_int < 0).any():
+        raise ValueError("timestamps must be >= 0")
+    for video_id in set(video_ids):
+        if not video_id or any(c in video_id for c in ',"\r\n'):
+            raise ValueError(f"video id {video_id!r} is empty or contains a comma, quote or newline")
+    return as_int, boxes, scores
+
+
+def _selected_columns(scores: np.ndarray, class_ids, topk, min_score) -> tuple[np.ndarray, np.ndarray]:
+    """Action columns to write and the (boxes, columns) mask of rows to write."""
+    num_actions = scores.shape[1]
+    if class_ids is None:
+        columns = np.arange(num_actions)
+    else:
+        ids = np.unique(np.fromiter(class_ids, dtype=np.int64))
+        if ids.size and (ids.min() < 1 or ids.max() > num_actions):
+            raise ValueError(f"class ids must be in 1..{num_actions}, got {ids.tolist()}")
+        columns = ids - 1
+    selected = scores[:, columns]
+    keep = selected >= min_score
+    if topk is not None:
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        best = np.argsort(-selected, axis=1, kind="stable")[:, :topk]
+        in_top = np.zeros_like(keep)
+        np.put_along_axis(in_top, best, True, axis=1)
+        keep &= in_top
+    return columns, keep
+
+
+def write_results_csv(
+    path: PathLike,
+    video_ids: Sequence[str],
+    timestamps: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    *,
+    class_ids: Iterable[int] | None = None,
+    topk: int | None = None,
+    min_score: float = 0.0,
+    box_decimals: int = 3,
+    score_decimals: int = 6,
+) -> int:
+    """Write predictions as an AVA results.csv; return the number of rows written.
+
+    One row ``video,ts,x1,y1,x2,y2,action,score`` per box and action, where score column ``j``
+    is action id ``j + 1``; only ``class_ids`` if given, per box only its ``topk`` highest
+    scores if given (ties: lower action id first), only scores ``>= min_score``. Rows are sorted
+    by video id, timestamp, box (``x1, y1, x2, y2``, then input order) and action id, so the
+    file does not depend on the order of the inputs. Timestamps are written 4-digit zero-padded
+    (``0902``), boxes with ``box_decimals`` and scores with ``score_decimals`` decimals.
+
+    The file is written to a temporary file in the same directory and renamed into place: a
+    failure never leaves a partial ``path`` (an existing file is kept).
+    """
+    stamps, boxes, scores = _validate_results_inputs(video_ids, timestamps, boxes, scores)
+    columns, keep = _selected_columns(scores, class_ids, topk, min_score)
+    names, video_codes = np.unique(np.asarray(list(video_ids), dtype=str), return_inverse=True)
+    order = np.lexsort(
+        (np.arange(len(stamps)), boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], stamps, video_codes)
+    )
+    box_text = _format_fixed(boxes[order].ravel(), box_decimals).reshape(-1, 4)
+    prefixes = np.array([name.encode() for name in names])[video_codes[order]]
+    prefixes = np.strings.add(prefixes, b",")
+    prefixes = np.strings.add(prefixes, np.char.zfill(stamps[order].astype("S"), 4))
+    for j in range(4):
+        prefixes = np.strings.add(np.strings.add(prefixes, b","), box_text[:, j])
+    action_text = np.array([b",%d," % (c + 1) for c in columns])
+    box_rows, column_rows = np.nonzero(keep[order])
+    row_scores = scores[order][box_rows, columns[column_rows]]
+
+    def blocks() -> Iterator[bytes]:
+        for lo in range(0, len(box_rows), _WRITE_BLOCK_ROWS):
+            part = slice(lo, lo + _WRITE_BLOCK_ROWS)
+            lines = np.strings.add(prefixes[box_rows[part]], action_text[column_rows[part]])
+            lines = np.strings.add(lines, _format_fixed(row_scores[part], score_decimals))
+            lines = np.strings.add(lines, b"\n")
+            yield lines.tobytes().replace(b"\x00", b"")
+
+    _write_atomically(path, blocks())
+    logger.info("wrote %d rows for %d boxes to %s", len(box_rows), len(stamps), path)
+    return len(box_rows)
+
+
+def _write_atomically(path: PathLike, blocks: Iterable[bytes]) -> None:
+    """Write ``blocks`` to a temporary file next to ``path``, then rename it to ``path``."""
+    target = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as handle:
+            for block in blocks:
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

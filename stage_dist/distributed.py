@@ -1,0 +1,144 @@
+"""Process-group setup and the few collectives the trainer and inference need.
+
+Every entry point calls :func:`init_distributed`: under ``torchrun`` it reads ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``, binds the process to GPU ``LOCAL_RANK`` and joins an NCCL
+(GPU) or gloo (CPU) process group; a plain ``python -m`` run is world size 1 and creates no
+process group, so the helpers below degrade to no-ops. :func:`setup_logging` makes rank 0 the
+only rank that logs at INFO and prefixes every line with its rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+
+
+class DistributedError(RuntimeError):
+    """The launch environment or the requested device is unusable."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank, the world size, and its device and backend.
+
+    ``backend`` is ``None`` when no process group was created (world size 1 without torchrun).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None and self.world_size > 1
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise DistributedError(f"environment variable {name} is not set (launch with torchrun)")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if device != "cuda":
+        raise DistributedError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if not torch.cuda.is_available():
+        raise DistributedError("device 'cuda' requested but CUDA is not available")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DistributedError(f"LOCAL_RANK={local_rank} but only {count} CUDA devices are visible")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Set up this process: torchrun's env gives rank and world size, else world size 1.
+
+    ``device``: ``auto`` (CUDA when available), ``cuda`` or ``cpu``. On CUDA the process uses
+    GPU ``LOCAL_RANK`` and NCCL; on CPU, gloo.
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = _env_int("RANK", 0) if launched else 0
+    world_size = _env_int("WORLD_SIZE", 1) if launched else 1
+    local_rank = _env_int("LOCAL_RANK", 0) if launched else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DistributedError(f"invalid RANK={rank} for WORLD_SIZE={world_size}")
+    resolved = _resolve_device(device, local_rank)
+    backend = None
+    if launched:
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    env = DistEnv(rank, world_size, local_rank, resolved, backend)
+    log.debug("initialised %s", env)
+    return env
+
+
+def cleanup(env: DistEnv) -> None:
+    """Leave the process group (if one was created)."""
+    if env.backend is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op at world size 1)."""
+    if not env.distributed:
+        return
+    if env.backend == "nccl":
+        dist.barrier(device_ids=[env.device.index])
+    else:
+        dist.barrier()
+
+
+def gather_to_main(obj: Any, env: DistEnv) -> list | None:
+    """Every rank's picklable ``obj`` on rank 0, in rank order; ``None`` on the other ranks.
+
+    Objects travel pickled in one tensor per rank (numpy arrays pickle compactly), so large
+    prediction arrays are fine with gloo and NCCL alike.
+    """
+    if not env.distributed:
+        return [obj]
+    gathered: list | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def all_reduce_mean(value: float, env: DistEnv) -> float:
+    """The mean of ``value`` over all ranks (``value`` itself at world size 1)."""
+    if not env.distributed:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.item() / env.world_size
+
+
+def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:
+    """Root logging to stderr with a ``[rank r]`` prefix: rank 0 at ``level``, others at
+    WARNING (or ``level`` if higher). Replaces handlers set up before."""
+    rank_level = level if env.is_main else max(level, logging.WARNING)
+    logging.basicConfig(level=rank_level, format=LOG_FORMAT.format(rank=env.rank), force=True)

@@ -1,0 +1,292 @@
+"""The STAGE graph-attention model, the no-graph baseline, and published-checkpoint loading.
+
+Verified against the published code (aimagelab/STAGE_action_detection, commit 584ffe0c):
+
+- ``models/model.py`` (``Stage``): geometry ``h = y2 - y1, w = x2 - x1, xc = (x2 - x1) / 2 + x1,
+  yc = (y2 - y1) / 2 + y1`` concatenated in that order after the (pooled) actor feature and
+  after the object feature; objects pass ``relu(obj_reducer(.))`` only when
+  ``objects_features_size > actors_features_size``; nodes are all actors then all objects;
+  ``x = l_norm(x + gat_fc(gat1(x)))`` then ``x = l_norm2(x + gat_fc2(gat2(x)))`` -- the
+  second layer has its OWN ``gat_fc2``/``l_norm2`` (not shared); ``logits`` on the actor rows;
+  loss BCE-with-logits over all ``num_classes`` columns, output ``sigmoid``.
+- ``models/gat.py`` (``GAT``): one ``F.dropout(x, 0.5)`` on the layer input shared by all
+  heads; heads are submodules ``attention_{i}``; their outputs are concatenated on dim 1.
+  Head width ``int(actors/H) + int(4/H)``: with 1024-dim actors only H in {1, 2, 4} give
+  the 1028 columns ``gat_fc`` expects.
+- ``models/attention_layer.py`` (``GraphAttentionLayer``): ``W`` (in, out) and ``a`` (2*out, 1),
+  both ``xavier_uniform_(gain=1.414)``; ``e = LeakyReLU_0.2(a . [h_i || h_j])``;
+  ``where(adj > 0, e * adj, -9e15)``; softmax over j (``/ tau`` with tau hard-coded 1);
+  ``h' = att @ h``; ``F.dropout(h', 0.5)``; ``elu``. No dropout on the attention matrix.
+- ``utils/boxlist_ops.py`` (``boxlist_distance``): ``adj = exp(-tau * ||c_i - c_j||_2)``;
+  ``data/collate_batch.py`` connects same and adjacent keyframes (actor-actor, actor-object,
+  object-object, symmetric, self loops) with tau = 1.
+- ``utils/checkpoints.py`` / ``train.py``: checkpoints are ``{"model_state", "optimizer_state",
+  "epoch", "iteration"}``; default 81 classes (column 0 background), 1024/2048 dims, 4 heads.
+
+Deliberate differences (DESIGN.md): adjacency comes from each node's window and keyframe, so
+windows never cross clips and a keyframe's neighbours never depend on its place in the batch;
+``a . [h_i || h_j]`` is computed as ``a1 . h_i + a2 . h_j`` on a banded per-keyframe layout
+(:mod:`stage_dist.graph`), masked with the float32 minimum and normalised in float32; the
+model returns logits (the caller applies the loss or the sigmoid); actor features arrive
+already pooled over t, h, w (the published ``torch.mean`` under ``no_grad``).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage_dist.batch import Batch
+from stage_dist.graph import Graph, box_centres, build_batch_graph
+
+GEOMETRY_DIM = 4  # h, w, xc, yc
+
+
+class ModelConfigError(ValueError):
+    """A model configuration the published architecture cannot support."""
+
+
+class ModelInputError(ValueError):
+    """A batch whose feature sizes do not match the model."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model (names the file or keys)."""
+
+
+@dataclass
+class ModelConfig:
+    actor_dim: int = 1024
+    object_dim: int = 2048
+    num_heads: int = 4
+    num_outputs: int = 81  # published: column 0 background, column j = AVA action id j
+    dropout: float = 0.5
+    tau: float = 1.0
+
+    @property
+    def node_dim(self) -> int:
+        return self.actor_dim + GEOMETRY_DIM
+
+    @property
+    def head_dim(self) -> int:
+        """Published head width ``int(actors / H) + int(4 / H)``."""
+        return self.actor_dim // self.num_heads + GEOMETRY_DIM // self.num_heads
+
+    def validate(self) -> None:
+        if self.actor_dim < 1 or self.num_outputs < 1:
+            raise ModelConfigError(
+                f"actor_dim ({self.actor_dim}) and num_outputs ({self.num_outputs}) must be >= 1"
+            )
+        if self.object_dim < self.actor_dim:
+            raise ModelConfigError(
+                f"object_dim ({self.object_dim}) < actor_dim ({self.actor_dim}): the published "
+                "model only reduces larger object features (obj_reducer)"
+            )
+        if self.num_heads < 1 or self.num_heads * self.head_dim != self.node_dim:
+            raise ModelConfigError(
+                f"num_heads={self.num_heads} is not supported with actor_dim={self.actor_dim}: "
+                f"heads of int({self.actor_dim}/H) + int(4/H) columns must concatenate to "
+                f"{self.node_dim} (published sizes: 1, 2 or 4 heads)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.tau < 0:
+            raise ModelConfigError(f"tau must be >= 0, got {self.tau}")
+
+
+def box_geometry(boxes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``h, w, xc, yc`` of ``x1, y1, x2, y2`` boxes, in that order, with the published arithmetic,
+    computed in at least float32 and returned in ``dtype``."""
+    boxes = boxes.to(torch.promote_types(boxes.dtype, dtype))
+    h = boxes[:, 3] - boxes[:, 1]
+    w = boxes[:, 2] - boxes[:, 0]
+    return torch.cat((torch.stack((h, w), dim=1), box_centres(boxes)), dim=1).to(dtype)
+
+
+class GraphAttentionHead(nn.Module):
+    """Parameters of one head, named and shaped as the published ``GraphAttentionLayer``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(in_features, out_features))
+        self.a = nn.Parameter(torch.empty(2 * out_features, 1))
+        nn.init.xavier_uniform_(self.W, gain=1.414)
+        nn.init.xavier_uniform_(self.a, gain=1.414)
+
+
+class GraphAttention(nn.Module):
+    """The published ``GAT``: input dropout, H heads (``attention_{i}``) fused in one pass."""
+
+    def __init__(self, in_features: int, head_features: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_features = head_features
+        self.dropout = dropout
+        for i in range(num_heads):
+            self.add_module(f"attention_{i}", GraphAttentionHead(in_features, head_features))
+
+    def heads(self) -> list[GraphAttentionHead]:
+        return [getattr(self, f"attention_{i}") for i in range(self.num_heads)]
+
+    def forward(self, x: torch.Tensor, graph: Graph) -> torch.Tensor:
+        heads = self.heads()
+        x = F.dropout(x, self.dropout, training=self.training)
+        weight = torch.cat([head.W for head in heads], dim=1)  # (in, H * F)
+        h = (x @ weight).view(-1, self.num_heads, self.head_features)  # (N, H, F)
+        a = torch.stack([head.a.view(2, self.head_features) for head in heads])  # (H, 2, F)
+        a = a.to(h.dtype)
+        src = torch.einsum("nhf,hf->nh", h, a[:, 0])
+        dst = torch.einsum("nhf,hf->nh", h, a[:, 1])
+        out = graph.attend(h, src, dst)
+        out = F.elu(F.dropout(out, self.dropout, training=self.training))
+        return out.reshape(-1, self.num_heads * self.head_features)
+
+
+def _check_inputs(batch: Batch, config: ModelConfig, with_objects: bool) -> None:
+    actor_cols = batch.actor_features.shape[1]
+    if actor_cols != config.actor_dim:
+        raise ModelInputError(
+            f"batch actor_features have {actor_cols} columns, the model expects {config.actor_dim}"
+        )
+    object_cols = batch.object_features.shape[1]
+    if with_objects and object_cols != config.object_dim:
+        raise ModelInputError(
+            f"batch object_features have {object_cols} columns, the model expects {config.object_dim}"
+        )
+
+
+def _actor_nodes(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+    geometry = box_geometry(batch.actor_boxes, dtype)
+    return torch.cat((batch.actor_features.to(dtype), geometry), dim=1)
+
+
+class STAGE(nn.Module):
+    """Two graph-attention layers over actors and objects, then a linear classifier on actors."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        node, head = config.node_dim, config.head_dim
+        if config.object_dim > config.actor_dim:
+            self.obj_reducer = nn.Linear(config.object_dim, config.actor_dim)
+        self.gat1 = GraphAttention(node, head, config.num_heads, config.dropout)
+        self.gat_fc = nn.Linear(node, node)
+        self.l_norm = nn.LayerNorm(node)
+        self.gat2 = GraphAttention(node, head, config.num_heads, config.dropout)
+        self.gat_fc2 = nn.Linear(node, node)
+        self.l_norm2 = nn.LayerNorm(node)
+        self.logits = nn.Linear(node, config.num_outputs)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits ``(A, num_outputs)`` for the batch's actors, in batch order."""
+        _check_inputs(batch, self.config, with_objects=True)
+        dtype = self.logits.weight.dtype
+        actors = _actor_nodes(batch, dtype)
+        objects = batch.object_features.to(dtype)
+        if self.config.object_dim > self.config.actor_dim:
+            objects = F.relu(self.obj_reducer(objects)).to(dtype)  # residual stream stays in dtype
+        objects = torch.cat((objects, box_geometry(batch.object_boxes, dtype)), dim=1)
+        x = torch.cat((actors, objects), dim=0)
+        graph = build_batch_graph(batch, tau=self.config.tau)
+        x = self.l_norm(x + self.gat_fc(self.gat1(x, graph)))
+        x = self.l_norm2(x + self.gat_fc2(self.gat2(x, graph)))
+        return self.logits(x[: actors.shape[0]])
+
+
+class NoGraphBaseline(nn.Module):
+    """Ablation: the classifier on actor feature + geometry, no objects and no graph.
+
+    Same inputs and the same classifier as :class:`STAGE` (``dropout`` on the 1028-dim actor
+    node, then ``logits``), so the two differ only by the graph-attention layers.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.logits = nn.Linear(config.node_dim, config.num_outputs)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        _check_inputs(batch, self.config, with_objects=False)
+        actors = _actor_nodes(batch, self.logits.weight.dtype)
+        actors = F.dropout(actors, self.config.dropout, training=self.training)
+        return self.logits(actors)
+
+
+_MODELS = {"stage": STAGE, "baseline": NoGraphBaseline}
+
+
+def build_model(kind: str, config: ModelConfig) -> nn.Module:
+    """``kind``: ``"stage"`` (the published model) or ``"baseline"`` (no graph)."""
+    if kind not in _MODELS:
+        raise ModelConfigError(f"unknown model kind {kind!r}; choose from {sorted(_MODELS)}")
+    return _MODELS[kind](config)
+
+
+def action_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Columns of AVA action ids 1..80 (drops the published background column 0)."""
+    if logits.shape[-1] != 81:
+        raise ModelConfigError(
+            f"action_logits expects 81 columns (background + 80 actions), got {logits.shape[-1]}"
+        )
+    return logits[..., 1:]
+
+
+def load_published_state(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Load a published ``model_state`` strictly: any missing, unexpected or mis-shaped key
+    raises :class:`CheckpointError` naming it."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    for key in sorted(set(expected) & set(state_dict)):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif value.shape != expected[key].shape:
+            problems.append(
+                f"{key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise CheckpointError("state dict does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_published_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Load a checkpoint of the published code (``{"model_state", "optimizer_state", "epoch",
+    "iteration"}``) into ``model``; returns the entries other than ``model_state``.
+
+    Reads with ``torch.load(weights_only=True)``: a file whose pickle would build arbitrary
+    objects (run code) is refused with :class:`CheckpointError`.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: no such checkpoint file") from error
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused, not a plain weights file (its pickle references objects that "
+            f"could run code; torch.load(weights_only=True) said: {first_line})"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error
+    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
+        raise CheckpointError(f"{path}: not a published checkpoint (no 'model_state' entry)")
+    try:
+        load_published_state(model, checkpoint["model_state"])
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    return {key: value for key, value in checkpoint.items() if key != "model_state"}

@@ -1,0 +1,254 @@
+"""Which keyframe windows each rank reads: the training batch sampler and the inference planner.
+
+Training (:class:`ClipWindowSampler`): every epoch, each clip is cut into windows of ``W``
+consecutive keyframes starting from a random offset, so window boundaries move between epochs;
+the keyframes before the offset and the remainder at the end of the clip become shorter windows,
+and a clip shorter than ``W`` is one window. Every keyframe is thus in exactly one window per
+epoch. The windows of all clips are shuffled with a generator seeded ``seed + epoch`` (the same
+on every rank) and dealt out step by step: global step ``s`` takes the next
+``world_size * windows_per_step`` windows of the shuffled list and rank ``r`` gets the ``r``-th
+group of ``windows_per_step``. Every rank runs the same number of steps (DDP hangs otherwise):
+the list is padded by repeating windows from its start, or cut with ``drop_last``.
+
+Inference (:func:`plan_inference_windows`, :func:`shard_for_rank`): windows of ``W`` *owned*
+keyframes, each read with up to ``context`` extra keyframes on either side. STAGE has two
+one-hop graph layers, so a keyframe's output depends on keyframes within +/-2 of it; with
+``context >= 2`` the owned predictions do not depend on the window size or on the number of
+ranks. Windows are split into contiguous, unpadded shards, so every keyframe is predicted once
+and the gathered shards, concatenated in rank order, are in store order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from stage_dist.batch import WindowSpec
+
+T = TypeVar("T")
+
+
+def _check_clip_lengths(clip_lengths: Sequence[int]) -> np.ndarray:
+    lengths = np.asarray(clip_lengths, dtype=np.int64).reshape(-1)
+    if len(lengths) and lengths.min() < 0:
+        bad = int(np.argmin(lengths))
+        raise ValueError(f"clip {bad} has a negative length ({int(lengths[bad])})")
+    return lengths
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+def clip_windows(clip_lengths: Sequence[int], window: int, offsets: np.ndarray) -> np.ndarray:
+    """Cut every clip into windows; returns an ``(N, 3)`` int64 array of (clip, start, length).
+
+    Clip ``c`` (length ``L``) with offset ``o``: if ``L <= window`` it is a single window;
+    otherwise windows start at ``0`` (when ``o > 0``) and at ``o, o + W, o + 2W, ...``, each
+    running to the next start or to the clip's end. Windows are in clip order.
+    """
+    lengths = _check_clip_lengths(clip_lengths)
+    offsets = np.where(lengths > window, np.asarray(offsets, dtype=np.int64), 0)
+    rows = []
+    for clip in np.flatnonzero(lengths):
+        length, offset = int(lengths[clip]), int(offsets[clip])
+        starts = np.arange(offset, length, window, dtype=np.int64)
+        if offset > 0:
+            starts = np.concatenate(([0], starts))
+        stops = np.append(starts[1:], length)
+        rows.append(np.stack([np.full_like(starts, clip), starts, stops - starts], axis=1))
+    if not rows:
+        return np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(rows)
+
+
+class ClipWindowSampler:
+    """Batch sampler over clip windows: each item is one training step's windows for this rank.
+
+    Use as ``DataLoader(dataset, batch_sampler=sampler, ...)`` with a dataset indexed by
+    :class:`~stage_dist.batch.WindowSpec`. Call :meth:`set_epoch` before each epoch.
+    ``len(sampler)`` is the number of steps of the current epoch (the same on every rank;
+    it can differ by a little between epochs because window boundaries move: use
+    :meth:`steps_for_epoch` to plan a schedule). After :meth:`load_state_dict`, the next
+    iteration of that epoch starts at the saved step and yields only the remaining steps.
+    """
+
+    def __init__(
+        self,
+        clip_lengths: Sequence[int],
+        window: int = 6,
+        windows_per_step: int = 1,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if windows_per_step < 1:
+            raise ValueError(f"windows_per_step must be >= 1, got {windows_per_step}")
+        _check_rank(rank, world_size)
+        self.clip_lengths = _check_clip_lengths(clip_lengths)
+        self.window = window
+        self.windows_per_step = windows_per_step
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._resume_step = 0
+        self._consumed = 0
+        self._cache: tuple[int, np.ndarray] | None = None  # (epoch, shuffled windows)
+
+    @property
+    def windows_per_global_step(self) -> int:
+        """Windows consumed per step by all ranks together."""
+        return self.world_size * self.windows_per_step
+
+    def _windows(self, epoch: int) -> np.ndarray:
+        """The epoch's shuffled windows as an ``(N, 3)`` array (offsets drawn first, then the shuffle)."""
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng(self.seed + epoch)
+            offsets = rng.integers(0, self.window, size=len(self.clip_lengths))
+            windows = clip_windows(self.clip_lengths, self.window, offsets)
+            self._cache = (epoch, windows[rng.permutation(len(windows))])
+        return self._cache[1]
+
+    def _steps(self, num_windows: int) -> int:
+        per_step = self.windows_per_global_step
+        if self.drop_last:
+            return num_windows // per_step
+        return -(-num_windows // per_step)
+
+    def steps_for_epoch(self, epoch: int) -> int:
+        """Steps of ``epoch`` (the same on every rank), without changing the sampler's state."""
+        return self._steps(len(self._windows(epoch)))
+
+    @property
+    def windows_per_epoch(self) -> int:
+        """Distinct windows of the current epoch, all ranks together, before padding or dropping."""
+        return len(self._windows(self.epoch))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps_for_epoch(self.epoch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch_windows(self, epoch: int | None = None) -> list[WindowSpec]:
+        """All windows of an epoch (default: the current one) in shuffled order, before padding."""
+        windows = self._windows(self.epoch if epoch is None else epoch)
+        return [WindowSpec(int(c), int(s), int(n)) for c, s, n in windows]
+
+    def _rank_steps(self) -> np.ndarray:
+        """This rank's windows of the current epoch as a ``(steps, windows_per_step, 3)`` array."""
+        windows = self._windows(self.epoch)
+        steps = self._steps(len(windows))
+        total = steps * self.windows_per_global_step
+        if total > len(windows):  # pad by cycling from the start of the shuffled list
+            windows = windows[np.arange(total) % len(windows)]
+        grid = windows[:total].reshape(steps, self.world_size, self.windows_per_step, 3)
+        return grid[:, self.rank]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
+        if epoch != self.epoch:
+            self._resume_step = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[WindowSpec]]:
+        steps = self._rank_steps()
+        start, self._resume_step = self._resume_step, 0
+        self._consumed = start
+        return self._iterate(steps, start)
+
+    def _iterate(self, steps: np.ndarray, start: int) -> Iterator[list[WindowSpec]]:
+        for step in range(start, len(steps)):
+            self._consumed = step + 1
+            yield [WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]]
+
+    def state_dict(self, step: int | None = None) -> dict:
+        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained.
+
+        By default it counts the steps this sampler has yielded. A ``DataLoader`` with workers
+        draws batches ahead of training (up to ``num_workers * prefetch_factor``), so a trainer
+        using one should pass the number of steps it has actually completed.
+        """
+        return {"epoch": int(self.epoch), "step": int(self._consumed if step is None else step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
+        try:
+            epoch, step = int(state["epoch"]), int(state["step"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"sampler state needs integer 'epoch' and 'step', got {state!r}") from err
+        if step < 0:
+            raise ValueError(f"sampler state has a negative step ({step})")
+        self.epoch = epoch
+        self._resume_step = step
+        self._consumed = step
+
+
+@dataclass(frozen=True)
+class InferenceWindow:
+    """A window to read and the part of it whose predictions are kept.
+
+    ``spec`` is the keyframe range read (owned keyframes plus context). ``keep_start`` and
+    ``keep_stop`` are window-local keyframe indices, like :attr:`Batch.actor_frame`: the window
+    owns keyframes ``spec.start + keep_start .. spec.start + keep_stop - 1`` of clip
+    ``spec.clip``, so an actor's prediction is kept iff ``keep_start <= frame < keep_stop``.
+    """
+
+    spec: WindowSpec
+    keep_start: int
+    keep_stop: int
+
+    @property
+    def owned(self) -> range:
+        """Clip-local indices of the keyframes this window predicts."""
+        return range(self.spec.start + self.keep_start, self.spec.start + self.keep_stop)
+
+
+def plan_inference_windows(
+    clip_lengths: Sequence[int], window: int, context: int = 2
+) -> list[InferenceWindow]:
+    """Windows of ``window`` owned keyframes (the last of a clip may be shorter), in store order.
+
+    Each is read with up to ``context`` extra keyframes on each side, clipped at the clip's
+    ends; every keyframe of every clip is owned by exactly one window.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    plan = []
+    for clip, length in enumerate(_check_clip_lengths(clip_lengths).tolist()):
+        for own_start in range(0, length, window):
+            own_stop = min(own_start + window, length)
+            read_start = max(own_start - context, 0)
+            read_stop = min(own_stop + context, length)
+            plan.append(
+                InferenceWindow(
+                    spec=WindowSpec(clip, read_start, read_stop - read_start),
+                    keep_start=own_start - read_start,
+                    keep_stop=own_stop - read_start,
+                )
+            )
+    return plan
+
+
+def shard_for_rank(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s contiguous share of ``items``: sizes differ by at most one, the first
+    ``len(items) % world_size`` ranks taking one more; no padding, no duplicates."""
+    _check_rank(rank, world_size)
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return list(items[start:stop])

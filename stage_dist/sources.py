@@ -1,0 +1,562 @@
+"""Readers of the published STAGE feature layouts (I3D and SlowFast HDF5), with input validation.
+
+Two layouts (see DESIGN.md, "Input layouts"):
+
+- I3D: ``actors_dir/<video_id>/<timestamp>.h5`` with ``features`` (n, C, t, h, w), ``boxes``
+  (n, 4) and ``labels`` (n, 81 or 80); objects in one ``objects.h5`` keyed
+  ``<video_id>_<ts>_features|_boxes|_cls_prob`` with the timestamp unpadded.
+- SlowFast: one h5 per split, a group ``<clip_number>_<ts>`` per keyframe with ``boxes``,
+  ``features`` (n, C) already pooled and ``labels`` (n, 80); clip numbers index a video list.
+  Objects come from the same kind of ``objects.h5`` when one is given, else every keyframe
+  has zero objects.
+
+A source does three things: list its keyframes (names only), :meth:`scan` a clip (shapes only,
+used to count rows before anything is written) and read one keyframe's actor or object rows
+(values, validated, actor features pooled over t, h, w in float32). Every problem is raised as
+:class:`SourceError` naming the file and key. Sources hold only paths, so they pickle into
+worker processes; HDF5 handles are opened lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import h5py
+import numpy as np
+
+
+log = logging.getLogger(__name__)
+
+OBJECT_SUFFIXES = ("_features", "_boxes", "_cls_prob")
+DEFAULT_OBJECT_DIM = 2048  # object feature size of the published detector, used when no objects exist
+# == stage_dist.batch.NUM_ACTIONS; not imported from there because batch imports torch, which the
+# converter and its worker processes do not need (it costs seconds per start)
+NUM_ACTIONS = 80
+BOX_TOLERANCE = 1e-6  # normalised boxes may exceed [0, 1] by this much (float rounding)
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
+_I3D_FILE = re.compile(r"(\d+)\.h5")
+
+MissingObjects = Literal["error", "empty"]
+
+
+class SourceError(Exception):
+    """A problem with the input files; the message names the file, the key and what is wrong."""
+
+
+def check_video_id(video_id: str, where: str) -> str:
+    """Return ``video_id`` if it is a safe path component, else raise :class:`SourceError`."""
+    if video_id in (".", "..") or not _SAFE_ID.fullmatch(video_id):
+        raise SourceError(
+            f"{where}: clip id {video_id!r} is not a safe path component "
+            "(allowed: letters, digits, '_', '-', '.'; not '.' or '..')"
+        )
+    return video_id
+
+
+def pool_actor_features(features: np.ndarray) -> np.ndarray:
+    """Mean over t, h, w of (n, C, t, h, w) features, in float32 -> (n, C).
+
+    The one pooling rule of the project: the converter, ``--verify`` and the synthetic data's
+    SlowFast layout all use it, so pooled values compare exactly.
+    """
+    n, c = features.shape[:2]
+    return features.reshape(n, c, math.prod(features.shape[2:])).astype(np.float32, copy=False).mean(axis=2, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class KeyframeInfo:
+    """Shapes of one keyframe, found by :meth:`Source.scan_clip` without reading values."""
+
+    video_id: str
+    timestamp: int
+    num_actors: int
+    num_objects: int
+    actor_bytes: int  # bytes of actor data in the source (what reading it costs)
+    object_bytes: int
+    has_objects: bool  # False: no entry in the objects file (accepted as zero objects)
+
+
+@dataclass(frozen=True)
+class SourceDims:
+    """Per-row shapes every keyframe of a source must share."""
+
+    actor_dim: int
+    actor_thw: tuple[int, ...] | None  # (t, h, w) of unpooled actor features; None if pooled
+    label_width: int  # 80 or 81 (column 0 background)
+    object_dim: int
+    cls_prob_dim: int | None  # None: no cls_prob in the objects file
+
+
+@dataclass
+class ActorRows:
+    """Actor rows of one keyframe, validated, in the store's layout (before the dtype cast)."""
+
+    features: np.ndarray  # (n, C) float32, pooled
+    boxes: np.ndarray  # (n, 4) float32
+    labels: np.ndarray  # (n, 80) uint8, column j is action id j + 1
+    spatial: np.ndarray | None = None  # (n, C, t, h, w) float32 when asked for
+
+    @property
+    def count(self) -> int:
+        return len(self.boxes)
+
+
+@dataclass
+class ObjectRows:
+    """Object rows of one keyframe, validated."""
+
+    features: np.ndarray  # (m, D) float32
+    boxes: np.ndarray  # (m, 4) float32
+    cls_prob: np.ndarray | None  # (m, P) float32
+
+    @property
+    def count(self) -> int:
+        return len(self.boxes)
+
+
+@dataclass
+class SourceListing:
+    """All keyframes of a source by clip (sorted), plus what was left out and why."""
+
+    clips: dict[str, list[int]]  # video id -> sorted timestamps
+    skipped: list[str] = field(default_factory=list)
+
+
+class Source(Protocol):
+    layout: str
+
+    def describe(self) -> dict[str, str | None]: ...
+    def list_keyframes(self) -> SourceListing: ...
+    def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]: ...
+    def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows: ...
+    def read_objects(self, video_id: str, timestamp: int) -> ObjectRows: ...
+
+
+# --------------------------------------------------------------------------- HDF5 helpers
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise SourceError(f"{path}: file not found") from None
+    except OSError as e:  # truncated, not HDF5, unreadable
+        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+
+
+def _dataset(node: h5py.Group, name: str, where: str) -> h5py.Dataset:
+    try:
+        obj = node[name]
+    except KeyError:
+        raise SourceError(f"{where}: missing dataset {name!r}") from None
+    except OSError as e:
+        raise SourceError(f"{where}: cannot read {name!r} (corrupt file?): {e}") from None
+    if not isinstance(obj, h5py.Dataset):
+        raise SourceError(f"{where}: {name!r} is not a dataset")
+    return obj
+
+
+def _read(ds: h5py.Dataset, where: str) -> np.ndarray:
+    try:
+        return ds[()]
+    except OSError as e:
+        raise SourceError(f"{where}: cannot read {ds.name!r} (truncated or corrupt?): {e}") from None
+
+
+def _check_rows(shape: tuple[int, ...], ndim: int, rows: int | None, name: str, where: str) -> None:
+    if len(shape) != ndim:
+        raise SourceError(f"{where}: {name!r} has shape {shape}, expected {ndim} dimensions")
+    if rows is not None and shape[0] != rows:
+        raise SourceError(
+            f"{where}: row counts disagree: {name!r} has {shape[0]} rows, 'boxes' has {rows}"
+        )
+
+
+def _check_label_width(width: int, where: str) -> None:
+    if width not in (NUM_ACTIONS, NUM_ACTIONS + 1):
+        raise SourceError(
+            f"{where}: 'labels' has {width} columns; expected 81 (column 0 background) or 80"
+        )
+
+
+def _check_finite(values: np.ndarray, name: str, where: str) -> None:
+    if not np.isfinite(values).all():
+        raise SourceError(f"{where}: {name!r} contains NaN or Inf")
+
+
+def _check_boxes(boxes: np.ndarray, where: str) -> np.ndarray:
+    boxes = boxes.astype(np.float32, copy=False)
+    _check_finite(boxes, "boxes", where)
+    lo, hi = -BOX_TOLERANCE, 1 + BOX_TOLERANCE
+    outside = ((boxes < lo) | (boxes > hi)).any(axis=1)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise SourceError(f"{where}: box {i} {boxes[i].tolist()} lies outside [0, 1]")
+    flipped = (boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3])
+    if flipped.any():
+        i = int(np.flatnonzero(flipped)[0])
+        raise SourceError(f"{where}: box {i} {boxes[i].tolist()} has x1 > x2 or y1 > y2")
+    return boxes
+
+
+def _labels_to_store(labels: np.ndarray, where: str) -> np.ndarray:
+    _check_label_width(labels.shape[1], where)
+    if labels.shape[1] == NUM_ACTIONS + 1:
+        labels = labels[:, 1:]
+    if not np.isin(labels, (0, 1)).all():
+        raise SourceError(f"{where}: 'labels' holds values other than 0 and 1")
+    return labels.astype(np.uint8)
+
+
+def _nbytes(ds: h5py.Dataset) -> int:
+    return int(math.prod(ds.shape)) * ds.dtype.itemsize
+
+
+class _Handles:
+    """HDF5 files kept open for the life of one process (dropped when pickled)."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def get(self, path: Path) -> h5py.File:
+        if self._pid != os.getpid():  # forked: never share HDF5 handles across processes
+            self._files, self._pid = {}, os.getpid()
+        if path not in self._files:
+            self._files[path] = _open_h5(path)
+        return self._files[path]
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+# --------------------------------------------------------------------------- objects.h5
+
+
+class ObjectsFile:
+    """The per-keyframe detector outputs, ``<video_id>_<ts>_features|_boxes|_cls_prob``."""
+
+    def __init__(self, path: Path, missing: MissingObjects) -> None:
+        self.path = Path(path)
+        self.missing = missing
+        self._handles = _Handles()
+
+    def _file(self) -> h5py.File:
+        return self._handles.get(self.path)
+
+    def keyframes(self) -> set[tuple[str, int]]:
+        """(video id, timestamp) of every keyframe with a ``_features`` entry."""
+        out = set()
+        for key in self._file().keys():
+            if key.endswith("_features"):
+                video_id, _, ts = key[: -len("_features")].rpartition("_")
+                if ts.isdigit() and video_id:
+                    out.add((video_id, int(ts)))
+        return out
+
+    def scan(self, video_id: str, timestamp: int) -> tuple[int, int, int, int | None, bool]:
+        """(rows, bytes, feature dim, cls_prob dim, present) of one keyframe, shapes only."""
+        f, prefix = self._file(), f"{video_id}_{timestamp}"
+        where = f"{self.path} key {prefix}_*"
+        feats = f.get(f"{prefix}_features")
+        if feats is None:
+            if self.missing == "error":
+                raise SourceError(
+                    f"{self.path}: keyframe {video_id} {timestamp} has no objects "
+                    f"(no key {prefix}_features); pass --missing-objects empty to accept "
+                    "such keyframes as having zero objects"
+                )
+            return 0, 0, 0, None, False
+        boxes = _dataset(f, f"{prefix}_boxes", where)
+        _check_rows(boxes.shape, 2, None, f"{prefix}_boxes", where)
+        _check_rows(feats.shape, 2, boxes.shape[0], f"{prefix}_features", where)
+        cls_dim, nbytes = None, _nbytes(boxes) + _nbytes(feats)
+        cls = f.get(f"{prefix}_cls_prob")
+        if cls is not None:
+            _check_rows(cls.shape, 2, boxes.shape[0], f"{prefix}_cls_prob", where)
+            cls_dim, nbytes = cls.shape[1], nbytes + _nbytes(cls)
+        return boxes.shape[0], nbytes, feats.shape[1], cls_dim, True
+
+    def read(self, video_id: str, timestamp: int) -> ObjectRows:
+        f, prefix = self._file(), f"{video_id}_{timestamp}"
+        where = f"{self.path} key {prefix}_*"
+        feats_ds = f.get(f"{prefix}_features")
+        if feats_ds is None:
+            if self.missing == "error":
+                raise SourceError(f"{self.path}: no key {prefix}_features")
+            return ObjectRows(np.zeros((0, 0), np.float32), np.zeros((0, 4), np.float32), None)
+        boxes = _read(_dataset(f, f"{prefix}_boxes", where), where)
+        feats = _read(feats_ds, where).astype(np.float32, copy=False)
+        _check_rows(feats.shape, 2, len(boxes), f"{prefix}_features", where)
+        _check_finite(feats, f"{prefix}_features", where)
+        cls = None
+        cls_ds = f.get(f"{prefix}_cls_prob")
+        if cls_ds is not None:
+            cls = _read(cls_ds, where).astype(np.float32, copy=False)
+            _check_rows(cls.shape, 2, len(boxes), f"{prefix}_cls_prob", where)
+            _check_finite(cls, f"{prefix}_cls_prob", where)
+        return ObjectRows(feats, _check_boxes(boxes, f"{where} ({prefix}_boxes)"), cls)
+
+
+def _merge_dims(dims: SourceDims | None, new: SourceDims, where: str) -> SourceDims:
+    """Dims so far combined with one keyframe's; a disagreement names the keyframe."""
+    if dims is None:
+        return new
+    for name in ("actor_dim", "actor_thw", "label_width"):
+        if getattr(new, name) is not None and getattr(dims, name) != getattr(new, name):
+            raise SourceError(f"{where}: {name} is {getattr(new, name)}, other keyframes have {getattr(dims, name)}")
+    if new.object_dim and dims.object_dim and new.object_dim != dims.object_dim:
+        raise SourceError(f"{where}: object feature dim is {new.object_dim}, other keyframes have {dims.object_dim}")
+    if new.cls_prob_dim and dims.cls_prob_dim and new.cls_prob_dim != dims.cls_prob_dim:
+        raise SourceError(f"{where}: cls_prob dim is {new.cls_prob_dim}, other keyframes have {dims.cls_prob_dim}")
+    return SourceDims(
+        dims.actor_dim,
+        dims.actor_thw,
+        dims.label_width,
+        dims.object_dim or new.object_dim,
+        dims.cls_prob_dim or new.cls_prob_dim,
+    )
+
+
+def merge_dims(parts: list[SourceDims], where: str) -> SourceDims:
+    """Dims shared by all scanned clips (raises if two clips disagree)."""
+    dims: SourceDims | None = None
+    for part in parts:
+        dims = _merge_dims(dims, part, where)
+    if dims is None:
+        raise SourceError(f"{where}: no keyframes found")
+    if not dims.object_dim:
+        dims = SourceDims(dims.actor_dim, dims.actor_thw, dims.label_width, DEFAULT_OBJECT_DIM, dims.cls_prob_dim)
+    return dims
+
+
+# --------------------------------------------------------------------------- I3D layout
+
+
+class I3DSource:
+    """``actors_dir/<video_id>/<timestamp>.h5`` plus ``objects.h5``."""
+
+    layout = "i3d"
+
+    def __init__(self, actors_dir: Path, objects_file: Path, missing_objects: MissingObjects = "error") -> None:
+        self.actors_dir = Path(actors_dir)
+        self.objects = ObjectsFile(Path(objects_file), missing_objects)
+
+    def describe(self) -> dict[str, str | None]:
+        return {"layout": self.layout, "actors_dir": str(self.actors_dir.resolve()),
+                "objects_file": str(self.objects.path.resolve())}
+
+    def actor_path(self, video_id: str, timestamp: int) -> Path:
+        # files are zero-padded to 4 digits (0902.h5); accept unpadded names too
+        padded = self.actors_dir / video_id / f"{timestamp:04d}.h5"
+        return padded if padded.exists() else self.actors_dir / video_id / f"{timestamp}.h5"
+
+    def list_keyframes(self) -> SourceListing:
+        if not self.actors_dir.is_dir():
+            raise SourceError(f"{self.actors_dir}: actors directory not found")
+        listing = SourceListing(clips={})
+        for entry in sorted(os.scandir(self.actors_dir), key=lambda e: e.name):
+            if entry.name.startswith(".") and entry.name not in (".", ".."):
+                listing.skipped.append(f"{entry.path}: hidden entry ignored")
+                continue
+            if not entry.is_dir():
+                listing.skipped.append(f"{entry.path}: not a clip directory, ignored")
+                continue
+            video_id = check_video_id(entry.name, str(self.actors_dir))
+            stamps: dict[int, str] = {}
+            for name in sorted(os.listdir(entry.path)):
+                if name.startswith("."):
+                    continue
+                match = _I3D_FILE.fullmatch(name)
+                if match is None:
+                    raise SourceError(f"{entry.path}/{name}: not a keyframe file (expected <timestamp>.h5)")
+                ts = int(match.group(1))
+                if ts in stamps:
+                    raise SourceError(f"{entry.path}: {stamps[ts]} and {name} are the same keyframe")
+                stamps[ts] = name
+            if stamps:
+                listing.clips[video_id] = sorted(stamps)
+            else:
+                listing.skipped.append(f"{entry.path}: no keyframe files, clip left out")
+        extra = self.objects.keyframes() - {(v, t) for v, ts in listing.clips.items() for t in ts}
+        if extra:
+            listing.skipped.append(
+                f"{self.objects.path}: objects of {len(extra)} keyframes with no actor file ignored"
+            )
+        return listing
+
+    def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]:
+        infos, dims = [], None
+        for ts in timestamps:
+            path = self.actor_path(video_id, ts)
+            with _open_h5(path) as f:
+                boxes = _dataset(f, "boxes", str(path))
+                feats = _dataset(f, "features", str(path))
+                labels = _dataset(f, "labels", str(path))
+                _check_rows(boxes.shape, 2, None, "boxes", str(path))
+                _check_rows(feats.shape, 5, boxes.shape[0], "features", str(path))
+                _check_rows(labels.shape, 2, boxes.shape[0], "labels", str(path))
+                _check_label_width(labels.shape[1], str(path))
+                actor_bytes = _nbytes(boxes) + _nbytes(feats) + _nbytes(labels)
+                kf_dims = SourceDims(feats.shape[1], tuple(feats.shape[2:]), labels.shape[1], 0, None)
+            rows, obj_bytes, obj_dim, cls_dim, present = self.objects.scan(video_id, ts)
+            kf_dims = SourceDims(kf_dims.actor_dim, kf_dims.actor_thw, kf_dims.label_width, obj_dim, cls_dim)
+            dims = _merge_dims(dims, kf_dims, f"{path} / {self.objects.path} {video_id}_{ts}")
+            infos.append(KeyframeInfo(video_id, ts, boxes.shape[0], rows, actor_bytes, obj_bytes, present))
+        assert dims is not None
+        return infos, dims
+
+    def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows:
+        path = self.actor_path(video_id, timestamp)
+        where = str(path)
+        with _open_h5(path) as f:
+            boxes = _read(_dataset(f, "boxes", where), where)
+            feats = _read(_dataset(f, "features", where), where)
+            labels = _read(_dataset(f, "labels", where), where)
+        _check_rows(feats.shape, 5, len(boxes), "features", where)
+        _check_rows(labels.shape, 2, len(boxes), "labels", where)
+        pooled = pool_actor_features(feats)
+        _check_finite(pooled, "features", where)
+        spatial = feats.astype(np.float32, copy=False) if keep_spatial else None
+        return ActorRows(pooled, _check_boxes(boxes, where), _labels_to_store(labels, where), spatial)
+
+    def read_objects(self, video_id: str, timestamp: int) -> ObjectRows:
+        return self.objects.read(video_id, timestamp)
+
+
+# --------------------------------------------------------------------------- SlowFast layout
+
+
+def read_video_list(path: Path) -> list[str]:
+    """Video ids, one a line, in the order the clip numbers index (blank lines ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read video list: {e}") from None
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        video_id = line.strip()
+        if not video_id:
+            continue
+        check_video_id(video_id, f"{path} line {lineno}")
+        if video_id in seen:
+            raise SourceError(f"{path} line {lineno}: video id {video_id!r} repeats line {seen[video_id]}")
+        seen[video_id] = lineno
+        ids.append(video_id)
+    return ids
+
+
+class SlowFastSource:
+    """One h5 per split: group ``<clip_number>_<ts>`` per keyframe, plus a video list."""
+
+    layout = "slowfast"
+
+    def __init__(self, slowfast_file: Path, video_list: Path, objects_file: Path | None = None,
+                 missing_objects: MissingObjects = "error") -> None:
+        self.slowfast_file = Path(slowfast_file)
+        self.video_list = Path(video_list)
+        self.objects = ObjectsFile(Path(objects_file), missing_objects) if objects_file else None
+        self._handles = _Handles()
+        self._keys: dict[tuple[str, int], str] | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"layout": self.layout, "slowfast_file": str(self.slowfast_file.resolve()),
+                "video_list": str(self.video_list.resolve()),
+                "objects_file": str(self.objects.path.resolve()) if self.objects else None}
+
+    def _file(self) -> h5py.File:
+        return self._handles.get(self.slowfast_file)
+
+    def _key_map(self) -> dict[tuple[str, int], str]:
+        """(video id, timestamp) -> group key, for every group of the file."""
+        if self._keys is None:
+            videos = read_video_list(self.video_list)
+            keys: dict[tuple[str, int], str] = {}
+            for key in self._file().keys():
+                clip, _, ts = key.rpartition("_")
+                if not (clip.isdigit() and ts.isdigit()):
+                    raise SourceError(f"{self.slowfast_file}: key {key!r} is not <clip_number>_<timestamp>")
+                if int(clip) >= len(videos):
+                    raise SourceError(
+                        f"{self.slowfast_file}: key {key!r}: clip number {int(clip)} is beyond the "
+                        f"{len(videos)} videos of {self.video_list}"
+                    )
+                ident = (videos[int(clip)], int(ts))
+                if ident in keys:
+                    raise SourceError(f"{self.slowfast_file}: keys {keys[ident]!r} and {key!r} are the same keyframe")
+                keys[ident] = key
+            self._keys = keys
+        return self._keys
+
+    def list_keyframes(self) -> SourceListing:
+        listing = SourceListing(clips={})
+        for video_id, ts in sorted(self._key_map()):
+            listing.clips.setdefault(video_id, []).append(ts)
+        if self.objects is None:
+            listing.skipped.append("no --objects-file: every keyframe has zero objects")
+        else:
+            extra = self.objects.keyframes() - set(self._key_map())
+            if extra:
+                listing.skipped.append(
+                    f"{self.objects.path}: objects of {len(extra)} keyframes not in {self.slowfast_file} ignored"
+                )
+        return listing
+
+    def _group(self, video_id: str, timestamp: int) -> tuple[h5py.Group, str]:
+        key = self._key_map()[(video_id, timestamp)]
+        where = f"{self.slowfast_file} key {key}"
+        try:
+            group = self._file()[key]
+        except OSError as e:
+            raise SourceError(f"{where}: cannot read group (corrupt file?): {e}") from None
+        if not isinstance(group, h5py.Group):
+            raise SourceError(f"{where}: expected a group with boxes/features/labels")
+        return group, where
+
+    def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]:
+        infos, dims = [], None
+        for ts in timestamps:
+            group, where = self._group(video_id, ts)
+            boxes = _dataset(group, "boxes", where)
+            feats = _dataset(group, "features", where)
+            labels = _dataset(group, "labels", where)
+            _check_rows(boxes.shape, 2, None, "boxes", where)
+            _check_rows(feats.shape, 2, boxes.shape[0], "features", where)
+            _check_rows(labels.shape, 2, boxes.shape[0], "labels", where)
+            _check_label_width(labels.shape[1], where)
+            actor_bytes = _nbytes(boxes) + _nbytes(feats) + _nbytes(labels)
+            rows, obj_bytes, obj_dim, cls_dim, present = (
+                self.objects.scan(video_id, ts) if self.objects else (0, 0, 0, None, False)
+            )
+            kf_dims = SourceDims(feats.shape[1], None, labels.shape[1], obj_dim, cls_dim)
+            dims = _merge_dims(dims, kf_dims, where)
+            infos.append(KeyframeInfo(video_id, ts, boxes.shape[0], rows, actor_bytes, obj_bytes, present))
+        assert dims is not None
+        return infos, dims
+
+    def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows:
+        if keep_spatial:
+            raise SourceError(f"{self.slowfast_file}: SlowFast features are already pooled; --keep-spatial needs the I3D layout")
+        group, where = self._group(video_id, timestamp)
+        boxes = _read(_dataset(group, "boxes", where), where)
+        feats = _read(_dataset(group, "features", where), where).astype(np.float32, copy=False)
+        labels = _read(_dataset(group, "labels", where), where)
+        _check_rows(feats.shape, 2, len(boxes), "features", where)
+        _check_rows(labels.shape, 2, len(boxes), "labels", where)
+        _check_finite(feats, "features", where)
+        return ActorRows(feats, _check_boxes(boxes, where), _labels_to_store(labels, where))
+
+    def read_objects(self, video_id: str, timestamp: int) -> ObjectRows:
+        if self.objects is None:
+            return ObjectRows(np.zeros((0, 0), np.float32), np.zeros((0, 4), np.float32), None)
+        return self.objects.read(video_id, timestamp)

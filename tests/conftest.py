@@ -1,0 +1,60 @@
+"""Shared fixtures: one small synthetic dataset and its converted stores per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stage_dist.synth import SynthConfig, SynthDataset, synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "ava"
+
+# Small enough to convert in a second or two, large enough for a model to learn something.
+TINY = SynthConfig(seed=0, train_clips=6, val_clips=3, keyframes_per_clip=14, actor_dim=32,
+                   object_dim=64, actor_thw=(2, 2, 2))
+
+
+@dataclass
+class Stores:
+    dataset: SynthDataset
+    train: Path
+    val: Path
+
+
+def convert_split(dataset: SynthDataset, split: str, out: Path, *extra: str) -> Path:
+    from stage_dist.convert import main as convert_main
+
+    paths = dataset.splits[split]
+    argv = ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file),
+            "--out", str(out), "--workers", "1", *extra]
+    assert convert_main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> SynthDataset:
+    return synthesize(tmp_path_factory.mktemp("synth"), TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tiny_dataset, tmp_path_factory) -> Stores:
+    root = tmp_path_factory.mktemp("stores")
+    return Stores(
+        dataset=tiny_dataset,
+        train=convert_split(tiny_dataset, "train", root / "train.zarr"),
+        val=convert_split(tiny_dataset, "val", root / "val.zarr"),
+    )
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per process: torchrun tests start 2+ processes on a 2-core machine."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -1,0 +1,393 @@
+"""The converter on real files: round trips of both layouts, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from stage_dist.convert import EXIT_BAD_INPUT, KILL_AFTER_SHARDS_ENV, main
+from stage_dist.store import FeatureStore, StoreError
+from stage_dist.synth import SynthConfig, synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+# tiny chunks and many shards, so that small data still exercises shard-parallel writing
+SMALL = ["--chunk-kb", "0.1", "--min-shards", "8", "--no-progress", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    config = SynthConfig(seed=0, train_clips=3, val_clips=2, keyframes_per_clip=8, actor_dim=16,
+                         object_dim=32, actor_thw=(2, 2, 2))
+    return synthesize(tmp_path_factory.mktemp("synth"), config)
+
+
+@pytest.fixture
+def split(dataset, tmp_path):
+    """A private copy of the train split (tests may damage it)."""
+    src = dataset.splits["train"]
+    root = tmp_path / "train"
+    shutil.copytree(src.actors_dir.parents[1], root)
+    return type(src).under(root)
+
+
+def i3d_args(paths, out) -> list[str]:
+    return ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file), "--out", str(out)]
+
+
+def slowfast_args(paths, out, objects: bool = True) -> list[str]:
+    args = ["--slowfast-file", str(paths.slowfast_file), "--video-list", str(paths.video_list), "--out", str(out)]
+    return args + (["--objects-file", str(paths.objects_file)] if objects else [])
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    root = zarr.open_group(path, mode="r")
+    names = ["clips/ptr", "keyframes/clip", "keyframes/timestamp", "keyframes/actor_ptr", "keyframes/object_ptr",
+             "actors/features", "actors/boxes", "actors/labels", "objects/features", "objects/boxes",
+             "objects/cls_prob", "actors/spatial"]
+    return {n: root[n][:] for n in names if n in root}
+
+
+def assert_same_store(a: Path, b: Path, compare_sources: bool = True) -> None:
+    arrays_a, arrays_b = store_arrays(a), store_arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:
+        assert arrays_a[name].dtype == arrays_b[name].dtype, name
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    attrs_a, attrs_b = FeatureStore.open(a).attrs, FeatureStore.open(b).attrs
+    for key in ("counts", "dims", "dtypes", "video_ids", "label_layout", "schema_version"):
+        assert attrs_a[key] == attrs_b[key], key
+    if compare_sources:
+        assert attrs_a == attrs_b
+
+
+def reference_i3d(paths) -> list[tuple[str, int, dict[str, np.ndarray]]]:
+    """Every keyframe of an I3D source, read with h5py directly (independent of the converter)."""
+    out = []
+    with h5py.File(paths.objects_file, "r") as objects:
+        for clip in sorted(p for p in paths.actors_dir.iterdir()):
+            for file in sorted(clip.iterdir()):
+                ts = int(file.stem)
+                with h5py.File(file, "r") as f:
+                    feats = f["features"][()]
+                    rows = {"actors/features": feats.mean(axis=(2, 3, 4)), "actors/spatial": feats,
+                            "actors/boxes": f["boxes"][()], "actors/labels": f["labels"][()][:, 1:]}
+                key = f"{clip.name}_{ts}"
+                rows.update({"objects/features": objects[f"{key}_features"][()],
+                             "objects/boxes": objects[f"{key}_boxes"][()],
+                             "objects/cls_prob": objects[f"{key}_cls_prob"][()]})
+                out.append((clip.name, ts, rows))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_i3d_round_trip_every_value(split, tmp_path, dtype, capsys):
+    out = tmp_path / "train.zarr"
+    extra = ["--keep-spatial"] if dtype == "float32" else []
+    assert main(i3d_args(split, out) + SMALL + ["--dtype", dtype, "--verify"] + extra) == 0
+    assert "verified 24 keyframes: 0 mismatches" in capsys.readouterr().out
+    store = FeatureStore.open(out)
+    reference = reference_i3d(split)
+    assert store.num_keyframes == len(reference) == 24
+    assert store.video_ids == sorted({v for v, _, _ in reference})
+    assert store.attrs["dtypes"]["features"] == dtype and store.attrs["split"] == "train"
+    zero_actor_keyframes = 0
+    for k, (video_id, ts, rows) in enumerate(reference):
+        window = store.read_keyframes(k, k + 1)
+        assert (window.video_id, int(window.timestamps[0])) == (video_id, ts)
+        np.testing.assert_array_equal(window.actor_features, rows["actors/features"].astype(dtype))
+        np.testing.assert_array_equal(window.actor_boxes, rows["actors/boxes"])
+        np.testing.assert_array_equal(window.actor_labels, rows["actors/labels"].astype(np.uint8))
+        np.testing.assert_array_equal(window.object_features, rows["objects/features"].astype(dtype))
+        np.testing.assert_array_equal(window.object_boxes, rows["objects/boxes"])
+        o0, o1 = store.object_ptr[k], store.object_ptr[k + 1]
+        np.testing.assert_array_equal(store.read_array("objects/cls_prob", o0, o1),
+                                      rows["objects/cls_prob"].astype(dtype))
+        if extra:
+            a0, a1 = store.actor_ptr[k], store.actor_ptr[k + 1]
+            np.testing.assert_array_equal(store.read_array("actors/spatial", a0, a1), rows["actors/spatial"])
+        zero_actor_keyframes += len(window.actor_boxes) == 0
+    assert zero_actor_keyframes > 0  # the synthetic data has some, and they are kept
+
+
+def test_slowfast_store_equals_i3d_store(split, tmp_path, capsys):
+    i3d, sf = tmp_path / "i3d.zarr", tmp_path / "sf.zarr"
+    assert main(i3d_args(split, i3d) + SMALL + ["--split", "train"]) == 0
+    assert main(slowfast_args(split, sf) + SMALL + ["--split", "train", "--verify"]) == 0
+    assert "0 mismatches" in capsys.readouterr().out
+    assert_same_store(i3d, sf, compare_sources=False)
+    assert FeatureStore.open(sf).attrs["source"]["label_width"] == 80
+
+
+def test_slowfast_without_objects_warns_and_has_no_objects(split, tmp_path, caplog):
+    out = tmp_path / "sf.zarr"
+    assert main(slowfast_args(split, out, objects=False) + SMALL) == 0
+    assert "zero objects" in caplog.text
+    store = FeatureStore.open(out)
+    assert store.num_objects == 0 and store.num_actors > 0
+    window = store.read_keyframes(0, 3)
+    assert window.object_features.shape == (0, store.object_dim)
+    np.testing.assert_array_equal(window.object_ptr, [0, 0, 0, 0])
+
+
+def test_parallel_run_equals_serial_run(split, tmp_path):
+    serial, parallel = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    assert main(i3d_args(split, serial) + SMALL + ["--split", "x"]) == 0
+    assert main(i3d_args(split, parallel) + SMALL + ["--split", "x", "--workers", "2"]) == 0
+    assert_same_store(serial, parallel)
+
+
+def test_rerun_of_complete_store_does_nothing_and_other_args_refused(split, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert main(i3d_args(split, out) + SMALL) == 0
+    capsys.readouterr()
+    assert main(i3d_args(split, out) + SMALL) == 0
+    assert "done by an earlier run" in capsys.readouterr().out
+    assert main(i3d_args(split, out) + SMALL + ["--dtype", "float32"]) == EXIT_BAD_INPUT
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(i3d_args(split, out) + SMALL + ["--dtype", "float32", "--overwrite"]) == 0
+    assert FeatureStore.open(out).attrs["dtypes"]["features"] == "float32"
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_features.py"), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          start_new_session=True, timeout=120)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(split, tmp_path):
+    reference, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    args = SMALL[:-2] + ["--workers", "2", "--split", "train"]
+    assert main(i3d_args(split, reference) + args) == 0
+    # the whole process group is SIGKILLed after the 3rd shard is written, before it is recorded
+    run = _cli(i3d_args(split, killed) + args, env={KILL_AFTER_SHARDS_ENV: "2"})
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    records = list((killed / "_progress").glob("*.json"))
+    assert len(records) >= 2
+    with pytest.raises(StoreError, match="incomplete"):
+        FeatureStore.open(killed)
+    rerun = _cli(i3d_args(split, killed) + args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({len(records)} done by an earlier run)" in rerun.stdout
+    assert not (killed / "_progress").exists()
+    assert_same_store(reference, killed)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def rewrite_h5(path: Path, **changes) -> None:
+    """Rewrite an h5 file with some datasets replaced (None deletes one)."""
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f.keys()}
+    for key, value in changes.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            f.create_dataset(key, data=value)
+
+
+def first_actor_file(paths) -> Path:
+    """A keyframe file with at least two actors."""
+    for file in sorted(paths.actors_dir.rglob("*.h5")):
+        with h5py.File(file, "r") as f:
+            if len(f["boxes"]) >= 2:
+                return file
+    raise AssertionError("no keyframe with two actors")
+
+
+def run_bad(args: list[str], capsys) -> str:
+    assert main(args) == EXIT_BAD_INPUT
+    return capsys.readouterr().err
+
+
+def test_truncated_actor_file(split, tmp_path, capsys):
+    file = first_actor_file(split)
+    file.write_bytes(file.read_bytes()[:300])
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(file) in err and "truncated or corrupt" in err
+
+
+def test_truncated_objects_file(split, tmp_path, capsys):
+    data = split.objects_file.read_bytes()
+    split.objects_file.write_bytes(data[: len(data) // 2])
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(split.objects_file) in err and "truncated or corrupt" in err
+
+
+def test_corrupt_h5(split, tmp_path, capsys):
+    file = first_actor_file(split)
+    raw = bytearray(file.read_bytes())
+    raw[:8] = b"garbage!"  # destroy the HDF5 signature
+    file.write_bytes(bytes(raw))
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(file) in err and "cannot open as HDF5" in err
+
+
+@pytest.mark.parametrize("missing", ["features", "boxes", "labels"])
+def test_actor_file_without_dataset(split, tmp_path, capsys, missing):
+    file = first_actor_file(split)
+    rewrite_h5(file, **{missing: None})
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(file) in err and f"missing dataset '{missing}'" in err
+
+
+def test_label_width_not_80_or_81(split, tmp_path, capsys):
+    file = first_actor_file(split)
+    with h5py.File(file, "r") as f:
+        labels = f["labels"][()]
+    rewrite_h5(file, labels=labels[:, :79])
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(file) in err and "79 columns" in err
+
+
+def test_row_counts_disagree(split, tmp_path, capsys):
+    file = first_actor_file(split)
+    with h5py.File(file, "r") as f:
+        feats = f["features"][()]
+    rewrite_h5(file, features=feats[:-1])
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(file) in err and "row counts disagree" in err and "'features'" in err
+
+
+def test_object_row_counts_disagree(split, tmp_path, capsys):
+    with h5py.File(split.objects_file, "a") as f:
+        key = next(k for k in sorted(f.keys()) if k.endswith("_boxes") and len(f[k]) >= 2)
+        boxes = f[key][()]
+        del f[key]
+        f[key] = boxes[:-1]
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(split.objects_file) in err and key[: -len("_boxes")] in err and "row counts disagree" in err
+
+
+@pytest.mark.parametrize("case", ["outside", "flipped", "nan"])
+def test_bad_boxes(split, tmp_path, capsys, case):
+    file = first_actor_file(split)
+    with h5py.File(file, "r") as f:
+        boxes = f["boxes"][()]
+    if case == "outside":
+        boxes[1, 2] = 1.5
+    elif case == "flipped":
+        boxes[1, [0, 2]] = [0.8, 0.2]
+    else:
+        boxes[1, 0] = np.nan
+    rewrite_h5(file, boxes=boxes)
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    expected = {"outside": "outside [0, 1]", "flipped": "x1 > x2", "nan": "NaN or Inf"}[case]
+    assert str(file) in err and expected in err
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_features(split, tmp_path, capsys, value):
+    file = first_actor_file(split)
+    with h5py.File(file, "r") as f:
+        feats = f["features"][()]
+    feats[0, 3, 1, 0, 1] = value
+    rewrite_h5(file, features=feats)
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(file) in err and "'features' contains NaN or Inf" in err
+    with pytest.raises(StoreError, match="incomplete"):  # what was written cannot be used
+        FeatureStore.open(tmp_path / "s.zarr")
+
+
+def test_non_finite_object_features(split, tmp_path, capsys):
+    with h5py.File(split.objects_file, "a") as f:
+        key = next(k for k in sorted(f.keys()) if k.endswith("_features") and len(f[k]))
+        f[key][0, 0] = np.inf
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(split.objects_file) in err and key in err and "NaN or Inf" in err
+
+
+def test_float16_overflow_refused(split, tmp_path, capsys):
+    file = first_actor_file(split)
+    with h5py.File(file, "r") as f:
+        feats = f["features"][()]
+    feats[0, 0] = 1e6
+    rewrite_h5(file, features=feats)
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert "float16 range" in err and "--dtype float32" in err
+    assert main(i3d_args(split, tmp_path / "f32.zarr") + SMALL + ["--dtype", "float32"]) == 0
+
+
+def test_missing_objects_error_or_empty(split, tmp_path, capsys):
+    file = first_actor_file(split)
+    video_id, ts = file.parent.name, int(file.stem)
+    with h5py.File(split.objects_file, "a") as f:
+        for suffix in ("_features", "_boxes", "_cls_prob"):
+            del f[f"{video_id}_{ts}{suffix}"]
+    err = run_bad(i3d_args(split, tmp_path / "a.zarr") + SMALL, capsys)
+    assert str(split.objects_file) in err and f"{video_id}_{ts}_features" in err
+    assert "--missing-objects empty" in err
+    out = tmp_path / "b.zarr"
+    assert main(i3d_args(split, out) + SMALL + ["--missing-objects", "empty", "--verify"]) == 0
+    assert "keyframes without objects accepted as empty: 1" in capsys.readouterr().out
+    store = FeatureStore.open(out)
+    k = next(i for i in range(store.num_keyframes)
+             if store.video_ids[store.keyframe_clip[i]] == video_id and store.timestamps[i] == ts)
+    assert store.object_ptr[k] == store.object_ptr[k + 1]
+    assert store.attrs["missing_objects_keyframes"] == 1
+
+
+@pytest.mark.parametrize("bad_id", ["..", "a/b", "has space"])
+def test_unsafe_clip_id_in_video_list(split, tmp_path, capsys, bad_id):
+    lines = split.video_list.read_text().splitlines()
+    lines[1] = bad_id
+    split.video_list.write_text("\n".join(lines) + "\n")
+    err = run_bad(slowfast_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(split.video_list) in err and "line 2" in err and "not a safe path component" in err
+
+
+def test_unsafe_clip_dir_in_actors_dir(split, tmp_path, capsys):
+    clip = next(split.actors_dir.iterdir())
+    clip.rename(split.actors_dir / "bad:id")
+    err = run_bad(i3d_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert "'bad:id'" in err and "not a safe path component" in err
+
+
+def test_slowfast_bad_key_and_clip_number(split, tmp_path, capsys):
+    with h5py.File(split.slowfast_file, "a") as f:
+        f.create_group("999_902")
+    err = run_bad(slowfast_args(split, tmp_path / "s.zarr") + SMALL, capsys)
+    assert str(split.slowfast_file) in err and "'999_902'" in err and "clip number 999" in err
+
+
+def test_no_source_given(tmp_path, capsys):
+    err = run_bad(["--out", str(tmp_path / "s.zarr")], capsys)
+    assert "--actors-dir" in err and "--slowfast-file" in err
+
+
+def test_output_that_is_not_a_store_is_refused(split, tmp_path, capsys):
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    err = run_bad(i3d_args(split, out) + SMALL, capsys)
+    assert "not a feature store" in err and (out / "precious.txt").exists()
+
+
+def test_verify_reports_mismatch(split, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert main(i3d_args(split, out) + SMALL) == 0
+    file = first_actor_file(split)
+    with h5py.File(file, "r") as f:
+        boxes = f["boxes"][()]
+    boxes[0, 0] = boxes[0, 0] / 2  # same shapes, other values: the rerun only verifies
+    rewrite_h5(file, boxes=boxes)
+    assert main(i3d_args(split, out) + SMALL + ["--verify-sample", "1000"]) == 1
+    text = capsys.readouterr().out
+    assert "verified 24 keyframes: 1 mismatches" in text
+    assert f"MISMATCH {file.parent.name} {int(file.stem)}: actors/boxes" in text
+    meta = json.loads((out / "zarr.json").read_text())
+    assert meta["attributes"]["stage_dist"]["complete"] is True

@@ -1,0 +1,157 @@
+"""Process-group helpers: world size 1 without torchrun, and a real 2-process gloo run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from stage_dist.distributed import (
+    DistEnv,
+    DistributedError,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    gather_to_main,
+    init_distributed,
+    setup_logging,
+)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_plain_run_is_world_size_one(no_torchrun):
+    env = init_distributed("cpu")
+    assert env == DistEnv(0, 1, 0, torch.device("cpu"), None)
+    assert env.is_main and not env.distributed
+    assert not torch.distributed.is_initialized()
+    payload = {"scores": np.arange(4.0)}
+    assert gather_to_main(payload, env) == [payload]
+    assert all_reduce_mean(2.5, env) == 2.5
+    barrier(env)
+    cleanup(env)
+
+
+@pytest.mark.parametrize(
+    "environ,message",
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "invalid RANK=2 for WORLD_SIZE=2"),
+    ],
+)
+def test_bad_launch_environment(no_torchrun, monkeypatch, environ, message):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DistributedError, match=message):
+        init_distributed("cpu")
+
+
+def test_bad_device(no_torchrun):
+    with pytest.raises(DistributedError, match="'auto', 'cuda' or 'cpu'"):
+        init_distributed("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DistributedError, match="CUDA is not available"):
+            init_distributed("cuda")
+
+
+def test_setup_logging_prefixes_rank_and_quiets_other_ranks(capsys, restore_logging):
+    worker = DistEnv(3, 4, 3, torch.device("cpu"), "gloo")
+    setup_logging(worker)
+    logging.getLogger("stage_dist.test").info("hidden")
+    logging.getLogger("stage_dist.test").warning("shown")
+    err = capsys.readouterr().err
+    assert "hidden" not in err and "[rank 3] WARNING stage_dist.test: shown" in err
+
+    setup_logging(DistEnv(0, 4, 0, torch.device("cpu"), "gloo"))
+    logging.getLogger("stage_dist.test").info("progress")
+    assert "[rank 0] INFO stage_dist.test: progress" in capsys.readouterr().err
+
+
+WORKER = """
+import json, logging, sys
+import numpy as np
+from stage_dist.distributed import (
+    all_reduce_mean, barrier, cleanup, gather_to_main, init_distributed, setup_logging,
+)
+from stage_dist.sampler import ClipWindowSampler, plan_inference_windows, shard_for_rank
+
+env = init_distributed("cpu")
+setup_logging(env)
+logging.getLogger("worker").info("info from rank %d", env.rank)
+logging.getLogger("worker").warning("warning from rank %d", env.rank)
+
+big = np.full((1_000_000,), env.rank, dtype=np.float32)  # 4 MB per rank
+gathered = gather_to_main({"rank": env.rank, "big": big}, env)
+mean = all_reduce_mean(float(env.rank + 1), env)
+
+sampler = ClipWindowSampler([897, 3, 40, 7], rank=env.rank, world_size=env.world_size, seed=1)
+sampler.set_epoch(1)
+steps = [[list(w) for w in step] for step in sampler]
+all_steps = gather_to_main(steps, env)
+plan = plan_inference_windows([897, 3, 40, 7], window=6)
+owned = gather_to_main(
+    [[w.spec.clip, k] for w in shard_for_rank(plan, env.rank, env.world_size) for k in w.owned], env)
+barrier(env)
+
+result = {"rank": env.rank, "world_size": env.world_size, "backend": env.backend, "mean": mean,
+          "gathered": None if gathered is None else [
+              [g["rank"], float(g["big"].sum()), g["big"].shape[0]] for g in gathered],
+          "steps": all_steps, "owned": owned}
+with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
+    json.dump(result, f)
+cleanup(env)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    environ = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    environ["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=environ,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    main = json.loads((tmp_path / "rank0.json").read_text())
+    other = json.loads((tmp_path / "rank1.json").read_text())
+
+    assert (main["rank"], main["world_size"], main["backend"]) == (0, 2, "gloo")
+    assert (other["rank"], other["world_size"]) == (1, 2)
+    assert main["mean"] == other["mean"] == 1.5
+    assert main["gathered"] == [[0, 0.0, 1_000_000], [1, 1_000_000.0, 1_000_000]]
+    assert other["gathered"] is None and other["steps"] is None
+
+    steps = main["steps"]
+    assert len(steps[0]) == len(steps[1]) > 0, "both ranks run the same number of steps"
+    assert steps[0] != steps[1]
+    owned = [tuple(key) for shard in main["owned"] for key in shard]
+    expected = [(c, k) for c, n in enumerate([897, 3, 40, 7]) for k in range(n)]
+    assert owned == expected, "every keyframe owned once, rank shards concatenate in store order"
+
+    assert "[rank 0] INFO worker: info from rank 0" in proc.stderr
+    assert "[rank 1] WARNING worker: warning from rank 1" in proc.stderr
+    assert "info from rank 1" not in proc.stderr

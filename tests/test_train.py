@@ -1,0 +1,153 @@
+"""End-to-end training: real stores, real torchrun processes (gloo), real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import Stores, subprocess_env, torchrun_command
+from stage_dist.checkpoint import load_checkpoint
+from stage_dist.distributed import init_distributed
+from stage_dist.train import TrainConfig, Trainer, build_parser, effective_lr
+
+
+def make_config(stores: Stores, output_dir: Path, **overrides) -> TrainConfig:
+    defaults = dict(
+        train_store=str(stores.train), val_store=str(stores.val),
+        val_groundtruth=str(stores.dataset.splits["val"].groundtruth_csv),
+        labelmap=str(stores.dataset.labelmap), output_dir=str(output_dir),
+        lr=1e-3, epochs=2, workers=0, device="cpu", log_every=2, val_every=0,
+    )
+    defaults.update(overrides)
+    return TrainConfig(**defaults)
+
+
+def cli_args(config: TrainConfig) -> list[str]:
+    args = []
+    for name, value in vars(config).items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoints = sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))
+    return load_checkpoint(checkpoints[-1])["model_state"]
+
+
+def test_parser_accepts_every_config_field(tiny_stores, tmp_path):
+    config = make_config(tiny_stores, tmp_path, model="baseline", amp="off", in_memory=True)
+    parsed = TrainConfig(**vars(build_parser().parse_args(cli_args(config))))
+    assert parsed == config
+
+
+def test_effective_lr_rules():
+    config = TrainConfig(train_store="", output_dir="", windows_per_step=2, lr=1e-4)
+    assert effective_lr(TrainConfig(**{**vars(config), "lr_scaling": "none"}), 4) == (8, 1e-4)
+    assert effective_lr(TrainConfig(**{**vars(config), "lr_scaling": "linear"}), 4) == (8, pytest.approx(8e-4))
+    assert effective_lr(TrainConfig(**{**vars(config), "lr_scaling": "sqrt"}), 4)[1] == pytest.approx(1e-4 * 8**0.5)
+
+
+def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
+    env = init_distributed("cpu")
+    uninterrupted = make_config(tiny_stores, tmp_path / "a", epochs=2, val_store=None)
+    Trainer(uninterrupted, env).fit()
+
+    steps_per_epoch = len(Trainer(uninterrupted, env).sampler)
+    stop_at = steps_per_epoch + steps_per_epoch // 2  # in the middle of the second epoch
+    interrupted = make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None, max_steps=stop_at)
+    first = Trainer(interrupted, env)
+    first.fit()
+    assert first.global_step == stop_at and first.step_in_epoch == steps_per_epoch // 2
+    resumed = Trainer(make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None), env)
+    summary = resumed.fit()
+    assert summary.global_step == 2 * steps_per_epoch
+
+    expected, actual = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_two_ranks_learn_log_and_stay_in_sync(tiny_stores, tmp_path):
+    """torchrun, 2 gloo ranks: loss falls, val mAP rises, both ranks end with identical weights."""
+    config = make_config(tiny_stores, tmp_path / "run", epochs=6, val_every=1, log_every=1)
+    (tmp_path / "config.json").write_text(json.dumps(vars(config)))
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import json, torch
+        from stage_dist.distributed import cleanup, init_distributed
+        from stage_dist.train import TrainConfig, Trainer
+        env = init_distributed("cpu")
+        trainer = Trainer(TrainConfig(**json.load(open("{tmp_path}/config.json"))), env)
+        summary = trainer.fit()
+        torch.save(trainer.model.state_dict(), "{tmp_path}/rank%d.pt" % env.rank)
+        if env.is_main:
+            json.dump([h["val_map"] for h in summary.history], open("{tmp_path}/val_maps.json", "w"))
+        cleanup(env)
+    """))
+    subprocess.run(torchrun_command(2, str(driver)), check=True, env=subprocess_env(), timeout=300)
+
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+
+    val_maps = json.loads((tmp_path / "val_maps.json").read_text())
+    assert len(val_maps) == 6
+    assert val_maps[-1] > val_maps[0] + 0.05, val_maps
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("train/loss")]
+    tags = events.Tags()["scalars"]
+    assert {"train/lr", "train/keyframes_per_s", "train/data_wait_fraction", "val/mAP"} <= set(tags)
+    assert any(tag.startswith("val_per_class_AP/") for tag in tags)
+    third = max(1, len(losses) // 3)
+    assert sum(losses[-third:]) / third < 0.8 * sum(losses[:third]) / third, losses
+    assert (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses /proc to find the worker processes")
+def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
+    """torchrun --max-restarts=1: SIGKILL one worker after the first checkpoint; the run completes."""
+    output_dir = tmp_path / "run"
+    config = make_config(tiny_stores, output_dir, epochs=8, checkpoint_every=3, val_store=None)
+    command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *cli_args(config))
+    command.remove("--standalone")
+    command[3:3] = ["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0"]
+    launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((output_dir / "checkpoints").glob("ckpt_*.pt")):
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        workers = _children(launcher.pid)
+        assert workers, "torchrun has no worker processes"
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, output
+    assert "resumed from" in output, output
+    final = load_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1])
+    assert final["epoch"] == 8 and final["step"] == 0
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children]
