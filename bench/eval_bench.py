@@ -7,8 +7,8 @@
    ``stage_dist.ava.write_results_csv``, whose time is reported too.
 
 Each evaluation runs in a fresh subprocess that reports its own wall time and peak resident
-memory (``ru_maxrss``, which includes the interpreter and numpy: the import-only baseline is
-printed next to it).
+memory (VmHWM, which includes the interpreter and numpy: the import-only baseline is printed
+next to it).
 
     python bench/eval_bench.py [--keyframes 57000] [--repeat 5] [--skip-full] [--work-dir DIR]
 """
@@ -34,6 +34,14 @@ FIXTURE_TARGET_S, FULL_TARGET_S, FULL_TARGET_BYTES = 0.4, 60.0, 4 << 30
 
 
 def _peak_rss_bytes() -> int:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would include the parent's
+    peak on Linux, where it survives fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 

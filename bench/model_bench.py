@@ -10,11 +10,11 @@ Two tables:
 
 Time: median over ``--steps`` timed steps after ``--warmup`` steps (graph building included).
 Peak memory: on CUDA, ``max_memory_allocated`` during the timed steps minus the memory
-allocated before them. On CPU each configuration runs in a fresh subprocess with
-``MALLOC_MMAP_THRESHOLD_`` fixed (freed buffers go back to the OS); the kernel's peak-RSS mark
-is reset (``/proc/self/clear_refs``) after warm-up, and the figure is peak RSS during the
-timed steps minus RSS before them: activations, gradients and temporaries, on top of the
-weights and Adam state both models hold alike.
+allocated before them. On CPU a second fresh subprocess per configuration runs with
+``MALLOC_MMAP_THRESHOLD_`` fixed (freed buffers go back to the OS), resets the kernel's
+peak-RSS mark (``/proc/self/clear_refs``) after warm-up, and reports peak RSS during one step
+minus RSS before it. Either way the figure is what a step adds (activations, gradients,
+temporaries) on top of the weights, previous gradients and Adam state both models hold alike.
 On CUDA both models run under bf16 autocast (``--amp``).
 """
 
@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from reference_stage import ReferenceStage, random_window, reference_logits  # noqa: E402
+from reference_stage import (  # noqa: E402
+    ReferenceStage, random_window, reference_adjacency, reference_logits,
+)
 from stage_dist.batch import Batch, collate  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig, load_published_state  # noqa: E402
 
@@ -100,11 +102,14 @@ def measure(case: Case) -> dict:
     labels = torch.rand(batch.actor_features.shape[0], config.num_outputs, device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=6.25e-5)
     cuda = device.type == "cuda"
+    # The published code builds its adjacency in the data loader, outside the step: so does
+    # the reference here. The project model builds its graph inside forward, on the device.
+    adj = reference_adjacency(batch) if case.kind == "reference" else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16"):
             if case.kind == "reference":
-                logits = reference_logits(model, batch)
+                logits = reference_logits(model, batch, adj=adj)
             else:
                 logits = model(batch)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
@@ -131,11 +136,7 @@ def measure(case: Case) -> dict:
     return {"step_s": statistics.median(times), "peak_bytes": peak - before, "nodes": case.nodes}
 
 
-def run_case(case: Case) -> dict:
-    """Measure ``case`` in a fresh subprocess on CPU (for a clean peak-RSS figure), in-process on CUDA."""
-    if case.device != "cpu":
-        return measure(case)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+def _measure_in_subprocess(case: Case, env: dict[str, str]) -> dict:
     result = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(asdict(case))],
         env=env, capture_output=True, text=True, check=False,
@@ -143,6 +144,19 @@ def run_case(case: Case) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{case.kind} at {case.nodes} nodes failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_case(case: Case) -> dict:
+    """Measure ``case`` in-process on CUDA. On CPU, in two fresh subprocesses: one times the
+    steps with the default allocator, one measures the peak of one step with large buffers
+    mmapped (so that freed memory leaves the RSS; the page faults would distort the time)."""
+    if case.device != "cpu":
+        return measure(case)
+    timing = _measure_in_subprocess(case, dict(os.environ))
+    memory = _measure_in_subprocess(
+        replace(case, steps=1), dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    )
+    return dict(timing, peak_bytes=memory["peak_bytes"])
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -157,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="windows per step of the throughput table")
     parser.add_argument("--objects", type=int, nargs="+", default=[8, 36],
                         help="objects per keyframe of the throughput table")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: cuda when available")
@@ -172,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(Case(**json.loads(args.worker)))))
         return 0
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     amp = args.amp if args.amp != "auto" else ("bf16" if device == "cuda" else "off")
-    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    threads = f"{torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {threads}"
     print(f"device: {where}; amp: {amp}; torch {torch.__version__}; "
-          f"dims 1024/2048, 4 heads, 81 outputs; median of {args.steps} steps after {args.warmup}")
+          f"dims 1024/2048, 4 heads, 81 outputs; median of {args.steps} steps after {args.warmup}; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
     print("\nfwd+bwd+Adam step, one 6-keyframe window (2 actors/keyframe), project vs reference")
     print(f"{'nodes':>6} {'project ms':>11} {'reference ms':>13} {'speedup':>8} "
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{objects:>10} {windows:>8} {result['nodes']:>6} {result['step_s'] * 1e3:>9.1f} "
                   f"{rate:>12.1f} {rate / single:>11.2f}x {result['peak_bytes'] / 2**20:>9.1f}",
                   flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -579,12 +579,7 @@ def write_results_csv(
     order = np.lexsort(
         (np.arange(len(stamps)), boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], stamps, video_codes)
     )
-    box_text = _format_fixed(boxes[order].ravel(), box_decimals).reshape(-1, 4)
-    prefixes = np.array([name.encode() for name in names])[video_codes[order]]
-    prefixes = np.strings.add(prefixes, b",")
-    prefixes = np.strings.add(prefixes, np.char.zfill(stamps[order].astype("S"), 4))
-    for j in range(4):
-        prefixes = np.strings.add(np.strings.add(prefixes, b","), box_text[:, j])
+    prefixes = _box_prefixes(names, video_codes[order], stamps[order], boxes[order], box_decimals)
     action_text = np.array([b",%d," % (c + 1) for c in columns])
     box_rows, column_rows = np.nonzero(keep[order])
     row_scores = scores[order][box_rows, columns[column_rows]]
@@ -600,6 +595,18 @@ def write_results_csv(
     _write_atomically(path, blocks())
     logger.info("wrote %d rows for %d boxes to %s", len(box_rows), len(stamps), path)
     return len(box_rows)
+
+
+def _box_prefixes(names, codes, stamps, boxes, box_decimals: int) -> np.ndarray:
+    """``video,ts,x1,y1,x2,y2`` of every box, as an ``S`` array (timestamps zero-padded to 4)."""
+    if not len(stamps):
+        return np.empty(0, dtype="S1")
+    text = np.array([name.encode() for name in names], dtype="S")[codes]
+    text = np.strings.add(np.strings.add(text, b","), np.strings.zfill(stamps.astype("S"), 4))
+    coordinates = _format_fixed(boxes.ravel(), box_decimals).reshape(-1, 4)
+    for j in range(4):
+        text = np.strings.add(np.strings.add(text, b","), coordinates[:, j])
+    return text
 
 
 def _write_atomically(path: PathLike, blocks: Iterable[bytes]) -> None:

@@ -76,6 +76,9 @@ class Batch:
     actor_index: torch.Tensor  # (A,) int64, global actor row
     num_windows: int
     num_keyframes: int
+    # Graph slots per keyframe (0: the batch's most nodes in one keyframe). Inference pins it
+    # to the store's maximum so that a keyframe's scores do not depend on its batch-mates.
+    slots_per_keyframe: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         moved = {}
@@ -99,7 +102,7 @@ def _node_positions(ptr: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
 
 
-def collate(windows: Sequence[Window]) -> Batch:
+def collate(windows: Sequence[Window], slots_per_keyframe: int = 0) -> Batch:
     """Stack windows into one block-diagonal :class:`Batch` (a single copy per array)."""
     if not windows:
         raise ValueError("collate needs at least one window")
@@ -132,4 +135,5 @@ def collate(windows: Sequence[Window]) -> Batch:
         actor_index=torch.from_numpy(actor_index),
         num_windows=len(windows),
         num_keyframes=sum(w.num_keyframes for w in windows),
+        slots_per_keyframe=slots_per_keyframe,
     )

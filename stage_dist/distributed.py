@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,25 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store of this launch attempt: MASTER_ADDR:MASTER_PORT, keys prefixed by
+    torchrun's restart count.
+
+    With torch 2.13's default env:// rendezvous, gloo workers restarted by
+    ``torchrun --max-restarts`` can read the dead workers' addresses and fail with
+    "connectFullMesh failed ... Connection refused" (about one restart in three here); a
+    per-attempt prefix makes every restart connect to the live workers.
+    """
+    master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = _env_int("MASTER_PORT", 29500)
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    # torchrun's agent hosts the store; without torchrun (RANK etc. set by hand) rank 0 does.
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=not hosted_by_agent and rank == 0,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"stage_dist/attempt_{attempt}", store)
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Set up this process: torchrun's env gives rank and world size, else world size 1.
 
@@ -93,7 +113,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if launched:
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+            dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size),
+                                    rank=rank, world_size=world_size)
     env = DistEnv(rank, world_size, local_rank, resolved, backend)
     log.debug("initialised %s", env)
     return env

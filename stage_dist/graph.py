@@ -8,11 +8,12 @@ adjacent (``|frame_i - frame_j| <= 1``), self loops included; the edge weight is
 
 Layout. Every keyframe of every window is one *group*; its nodes occupy the first slots of a
 row of ``P`` slots (``P`` = most nodes in any keyframe of the batch; actors before objects). A
-node attends to the ``3P`` slots of the previous, same and next group, so the edge mask and
-weights are ``(G, P, 3P)`` tensors: banded, block-diagonal by construction (a neighbour group
-of another window is masked), and linear in the number of keyframes, never an ``N x N``
-matrix. Everything is built on the batch's device with tensor ops only: no Python loop over
-nodes, keyframes or windows.
+node attends to the ``3P`` keys made of the slots of the previous, same and next group, so the
+edge mask and weights are ``(G, P, 3P)`` tensors: banded, block-diagonal by construction (a
+neighbour group of another window is masked), and linear in the number of keyframes, never an
+``N x N`` matrix. Attention gathers each group's queries and keys by node index and runs one
+batched matmul per layer. Everything is built on the batch's device with tensor ops only: no
+Python loop over nodes, keyframes or windows.
 """
 
 from __future__ import annotations
@@ -62,13 +63,14 @@ class Graph:
         """Multi-head masked graph attention ``h'_i = sum_j softmax_j(w_ij * e_ij) h_j``.
 
         ``h``: (N, H, F) node values (any strides); ``src``/``dst``: (N, H), the two halves of
-        ``a . [h_i || h_j]`` (``a1 . h_i`` and ``a2 . h_j``); ``e_ij = LeakyReLU_0.2(src_i + dst_j)``.
+        ``a . [h_i || h_j]`` (``a1 . h_i`` and ``a2 . h_j``), so
+        ``e_ij = LeakyReLU_0.2(src_i + dst_j)``.
         Logits are weighted, masked with the dtype minimum and normalised in float32 (float64
         when ``h`` is float64), never in half precision. Returns (N, H, F) in ``h``'s dtype.
         """
         num_nodes, num_heads, features = h.shape
-        if num_nodes == 0:
-            return h.new_zeros((0, num_heads, features))
+        if num_nodes == 0:  # keep W and a in the autograd graph: DDP needs every gradient
+            return h + (src.sum() + dst.sum()) * 0
         g, p = self.num_groups, self.slots
         keys_flat = self.key_node.flatten()
         queries = src.t().index_select(1, self.query_node.flatten()).view(num_heads, g, p, 1)
@@ -93,7 +95,7 @@ class Graph:
         rows = group.unsqueeze(1).expand_as(key)
         cols = rank.unsqueeze(1).expand_as(key)
         mask = near & self.mask[rows, cols, key]
-        weights = torch.where(mask, self.weights[rows, cols, key], torch.zeros((), device=key.device))
+        weights = torch.where(mask, self.weights[rows, cols, key], 0.0)
         return mask, weights
 
 
@@ -103,10 +105,14 @@ def build_graph(
     boxes: torch.Tensor,
     tau: float = 1.0,
     num_windows: int | None = None,
+    min_slots: int = 0,
 ) -> Graph:
     """Graph of nodes given by their window index, keyframe index in the window and box.
 
     ``window``/``frame``: (N,) int64; ``boxes``: (N, 4) normalised ``x1, y1, x2, y2``.
+    ``min_slots`` pads every keyframe to at least that many slots. With the same ``P`` every
+    keyframe's attention is the same arithmetic whatever else is in the batch, so inference
+    pins it to make scores bitwise independent of window size and rank count.
     """
     device = window.device
     if window.numel() == 0:
@@ -122,7 +128,7 @@ def build_graph(
     group = starts[window] + frame  # (N,)
     num_groups = int(lengths.sum())
     counts = torch.bincount(group, minlength=num_groups)
-    slots = int(counts.max())
+    slots = max(int(counts.max()), min_slots)
     order = torch.argsort(group, stable=True)  # keeps node order (actors first) in a group
     first = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(group)
@@ -169,4 +175,5 @@ def build_batch_graph(batch: Batch, tau: float = 1.0) -> Graph:
         torch.cat((batch.actor_boxes, batch.object_boxes)),
         tau=tau,
         num_windows=batch.num_windows,
+        min_slots=batch.slots_per_keyframe,
     )

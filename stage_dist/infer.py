@@ -67,8 +67,9 @@ def predict(
         pin_memory=env.device.type == "cuda",
     )
     precision = precision or resolve_precision("off", env.device)
-    was_training = model.training
+    was_training, was_invariant = model.training, model.batch_invariant
     model.eval()
+    model.batch_invariant = True  # scores independent of batch-mates (see model.rowwise)
     indices: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     bar = tqdm(loader, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
@@ -80,6 +81,7 @@ def predict(
             indices.append(batch.actor_index[owned])
             scores.append(probabilities[owned])
     model.train(was_training)
+    model.batch_invariant = was_invariant
 
     local = Predictions(
         actor_index=torch.cat(indices).numpy() if indices else np.zeros(0, np.int64),

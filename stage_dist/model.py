@@ -28,7 +28,12 @@ windows never cross clips and a keyframe's neighbours never depend on its place 
 ``a . [h_i || h_j]`` is computed as ``a1 . h_i + a2 . h_j`` on a banded per-keyframe layout
 (:mod:`stage_dist.graph`), masked with the float32 minimum and normalised in float32; the
 model returns logits (the caller applies the loss or the sigmoid); actor features arrive
-already pooled over t, h, w (the published ``torch.mean`` under ``no_grad``).
+already pooled over t, h, w (the published ``torch.mean`` under ``no_grad``). Note for
+callers: the published loss is BCE over all 81 columns, background column 0 included, with
+the h5 ``labels`` (n, 81); the store keeps labels for action ids 1..80 only.
+
+Tests (``tests/test_model.py``) check this module against ``tests/reference_stage.py``, a
+transcription of the files above.
 """
 
 from __future__ import annotations
@@ -109,6 +114,27 @@ def box_geometry(boxes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat((torch.stack((h, w), dim=1), box_centres(boxes)), dim=1).to(dtype)
 
 
+INVARIANT_ROWS = 128
+
+
+def rowwise(op, x: torch.Tensor, invariant: bool) -> torch.Tensor:
+    """Apply a row-wise op (a Linear, a projection) to the rows of ``x``.
+
+    CPU and GPU matmul kernels pick their blocking from the matrix shape, so a row's result can
+    change in the last bit with the number of rows beside it. In batch-invariant mode the rows go
+    through in zero-padded blocks of exactly ``INVARIANT_ROWS``: every call has one shape, and a
+    row's result no longer depends on its batch-mates (inference uses this so that results.csv
+    is byte-identical for any window size and rank count).
+    """
+    if not invariant or x.shape[0] == 0:
+        return op(x)
+    rows = x.shape[0]
+    padding = -rows % INVARIANT_ROWS
+    if padding:
+        x = torch.cat((x, x.new_zeros((padding, *x.shape[1:]))))
+    return torch.cat([op(block) for block in x.split(INVARIANT_ROWS)])[:rows]
+
+
 class GraphAttentionHead(nn.Module):
     """Parameters of one head, named and shaped as the published ``GraphAttentionLayer``."""
 
@@ -134,15 +160,16 @@ class GraphAttention(nn.Module):
     def heads(self) -> list[GraphAttentionHead]:
         return [getattr(self, f"attention_{i}") for i in range(self.num_heads)]
 
-    def forward(self, x: torch.Tensor, graph: Graph) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, graph: Graph, invariant: bool = False) -> torch.Tensor:
         heads = self.heads()
         x = F.dropout(x, self.dropout, training=self.training)
         weight = torch.cat([head.W for head in heads], dim=1)  # (in, H * F)
-        h = (x @ weight).view(-1, self.num_heads, self.head_features)  # (N, H, F)
+        h = rowwise(lambda rows: rows @ weight, x, invariant)
+        h = h.view(-1, self.num_heads, self.head_features)  # (N, H, F)
         a = torch.stack([head.a.view(2, self.head_features) for head in heads])  # (H, 2, F)
         a = a.to(h.dtype)
-        src = torch.einsum("nhf,hf->nh", h, a[:, 0])
-        dst = torch.einsum("nhf,hf->nh", h, a[:, 1])
+        src = rowwise(lambda rows: torch.einsum("nhf,hf->nh", rows, a[:, 0]), h, invariant)
+        dst = rowwise(lambda rows: torch.einsum("nhf,hf->nh", rows, a[:, 1]), h, invariant)
         out = graph.attend(h, src, dst)
         out = F.elu(F.dropout(out, self.dropout, training=self.training))
         return out.reshape(-1, self.num_heads * self.head_features)
@@ -157,7 +184,8 @@ def _check_inputs(batch: Batch, config: ModelConfig, with_objects: bool) -> None
     object_cols = batch.object_features.shape[1]
     if with_objects and object_cols != config.object_dim:
         raise ModelInputError(
-            f"batch object_features have {object_cols} columns, the model expects {config.object_dim}"
+            f"batch object_features have {object_cols} columns, "
+            f"the model expects {config.object_dim}"
         )
 
 
@@ -167,7 +195,15 @@ def _actor_nodes(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
 
 
 class STAGE(nn.Module):
-    """Two graph-attention layers over actors and objects, then a linear classifier on actors."""
+    """Two graph-attention layers over actors and objects, then a linear classifier on actors.
+
+    ``batch_invariant`` (off by default; inference turns it on) runs every row-wise matmul in
+    fixed-shape blocks (:func:`rowwise`); with the batch's pinned graph layout
+    (``Batch.slots_per_keyframe``) a keyframe's logits are then bitwise independent of the
+    other windows in its batch.
+    """
+
+    batch_invariant: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -187,17 +223,19 @@ class STAGE(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits ``(A, num_outputs)`` for the batch's actors, in batch order."""
         _check_inputs(batch, self.config, with_objects=True)
+        invariant = self.batch_invariant
         dtype = self.logits.weight.dtype
         actors = _actor_nodes(batch, dtype)
         objects = batch.object_features.to(dtype)
         if self.config.object_dim > self.config.actor_dim:
-            objects = F.relu(self.obj_reducer(objects)).to(dtype)  # residual stream stays in dtype
+            objects = rowwise(self.obj_reducer, objects, invariant)
+            objects = F.relu(objects).to(dtype)  # residual stream stays in dtype
         objects = torch.cat((objects, box_geometry(batch.object_boxes, dtype)), dim=1)
         x = torch.cat((actors, objects), dim=0)
         graph = build_batch_graph(batch, tau=self.config.tau)
-        x = self.l_norm(x + self.gat_fc(self.gat1(x, graph)))
-        x = self.l_norm2(x + self.gat_fc2(self.gat2(x, graph)))
-        return self.logits(x[: actors.shape[0]])
+        x = self.l_norm(x + rowwise(self.gat_fc, self.gat1(x, graph, invariant), invariant))
+        x = self.l_norm2(x + rowwise(self.gat_fc2, self.gat2(x, graph, invariant), invariant))
+        return rowwise(self.logits, x[: actors.shape[0]], invariant)
 
 
 class NoGraphBaseline(nn.Module):
@@ -206,6 +244,8 @@ class NoGraphBaseline(nn.Module):
     Same inputs and the same classifier as :class:`STAGE` (``dropout`` on the 1028-dim actor
     node, then ``logits``), so the two differ only by the graph-attention layers.
     """
+
+    batch_invariant: bool = False  # as in STAGE
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -217,7 +257,7 @@ class NoGraphBaseline(nn.Module):
         _check_inputs(batch, self.config, with_objects=False)
         actors = _actor_nodes(batch, self.logits.weight.dtype)
         actors = F.dropout(actors, self.config.dropout, training=self.training)
-        return self.logits(actors)
+        return rowwise(self.logits, actors, self.batch_invariant)
 
 
 _MODELS = {"stage": STAGE, "baseline": NoGraphBaseline}
@@ -256,7 +296,8 @@ def load_published_state(model: nn.Module, state_dict: Mapping[str, Any]) -> Non
             problems.append(f"{key} is a {type(value).__name__}, not a tensor")
         elif value.shape != expected[key].shape:
             problems.append(
-                f"{key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+                f"{key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[key].shape)}"
             )
     if problems:
         raise CheckpointError("state dict does not match the model: " + "; ".join(problems))

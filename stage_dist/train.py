@@ -26,14 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from stage_dist.ava import read_labelmap
 from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from stage_dist.data import train_loader
+from stage_dist.data import open_train_data
 from stage_dist.distributed import DistEnv, all_reduce_mean, cleanup, gather_to_main, init_distributed, setup_logging
 from stage_dist.evaluate import evaluate
 from stage_dist.infer import predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.precision import AMP_MODES, resolve_precision
-from stage_dist.sampler import ClipWindowSampler
 from stage_dist.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,10 @@ PUBLISHED_LR = 6.25e-5  # Adam, one 6-keyframe window per step, one GPU
 
 @dataclass
 class TrainConfig:
-    train_store: str
     output_dir: str
+    train_store: str | None = None
+    train_shards: str | None = None
+    shuffle_buffer: int = 1000
     val_store: str | None = None
     val_groundtruth: str | None = None
     labelmap: str | None = None
@@ -128,12 +130,18 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
-        self.train_store = FeatureStore.open(config.train_store, in_memory=config.in_memory)
+        self.data = open_train_data(
+            store=config.train_store, shards=config.train_shards, window=config.window,
+            windows_per_step=config.windows_per_step, rank=env.rank, world_size=env.world_size,
+            seed=config.seed, num_workers=config.workers, pin_memory=env.device.type == "cuda",
+            in_memory=config.in_memory, shuffle_buffer=config.shuffle_buffer,
+        )
+        self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
             FeatureStore.open(
                 config.val_store,
-                expect_actor_dim=self.train_store.actor_dim,
-                expect_object_dim=self.train_store.object_dim,
+                expect_actor_dim=self.data.actor_dim,
+                expect_object_dim=self.data.object_dim,
                 in_memory=config.in_memory,
             )
             if config.val_store
@@ -141,8 +149,8 @@ class Trainer:
         )
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model_config = ModelConfig(
-            actor_dim=self.train_store.actor_dim,
-            object_dim=self.train_store.object_dim,
+            actor_dim=self.data.actor_dim,
+            object_dim=self.data.object_dim,
             num_heads=config.num_heads,
             dropout=config.dropout,
         )
@@ -151,17 +159,6 @@ class Trainer:
             DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
             if env.world_size > 1
             else self.model
-        )
-        self.sampler = ClipWindowSampler(
-            self.train_store.clip_lengths,
-            window=config.window,
-            windows_per_step=config.windows_per_step,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=config.seed,
-        )
-        self.loader = train_loader(
-            self.train_store, self.sampler, num_workers=config.workers, pin_memory=env.device.type == "cuda"
         )
         self.effective_batch, lr = effective_lr(config, env.world_size)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.weight_decay)
@@ -330,7 +327,8 @@ class Trainer:
             return None
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
-        write_predictions(results_csv, self.val_store, predictions)
+        class_ids = set(read_labelmap(self.config.labelmap)) if self.config.labelmap else None
+        write_predictions(results_csv, self.val_store, predictions, class_ids=class_ids)
         if not (self.config.val_groundtruth and self.config.labelmap):
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
@@ -360,8 +358,8 @@ class Trainer:
             "training %s on %s: %d keyframes in %d clips, %d steps per epoch x %d epochs; "
             "%d rank(s) x %d window(s) of %d keyframes = effective batch %d windows; "
             "lr %.3g (base %.3g, %s scaling), amp %s, device %s",
-            self.config.model, self.train_store.path, self.train_store.num_keyframes,
-            self.train_store.num_clips, len(self.sampler), self.config.epochs, self.env.world_size,
+            self.config.model, self.data.source, self.data.num_keyframes,
+            self.data.num_clips, len(self.sampler), self.config.epochs, self.env.world_size,
             self.config.windows_per_step, self.config.window, self.effective_batch,
             self.optimizer.param_groups[0]["initial_lr"], self.config.lr, self.config.lr_scaling,
             self.precision.mode, self.env.device,
@@ -394,7 +392,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig(train_store="", output_dir="")
+    defaults = TrainConfig(output_dir="")
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc_per_node=N -m stage_dist.train",
         description="Train STAGE (or the no-graph baseline) on a feature store with DDP. "
@@ -402,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--train-store", required=True, help="training feature store (zarr)")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train-store", help="training feature store (zarr)")
+    source.add_argument("--train-shards", help="training WebDataset shards instead of a store: a brace pattern "
+                        "such as 'DIR/train-{000000..000031}.tar' (local paths or URLs webdataset reads; "
+                        "manifest.json beside them)")
+    data.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer,
+                      help="windows held for shuffling when streaming from --train-shards")
     data.add_argument("--val-store", help="validation feature store; validated every --val-every epochs and at the end")
     data.add_argument("--val-groundtruth", help="AVA groundtruth CSV of the val split (for val mAP)")
     data.add_argument("--labelmap", help="AVA pbtxt label map of the evaluated classes (for val mAP)")

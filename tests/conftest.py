@@ -17,6 +17,9 @@ FIXTURES = REPO.parent / "shared" / "fixtures" / "ava"
 # Small enough to convert in a second or two, large enough for a model to learn something.
 TINY = SynthConfig(seed=0, train_clips=6, val_clips=3, keyframes_per_clip=14, actor_dim=32,
                    object_dim=64, actor_thw=(2, 2, 2))
+# Enough data for the graph to pay off: STAGE learns the object and interaction classes.
+LEARNABLE = SynthConfig(seed=0, train_clips=16, val_clips=6, keyframes_per_clip=30, actor_dim=64,
+                        object_dim=128, actor_thw=(1, 1, 1))
 
 
 @dataclass
@@ -48,6 +51,17 @@ def tiny_stores(tiny_dataset, tmp_path_factory) -> Stores:
         dataset=tiny_dataset,
         train=convert_split(tiny_dataset, "train", root / "train.zarr"),
         val=convert_split(tiny_dataset, "val", root / "val.zarr"),
+    )
+
+
+@pytest.fixture(scope="session")
+def learnable_stores(tmp_path_factory) -> Stores:
+    root = tmp_path_factory.mktemp("learnable")
+    dataset = synthesize(root / "synth", LEARNABLE)
+    return Stores(
+        dataset=dataset,
+        train=convert_split(dataset, "train", root / "train.zarr"),
+        val=convert_split(dataset, "val", root / "val.zarr"),
     )
 
 

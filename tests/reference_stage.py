@@ -101,10 +101,11 @@ class ReferenceStage(nn.Module):
 
 
 def boxlist_distance(boxes1: torch.Tensor, boxes2: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    center1 = torch.cat((((boxes1[:, None, 2] - boxes1[:, None, 0]) / 2) + boxes1[:, None, 0],
-                         ((boxes1[:, None, 3] - boxes1[:, None, 1]) / 2) + boxes1[:, None, 1]), dim=1)
-    center2 = torch.cat((((boxes2[:, None, 2] - boxes2[:, None, 0]) / 2) + boxes2[:, None, 0],
-                         ((boxes2[:, None, 3] - boxes2[:, None, 1]) / 2) + boxes2[:, None, 1]), dim=1)
+    b1, b2 = boxes1[:, None], boxes2[:, None]
+    center1 = torch.cat((((b1[:, :, 2] - b1[:, :, 0]) / 2) + b1[:, :, 0],
+                         ((b1[:, :, 3] - b1[:, :, 1]) / 2) + b1[:, :, 1]), dim=1)
+    center2 = torch.cat((((b2[:, :, 2] - b2[:, :, 0]) / 2) + b2[:, :, 0],
+                         ((b2[:, :, 3] - b2[:, :, 1]) / 2) + b2[:, :, 1]), dim=1)
     center1 = center1.unsqueeze(1)
     center2 = center2.unsqueeze(0)
     d = torch.sqrt((center1[:, :, 0] - center2[:, :, 0]) ** 2
@@ -120,7 +121,7 @@ def reference_adjacency(batch: Batch, tau: float = 1.0) -> torch.Tensor:
     """
     num_actors = batch.actor_boxes.shape[0]
     n = num_actors + batch.object_boxes.shape[0]
-    adj = torch.zeros((n, n))
+    adj = torch.zeros((n, n), device=batch.actor_boxes.device)
     frames = torch.cat((batch.actor_frame, batch.object_frame)).tolist()
     windows = torch.cat((batch.actor_window, batch.object_window)).tolist()
     boxes = torch.cat((batch.actor_boxes, batch.object_boxes)).float()
@@ -131,17 +132,22 @@ def reference_adjacency(batch: Batch, tau: float = 1.0) -> torch.Tensor:
         for other in (frame - 1, frame, frame + 1):
             cols = keyframes.get((window, other))
             if cols:
-                r, c = torch.tensor(rows), torch.tensor(cols)
+                r = torch.tensor(rows, device=adj.device)
+                c = torch.tensor(cols, device=adj.device)
                 adj[r[:, None], c[None, :]] = boxlist_distance(boxes[r], boxes[c], tau=tau)
     return adj
 
 
-def reference_logits(model: ReferenceStage, batch: Batch, tau: float = 1.0) -> torch.Tensor:
+def reference_logits(
+    model: ReferenceStage, batch: Batch, tau: float = 1.0, adj: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits of ``model`` on ``batch``; ``adj`` defaults to :func:`reference_adjacency`."""
     dtype = model.logits.weight.dtype
+    if adj is None:
+        adj = reference_adjacency(batch, tau)
     return model(
         batch.actor_features.to(dtype), batch.actor_boxes.to(dtype),
-        batch.object_features.to(dtype), batch.object_boxes.to(dtype),
-        reference_adjacency(batch, tau).to(dtype),
+        batch.object_features.to(dtype), batch.object_boxes.to(dtype), adj.to(dtype),
     )
 
 
@@ -155,8 +161,10 @@ def random_window(
         actors_per_keyframe = rng.integers(0, max_actors + 1, num_keyframes)
     if objects_per_keyframe is None:
         objects_per_keyframe = rng.integers(0, max_objects + 1, num_keyframes)
-    actor_ptr = np.concatenate(([0], np.cumsum(np.broadcast_to(actors_per_keyframe, num_keyframes))))
-    object_ptr = np.concatenate(([0], np.cumsum(np.broadcast_to(objects_per_keyframe, num_keyframes))))
+    def ptr(counts) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(np.broadcast_to(counts, num_keyframes))))
+
+    actor_ptr, object_ptr = ptr(actors_per_keyframe), ptr(objects_per_keyframe)
 
     def boxes(n: int) -> np.ndarray:
         corners = rng.random((n, 2, 2)).astype(np.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +262,10 @@ def test_results_round_trip_through_reader_and_evaluator(tmp_path):
     result = evaluate(gt_path, path, labelmap)
     assert result.mean_ap == 1.0
     assert result.num_evaluated_detections == 9
+
+
+def test_results_without_rows_still_write_a_file(tmp_path):
+    assert write_results_csv(tmp_path / "none.csv", [], np.zeros(0), np.zeros((0, 4)), np.zeros((0, 80))) == 0
+    assert write_results_csv(tmp_path / "low.csv", ["v"], np.array([902]), np.zeros((1, 4)), np.zeros((1, 80)),
+                             min_score=0.5) == 0
+    assert (tmp_path / "none.csv").read_bytes() == (tmp_path / "low.csv").read_bytes() == b""

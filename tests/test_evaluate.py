@@ -350,3 +350,26 @@ def test_cli_reports_malformed_input_with_file_and_line(tmp_path, capsys):
     status = main(["-g", str(root / "gt.csv"), "-d", str(bad), "-l", str(root / "action_list.txt")])
     assert status == 2
     assert f"{bad}:2: y1 'zero' is not a number" in capsys.readouterr().err
+
+
+def test_empty_detections_and_in_memory_inputs(tmp_path):
+    from stage_dist.ava import read_ava_csv
+
+    gt_path = write_csv(tmp_path / "gt.csv", [gt("0902", TP_BOX, 1), gt("0902", TP_BOX, 2)])
+    (tmp_path / "empty.csv").write_text("")
+    result = evaluate(read_ava_csv(gt_path), tmp_path / "empty.csv", LABELMAP_3)
+    assert (result.ap_by_id[1], result.ap_by_id[2], result.mean_ap) == (0.0, 0.0, 0.0)
+    assert result.num_evaluated_detections == 0
+
+
+def test_module_cli_runs_as_a_process(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.pbtxt"
+    bad.write_text('item {\n  name: "a"\n  id: x\n}\n')
+    root = FIXTURES / "mmaction2_eval_detection"
+    done = subprocess.run([sys.executable, "-m", "stage_dist.evaluate", "-g", str(root / "gt.csv"),
+                           "-d", str(root / "pred.csv"), "-l", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {bad}:3: id 'x' is not an integer"

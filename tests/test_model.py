@@ -57,7 +57,8 @@ def _edge_case_batches():
     yield "single keyframe", collate([random_window(rng, 1, ACTOR, OBJECT, actors_per_keyframe=3)])
     yield "keyframes without objects", collate(
         [random_window(rng, 5, ACTOR, OBJECT, objects_per_keyframe=np.array([0, 4, 0, 0, 7]))])
-    yield "no objects at all", collate([random_window(rng, 4, ACTOR, OBJECT, objects_per_keyframe=0)])
+    yield "no objects at all", collate(
+        [random_window(rng, 4, ACTOR, OBJECT, objects_per_keyframe=0)])
     yield "window without actors", collate(
         [random_window(rng, 3, ACTOR, OBJECT, actors_per_keyframe=0),
          random_window(rng, 8, ACTOR, OBJECT, clip=1)])
@@ -333,10 +334,9 @@ def test_baseline_uses_actors_only_with_the_same_classifier():
     with torch.no_grad():
         out = baseline(batch)
         torch.testing.assert_close(out, baseline(other), atol=0, rtol=0)
-        nodes = torch.cat((batch.actor_features, batch.actor_boxes[:, 3:] - batch.actor_boxes[:, 1:2],
-                           batch.actor_boxes[:, 2:3] - batch.actor_boxes[:, 0:1],
-                           (batch.actor_boxes[:, 0:1] + batch.actor_boxes[:, 2:3]) / 2,
-                           (batch.actor_boxes[:, 1:2] + batch.actor_boxes[:, 3:]) / 2), dim=1)
+        x1, y1, x2, y2 = batch.actor_boxes.unbind(1)
+        geometry = torch.stack((y2 - y1, x2 - x1, (x1 + x2) / 2, (y1 + y2) / 2), dim=1)
+        nodes = torch.cat((batch.actor_features, geometry), dim=1)
         torch.testing.assert_close(out, baseline.logits(nodes), atol=1e-5, rtol=0)
     assert isinstance(build_model("stage", SMALL), STAGE)
 
@@ -352,7 +352,8 @@ def test_action_logits_drop_the_background_column():
 
 def test_train_mode_applies_dropout():
     model = STAGE(SMALL).train()
-    batch = collate([random_window(np.random.default_rng(9), 3, ACTOR, OBJECT, actors_per_keyframe=2)])
+    window = random_window(np.random.default_rng(9), 3, ACTOR, OBJECT, actors_per_keyframe=2)
+    batch = collate([window])
     with torch.no_grad():
         assert not torch.equal(model(batch), model(batch))
         model.eval()

@@ -62,17 +62,17 @@ def test_effective_lr_rules():
 def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
     env = init_distributed("cpu")
     uninterrupted = make_config(tiny_stores, tmp_path / "a", epochs=2, val_store=None)
-    Trainer(uninterrupted, env).fit()
+    total_steps = Trainer(uninterrupted, env).fit().global_step
 
-    steps_per_epoch = len(Trainer(uninterrupted, env).sampler)
-    stop_at = steps_per_epoch + steps_per_epoch // 2  # in the middle of the second epoch
+    first_epoch = Trainer(uninterrupted, env).sampler.steps_for_epoch(0)
+    stop_at = first_epoch + 5  # in the middle of the second epoch
     interrupted = make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None, max_steps=stop_at)
     first = Trainer(interrupted, env)
     first.fit()
-    assert first.global_step == stop_at and first.step_in_epoch == steps_per_epoch // 2
+    assert (first.epoch, first.step_in_epoch, first.global_step) == (1, 5, stop_at)
     resumed = Trainer(make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None), env)
     summary = resumed.fit()
-    assert summary.global_step == 2 * steps_per_epoch
+    assert summary.global_step == total_steps
 
     expected, actual = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert expected.keys() == actual.keys()
@@ -80,9 +80,22 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
         assert torch.equal(expected[name], actual[name]), name
 
 
-def test_two_ranks_learn_log_and_stay_in_sync(tiny_stores, tmp_path):
+def test_stage_beats_the_no_graph_baseline(learnable_stores, tmp_path):
+    """Same data, same recipe: the graph is worth a clear margin of val frame-mAP@0.5.
+
+    Measured: STAGE 0.511, baseline 0.397 (margin 0.114) after 20 epochs at lr 2e-3.
+    """
+    env = init_distributed("cpu")
+    val_map = {}
+    for model in ("stage", "baseline"):
+        config = make_config(learnable_stores, tmp_path / model, model=model, epochs=20, lr=2e-3, log_every=50)
+        val_map[model] = Trainer(config, env).fit().val_map
+    assert val_map["stage"] > val_map["baseline"] + 0.05, val_map
+
+
+def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     """torchrun, 2 gloo ranks: loss falls, val mAP rises, both ranks end with identical weights."""
-    config = make_config(tiny_stores, tmp_path / "run", epochs=6, val_every=1, log_every=1)
+    config = make_config(learnable_stores, tmp_path / "run", epochs=8, lr=2e-3, val_every=1, log_every=5)
     (tmp_path / "config.json").write_text(json.dumps(vars(config)))
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
@@ -104,8 +117,8 @@ def test_two_ranks_learn_log_and_stay_in_sync(tiny_stores, tmp_path):
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
 
     val_maps = json.loads((tmp_path / "val_maps.json").read_text())
-    assert len(val_maps) == 6
-    assert val_maps[-1] > val_maps[0] + 0.05, val_maps
+    assert len(val_maps) == 8
+    assert val_maps[-1] > val_maps[0] + 0.03, val_maps
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -126,8 +139,6 @@ def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
     output_dir = tmp_path / "run"
     config = make_config(tiny_stores, output_dir, epochs=8, checkpoint_every=3, val_store=None)
     command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *cli_args(config))
-    command.remove("--standalone")
-    command[3:3] = ["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0"]
     launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
