@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="working directory (recreated)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes for training and inference")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs for each model")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs for each model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset and of training")
     args = parser.parse_args(argv)
 

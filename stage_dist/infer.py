@@ -14,35 +14,100 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from stage_dist.ava import read_labelmap, write_results_csv
-from stage_dist.checkpoint import CheckpointManager, load_checkpoint
-from stage_dist.data import inference_loader
+from stage_dist.ava import AvaFormatError, read_labelmap, write_results_csv
+from stage_dist.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from stage_dist.batch import Batch, Window
+from stage_dist.data import InferenceCollate, inference_loader
 from stage_dist.distributed import DistEnv, cleanup, gather_to_main, init_distributed, setup_logging
-from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
+from stage_dist.model import CheckpointError as ModelCheckpointError
+from stage_dist.model import ModelConfig, ModelConfigError, action_logits, build_model, load_published_state
 from stage_dist.precision import AMP_MODES, Precision, resolve_precision
-from stage_dist.sampler import plan_inference_windows, shard_for_rank
-from stage_dist.store import FeatureStore
+from stage_dist.sampler import InferenceWindow, plan_inference_windows, shard_for_rank
+from stage_dist.shards import (ShardError, cut_window, expand_urls, load_manifest, manifest_location,
+                               read_clip_samples)
+from stage_dist.store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
+
+# Bad input a user can fix: reported as one line naming the file, not a traceback.
+INPUT_ERRORS = (StoreError, ShardError, CheckpointError, ModelCheckpointError, ModelConfigError, AvaFormatError,
+                FileNotFoundError, ValueError)
 
 RECEPTIVE_FIELD = 2  # keyframes on each side that reach a keyframe through two one-hop layers
 
 
 @dataclass
 class Predictions:
-    """Scores of actor rows of a store: ``scores[i]`` belongs to actor row ``actor_index[i]``."""
+    """Scores of actors: ``scores[i]`` belongs to actor row ``actor_index[i]`` (global, sorted),
+    which lies in keyframe row ``keyframe[i]`` and has box ``boxes[i]``."""
 
-    actor_index: np.ndarray  # (N,) int64, sorted
+    actor_index: np.ndarray  # (N,) int64
+    keyframe: np.ndarray  # (N,) int64
+    boxes: np.ndarray  # (N, 4) float32, normalised x1, y1, x2, y2
     scores: np.ndarray  # (N, 80) float32, column j = action id j + 1
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["Predictions"]) -> "Predictions":
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def take(self, order: np.ndarray) -> "Predictions":
+        return Predictions(*(getattr(self, f.name)[order] for f in fields(self)))
+
+
+@dataclass
+class KeyframeIndex:
+    """Video id and timestamp of every keyframe row (what results.csv needs besides boxes)."""
+
+    video_ids: np.ndarray  # (K,) object
+    timestamps: np.ndarray  # (K,) int
+
+    @classmethod
+    def from_store(cls, store: FeatureStore) -> "KeyframeIndex":
+        clips = np.repeat(np.arange(store.num_clips), store.clip_lengths)
+        return cls(np.asarray(store.video_ids, dtype=object)[clips], np.asarray(store.timestamps))
+
+
+def score_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[Batch, torch.Tensor]],
+    env: DistEnv,
+    precision: Precision,
+) -> Predictions:
+    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
+    was_training, was_invariant = model.training, model.batch_invariant
+    model.eval()
+    model.batch_invariant = True  # scores independent of batch-mates (see model.rowwise)
+    parts: list[Predictions] = []
+    try:
+        with torch.inference_mode():
+            for batch, owned in batches:
+                with precision.autocast():
+                    logits = model(batch.to(env.device, non_blocking=True))
+                scores = torch.sigmoid(action_logits(logits).float()).cpu()
+                parts.append(Predictions(
+                    actor_index=batch.actor_index[owned].numpy(),
+                    keyframe=batch.actor_keyframe[owned].numpy(),
+                    boxes=batch.actor_boxes[owned].numpy(),
+                    scores=scores[owned].numpy(),
+                ))
+    finally:
+        model.train(was_training)
+        model.batch_invariant = was_invariant
+    if not parts:
+        return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
+                           np.zeros((0, 80), np.float32))
+    return Predictions.concatenate(parts)
 
 
 def predict(
@@ -66,66 +131,81 @@ def predict(
         num_workers=num_workers,
         pin_memory=env.device.type == "cuda",
     )
-    precision = precision or resolve_precision("off", env.device)
-    was_training, was_invariant = model.training, model.batch_invariant
-    model.eval()
-    model.batch_invariant = True  # scores independent of batch-mates (see model.rowwise)
-    indices: list[torch.Tensor] = []
-    scores: list[torch.Tensor] = []
     bar = tqdm(loader, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
-    with torch.inference_mode():
-        for batch, owned in bar:
-            with precision.autocast():
-                logits = model(batch.to(env.device, non_blocking=True))
-            probabilities = torch.sigmoid(action_logits(logits).float()).cpu()
-            indices.append(batch.actor_index[owned])
-            scores.append(probabilities[owned])
-    model.train(was_training)
-    model.batch_invariant = was_invariant
-
-    local = Predictions(
-        actor_index=torch.cat(indices).numpy() if indices else np.zeros(0, np.int64),
-        scores=torch.cat(scores).numpy() if scores else np.zeros((0, 80), np.float32),
-    )
+    local = score_batches(model, bar, env, precision or resolve_precision("off", env.device))
     gathered = gather_to_main(local, env)
+    return None if gathered is None else _merge(gathered, store.num_actors)
+
+
+def predict_shards(
+    model: nn.Module,
+    urls: str,
+    env: DistEnv,
+    *,
+    window: int = 6,
+    windows_per_batch: int = 8,
+    precision: Precision | None = None,
+    progress: bool = True,
+) -> tuple[Predictions, KeyframeIndex] | None:
+    """Like :func:`predict`, streaming WebDataset shards (each rank reads its own shards)."""
+    manifest = load_manifest(manifest_location(expand_urls(urls)[0]))
+    collate_windows = InferenceCollate(manifest["max_nodes_per_keyframe"])
+    local_keyframes: list[tuple[int, str, np.ndarray]] = []  # (first keyframe row, video id, timestamps)
+
+    def batches() -> Iterator[tuple[Batch, torch.Tensor]]:
+        pending: list[tuple[Window, InferenceWindow]] = []
+        for clip in read_clip_samples(urls, rank=env.rank, world_size=env.world_size):
+            local_keyframes.append((clip.keyframe_start, clip.video_id, clip.timestamps))
+            for plan in plan_inference_windows([clip.num_keyframes], window, context=RECEPTIVE_FIELD):
+                pending.append((cut_window(clip, plan.spec.start, plan.spec.length), plan))
+                if len(pending) == windows_per_batch:
+                    yield collate_windows(pending)
+                    pending = []
+        if pending:
+            yield collate_windows(pending)
+
+    bar = tqdm(batches(), desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
+    local = score_batches(model, bar, env, precision or resolve_precision("off", env.device))
+    gathered = gather_to_main((local, local_keyframes), env)
     if gathered is None:
         return None
-    return _merge(gathered, store.num_actors)
+    predictions = _merge([part for part, _ in gathered], manifest["num_actors"])
+    video_ids = np.empty(manifest["num_keyframes"], dtype=object)
+    timestamps = np.zeros(manifest["num_keyframes"], dtype=np.int64)
+    for _, keyframes in gathered:
+        for start, video_id, stamps in keyframes:
+            video_ids[start : start + len(stamps)] = video_id
+            timestamps[start : start + len(stamps)] = stamps
+    return predictions, KeyframeIndex(video_ids, timestamps)
 
 
 def _merge(parts: list[Predictions], num_actors: int) -> Predictions:
-    actor_index = np.concatenate([p.actor_index for p in parts])
-    scores = np.concatenate([p.scores for p in parts])
-    order = np.argsort(actor_index, kind="stable")
-    actor_index, scores = actor_index[order], scores[order]
-    if len(actor_index) != num_actors or not np.array_equal(actor_index, np.arange(num_actors)):
-        counts = np.bincount(actor_index, minlength=num_actors)
+    merged = Predictions.concatenate(parts)
+    merged = merged.take(np.argsort(merged.actor_index, kind="stable"))
+    if len(merged.actor_index) != num_actors or not np.array_equal(merged.actor_index, np.arange(num_actors)):
+        counts = np.bincount(merged.actor_index, minlength=num_actors)
         raise RuntimeError(
             "inference must predict every actor exactly once: "
             f"{int((counts == 0).sum())} actors missing, {int((counts > 1).sum())} predicted twice"
         )
-    return Predictions(actor_index=actor_index, scores=scores)
+    return merged
 
 
 def write_predictions(
     path: str | Path,
-    store: FeatureStore,
     predictions: Predictions,
+    keyframes: KeyframeIndex,
     *,
     class_ids: set[int] | None = None,
     topk: int | None = None,
     min_score: float = 0.0,
 ) -> int:
-    """Write predictions of ``store`` as an AVA results.csv; returns the number of rows."""
-    keyframe_of_actor = np.repeat(np.arange(store.num_keyframes), np.diff(store.actor_ptr))
-    keyframes = keyframe_of_actor[predictions.actor_index]
-    clips = np.searchsorted(store.clip_ptr, keyframes, side="right") - 1
-    video_ids = np.asarray(store.video_ids, dtype=object)[clips]
+    """Write predictions as an AVA results.csv (atomically); returns the number of rows."""
     return write_results_csv(
         path,
-        video_ids,
-        store.timestamps[keyframes],
-        store.actor_boxes_all()[predictions.actor_index],
+        keyframes.video_ids[predictions.keyframe],
+        keyframes.timestamps[predictions.keyframe],
+        predictions.boxes,
         predictions.scores,
         class_ids=class_ids,
         topk=topk,
@@ -133,7 +213,7 @@ def write_predictions(
     )
 
 
-def load_model(checkpoint: str | Path, store: FeatureStore, device: torch.device) -> nn.Module:
+def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:
     """A model from a checkpoint of this project or of the published STAGE code.
 
     ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
@@ -155,15 +235,15 @@ def load_model(checkpoint: str | Path, store: FeatureStore, device: torch.device
         weights = state["model_state"]
         num_heads = sum(1 for key in weights if key.startswith("gat1.attention_") and key.endswith(".W"))
         config = ModelConfig(
-            actor_dim=store.actor_dim,
-            object_dim=store.object_dim,
+            actor_dim=actor_dim,
+            object_dim=object_dim,
             num_heads=num_heads,
             num_outputs=weights["logits.weight"].shape[0],
         )
-    if config.actor_dim != store.actor_dim or config.object_dim != store.object_dim:
+    if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
         raise ValueError(
-            f"{checkpoint}: model expects actor/object dims {config.actor_dim}/{config.object_dim}, "
-            f"store {store.path} has {store.actor_dim}/{store.object_dim}"
+            f"{checkpoint}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
+            f"dims, the data has {actor_dim}/{object_dim}"
         )
     model = build_model(kind, config)
     if kind == "stage":
@@ -178,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m stage_dist.infer",
         description="Predict every actor of a feature store once (1..N ranks) and write one AVA results.csv.",
     )
-    parser.add_argument("--store", required=True, help="feature store (zarr) to predict")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="feature store (zarr) to predict")
+    source.add_argument("--shards", help="WebDataset shards to predict instead of a store: a brace pattern such as "
+                        "'DIR/val-{000000..000007}.tar' (manifest.json beside them)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file of stage_dist.train or of the published STAGE code, or a run's checkpoints/ directory (its newest)")
     parser.add_argument("--out", required=True, help="results.csv to write (atomically)")
     parser.add_argument("--window", type=int, default=6, help="keyframes predicted per window (context of 2 on each side is added)")
@@ -198,28 +281,33 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(env)
     try:
         started = time.perf_counter()
-        store = FeatureStore.open(args.store)
-        model = load_model(args.checkpoint, store, env.device)
-        predictions = predict(
-            model,
-            store,
-            env,
-            window=args.window,
-            windows_per_batch=args.windows_per_batch,
-            precision=resolve_precision(args.amp, env.device),
-            num_workers=args.workers,
-        )
+        precision = resolve_precision(args.amp, env.device)
+        if args.store:
+            store = FeatureStore.open(args.store)
+            model = load_model(args.checkpoint, store.actor_dim, store.object_dim, env.device)
+            predictions = predict(model, store, env, window=args.window, windows_per_batch=args.windows_per_batch,
+                                  precision=precision, num_workers=args.workers)
+            keyframes = None if predictions is None else KeyframeIndex.from_store(store)
+        else:
+            manifest = load_manifest(manifest_location(expand_urls(args.shards)[0]))
+            model = load_model(args.checkpoint, manifest["actor_dim"], manifest["object_dim"], env.device)
+            result = predict_shards(model, args.shards, env, window=args.window,
+                                    windows_per_batch=args.windows_per_batch, precision=precision)
+            predictions, keyframes = (None, None) if result is None else result
         if predictions is not None:
             class_ids = set(read_labelmap(args.labelmap)) if args.labelmap else None
-            rows = write_predictions(
-                args.out, store, predictions, class_ids=class_ids, topk=args.topk, min_score=args.min_score
-            )
+            rows = write_predictions(args.out, predictions, keyframes, class_ids=class_ids, topk=args.topk,
+                                     min_score=args.min_score)
             seconds = time.perf_counter() - started
+            num_keyframes = len(keyframes.timestamps)
             print(
-                f"inference: {store.num_keyframes} keyframes, {store.num_actors} actors, {rows} rows "
-                f"-> {args.out} in {seconds:.1f} s ({store.num_keyframes / seconds:.0f} keyframes/s, "
+                f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows "
+                f"-> {args.out} in {seconds:.1f} s ({num_keyframes / seconds:.0f} keyframes/s, "
                 f"{env.world_size} rank(s))"
             )
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         cleanup(env)
     return 0

@@ -357,6 +357,7 @@ def write_shards(
         "num_actors": sum(s.actors for s in shards),
         "num_objects": sum(s.objects for s in shards),
         "windows": {str(window or DEFAULT_WINDOW): _nominal_windows(clip_lengths, window or DEFAULT_WINDOW)},
+        "max_nodes_per_keyframe": int((np.diff(store.actor_ptr) + np.diff(store.object_ptr)).max(initial=0)),
         "actor_dim": int(store.actor_dim),
         "object_dim": int(store.object_dim),
         "dtypes": dtypes,

@@ -31,7 +31,7 @@ from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state,
 from stage_dist.data import open_train_data
 from stage_dist.distributed import DistEnv, all_reduce_mean, cleanup, gather_to_main, init_distributed, setup_logging
 from stage_dist.evaluate import evaluate
-from stage_dist.infer import predict, write_predictions
+from stage_dist.infer import KeyframeIndex, predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
@@ -328,7 +328,7 @@ class Trainer:
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
         class_ids = set(read_labelmap(self.config.labelmap)) if self.config.labelmap else None
-        write_predictions(results_csv, self.val_store, predictions, class_ids=class_ids)
+        write_predictions(results_csv, predictions, KeyframeIndex.from_store(self.val_store), class_ids=class_ids)
         if not (self.config.val_groundtruth and self.config.labelmap):
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)

@@ -77,7 +77,7 @@ def test_predict_matches_one_window_per_clip(tiny_stores, checkpoint):
     """With context 2, a keyframe's scores equal those of the model run on its whole clip."""
     store = FeatureStore.open(tiny_stores.val)
     env = init_distributed("cpu")
-    model = load_model(checkpoint, store, torch.device("cpu")).eval()
+    model = load_model(checkpoint, store.actor_dim, store.object_dim, torch.device("cpu")).eval()
     predictions = predict(model, store, env, window=3, windows_per_batch=2, progress=False)
     from stage_dist.batch import WindowSpec, collate
     from stage_dist.model import action_logits
@@ -107,3 +107,25 @@ def test_labelmap_topk_and_published_checkpoint(tiny_stores, checkpoint, tmp_pat
     assert max(per_box.values()) <= 2
     result = evaluate(tiny_stores.dataset.splits["val"].groundtruth_csv, out, labelmap)
     assert 0.0 <= result.mean_ap <= 1.0
+
+
+def test_shards_give_the_same_results_csv_as_the_store(tiny_stores, checkpoint, tmp_path):
+    from stage_dist.shards import shard_pattern, write_shards
+
+    manifest = write_shards(FeatureStore.open(tiny_stores.val), tmp_path / "shards", max_shard_bytes=20_000)
+    assert manifest["num_shards"] == 3  # a count that 2 ranks do not divide
+    reference = run_infer(tiny_stores, checkpoint, tmp_path / "store.csv", ranks=1, window=6)
+    out = tmp_path / "shards.csv"
+    command = torchrun_command(2, "-m", "stage_dist.infer", "--shards", shard_pattern(manifest, tmp_path / "shards"),
+                               "--checkpoint", str(checkpoint), "--out", str(out), "--window", "4",
+                               "--device", "cpu")
+    subprocess.run(command, check=True, env=subprocess_env(), timeout=180)
+    assert out.read_bytes() == reference
+
+
+def test_bad_input_is_one_line_naming_the_file(tiny_stores, tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert infer_main(["--store", str(tiny_stores.val), "--checkpoint", str(missing), "--out",
+                       str(tmp_path / "r.csv"), "--device", "cpu"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()

@@ -162,3 +162,19 @@ def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
 def _children(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(child) for child in children]
+
+
+def test_trains_from_webdataset_shards(tiny_stores, tmp_path):
+    from stage_dist.sampler import ClipWindowSampler
+    from stage_dist.shards import shard_pattern, write_shards
+    from stage_dist.store import FeatureStore
+
+    store = FeatureStore.open(tiny_stores.train)
+    manifest = write_shards(store, tmp_path / "shards", max_shard_bytes=50_000)
+    config = make_config(tiny_stores, tmp_path / "run", train_store=None, epochs=2,
+                         train_shards=shard_pattern(manifest, tmp_path / "shards"), shuffle_buffer=8)
+    summary = Trainer(config, init_distributed("cpu")).fit()
+    same_windows = ClipWindowSampler(store.clip_lengths, window=6, seed=0)
+    assert summary.global_step == same_windows.steps_for_epoch(0) + same_windows.steps_for_epoch(1)
+    assert summary.val_map is not None and 0.0 < summary.val_map <= 1.0
+    assert final_weights(tmp_path / "run")["logits.weight"].isfinite().all()
