@@ -143,6 +143,10 @@ class Plan:
     def missing_objects(self) -> int:
         return sum(not k.has_objects for k in self.keyframes)
 
+    @property
+    def stripped_object_keys(self) -> int:
+        return sum(k.object_key_stripped for k in self.keyframes)
+
 
 def _scan_clips(source: Source, clips: list[tuple[str, list[int]]]) -> list[tuple[list[KeyframeInfo], SourceDims]]:
     return [source.scan_clip(video_id, stamps) for video_id, stamps in clips]
@@ -389,8 +393,16 @@ def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], Non
     report(done_bytes, done_kf)
 
 
-def _pool_task(ctx: TaskContext, queue: Any, task: ShardTask) -> int:
-    run_task(ctx, task, lambda b, k: queue.put((b, k)))
+_progress_queue: Any = None  # a pool worker's end of the Runner's progress queue (set at its start)
+
+
+def _init_worker(queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = queue
+
+
+def _pool_task(ctx: TaskContext, task: ShardTask) -> int:
+    run_task(ctx, task, lambda b, k: _progress_queue.put((b, k)))
     return task.input_bytes
 
 
@@ -403,14 +415,15 @@ class Runner:
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
         self._pool = None
-        self._manager = None
+        self._queue = None
         if self.workers > 1:
             # fork: workers start instantly and inherit nothing open (created before any
-            # HDF5 file is opened); zarr resets its event loop in forked children
+            # HDF5 file is opened); zarr resets its event loop in forked children. Progress
+            # comes back on a queue the workers inherit (no manager process to start).
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             context = mp.get_context(method)
-            self._manager = context.Manager()
-            self._pool = context.Pool(self.workers)
+            self._queue = context.SimpleQueue()
+            self._pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self._queue,))
 
     def map(self, fn: Callable, items: Iterable) -> Iterable:
         """Ordered map (used for the scan and verification)."""
@@ -423,8 +436,8 @@ class Runner:
             for task in tasks:
                 run_task(ctx, task, on_progress)
             return
-        queue = self._manager.Queue()
-        results = self._pool.imap_unordered(partial(_pool_task, ctx, queue), tasks)
+        queue = self._queue
+        results = self._pool.imap_unordered(partial(_pool_task, ctx), tasks)
         remaining = len(tasks)
         while remaining:
             try:
@@ -441,7 +454,7 @@ class Runner:
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
-            self._manager.shutdown()
+            self._queue.close()
 
 
 # --------------------------------------------------------------------------- verification
@@ -512,7 +525,9 @@ class ConvertSummary:
     shards: int
     shards_resumed: int  # already done by an earlier, interrupted run
     missing_objects: int  # keyframes with no objects entry, accepted as empty
+    stripped_object_keys: int  # keyframes whose objects key lacks the clip id's leading '-'
     skipped: list[str]
+    phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (scan, create, convert, verify)
     verified: int | None = None
     mismatches: list[str] = field(default_factory=list)
 
@@ -525,6 +540,11 @@ class ConvertSummary:
             f"shards {self.shards} ({self.shards_resumed} done by an earlier run)  "
             f"keyframes without objects accepted as empty: {self.missing_objects}",
         ]
+        out.append("seconds by phase: " + "  ".join(f"{k} {v:.2f}" for k, v in self.phases.items()))
+        if self.stripped_object_keys:
+            out.append(f"objects of {self.stripped_object_keys} keyframes found under keys without the clip id's "
+                       "leading '-' (as in the published objects file: clip -5KQ66BBWC4 at 902 is "
+                       "5KQ66BBWC4_902_features), accepted")
         out += [f"skipped: {s}" for s in self.skipped] or ["skipped: nothing"]
         if self.verified is not None:
             out.append(f"verified {self.verified} keyframes: {len(self.mismatches)} mismatches")
@@ -539,13 +559,19 @@ def _dir_bytes(path: Path) -> int:
 def convert(cfg: ConvertConfig) -> ConvertSummary:
     """Convert (or resume converting) the source of ``cfg`` into the store ``cfg.out``."""
     start = time.perf_counter()
+    phases: dict[str, float] = {}
     runner = Runner(cfg.workers)  # before any HDF5 file is opened: workers fork clean
     try:
         source = build_source(cfg)
         plan = make_plan(source, cfg, runner)
+        phases["scan"] = time.perf_counter() - start
         for line in plan.skipped:
             log.warning("%s", line)
+        if plan.stripped_object_keys:
+            log.warning("objects of %d keyframes found under keys without the clip id's leading '-'",
+                        plan.stripped_object_keys)
         todo = prepare_store(plan, source, cfg)
+        phases["create"] = time.perf_counter() - start - sum(phases.values())
         ctx = make_context(plan, source, cfg)
         all_tasks = make_tasks(ctx, skip_done=False)
         tasks = make_tasks(ctx) if todo else []
@@ -562,16 +588,19 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             runner.run_tasks(ctx, tasks, on_progress)
         if todo:
             finish_store(cfg.out)
+        phases["convert"] = time.perf_counter() - start - sum(phases.values())
         summary = ConvertSummary(
             keyframes=len(plan.keyframes), actors=plan.layout.shape.num_actors,
             objects=plan.layout.shape.num_objects, clips=plan.layout.shape.num_clips,
             mb_in=plan.input_bytes / 1e6, mb_read=read_bytes / 1e6, mb_out=_dir_bytes(cfg.out) / 1e6,
             seconds=0.0, shards=len(all_tasks), shards_resumed=len(all_tasks) - len(tasks) if todo else len(all_tasks),
-            missing_objects=plan.missing_objects, skipped=plan.skipped,
+            missing_objects=plan.missing_objects, stripped_object_keys=plan.stripped_object_keys,
+            skipped=plan.skipped, phases=phases,
         )
         if cfg.verify or cfg.verify_sample is not None:
             store = FeatureStore.open(cfg.out, cache_mb=0)
             summary.verified, summary.mismatches = verify(store, source, cfg.keep_spatial, runner, cfg.verify_sample)
+            phases["verify"] = time.perf_counter() - start - sum(phases.values())
         summary.seconds = time.perf_counter() - start
         return summary
     finally:

@@ -1,10 +1,10 @@
-"""DataLoaders over a feature store: training steps and inference windows.
+"""DataLoaders: training steps and inference windows, from a feature store or from shards.
 
-Training reads either a zarr store (random access) or WebDataset shards (streaming); both
-give the model the same windows. A training step is the list of :class:`~stage_dist.batch.WindowSpec` that the clip-aware
-sampler yields; a DataLoader worker reads each window with one slice read per array and
-collates them into one block-diagonal :class:`~stage_dist.batch.Batch`. The graph itself is
-built on the device by the model.
+Training reads either a zarr store (random access) or WebDataset shards (streaming); both give
+the model the same windows. A training step is the list of
+:class:`~stage_dist.batch.WindowSpec` that the clip-aware sampler yields; a DataLoader worker
+reads each window with one slice read per array and collates them into one block-diagonal
+:class:`~stage_dist.batch.Batch`. The graph itself is built on the device by the model.
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ class WindowDataset(Dataset):
         if isinstance(key, InferenceWindow):
             return self.store.read_window(key.spec), key
         return self.store.read_window(key)
-
-    def __len__(self) -> int:  # not used by batch samplers; defined for completeness
-        return self.store.num_keyframes
 
 
 class InferenceCollate:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="working directory (recreated)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes for training and inference")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs for each model")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs for each model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset and of training")
     args = parser.parse_args(argv)
 
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks on 2 cores: no oversubscription
 
     run("synthesize a small AVA-like dataset (both published layouts)",
-        [PY, "-m", "stage_dist.synth", "--out", str(data), "--seed", str(args.seed)])
+        [PY, "-m", "stage_dist.synth", "--out", str(data), "--seed", str(args.seed),
+         "--actor-dim", "128", "--object-dim", "256"])
     for split in ("train", "val"):
         run(f"convert the {split} split (I3D layout) into a zarr store, and verify it",
             [PY, "tools/convert_features.py", "--actors-dir", str(data / split / "i3d" / "actors"),

@@ -15,6 +15,14 @@ used to count rows before anything is written) and read one keyframe's actor or 
 (values, validated, actor features pooled over t, h, w in float32). Every problem is raised as
 :class:`SourceError` naming the file and key. Sources hold only paths, so they pickle into
 worker processes; HDF5 handles are opened lazily, once per process.
+
+Datasets are opened and read with h5py's low-level API (``h5f``/``h5d``): the converter opens
+every actor file twice (scan, read) and the high-level ``File``/``Dataset`` objects cost more
+per small file than reading its data does.
+
+The published objects file names clips with a leading ``-`` without it (the README's key of
+clip ``-5KQ66BBWC4`` at 902 is ``5KQ66BBWC4_902_features``): when ``<video_id>_<ts>_*`` is
+absent, that variant is accepted (unless it is another clip's key) and counted.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class KeyframeInfo:
     actor_bytes: int  # bytes of actor data in the source (what reading it costs)
     object_bytes: int
     has_objects: bool  # False: no entry in the objects file (accepted as zero objects)
+    object_key_stripped: bool = False  # objects found under the clip id without its leading '-'
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,7 @@ class Source(Protocol):
 
 
 def _open_h5(path: Path) -> h5py.File:
+    """A high-level handle, for the files kept open per process (objects, SlowFast)."""
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -150,23 +160,44 @@ def _open_h5(path: Path) -> h5py.File:
         raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
 
 
-def _dataset(node: h5py.Group, name: str, where: str) -> h5py.Dataset:
+def _open_file_id(path: Path) -> h5py.h5f.FileID:
+    """Open ``path`` read-only with the low-level API; closing it closes its datasets too."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
     try:
-        obj = node[name]
-    except KeyError:
+        return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=fapl)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: file not found") from None
+    except OSError as e:  # truncated, not HDF5, unreadable
+        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+
+
+def _exists(loc: h5py.h5g.GroupID, name: str, where: str) -> bool:
+    try:
+        return loc.links.exists(name.encode())
+    except OSError as e:
+        raise SourceError(f"{where}: cannot look up {name!r} (corrupt file?): {e}") from None
+
+
+def _dataset(loc: h5py.h5g.GroupID, name: str, where: str) -> h5py.h5d.DatasetID:
+    """Dataset ``name`` of a file or group (a low-level id: ``shape``, ``dtype``, ``read``)."""
+    try:
+        return h5py.h5d.open(loc, name.encode())
+    except KeyError:  # absent, or not a dataset
+        if _exists(loc, name, where):
+            raise SourceError(f"{where}: {name!r} is not a dataset") from None
         raise SourceError(f"{where}: missing dataset {name!r}") from None
     except OSError as e:
         raise SourceError(f"{where}: cannot read {name!r} (corrupt file?): {e}") from None
-    if not isinstance(obj, h5py.Dataset):
-        raise SourceError(f"{where}: {name!r} is not a dataset")
-    return obj
 
 
-def _read(ds: h5py.Dataset, where: str) -> np.ndarray:
+def _read(ds: h5py.h5d.DatasetID, name: str, where: str) -> np.ndarray:
+    values = np.empty(ds.shape, ds.dtype)
     try:
-        return ds[()]
+        ds.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
     except OSError as e:
-        raise SourceError(f"{where}: cannot read {ds.name!r} (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{where}: cannot read {name!r} (truncated or corrupt?): {e}") from None
+    return values
 
 
 def _check_rows(shape: tuple[int, ...], ndim: int, rows: int | None, name: str, where: str) -> None:
@@ -214,8 +245,10 @@ def _labels_to_store(labels: np.ndarray, where: str) -> np.ndarray:
     return labels.astype(np.uint8)
 
 
-def _nbytes(ds: h5py.Dataset) -> int:
-    return int(math.prod(ds.shape)) * ds.dtype.itemsize
+def _shape(ds: h5py.h5d.DatasetID) -> tuple[tuple[int, ...], int]:
+    """(shape, bytes) of a dataset. ``ds.shape`` is a library call each time: ask once."""
+    shape = ds.shape
+    return shape, int(math.prod(shape)) * ds.get_type().get_size()
 
 
 class _Handles:
@@ -242,66 +275,119 @@ class _Handles:
 # --------------------------------------------------------------------------- objects.h5
 
 
+def _stripped_id(video_id: str, clip_ids: frozenset[str]) -> str | None:
+    """The clip id as the published objects file may spell it (leading '-' dropped), if that
+    differs from the id and is not the id of another clip of the source."""
+    stripped = video_id.lstrip("-")
+    if stripped and stripped != video_id and stripped not in clip_ids:
+        return stripped
+    return None
+
+
+@dataclass(frozen=True)
+class ObjectShapes:
+    """Shapes of one keyframe's objects, found by :meth:`ObjectsFile.scan`."""
+
+    rows: int
+    nbytes: int
+    dim: int  # 0 when the keyframe has no entry
+    cls_prob_dim: int | None
+    present: bool  # False: no entry (accepted as zero objects)
+    key_stripped: bool = False  # found under the clip id without its leading '-'
+
+
+NO_OBJECTS = ObjectShapes(0, 0, 0, None, False)
+
+
 class ObjectsFile:
-    """The per-keyframe detector outputs, ``<video_id>_<ts>_features|_boxes|_cls_prob``."""
+    """The per-keyframe detector outputs, ``<video_id>_<ts>_features|_boxes|_cls_prob``.
+
+    ``clip_ids`` (set by the source's listing) keeps the leading-'-' variant of a key from
+    being taken when it is another clip's own key.
+    """
 
     def __init__(self, path: Path, missing: MissingObjects) -> None:
         self.path = Path(path)
         self.missing = missing
+        self.clip_ids: frozenset[str] = frozenset()
         self._handles = _Handles()
 
-    def _file(self) -> h5py.File:
-        return self._handles.get(self.path)
+    def _file(self) -> h5py.h5f.FileID:
+        return self._handles.get(self.path).id
 
     def keyframes(self) -> set[tuple[str, int]]:
         """(video id, timestamp) of every keyframe with a ``_features`` entry."""
         out = set()
-        for key in self._file().keys():
+        for key in self._handles.get(self.path).keys():
             if key.endswith("_features"):
                 video_id, _, ts = key[: -len("_features")].rpartition("_")
                 if ts.isdigit() and video_id:
                     out.add((video_id, int(ts)))
         return out
 
-    def scan(self, video_id: str, timestamp: int) -> tuple[int, int, int, int | None, bool]:
-        """(rows, bytes, feature dim, cls_prob dim, present) of one keyframe, shapes only."""
-        f, prefix = self._file(), f"{video_id}_{timestamp}"
+    def unused_keyframes(self, clips: dict[str, list[int]]) -> int:
+        """How many keyframes of the file belong to no keyframe of ``clips`` (by the key rule)."""
+        present, used = self.keyframes(), set()
+        for video_id, stamps in clips.items():
+            stripped = _stripped_id(video_id, frozenset(clips))
+            for ts in stamps:
+                if (video_id, ts) in present:
+                    used.add((video_id, ts))
+                elif stripped is not None and (stripped, ts) in present:
+                    used.add((stripped, ts))
+        return len(present - used)
+
+    def key_prefix(self, video_id: str, timestamp: int) -> tuple[str, bool] | None:
+        """(``<id>_<ts>`` key prefix, whether the id lost its leading '-'), or None if absent."""
+        f = self._file()
+        exact = f"{video_id}_{timestamp}"
+        if _exists(f, f"{exact}_features", str(self.path)):
+            return exact, False
+        stripped = _stripped_id(video_id, self.clip_ids)
+        if stripped is not None and _exists(f, f"{stripped}_{timestamp}_features", str(self.path)):
+            return f"{stripped}_{timestamp}", True
+        if self.missing == "error":
+            raise SourceError(
+                f"{self.path}: keyframe {video_id} {timestamp} has no objects "
+                f"(no key {exact}_features"
+                + (f" nor {stripped}_{timestamp}_features" if stripped is not None else "")
+                + "); pass --missing-objects empty to accept such keyframes as having zero objects"
+            )
+        return None
+
+    def scan(self, video_id: str, timestamp: int) -> ObjectShapes:
+        """Shapes of one keyframe's objects, without reading values."""
+        found = self.key_prefix(video_id, timestamp)
+        if found is None:
+            return NO_OBJECTS
+        f, (prefix, stripped) = self._file(), found
         where = f"{self.path} key {prefix}_*"
-        feats = f.get(f"{prefix}_features")
-        if feats is None:
-            if self.missing == "error":
-                raise SourceError(
-                    f"{self.path}: keyframe {video_id} {timestamp} has no objects "
-                    f"(no key {prefix}_features); pass --missing-objects empty to accept "
-                    "such keyframes as having zero objects"
-                )
-            return 0, 0, 0, None, False
-        boxes = _dataset(f, f"{prefix}_boxes", where)
-        _check_rows(boxes.shape, 2, None, f"{prefix}_boxes", where)
-        _check_rows(feats.shape, 2, boxes.shape[0], f"{prefix}_features", where)
-        cls_dim, nbytes = None, _nbytes(boxes) + _nbytes(feats)
-        cls = f.get(f"{prefix}_cls_prob")
-        if cls is not None:
-            _check_rows(cls.shape, 2, boxes.shape[0], f"{prefix}_cls_prob", where)
-            cls_dim, nbytes = cls.shape[1], nbytes + _nbytes(cls)
-        return boxes.shape[0], nbytes, feats.shape[1], cls_dim, True
+        feats, feats_bytes = _shape(_dataset(f, f"{prefix}_features", where))
+        boxes, boxes_bytes = _shape(_dataset(f, f"{prefix}_boxes", where))
+        _check_rows(boxes, 2, None, f"{prefix}_boxes", where)
+        _check_rows(feats, 2, boxes[0], f"{prefix}_features", where)
+        cls_dim, nbytes = None, boxes_bytes + feats_bytes
+        if _exists(f, f"{prefix}_cls_prob", where):
+            cls, cls_bytes = _shape(_dataset(f, f"{prefix}_cls_prob", where))
+            _check_rows(cls, 2, boxes[0], f"{prefix}_cls_prob", where)
+            cls_dim, nbytes = cls[1], nbytes + cls_bytes
+        return ObjectShapes(boxes[0], nbytes, feats[1], cls_dim, True, stripped)
 
     def read(self, video_id: str, timestamp: int) -> ObjectRows:
-        f, prefix = self._file(), f"{video_id}_{timestamp}"
-        where = f"{self.path} key {prefix}_*"
-        feats_ds = f.get(f"{prefix}_features")
-        if feats_ds is None:
-            if self.missing == "error":
-                raise SourceError(f"{self.path}: no key {prefix}_features")
+        found = self.key_prefix(video_id, timestamp)
+        if found is None:
             return ObjectRows(np.zeros((0, 0), np.float32), np.zeros((0, 4), np.float32), None)
-        boxes = _read(_dataset(f, f"{prefix}_boxes", where), where)
-        feats = _read(feats_ds, where).astype(np.float32, copy=False)
+        f, prefix = self._file(), found[0]
+        where = f"{self.path} key {prefix}_*"
+        boxes = _read(_dataset(f, f"{prefix}_boxes", where), f"{prefix}_boxes", where)
+        feats = _read(_dataset(f, f"{prefix}_features", where), f"{prefix}_features", where)
+        feats = feats.astype(np.float32, copy=False)
         _check_rows(feats.shape, 2, len(boxes), f"{prefix}_features", where)
         _check_finite(feats, f"{prefix}_features", where)
         cls = None
-        cls_ds = f.get(f"{prefix}_cls_prob")
-        if cls_ds is not None:
-            cls = _read(cls_ds, where).astype(np.float32, copy=False)
+        if _exists(f, f"{prefix}_cls_prob", where):
+            cls = _read(_dataset(f, f"{prefix}_cls_prob", where), f"{prefix}_cls_prob", where)
+            cls = cls.astype(np.float32, copy=False)
             _check_rows(cls.shape, 2, len(boxes), f"{prefix}_cls_prob", where)
             _check_finite(cls, f"{prefix}_cls_prob", where)
         return ObjectRows(feats, _check_boxes(boxes, f"{where} ({prefix}_boxes)"), cls)
@@ -387,41 +473,46 @@ class I3DSource:
                 listing.clips[video_id] = sorted(stamps)
             else:
                 listing.skipped.append(f"{entry.path}: no keyframe files, clip left out")
-        extra = self.objects.keyframes() - {(v, t) for v, ts in listing.clips.items() for t in ts}
+        self.objects.clip_ids = frozenset(listing.clips)
+        extra = self.objects.unused_keyframes(listing.clips)
         if extra:
-            listing.skipped.append(
-                f"{self.objects.path}: objects of {len(extra)} keyframes with no actor file ignored"
-            )
+            listing.skipped.append(f"{self.objects.path}: objects of {extra} keyframes with no actor file ignored")
         return listing
 
     def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]:
         infos, dims = [], None
         for ts in timestamps:
             path = self.actor_path(video_id, ts)
-            with _open_h5(path) as f:
-                boxes = _dataset(f, "boxes", str(path))
-                feats = _dataset(f, "features", str(path))
-                labels = _dataset(f, "labels", str(path))
-                _check_rows(boxes.shape, 2, None, "boxes", str(path))
-                _check_rows(feats.shape, 5, boxes.shape[0], "features", str(path))
-                _check_rows(labels.shape, 2, boxes.shape[0], "labels", str(path))
-                _check_label_width(labels.shape[1], str(path))
-                actor_bytes = _nbytes(boxes) + _nbytes(feats) + _nbytes(labels)
-                kf_dims = SourceDims(feats.shape[1], tuple(feats.shape[2:]), labels.shape[1], 0, None)
-            rows, obj_bytes, obj_dim, cls_dim, present = self.objects.scan(video_id, ts)
-            kf_dims = SourceDims(kf_dims.actor_dim, kf_dims.actor_thw, kf_dims.label_width, obj_dim, cls_dim)
+            where = str(path)
+            f = _open_file_id(path)
+            try:
+                boxes, boxes_bytes = _shape(_dataset(f, "boxes", where))
+                feats, feats_bytes = _shape(_dataset(f, "features", where))
+                labels, labels_bytes = _shape(_dataset(f, "labels", where))
+            finally:
+                f.close()
+            _check_rows(boxes, 2, None, "boxes", where)
+            _check_rows(feats, 5, boxes[0], "features", where)
+            _check_rows(labels, 2, boxes[0], "labels", where)
+            _check_label_width(labels[1], where)
+            obj = self.objects.scan(video_id, ts)
+            kf_dims = SourceDims(feats[1], tuple(feats[2:]), labels[1], obj.dim, obj.cls_prob_dim)
             dims = _merge_dims(dims, kf_dims, f"{path} / {self.objects.path} {video_id}_{ts}")
-            infos.append(KeyframeInfo(video_id, ts, boxes.shape[0], rows, actor_bytes, obj_bytes, present))
+            infos.append(KeyframeInfo(video_id, ts, boxes[0], obj.rows, boxes_bytes + feats_bytes + labels_bytes,
+                                      obj.nbytes, obj.present, obj.key_stripped))
         assert dims is not None
         return infos, dims
 
     def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows:
         path = self.actor_path(video_id, timestamp)
         where = str(path)
-        with _open_h5(path) as f:
-            boxes = _read(_dataset(f, "boxes", where), where)
-            feats = _read(_dataset(f, "features", where), where)
-            labels = _read(_dataset(f, "labels", where), where)
+        f = _open_file_id(path)
+        try:
+            boxes = _read(_dataset(f, "boxes", where), "boxes", where)
+            feats = _read(_dataset(f, "features", where), "features", where)
+            labels = _read(_dataset(f, "labels", where), "labels", where)
+        finally:
+            f.close()
         _check_rows(feats.shape, 5, len(boxes), "features", where)
         _check_rows(labels.shape, 2, len(boxes), "labels", where)
         pooled = pool_actor_features(feats)
@@ -505,14 +596,15 @@ class SlowFastSource:
         if self.objects is None:
             listing.skipped.append("no --objects-file: every keyframe has zero objects")
         else:
-            extra = self.objects.keyframes() - set(self._key_map())
+            self.objects.clip_ids = frozenset(listing.clips)
+            extra = self.objects.unused_keyframes(listing.clips)
             if extra:
                 listing.skipped.append(
-                    f"{self.objects.path}: objects of {len(extra)} keyframes not in {self.slowfast_file} ignored"
+                    f"{self.objects.path}: objects of {extra} keyframes not in {self.slowfast_file} ignored"
                 )
         return listing
 
-    def _group(self, video_id: str, timestamp: int) -> tuple[h5py.Group, str]:
+    def _group(self, video_id: str, timestamp: int) -> tuple[h5py.h5g.GroupID, str]:
         key = self._key_map()[(video_id, timestamp)]
         where = f"{self.slowfast_file} key {key}"
         try:
@@ -521,26 +613,24 @@ class SlowFastSource:
             raise SourceError(f"{where}: cannot read group (corrupt file?): {e}") from None
         if not isinstance(group, h5py.Group):
             raise SourceError(f"{where}: expected a group with boxes/features/labels")
-        return group, where
+        return group.id, where
 
     def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]:
         infos, dims = [], None
         for ts in timestamps:
             group, where = self._group(video_id, ts)
-            boxes = _dataset(group, "boxes", where)
-            feats = _dataset(group, "features", where)
-            labels = _dataset(group, "labels", where)
-            _check_rows(boxes.shape, 2, None, "boxes", where)
-            _check_rows(feats.shape, 2, boxes.shape[0], "features", where)
-            _check_rows(labels.shape, 2, boxes.shape[0], "labels", where)
-            _check_label_width(labels.shape[1], where)
-            actor_bytes = _nbytes(boxes) + _nbytes(feats) + _nbytes(labels)
-            rows, obj_bytes, obj_dim, cls_dim, present = (
-                self.objects.scan(video_id, ts) if self.objects else (0, 0, 0, None, False)
-            )
-            kf_dims = SourceDims(feats.shape[1], None, labels.shape[1], obj_dim, cls_dim)
+            boxes, boxes_bytes = _shape(_dataset(group, "boxes", where))
+            feats, feats_bytes = _shape(_dataset(group, "features", where))
+            labels, labels_bytes = _shape(_dataset(group, "labels", where))
+            _check_rows(boxes, 2, None, "boxes", where)
+            _check_rows(feats, 2, boxes[0], "features", where)
+            _check_rows(labels, 2, boxes[0], "labels", where)
+            _check_label_width(labels[1], where)
+            obj = self.objects.scan(video_id, ts) if self.objects else NO_OBJECTS
+            kf_dims = SourceDims(feats[1], None, labels[1], obj.dim, obj.cls_prob_dim)
             dims = _merge_dims(dims, kf_dims, where)
-            infos.append(KeyframeInfo(video_id, ts, boxes.shape[0], rows, actor_bytes, obj_bytes, present))
+            infos.append(KeyframeInfo(video_id, ts, boxes[0], obj.rows, boxes_bytes + feats_bytes + labels_bytes,
+                                      obj.nbytes, obj.present, obj.key_stripped))
         assert dims is not None
         return infos, dims
 
@@ -548,9 +638,9 @@ class SlowFastSource:
         if keep_spatial:
             raise SourceError(f"{self.slowfast_file}: SlowFast features are already pooled; --keep-spatial needs the I3D layout")
         group, where = self._group(video_id, timestamp)
-        boxes = _read(_dataset(group, "boxes", where), where)
-        feats = _read(_dataset(group, "features", where), where).astype(np.float32, copy=False)
-        labels = _read(_dataset(group, "labels", where), where)
+        boxes = _read(_dataset(group, "boxes", where), "boxes", where)
+        feats = _read(_dataset(group, "features", where), "features", where).astype(np.float32, copy=False)
+        labels = _read(_dataset(group, "labels", where), "labels", where)
         _check_rows(feats.shape, 2, len(boxes), "features", where)
         _check_rows(labels.shape, 2, len(boxes), "labels", where)
         _check_finite(feats, "features", where)

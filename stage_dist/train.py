@@ -32,7 +32,7 @@ from stage_dist.data import open_train_data
 from stage_dist.distributed import DistEnv, all_reduce_mean, cleanup, gather_to_main, init_distributed, setup_logging
 from stage_dist.evaluate import evaluate
 from stage_dist.infer import KeyframeIndex, predict, write_predictions
-from stage_dist.model import ModelConfig, action_logits, build_model
+from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
 
@@ -241,6 +241,10 @@ class Trainer:
             state, path = found
         else:
             state, path = load_checkpoint(resume), Path(resume)
+        if "rng_per_rank" not in state:  # a checkpoint of the published code: weights only
+            load_published_state(self.model, state["model_state"])
+            log.info("initialised the weights from %s (published format); training starts at epoch 0", path)
+            return
         self.load_state_dict(state)
         log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)",
                  path, self.epoch, state["step"], self.global_step)
@@ -445,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int, default=defaults.log_every, help="log loss, lr, keyframes/s every N steps")
     run.add_argument("--tensorboard-dir", help="TensorBoard log dir (default: OUTPUT_DIR/tensorboard)")
     run.add_argument("--resume", default=defaults.resume,
-                     help="auto: continue from the newest complete checkpoint in OUTPUT_DIR if any; none; or a checkpoint path")
+                     help="auto: continue from the newest complete checkpoint in OUTPUT_DIR if any; none; or a checkpoint "
+                     "path (one of the published code initialises the weights only)")
     return parser
 
 

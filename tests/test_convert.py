@@ -391,3 +391,38 @@ def test_verify_reports_mismatch(split, tmp_path, capsys):
     assert f"MISMATCH {file.parent.name} {int(file.stem)}: actors/boxes" in text
     meta = json.loads((out / "zarr.json").read_text())
     assert meta["attributes"]["stage_dist"]["complete"] is True
+
+
+def test_objects_keys_without_leading_dash_are_accepted(split, tmp_path, capsys):
+    """The published objects file drops a clip id's leading '-' (README: 5KQ66BBWC4_902_features)."""
+    reference, stripped = tmp_path / "ref.zarr", tmp_path / "stripped.zarr"
+    assert main(i3d_args(split, reference) + SMALL + ["--split", "train"]) == 0
+    video_id = next(p.name for p in sorted(split.actors_dir.iterdir()) if p.name.startswith("-"))
+    with h5py.File(split.objects_file, "a") as f:
+        keys = [k for k in f.keys() if k.startswith(f"{video_id}_")]
+        for key in keys:
+            f.move(key, key[1:])
+    assert len(keys) == 3 * 8
+    capsys.readouterr()
+    assert main(i3d_args(split, stripped) + SMALL + ["--split", "train", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "verified 24 keyframes: 0 mismatches" in text
+    assert text.count("objects of 8 keyframes found under keys without the clip id's leading '-'") == 1
+    assert "skipped: nothing" in text  # the stripped keys are used, not reported as unknown keyframes
+    assert_same_store(reference, stripped)
+
+
+def test_leading_dash_rule_never_takes_another_clips_objects(split):
+    from stage_dist.sources import ObjectsFile, SourceError
+
+    with h5py.File(split.objects_file, "a") as f:
+        f["5KQ66BBWC4_902_features"] = np.zeros((1, 32), np.float32)
+        f["5KQ66BBWC4_902_boxes"] = np.array([[0.1, 0.1, 0.2, 0.2]], np.float32)
+    objects = ObjectsFile(split.objects_file, "error")
+    objects.clip_ids = frozenset({"-5KQ66BBWC4"})
+    assert objects.key_prefix("-5KQ66BBWC4", 902) == ("5KQ66BBWC4_902", True)
+    assert objects.read("-5KQ66BBWC4", 902).count == 1
+    objects.clip_ids = frozenset({"-5KQ66BBWC4", "5KQ66BBWC4"})  # the key is clip 5KQ66BBWC4's own
+    with pytest.raises(SourceError, match="no key -5KQ66BBWC4_902_features"):
+        objects.key_prefix("-5KQ66BBWC4", 902)
+    assert ObjectsFile(split.objects_file, "empty").key_prefix("--none", 902) is None

@@ -178,3 +178,16 @@ def test_trains_from_webdataset_shards(tiny_stores, tmp_path):
     assert summary.global_step == same_windows.steps_for_epoch(0) + same_windows.steps_for_epoch(1)
     assert summary.val_map is not None and 0.0 < summary.val_map <= 1.0
     assert final_weights(tmp_path / "run")["logits.weight"].isfinite().all()
+
+
+def test_resume_from_a_published_checkpoint_loads_its_weights(tiny_stores, tmp_path):
+    env = init_distributed("cpu")
+    donor = Trainer(make_config(tiny_stores, tmp_path / "donor", seed=7), env)
+    published = tmp_path / "published.pt"
+    torch.save({"model_state": donor.model.state_dict(), "optimizer_state": {}, "epoch": 3, "iteration": 10},
+               published)
+    trainer = Trainer(make_config(tiny_stores, tmp_path / "run", resume=str(published)), env)
+    trainer.maybe_resume()
+    for name, value in donor.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+    assert trainer.epoch == 0 and trainer.global_step == 0

@@ -1,0 +1,174 @@
+"""Inference throughput on a synthetic store (issue 5, part 5).
+
+Writes a float16 store of ``--clips`` x ``--keyframes-per-clip`` keyframes with exactly
+``--actors`` actors and ``--objects`` objects per keyframe at the published dims (1024/2048;
+the writer of ``bench/train_bench.py``), builds STAGE with random weights, and measures in one
+process on ``--device``:
+
+1. :func:`stage_dist.infer.predict` keyframes/s (windows of ``--window`` owned keyframes plus 2
+   of context on each side, every actor predicted once) for each ``--windows-per-batch`` x
+   ``--workers``; each run opens the store afresh (empty chunk cache, warm page cache).
+2. The results.csv writing time (:func:`stage_dist.infer.write_predictions`, all 80 actions per
+   box) measured separately, and end-to-end keyframes/s (predict + CSV).
+3. The cost of batch-invariant mode (``model.rowwise`` pads every row-wise matmul to blocks of
+   128 rows; ``predict`` always turns it on): the model alone on the same pre-collated batches
+   with ``batch_invariant`` off and on, and the largest score difference between the two.
+
+Target (2-core CPU): >= 500 keyframes/s; the published ``test.py`` does ~115 here.
+
+    .venv/bin/python bench/infer_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_bench import StoreSpec, write_store  # noqa: E402
+
+from stage_dist.data import inference_loader  # noqa: E402
+from stage_dist.distributed import DistEnv  # noqa: E402
+from stage_dist.infer import RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
+from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402
+from stage_dist.sampler import plan_inference_windows  # noqa: E402
+from stage_dist.store import FeatureStore  # noqa: E402
+
+TARGET_KF_S = 500.0
+PUBLISHED_TEST_KF_S = 115.0  # the published test.py on this 2-core CPU (issue 5)
+
+
+def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
+                 windows_per_batch: int, workers: int) -> tuple[float, object]:
+    """Seconds of one ``predict`` over the whole store (fresh store object) and its result."""
+    store = FeatureStore.open(store_path)
+    started = time.perf_counter()
+    predictions = predict(model, store, env, window=window, windows_per_batch=windows_per_batch,
+                          num_workers=workers, progress=False)
+    return time.perf_counter() - started, predictions
+
+
+def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_batch: int,
+                    device: torch.device, repeats: int) -> dict[str, float]:
+    """Model-only seconds per pass over pre-collated inference batches, batch-invariant off/on,
+    and the largest absolute sigmoid-score difference between the two modes."""
+    plans = plan_inference_windows(store.clip_lengths, window, context=RECEPTIVE_FIELD)
+    loader = inference_loader(store, plans, windows_per_batch=windows_per_batch, num_workers=0,
+                              pin_memory=False)
+    batches = [batch.to(device) for batch, _ in loader]
+    was_invariant = model.batch_invariant
+    seconds: dict[str, float] = {}
+    scores: dict[str, list[torch.Tensor]] = {}
+    model.eval()
+    with torch.inference_mode():
+        for name, invariant in (("off", False), ("on", True)):
+            model.batch_invariant = invariant
+            scores[name] = [torch.sigmoid(action_logits(model(b)).float()) for b in batches]  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for b in batches:
+                    model(b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - started)
+            seconds[name] = best
+    model.batch_invariant = was_invariant
+    diff = max((a - b).abs().max().item() for a, b in zip(scores["off"], scores["on"]))
+    return {**seconds, "max_score_diff": diff}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--clips", type=int, default=40, help="clips in the synthetic store")
+    parser.add_argument("--keyframes-per-clip", type=int, default=60, help="keyframes per clip")
+    parser.add_argument("--actors", type=int, default=2, help="actors in every keyframe")
+    parser.add_argument("--objects", type=int, default=8, help="objects in every keyframe")
+    parser.add_argument("--window", type=int, default=6, help="owned keyframes per inference window")
+    parser.add_argument("--windows-per-batch", type=int, nargs="+", default=[8, 32],
+                        help="windows per forward pass to measure")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                        help="DataLoader worker counts to measure")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="passes per batch-invariance timing (the fastest is kept)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and weights")
+    parser.add_argument("--tmp-dir", help="where to write the temporary store (default: system temp)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    spec = StoreSpec(clips=args.clips, keyframes_per_clip=args.keyframes_per_clip,
+                     actors=args.actors, objects=args.objects, seed=args.seed)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"device {device}; load average {os.getloadavg()[0]:.2f}")
+    print(f"store: {spec.clips} clips x {spec.keyframes_per_clip} keyframes, {spec.actors} actors "
+          f"({spec.actor_dim}) + {spec.objects} objects ({spec.object_dim}) per keyframe, "
+          f"{spec.dtype}; window {args.window} + {RECEPTIVE_FIELD} context each side")
+    root = Path(tempfile.mkdtemp(prefix="infer_bench_", dir=args.tmp_dir))
+    try:
+        store_path = root / "val.zarr"
+        store = write_store(store_path, spec, split="val")
+        torch.manual_seed(args.seed)
+        model = STAGE(ModelConfig(actor_dim=spec.actor_dim, object_dim=spec.object_dim)).to(device)
+        keyframes = store.num_keyframes
+
+        rows: list[tuple[int, int, float]] = []
+        predictions = None
+        time_predict(model, store_path, env, args.window, args.windows_per_batch[0], 0)  # warm-up
+        for windows_per_batch in args.windows_per_batch:
+            for workers in args.workers:
+                seconds, predictions = time_predict(model, store_path, env, args.window,
+                                                    windows_per_batch, workers)
+                rows.append((windows_per_batch, workers, seconds))
+
+        csv_path = root / "results.csv"
+        started = time.perf_counter()
+        csv_rows = write_predictions(csv_path, predictions, KeyframeIndex.from_store(store))
+        csv_seconds = time.perf_counter() - started
+
+        print(f"\npredict (model + data, batch-invariant on), {keyframes} keyframes, "
+              f"{store.num_actors} actors")
+        print(f"{'windows/batch':>13} {'workers':>7} {'seconds':>8} {'keyframes/s':>12} "
+              f"{'+ CSV kf/s':>11} {'vs published':>13}  target >= {TARGET_KF_S:.0f}")
+        for windows_per_batch, workers, seconds in rows:
+            rate = keyframes / seconds
+            end_to_end = keyframes / (seconds + csv_seconds)
+            print(f"{windows_per_batch:>13} {workers:>7} {seconds:>8.2f} {rate:>12.1f} "
+                  f"{end_to_end:>11.1f} {rate / PUBLISHED_TEST_KF_S:>12.1f}x  "
+                  f"{'PASS' if rate >= TARGET_KF_S else 'MISS'} ({rate / TARGET_KF_S:.2f}x)")
+        print(f"\nresults.csv: {csv_rows} rows ({csv_path.stat().st_size / 1e6:.1f} MB) written in "
+              f"{csv_seconds:.2f} s ({keyframes / csv_seconds:.0f} keyframes/s, "
+              f"{csv_rows / csv_seconds / 1e6:.2f} M rows/s)")
+
+        print("\nbatch-invariant mode, model only on the same pre-collated batches "
+              f"(best of {args.repeats})")
+        print(f"{'windows/batch':>13} {'off s':>7} {'on s':>7} {'off kf/s':>9} {'on kf/s':>9} "
+              f"{'cost':>7} {'max |score diff|':>17}")
+        for windows_per_batch in args.windows_per_batch:
+            result = time_invariance(model, store, args.window, windows_per_batch, device, args.repeats)
+            off, on = result["off"], result["on"]
+            print(f"{windows_per_batch:>13} {off:>7.2f} {on:>7.2f} {keyframes / off:>9.1f} "
+                  f"{keyframes / on:>9.1f} {on / off - 1:>+6.0%} {result['max_score_diff']:>17.2e}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
