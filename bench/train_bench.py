@@ -314,6 +314,7 @@ class TrainResult:
     wait_fraction: float
     step_ms: float
     gpu_utilisation: float | None = None
+    load_average: float = 0.0  # 1-minute load average when the case ended
 
 
 def measure_training(store_path: Path, out_dir: Path, case: TrainCase) -> TrainResult:
@@ -358,7 +359,7 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase) -> TrainR
     timed_wait, timed_steps = sum(waits[case.warmup:]), sum(steps[case.warmup:])
     return TrainResult(case, keyframes / timed_steps, timed_wait / timed_steps,
                        1e3 * timed_steps / case.steps,
-                       utilisation.mean if utilisation is not None else None)
+                       utilisation.mean if utilisation is not None else None, os.getloadavg()[0])
 
 
 def profile_training(store_path: Path, out_dir: Path, steps: int, rows: int = 15) -> str:
@@ -381,6 +382,17 @@ def profile_training(store_path: Path, out_dir: Path, steps: int, rows: int = 15
 # --------------------------------------------------------------------------- report
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of a float32 matmul with torch's default threads: a yardstick of how much CPU this
+    run got (the machine may be shared), to compare runs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     ok = value >= target if higher_is_better else value < target
     return "PASS" if ok else "MISS"
@@ -389,11 +401,11 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
 def print_training(results: Sequence[TrainResult], title: str) -> None:
     print(f"\n{title}")
     print(f"{'windows/step':>12} {'workers':>7} {'amp':>5} {'step ms':>8} {'keyframes/s':>12} "
-          f"{'data wait':>10} {'GPU util':>9}")
+          f"{'data wait':>10} {'GPU util':>9} {'load avg':>9}")
     for r in results:
         util = "-" if r.gpu_utilisation is None else f"{r.gpu_utilisation:.0f}%"
         print(f"{r.case.windows_per_step:>12} {r.case.workers:>7} {r.case.amp:>5} {r.step_ms:>8.1f} "
-              f"{r.keyframes_per_s:>12.1f} {r.wait_fraction:>9.1%} {util:>9}")
+              f"{r.keyframes_per_s:>12.1f} {r.wait_fraction:>9.1%} {util:>9} {r.load_average:>9.2f}")
 
 
 def print_targets(rows: Sequence[tuple[str, float, float, bool, str]]) -> None:
@@ -447,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = StoreSpec(clips=args.clips, keyframes_per_clip=args.keyframes_per_clip,
                      actors=args.actors, objects=args.objects, seed=args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}; matmul yardstick {matmul_gflops():.0f} GFLOP/s")
     print(f"store: {spec.clips} clips x {spec.keyframes_per_clip} keyframes, {spec.actors} actors "
           f"({spec.actor_dim}) + {spec.objects} objects ({spec.object_dim}) per keyframe, {spec.dtype}; "
           f"window {args.window}")
@@ -522,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             print(profile_training(store_path, root / "profile", steps=20))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}; "
+          f"matmul yardstick {matmul_gflops():.0f} GFLOP/s")
     return 0
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -610,6 +611,9 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
 # --------------------------------------------------------------------------- CLI
 
 
+FORMATS = ("zarr", "zarr,webdataset", "webdataset")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_features",
@@ -640,6 +644,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="split each row group into at least this many shards when it is small (parallelism)")
     out.add_argument("--compression", choices=("zstd", "none"), default="zstd", help="chunk compression")
     out.add_argument("--overwrite", action="store_true", help="delete what is at --out and start over")
+    stream = p.add_argument_group("streaming form (WebDataset tar shards, written from the store)")
+    stream.add_argument("--format", choices=FORMATS, default="zarr",
+                        help="zarr: the store only; zarr,webdataset: the store and tar shards; webdataset: "
+                             "tar shards only (the store at --out is written first, then removed)")
+    stream.add_argument("--shards-out", type=Path,
+                        help="directory of the tar shards and manifest.json (default: --out with suffix .shards)")
+    stream.add_argument("--tar-shard-mb", type=float, default=256, help="target size of one tar shard in MB")
+    stream.add_argument("--tar-window", type=int,
+                        help="one sample per window of this many keyframes (default: one sample per clip)")
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
     run.add_argument("--verify", action="store_true", help="re-read the sources and check every keyframe against the store")
@@ -675,12 +688,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = convert(config_from_args(args))
+        for line in summary.lines():
+            print(line)
+        if summary.mismatches:
+            return EXIT_VERIFY_FAILED
+        if "webdataset" in args.format:
+            print(write_streaming_form(args))
     except (SourceError, StoreError, ConvertError) as e:
         print(f"convert_features: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for line in summary.lines():
-        print(line)
-    return EXIT_VERIFY_FAILED if summary.mismatches else 0
+    return 0
+
+
+def write_streaming_form(args: argparse.Namespace) -> str:
+    """Write the finished store at ``args.out`` as tar shards; drop the store unless kept."""
+    from stage_dist.shards import ShardError, shard_pattern, write_shards  # imports torch: only when asked
+
+    shards_out = args.shards_out or args.out.with_suffix(".shards")
+    try:
+        manifest = write_shards(FeatureStore.open(args.out), shards_out,
+                                max_shard_bytes=int(args.tar_shard_mb * (1 << 20)), window=args.tar_window)
+    except ShardError as e:
+        raise ConvertError(str(e)) from e
+    if "zarr" not in args.format.split(","):
+        shutil.rmtree(args.out)
+    return (f"webdataset: {manifest['num_shards']} shards, {manifest['num_samples']} samples -> "
+            f"{shard_pattern(manifest, shards_out)}")
 
 
 if __name__ == "__main__":

@@ -426,3 +426,31 @@ def test_leading_dash_rule_never_takes_another_clips_objects(split):
     with pytest.raises(SourceError, match="no key -5KQ66BBWC4_902_features"):
         objects.key_prefix("-5KQ66BBWC4", 902)
     assert ObjectsFile(split.objects_file, "empty").key_prefix("--none", 902) is None
+
+
+def test_format_webdataset_writes_shards_equal_to_the_store(tmp_path):
+    from stage_dist.batch import WindowSpec
+    from stage_dist.shards import load_manifest, read_clip_samples, shard_pattern
+    from stage_dist.synth import SynthConfig, synthesize
+    from stage_dist.convert import main as convert_main
+    from stage_dist.store import FeatureStore
+
+    data = synthesize(tmp_path / "synth", SynthConfig(seed=3, train_clips=3, val_clips=1, keyframes_per_clip=6,
+                                                      actor_dim=8, object_dim=16, actor_thw=(1, 1, 1)))
+    paths = data.splits["train"]
+    common = ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file),
+              "--workers", "1", "--no-progress"]
+    assert convert_main([*common, "--out", str(tmp_path / "both.zarr"), "--format", "zarr,webdataset"]) == 0
+    store = FeatureStore.open(tmp_path / "both.zarr")
+    manifest = load_manifest(tmp_path / "both.shards" / "manifest.json")
+    clips = list(read_clip_samples(shard_pattern(manifest, tmp_path / "both.shards")))
+    assert [c.video_id for c in clips] == store.video_ids
+    for clip in clips:
+        expected = store.read_window(WindowSpec(clip.clip, 0, int(store.clip_lengths[clip.clip])))
+        np.testing.assert_array_equal(clip.actor_features, expected.actor_features)
+        np.testing.assert_array_equal(clip.object_boxes, expected.object_boxes)
+
+    assert convert_main([*common, "--out", str(tmp_path / "only.zarr"), "--format", "webdataset",
+                         "--shards-out", str(tmp_path / "only")]) == 0
+    assert not (tmp_path / "only.zarr").exists()
+    assert load_manifest(tmp_path / "only" / "manifest.json")["num_keyframes"] == store.num_keyframes
