@@ -90,7 +90,7 @@ def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--clips", type=int, default=40, help="clips in the synthetic store")
+    parser.add_argument("--clips", type=int, default=20, help="clips in the synthetic store")
     parser.add_argument("--keyframes-per-clip", type=int, default=60, help="keyframes per clip")
     parser.add_argument("--actors", type=int, default=2, help="actors in every keyframe")
     parser.add_argument("--objects", type=int, default=8, help="objects in every keyframe")

@@ -22,13 +22,14 @@ import io
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -592,7 +593,7 @@ def write_results_csv(
             lines = np.strings.add(lines, b"\n")
             yield lines.tobytes().replace(b"\x00", b"")
 
-    _write_atomically(path, blocks())
+    atomic_write(path, lambda handle: handle.writelines(blocks()))
     logger.info("wrote %d rows for %d boxes to %s", len(box_rows), len(stamps), path)
     return len(box_rows)
 
@@ -609,20 +610,3 @@ def _box_prefixes(names, codes, stamps, boxes, box_decimals: int) -> np.ndarray:
     return text
 
 
-def _write_atomically(path: PathLike, blocks: Iterable[bytes]) -> None:
-    """Write ``blocks`` to a temporary file next to ``path``, then rename it to ``path``."""
-    target = Path(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            for block in blocks:
-                handle.write(block)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -23,20 +23,20 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from stage_dist.fileio import TMP_PREFIX, atomic_write
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 BEST_NAME = "best.pt"
 BEST_INFO_NAME = "best.json"
-_TMP_PREFIX = ".tmp-"
 
 _SCALARS = (str, bytes, bytearray, int, float, bool, complex, type(None))
 _OBJECTS = (torch.Tensor, torch.Size, torch.device, torch.dtype)
@@ -67,35 +67,6 @@ def _check_loadable(value: Any, key: str) -> None:
     )
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a same-directory temporary file, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
@@ -103,7 +74,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise CheckpointError(f"{path}: a checkpoint must be a dict, got {type(state).__name__}")
     _check_loadable(state, "")
     try:
-        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as err:
         raise CheckpointError(f"{path}: cannot write checkpoint: {err}") from err
 
@@ -201,7 +172,7 @@ class CheckpointManager:
         return path
 
     def _set_best(self, path: Path, metric: float, epoch: int, step: int) -> None:
-        tmp = self.directory / f"{_TMP_PREFIX}{BEST_NAME}.{os.getpid()}"
+        tmp = self.directory / f"{TMP_PREFIX}{BEST_NAME}.{os.getpid()}"
         tmp.unlink(missing_ok=True)
         try:
             os.link(path, tmp)
@@ -209,13 +180,13 @@ class CheckpointManager:
             shutil.copyfile(path, tmp)
         os.replace(tmp, self.best_path)
         info = {"metric": float(metric), "epoch": int(epoch), "step": int(step), "source": path.name}
-        _atomic_write(self.directory / BEST_INFO_NAME, lambda f: f.write(json.dumps(info).encode()))
+        atomic_write(self.directory / BEST_INFO_NAME, lambda f: f.write(json.dumps(info).encode()))
         log.info("new best checkpoint (metric %.6g): %s", metric, path.name)
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files left by a writer that crashed (only the saving rank writes here)."""
         if self.directory.is_dir():
-            for path in self.directory.glob(f"{_TMP_PREFIX}*"):
+            for path in self.directory.glob(f"{TMP_PREFIX}*"):
                 path.unlink(missing_ok=True)
 
     def load_latest(self, map_location: Any = "cpu") -> tuple[dict, Path] | None:

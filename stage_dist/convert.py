@@ -51,7 +51,6 @@ from stage_dist.sources import (
 )
 from stage_dist.store import (
     FeatureStore,
-    RowGroup,
     StorageConfig,
     StoreError,
     StoreLayout,

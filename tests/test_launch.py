@@ -43,15 +43,6 @@ FAKE_SRUN = textwrap.dedent(
 FAKE_SCONTROL = "#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n"
 
 
-def _train_unavailable() -> str | None:
-    try:
-        import stage_dist.convert  # noqa: F401
-        import stage_dist.train  # noqa: F401
-    except ImportError as err:
-        return f"stage_dist.train or stage_dist.convert is not importable yet: {err}"
-    return None
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,7 +150,6 @@ def test_slurm_outside_an_allocation_fails_clearly(stub):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_train_unavailable() is not None, reason=str(_train_unavailable()))
 def test_two_node_job_on_loopback_trains_and_checkpoints(tiny_stores: Stores, tmp_path):
     """Two torchrun launchers (--nnodes=2, one process each) meet at a c10d rendezvous on
     127.0.0.1, train 3 steps as one world of 2 ranks and write a checkpoint."""
