@@ -120,6 +120,24 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return env
 
 
+def configure_threads(requested: int, env: DistEnv, loader_workers: int) -> int:
+    """Set this rank's intra-op threads; returns the count.
+
+    ``requested`` > 0 is taken as is. 0 (auto) keeps ``OMP_NUM_THREADS`` when it is set (torchrun
+    sets 1), else gives each local rank its share of the cores less one per DataLoader worker:
+    oversubscribed CPU kernels run many times slower than they should.
+    """
+    if requested > 0:
+        threads = requested
+    elif "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    else:
+        local_ranks = _env_int("LOCAL_WORLD_SIZE", 1) if env.distributed else 1
+        threads = max(1, (os.cpu_count() or 1) // local_ranks - loader_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def cleanup(env: DistEnv) -> None:
     """Leave the process group (if one was created)."""
     if env.backend is not None and dist.is_initialized():

@@ -129,10 +129,12 @@ def rowwise(op, x: torch.Tensor, invariant: bool) -> torch.Tensor:
     if not invariant or x.shape[0] == 0:
         return op(x)
     rows = x.shape[0]
-    padding = -rows % INVARIANT_ROWS
-    if padding:
-        x = torch.cat((x, x.new_zeros((padding, *x.shape[1:]))))
-    return torch.cat([op(block) for block in x.split(INVARIANT_ROWS)])[:rows]
+    full = rows - rows % INVARIANT_ROWS
+    outputs = [op(block) for block in x[:full].split(INVARIANT_ROWS)]
+    if full < rows:
+        tail = torch.cat((x[full:], x.new_zeros((INVARIANT_ROWS - (rows - full), *x.shape[1:]))))
+        outputs.append(op(tail)[: rows - full])
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class GraphAttentionHead(nn.Module):
@@ -168,9 +170,8 @@ class GraphAttention(nn.Module):
         h = h.view(-1, self.num_heads, self.head_features)  # (N, H, F)
         a = torch.stack([head.a.view(2, self.head_features) for head in heads])  # (H, 2, F)
         a = a.to(h.dtype)
-        src = rowwise(lambda rows: torch.einsum("nhf,hf->nh", rows, a[:, 0]), h, invariant)
-        dst = rowwise(lambda rows: torch.einsum("nhf,hf->nh", rows, a[:, 1]), h, invariant)
-        out = graph.attend(h, src, dst)
+        halves = rowwise(lambda rows: torch.einsum("nhf,hkf->nhk", rows, a), h, invariant)  # (N, H, 2)
+        out = graph.attend(h, halves[..., 0], halves[..., 1])
         out = F.elu(F.dropout(out, self.dropout, training=self.training))
         return out.reshape(-1, self.num_heads * self.head_features)
 

@@ -302,10 +302,16 @@ class _ChunkCache:
             self.bytes -= old.nbytes
 
 
+RESIDENT_ARRAYS = frozenset({"actors/boxes", "actors/labels", "objects/boxes"})
+
+
 class FeatureStore:
     """Read-only access to a complete store. Picklable: zarr is reopened lazily per process.
 
-    Small tables are numpy arrays loaded at open. Feature rows come from zarr through a
+    Small tables are numpy arrays loaded at open; boxes and labels (about 100 bytes an actor)
+    are loaded into RAM on first use, since a zarr call costs ~1.5 ms however few rows it
+    reads, so a window read is two zarr calls (actor and object features). Feature rows come
+    from zarr through a
     per-process cache of ``cache_mb`` decoded chunks (0 disables it), or, with
     ``in_memory=True``, from RAM: that costs the store's uncompressed row arrays
     (:attr:`nbytes`) in EVERY process that reads (each DataLoader worker, each rank).
@@ -338,7 +344,7 @@ class FeatureStore:
         self._memory: dict[str, np.ndarray] = {}
         self._cache = _ChunkCache(cache_mb * 2**20)
         if in_memory:
-            self._load_all()
+            self._load("actors/features")
 
     # -- opening
 
@@ -390,8 +396,11 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: store has no array {name!r}") from None
         return self._arrays[name]
 
-    def _load_all(self) -> None:
-        for name in self.row_arrays():
+    def _load(self, name: str) -> None:
+        if self.in_memory:
+            for row_array in self.row_arrays():
+                self._memory[row_array] = self._array(row_array)[:]
+        else:
             self._memory[name] = self._array(name)[:]
 
     # -- description
@@ -422,9 +431,9 @@ class FeatureStore:
             arr = self._memory.get(name)
             arr = arr if arr is not None else self._array(name)
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
-        if self.in_memory:
-            if not self._memory:
-                self._load_all()
+        if self.in_memory or name in RESIDENT_ARRAYS:
+            if name not in self._memory:
+                self._load(name)
             return self._memory[name][start:stop].copy()
         arr = self._array(name)
         if self.cache_mb > 0:

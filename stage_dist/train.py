@@ -29,9 +29,10 @@ from tqdm import tqdm
 from stage_dist.ava import read_labelmap
 from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from stage_dist.data import open_train_data
-from stage_dist.distributed import DistEnv, all_reduce_mean, cleanup, gather_to_main, init_distributed, setup_logging
+from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure_threads, gather_to_main,
+                                    init_distributed, setup_logging)
 from stage_dist.evaluate import evaluate
-from stage_dist.infer import KeyframeIndex, predict, write_predictions
+from stage_dist.infer import INFERENCE_WINDOW, KeyframeIndex, predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
@@ -66,6 +67,7 @@ class TrainConfig:
     amp: str = "auto"
     seed: int = 0
     workers: int = 2
+    threads: int = 0
     device: str = "auto"
     checkpoint_every: int = 0
     keep_last: int = 3
@@ -161,7 +163,9 @@ class Trainer:
             else self.model
         )
         self.effective_batch, lr = effective_lr(config, env.world_size)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.weight_decay)
+        # fused: one kernel for all parameters (on CPU 2-6x faster than the per-tensor loop)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.weight_decay,
+                                          fused=True)
         self.total_steps = self._planned_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.warmup_steps, self.total_steps, config.schedule)
@@ -325,7 +329,7 @@ class Trainer:
     def validate(self, writer: SummaryWriter | None) -> float | None:
         """Distributed inference over the val store; rank 0 writes results.csv and evaluates it."""
         assert self.val_store is not None
-        predictions = predict(self.model, self.val_store, self.env, window=self.config.window,
+        predictions = predict(self.model, self.val_store, self.env, window=INFERENCE_WINDOW,
                               precision=self.precision, num_workers=0)
         if not self.env.is_main:
             return None
@@ -442,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", required=True, help="checkpoints, config.json, val results and TensorBoard logs go here")
     run.add_argument("--device", default=defaults.device, help="auto (cuda when available), cpu or cuda")
+    run.add_argument("--threads", type=int, default=defaults.threads,
+                     help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share of the "
+                          "cores less one per loader worker)")
     run.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                      help="also checkpoint every N steps (0: only at the end of each epoch)")
     run.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept besides best.pt")
@@ -459,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(**vars(args))
     env = init_distributed(config.device)
     setup_logging(env)
+    configure_threads(config.threads, env, config.workers)
     try:
         summary = Trainer(config, env).fit()
         if env.is_main:

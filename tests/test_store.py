@@ -114,13 +114,16 @@ def test_zero_actor_keyframes_read_as_empty_ranges(store_path):
     assert window.actor_ptr.tolist() == [0, 0]
 
 
-def test_window_reads_one_slice_per_array(store_path, monkeypatch):
+def test_window_reads_one_slice_per_feature_array(store_path, monkeypatch):
     store = FeatureStore.open(store_path, cache_mb=0)
     calls = []
     original = zarr.Array.__getitem__
     monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: calls.append(sel) or original(self, sel))
-    store.read_window(WindowSpec(0, 2, 6))
+    store.read_window(WindowSpec(0, 2, 6))  # first read: boxes and labels are loaded whole, once
     assert len(calls) == 5 and all(isinstance(s, slice) for s in calls)
+    calls.clear()
+    store.read_window(WindowSpec(0, 0, 6))
+    assert len(calls) == 2 and all(isinstance(s, slice) and s.start is not None for s in calls)
 
 
 def test_cache_in_memory_and_plain_reads_agree(store_path):
