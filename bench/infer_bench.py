@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bench import StoreSpec, write_store  # noqa: E402
 
 from stage_dist.data import inference_loader  # noqa: E402
-from stage_dist.distributed import DistEnv  # noqa: E402
-from stage_dist.infer import RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
+from stage_dist.distributed import DistEnv, configure_threads  # noqa: E402
+from stage_dist.infer import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402
 from stage_dist.sampler import plan_inference_windows  # noqa: E402
 from stage_dist.store import FeatureStore  # noqa: E402
@@ -51,6 +51,7 @@ def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
                  windows_per_batch: int, workers: int) -> tuple[float, object]:
     """Seconds of one ``predict`` over the whole store (fresh store object) and its result."""
     store = FeatureStore.open(store_path)
+    configure_threads(0, env, workers)  # as `python -m stage_dist.infer` does
     started = time.perf_counter()
     predictions = predict(model, store, env, window=window, windows_per_batch=windows_per_batch,
                           num_workers=workers, progress=False)
@@ -94,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keyframes-per-clip", type=int, default=60, help="keyframes per clip")
     parser.add_argument("--actors", type=int, default=2, help="actors in every keyframe")
     parser.add_argument("--objects", type=int, default=8, help="objects in every keyframe")
-    parser.add_argument("--window", type=int, default=6, help="owned keyframes per inference window")
+    parser.add_argument("--window", type=int, default=INFERENCE_WINDOW, help="owned keyframes per inference window")
     parser.add_argument("--windows-per-batch", type=int, nargs="+", default=[8, 32],
                         help="windows per forward pass to measure")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],

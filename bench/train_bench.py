@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from stage_dist.batch import Batch, WindowSpec, collate
-from stage_dist.distributed import DistEnv
+from stage_dist.distributed import DistEnv, configure_threads
 from stage_dist.sources import NUM_ACTIONS
 from stage_dist.store import (
     FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
@@ -324,7 +324,9 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase) -> TrainR
                          amp=case.amp, device=case.device, epochs=1000,
                          max_steps=case.warmup + case.steps)
     device = torch.device(case.device)
-    trainer = Trainer(config, DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    configure_threads(0, env, case.workers)  # as `python -m stage_dist.train` does
+    trainer = Trainer(config, env)
     trainer.ddp_model.train()
     waits: list[float] = []
     steps: list[float] = []

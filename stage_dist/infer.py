@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=INFERENCE_WINDOW,
                         help="keyframes predicted per window (2 keyframes of context on each side are added); "
                              "the scores do not depend on it")
-    parser.add_argument("--windows-per-batch", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--windows-per-batch", type=int, default=32, help="windows per forward pass")
     parser.add_argument("--labelmap", help="pbtxt label map: write only its classes")
     parser.add_argument("--topk", type=int, help="write only the K best actions per box")
     parser.add_argument("--min-score", type=float, default=0.0, help="write only scores >= this")

@@ -114,6 +114,15 @@ def box_geometry(boxes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat((torch.stack((h, w), dim=1), box_centres(boxes)), dim=1).to(dtype)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout``; on CPU through a uniform draw, about 2.5x faster than its ``bernoulli_``
+    (which took 12 % of a training step here)."""
+    if not training or p == 0.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training=training)
+    keep = torch.empty_like(x).uniform_() >= p
+    return x * keep * (1.0 / (1.0 - p))
+
+
 INVARIANT_ROWS = 128
 
 
@@ -164,7 +173,7 @@ class GraphAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, graph: Graph, invariant: bool = False) -> torch.Tensor:
         heads = self.heads()
-        x = F.dropout(x, self.dropout, training=self.training)
+        x = dropout(x, self.dropout, self.training)
         weight = torch.cat([head.W for head in heads], dim=1)  # (in, H * F)
         h = rowwise(lambda rows: rows @ weight, x, invariant)
         h = h.view(-1, self.num_heads, self.head_features)  # (N, H, F)
@@ -172,7 +181,7 @@ class GraphAttention(nn.Module):
         a = a.to(h.dtype)
         halves = rowwise(lambda rows: torch.einsum("nhf,hkf->nhk", rows, a), h, invariant)  # (N, H, 2)
         out = graph.attend(h, halves[..., 0], halves[..., 1])
-        out = F.elu(F.dropout(out, self.dropout, training=self.training))
+        out = F.elu(dropout(out, self.dropout, self.training))
         return out.reshape(-1, self.num_heads * self.head_features)
 
 
@@ -257,7 +266,7 @@ class NoGraphBaseline(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         _check_inputs(batch, self.config, with_objects=False)
         actors = _actor_nodes(batch, self.logits.weight.dtype)
-        actors = F.dropout(actors, self.config.dropout, training=self.training)
+        actors = dropout(actors, self.config.dropout, self.training)
         return rowwise(self.logits, actors, self.batch_invariant)
 
 
