@@ -234,8 +234,10 @@ def measure_data(store_path: Path, store: FeatureStore, layout: PublishedLayout,
         stamps = store.timestamps[first:first + spec.length].tolist()
         return read_published_window(layout, store.video_ids[spec.clip], stamps)
 
-    def store_reader(cache_mb: int, in_memory: bool = False) -> Callable[[WindowSpec], Batch]:
-        fresh = FeatureStore.open(store_path, cache_mb=cache_mb, in_memory=in_memory)  # empty cache
+    def store_reader(cache_mb: int, in_memory: bool = False, memmap_dir: Path | None = None
+                     ) -> Callable[[WindowSpec], Batch]:
+        fresh = FeatureStore.open(store_path, cache_mb=cache_mb, in_memory=in_memory,  # empty cache
+                                  memmap_dir=memmap_dir)
         return lambda spec: collate([fresh.read_window(spec)])
 
     results: dict[str, float] = {}
@@ -248,6 +250,11 @@ def measure_data(store_path: Path, store: FeatureStore, layout: PublishedLayout,
     results["store no cache, cold"] = time_reader(store_reader(0), windows)
     results["store 64 MB cache, warm"] = time_reader(store_reader(64), windows)
     results["store in RAM (in_memory)"] = time_reader(store_reader(0, in_memory=True), windows)
+    memmap_reader = store_reader(0, memmap_dir=store_path.parent / "memmap")
+    memmap_reader(windows[0])  # decompresses the arrays once (per node, in a real run)
+    results["store memmap (--memmap-dir), warm"] = time_reader(memmap_reader, windows)
+    evict(list((store_path.parent / "memmap").rglob("*.npy")))
+    results["store memmap (--memmap-dir), cold"] = time_reader(memmap_reader, windows)
     return results
 
 
@@ -317,12 +324,14 @@ class TrainResult:
     load_average: float = 0.0  # 1-minute load average when the case ended
 
 
-def measure_training(store_path: Path, out_dir: Path, case: TrainCase) -> TrainResult:
+def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_dir: Path | None = None
+                     ) -> TrainResult:
     """Time ``case.steps`` steps of the Trainer after ``case.warmup``, as ``train_epoch`` does."""
     config = TrainConfig(output_dir=str(out_dir), train_store=str(store_path),
                          windows_per_step=case.windows_per_step, workers=case.workers,
                          amp=case.amp, device=case.device, epochs=1000,
-                         max_steps=case.warmup + case.steps)
+                         max_steps=case.warmup + case.steps,
+                         memmap_dir=None if memmap_dir is None else str(memmap_dir))
     device = torch.device(case.device)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
     configure_threads(0, env, case.workers)  # as `python -m stage_dist.train` does
@@ -448,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-cpu", action="store_true",
                         help="skip the CPU training cases (e.g. on a GPU machine)")
     parser.add_argument("--skip-data", action="store_true", help="skip the data-only comparison")
+    parser.add_argument("--memmap", action="store_true",
+                        help="train with --memmap-dir (node-shared decompressed copy) instead of zarr reads")
     parser.add_argument("--profile", action="store_true",
                         help="also print a torch.profiler table of a few recipe steps on CPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and window order")
@@ -494,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(("store reads vs published, cold page cache (x)",
                             data["store no cache, cold"] / data["published, cold"],
                             TARGETS["store_vs_published"], True, "x"))
+            targets.append(("store --memmap-dir reads vs published, warm (x)",
+                            data["store memmap (--memmap-dir), warm"] / data["published, warm"],
+                            TARGETS["store_vs_published"], True, "x"))
+            targets.append(("store --memmap-dir reads vs published, cold (x)",
+                            data["store memmap (--memmap-dir), cold"] / data["published, cold"],
+                            TARGETS["store_vs_published"], True, "x"))
 
         if not args.skip_cpu:
             results = []
@@ -501,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                 for workers in args.workers:
                     steps = max(1, args.keyframes // (windows_per_step * args.window))
                     case = TrainCase(windows_per_step, workers, "cpu", "off", steps, args.warmup)
-                    results.append(measure_training(store_path, root / "run", case))
-            print_training(results, "training on CPU (Trainer in-process, world size 1, amp off)")
+                    results.append(measure_training(store_path, root / "run", case,
+                                                    root / "memmap" if args.memmap else None))
+            reads = "--memmap-dir" if args.memmap else "zarr, 64 MB chunk cache"
+            print_training(results, f"training on CPU (Trainer in-process, world size 1, amp off, reads: {reads})")
             for r in results:
                 w, k = r.case.windows_per_step, r.case.workers
                 key = "cpu_recipe_kf_s" if w == PUBLISHED_WINDOWS_PER_STEP else "cpu_8_windows_kf_s"

@@ -133,6 +133,7 @@ def open_train_data(
     num_workers: int,
     pin_memory: bool,
     in_memory: bool = False,
+    memmap_dir: str | None = None,
     shuffle_buffer: int = 1000,
 ) -> TrainData:
     if (store is None) == (shards is None):
@@ -146,7 +147,7 @@ def open_train_data(
         manifest = stream.manifest
         return TrainData(stream, loader, manifest["actor_dim"], manifest["object_dim"],
                          manifest["num_keyframes"], manifest["num_clips"], shards)
-    feature_store = FeatureStore.open(store, in_memory=in_memory)
+    feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
     sampler = ClipWindowSampler(feature_store.clip_lengths, window=window, windows_per_step=windows_per_step,
                                 rank=rank, world_size=world_size, seed=seed)
     loader = train_loader(feature_store, sampler, num_workers=num_workers, pin_memory=pin_memory)

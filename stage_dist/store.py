@@ -26,11 +26,14 @@ recorded in ``_progress/`` so an interrupted conversion resumes, and ``complete`
 Reading: :meth:`FeatureStore.open` refuses an incomplete store, another schema version or
 unexpected dims. Small tables are loaded into numpy at open; feature arrays are read with one
 contiguous slice per array per window, through a small per-process LRU cache of decoded chunks
-(windows of a clip share chunks), or from RAM with ``in_memory=True``.
+(windows of a clip share chunks), from RAM with ``in_memory=True``, or from node-shared
+memory maps with ``memmap_dir``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -302,6 +305,27 @@ class _ChunkCache:
             self.bytes -= old.nbytes
 
 
+def materialize_npy(array: zarr.Array, target: Path, rows_per_block: int = 1 << 16) -> np.ndarray:
+    """The zarr array decompressed once into ``target`` (.npy), opened as a read-only memory map.
+
+    The first process on a node writes it (block by block, under an exclusive file lock, to a
+    temporary name renamed when complete); the others wait for the lock and map the same file,
+    so every rank and DataLoader worker of the node shares one copy through the page cache.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            temporary = target.with_suffix(f".tmp{os.getpid()}")
+            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
+            for start in range(0, array.shape[0], rows_per_block):
+                out[start : start + rows_per_block] = array[start : start + rows_per_block]
+            out.flush()
+            del out
+            os.replace(temporary, target)
+    return np.load(target, mmap_mode="r")
+
+
 RESIDENT_ARRAYS = frozenset({"actors/boxes", "actors/labels", "objects/boxes"})
 
 
@@ -314,12 +338,15 @@ class FeatureStore:
     from zarr through a
     per-process cache of ``cache_mb`` decoded chunks (0 disables it), or, with
     ``in_memory=True``, from RAM: that costs the store's uncompressed row arrays
-    (:attr:`nbytes`) in EVERY process that reads (each DataLoader worker, each rank).
-    A memory map shared by the ranks of a node is not implemented.
+    (:attr:`nbytes`) in EVERY process that reads (each DataLoader worker, each rank). With
+    ``memmap_dir`` the row arrays are decompressed once per node into ``.npy`` files there
+    (a local disk or ``/dev/shm``) and memory-mapped: one copy, shared by all the node's
+    processes through the page cache (:func:`materialize_npy`).
     """
 
     def __init__(self, path: Path, attrs: dict[str, Any], tables: Tables, *,
-                 in_memory: bool = False, cache_mb: int = DEFAULT_CACHE_MB) -> None:
+                 in_memory: bool = False, cache_mb: int = DEFAULT_CACHE_MB,
+                 memmap_dir: str | Path | None = None) -> None:
         self.path = Path(path)
         self.attrs = attrs
         counts, dims = attrs["counts"], attrs["dims"]
@@ -339,6 +366,8 @@ class FeatureStore:
         self.object_ptr = tables.object_ptr
         self.in_memory = in_memory
         self.cache_mb = cache_mb
+        self.memmap_dir = None if memmap_dir is None else Path(memmap_dir)
+        self._memmaps: dict[str, np.ndarray] = {}
         self._pid: int | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._memory: dict[str, np.ndarray] = {}
@@ -351,7 +380,7 @@ class FeatureStore:
     @classmethod
     def open(cls, path: str | Path, *, expect_actor_dim: int | None = None,
              expect_object_dim: int | None = None, in_memory: bool = False,
-             cache_mb: int = DEFAULT_CACHE_MB) -> "FeatureStore":
+             cache_mb: int = DEFAULT_CACHE_MB, memmap_dir: str | Path | None = None) -> "FeatureStore":
         path = Path(path)
         attrs = read_attrs(path)
         if attrs is None:
@@ -378,11 +407,11 @@ class FeatureStore:
             actor_ptr=root["keyframes/actor_ptr"][:].astype(np.int64),
             object_ptr=root["keyframes/object_ptr"][:].astype(np.int64),
         )
-        return cls(path, attrs, tables, in_memory=in_memory, cache_mb=cache_mb)
+        return cls(path, attrs, tables, in_memory=in_memory, cache_mb=cache_mb, memmap_dir=memmap_dir)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _arrays={}, _memory={}, _cache=_ChunkCache(self.cache_mb * 2**20))
+        state.update(_pid=None, _arrays={}, _memory={}, _memmaps={}, _cache=_ChunkCache(self.cache_mb * 2**20))
         return state  # in_memory stores reload their rows in the receiving process, on first read
 
     def _array(self, name: str) -> zarr.Array:
@@ -395,6 +424,16 @@ class FeatureStore:
             except KeyError:
                 raise StoreError(f"{self.path}: store has no array {name!r}") from None
         return self._arrays[name]
+
+    def _memmap(self, name: str) -> np.ndarray:
+        if name not in self._memmaps:
+            self._memmaps[name] = materialize_npy(self._array(name), self._memmap_file(name))
+        return self._memmaps[name]
+
+    def _memmap_file(self, name: str) -> Path:
+        """``MEMMAP_DIR/<store fingerprint>/<array>.npy``: a store converted again gets new files."""
+        fingerprint = hashlib.sha1(json.dumps(self.attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.memmap_dir / f"{self.path.name}-{fingerprint}" / (name.replace("/", "__") + ".npy")
 
     def _load(self, name: str) -> None:
         if self.in_memory:
@@ -431,6 +470,8 @@ class FeatureStore:
             arr = self._memory.get(name)
             arr = arr if arr is not None else self._array(name)
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        if self.memmap_dir is not None:
+            return np.array(self._memmap(name)[start:stop])
         if self.in_memory or name in RESIDENT_ARRAYS:
             if name not in self._memory:
                 self._load(name)

@@ -76,6 +76,7 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     resume: str = "auto"
     in_memory: bool = False
+    memmap_dir: str | None = None
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Trainer:
             store=config.train_store, shards=config.train_shards, window=config.window,
             windows_per_step=config.windows_per_step, rank=env.rank, world_size=env.world_size,
             seed=config.seed, num_workers=config.workers, pin_memory=env.device.type == "cuda",
-            in_memory=config.in_memory, shuffle_buffer=config.shuffle_buffer,
+            in_memory=config.in_memory, memmap_dir=config.memmap_dir, shuffle_buffer=config.shuffle_buffer,
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
@@ -145,6 +146,7 @@ class Trainer:
                 expect_actor_dim=self.data.actor_dim,
                 expect_object_dim=self.data.object_dim,
                 in_memory=config.in_memory,
+                memmap_dir=config.memmap_dir,
             )
             if config.val_store
             else None
@@ -421,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--window", type=int, default=defaults.window, help="keyframes per window (the paper's batch size)")
     data.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader worker processes per rank")
     data.add_argument("--in-memory", action="store_true", help="load the stores' features into RAM (each rank its own copy)")
+    data.add_argument("--memmap-dir", help="decompress the stores once per node into .npy files in this directory "
+                      "(a local disk or /dev/shm) and memory-map them: one copy shared by all the node's ranks "
+                      "and loader workers; the fastest reads when the split fits the page cache")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=("stage", "baseline"), default=defaults.model,

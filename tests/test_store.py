@@ -141,6 +141,27 @@ def test_cache_in_memory_and_plain_reads_agree(store_path):
     assert cached._cache.bytes > 0
 
 
+def test_node_shared_memmaps_are_written_once_and_read_like_zarr(store_path, tmp_path):
+    import multiprocessing
+
+    plain = FeatureStore.open(store_path, cache_mb=0)
+    mapped = FeatureStore.open(store_path, memmap_dir=tmp_path / "shm")
+    specs = [WindowSpec(clip, start, 3) for clip in range(3) for start in range(0, 8, 3)]
+    for spec in specs:
+        a, b = plain.read_window(spec), mapped.read_window(spec)
+        for name in ("actor_features", "actor_boxes", "actor_labels", "object_features", "object_boxes"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    files = sorted((tmp_path / "shm").glob("*/*.npy"))
+    assert [f.name for f in files] == ["actors__boxes.npy", "actors__features.npy", "actors__labels.npy",
+                                       "objects__boxes.npy", "objects__features.npy"]
+    written = {f: f.stat().st_mtime_ns for f in files}
+    with multiprocessing.get_context("spawn").Pool(2) as pool:  # other processes map the same files
+        windows = pool.starmap(FeatureStore.read_window, [(mapped, spec) for spec in specs[:2]])
+    np.testing.assert_array_equal(windows[1].actor_features, plain.read_window(specs[1]).actor_features)
+    assert {f: f.stat().st_mtime_ns for f in files} == written
+    assert not list((tmp_path / "shm").glob("*/*.tmp*"))
+
+
 def test_store_pickles_for_worker_processes(store_path):
     store = FeatureStore.open(store_path, in_memory=True)
     store.read_window(WindowSpec(0, 0, 4))
