@@ -193,3 +193,14 @@ def test_resume_from_a_published_checkpoint_loads_its_weights(tiny_stores, tmp_p
     for name, value in donor.model.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[name], value), name
     assert trainer.epoch == 0 and trainer.global_step == 0
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps_stay_finite(tiny_stores, tmp_path, amp):
+    config = make_config(tiny_stores, tmp_path / amp, amp=amp, max_steps=4, val_store=None)
+    trainer = Trainer(config, init_distributed("cpu"))
+    assert trainer.precision.mode == amp and trainer.scaler.is_enabled() == (amp == "fp16")
+    trainer.fit()
+    weights = final_weights(tmp_path / amp)
+    assert all(value.isfinite().all() for value in weights.values())
+    assert not torch.equal(weights["logits.weight"], Trainer(config, init_distributed("cpu")).model.logits.weight)
