@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own working directory, recreated each run
     data, stores, runs = out / "data", out / "stores", out / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks on 2 cores: no oversubscription
 

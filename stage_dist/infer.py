@@ -35,7 +35,7 @@ from stage_dist.model import ModelConfig, ModelConfigError, action_logits, build
 from stage_dist.precision import AMP_MODES, Precision, resolve_precision
 from stage_dist.sampler import InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.shards import (ShardError, cut_window, expand_urls, load_manifest, manifest_location,
-                               read_clip_samples)
+                               read_clip_samples, shard_name)
 from stage_dist.store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,11 @@ def predict_shards(
 ) -> tuple[Predictions, KeyframeIndex] | None:
     """Like :func:`predict`, streaming WebDataset shards (each rank reads its own shards)."""
     manifest = load_manifest(manifest_location(expand_urls(urls)[0]))
+    given = {shard_name(url) for url in expand_urls(urls)}
+    missing = [shard["name"] for shard in manifest["shards"] if shard["name"] not in given]
+    if missing:
+        raise ShardError(f"inference must read every shard of the split; not given: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     collate_windows = InferenceCollate(manifest["max_nodes_per_keyframe"])
     local_keyframes: list[tuple[int, str, np.ndarray]] = []  # (first keyframe row, video id, timestamps)
 
@@ -241,18 +246,15 @@ def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: 
             actor_dim=actor_dim,
             object_dim=object_dim,
             num_heads=num_heads,
-            num_outputs=weights["logits.weight"].shape[0],
-        )
+            num_outputs=weights["logits.weight"].shape[0] if "logits.weight" in weights else 81,
+        )  # a missing key is then named by the strict load below
     if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
         raise ValueError(
             f"{checkpoint}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
             f"dims, the data has {actor_dim}/{object_dim}"
         )
     model = build_model(kind, config)
-    if kind == "stage":
-        load_published_state(model, state["model_state"])
-    else:
-        model.load_state_dict(state["model_state"])
+    load_published_state(model, state["model_state"])  # strict; names missing or unexpected keys
     return model.to(device)
 
 
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(args.threads, env, args.workers)
     try:
         started = time.perf_counter()
+        class_ids = set(read_labelmap(args.labelmap)) if args.labelmap else None  # fail before the compute
         precision = resolve_precision(args.amp, env.device)
         if args.store:
             store = FeatureStore.open(args.store)
@@ -304,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                                     windows_per_batch=args.windows_per_batch, precision=precision)
             predictions, keyframes = (None, None) if result is None else result
         if predictions is not None:
-            class_ids = set(read_labelmap(args.labelmap)) if args.labelmap else None
             rows = write_predictions(args.out, predictions, keyframes, class_ids=class_ids, topk=args.topk,
                                      min_score=args.min_score)
             seconds = time.perf_counter() - started

@@ -426,7 +426,8 @@ def manifest_location(url: str) -> str:
     return f"{head}/{MANIFEST_NAME}" if sep else MANIFEST_NAME
 
 
-def _shard_name(url: str) -> str:
+def shard_name(url: str) -> str:
+    """The shard file name a URL points at (as listed in the manifest)."""
     return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0].split()[0]
 
 
@@ -434,7 +435,7 @@ def _select_shards(urls: Sequence[str], manifest: dict) -> list[dict]:
     by_name = {shard["name"]: shard for shard in manifest["shards"]}
     selected = []
     for url in urls:
-        shard = by_name.get(_shard_name(url))
+        shard = by_name.get(shard_name(url))
         if shard is None:
             raise ShardError(f"shard {url!r} is not listed in the manifest of {manifest['prefix']!r} shards")
         selected.append(shard)

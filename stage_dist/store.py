@@ -316,6 +316,13 @@ def materialize_npy(array: zarr.Array, target: Path, rows_per_block: int = 1 << 
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.exists():
+            for stale in target.parent.glob(f"{target.stem}.tmp*"):  # left by a killed writer
+                stale.unlink()
+            needed = array.nbytes + (1 << 20)
+            free = shutil.disk_usage(target.parent).free
+            if free < needed:  # writing through a memory map past the end of space is a SIGBUS
+                raise StoreError(f"{target.parent}: {needed / 1e9:.1f} GB needed for {target.name}, "
+                                 f"{free / 1e9:.1f} GB free")
             temporary = target.with_suffix(f".tmp{os.getpid()}")
             out = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             for start in range(0, array.shape[0], rows_per_block):
@@ -398,16 +405,19 @@ class FeatureStore:
         for name, expected in (("actor_dim", expect_actor_dim), ("object_dim", expect_object_dim)):
             if expected is not None and attrs["dims"][name] != expected:
                 raise StoreError(f"{path}: attribute dims.{name} is {attrs['dims'][name]}, expected {expected}")
-        root = zarr.open_group(path, mode="r")
-        tables = Tables(
-            video_ids=list(attrs["video_ids"]),
-            clip_ptr=root["clips/ptr"][:].astype(np.int64),
-            keyframe_clip=root["keyframes/clip"][:].astype(np.int64),
-            timestamps=root["keyframes/timestamp"][:].astype(np.int64),
-            actor_ptr=root["keyframes/actor_ptr"][:].astype(np.int64),
-            object_ptr=root["keyframes/object_ptr"][:].astype(np.int64),
-        )
-        return cls(path, attrs, tables, in_memory=in_memory, cache_mb=cache_mb, memmap_dir=memmap_dir)
+        try:
+            root = zarr.open_group(path, mode="r")
+            tables = Tables(
+                video_ids=list(attrs["video_ids"]),
+                clip_ptr=root["clips/ptr"][:].astype(np.int64),
+                keyframe_clip=root["keyframes/clip"][:].astype(np.int64),
+                timestamps=root["keyframes/timestamp"][:].astype(np.int64),
+                actor_ptr=root["keyframes/actor_ptr"][:].astype(np.int64),
+                object_ptr=root["keyframes/object_ptr"][:].astype(np.int64),
+            )
+            return cls(path, attrs, tables, in_memory=in_memory, cache_mb=cache_mb, memmap_dir=memmap_dir)
+        except KeyError as missing:
+            raise StoreError(f"{path}: damaged store, {missing} is missing; reconvert it") from None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from stage_dist.ava import read_labelmap
+from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from stage_dist.data import open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure_threads, gather_to_main,
                                     init_distributed, setup_logging)
 from stage_dist.evaluate import evaluate
-from stage_dist.infer import INFERENCE_WINDOW, KeyframeIndex, predict, write_predictions
+from stage_dist.infer import INFERENCE_WINDOW, INPUT_ERRORS, KeyframeIndex, predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
@@ -151,6 +152,9 @@ class Trainer:
             if config.val_store
             else None
         )
+        # Read on every rank before training: a bad file stops all ranks now, not after an epoch.
+        self.val_labelmap = read_labelmap(config.labelmap) if config.labelmap else None
+        self.val_groundtruth = read_ava_csv(config.val_groundtruth) if config.val_groundtruth else None
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model_config = ModelConfig(
             actor_dim=self.data.actor_dim,
@@ -237,23 +241,38 @@ class Trainer:
             log.info("checkpoint %s", path)
 
     def maybe_resume(self) -> None:
-        resume = self.config.resume
-        if resume == "none":
+        """Continue the run in OUTPUT_DIR if it has checkpoints; else start, from --resume PATH if given.
+
+        The run's own newest checkpoint always wins over PATH, so a job restarted by
+        ``torchrun --max-restarts`` continues where it stopped instead of starting over.
+        """
+        found = self.checkpoints.load_latest()
+        if found is not None and self.config.resume == "none":
+            raise ValueError(
+                f"{self.checkpoints.directory} holds checkpoints of an earlier run: continue it with "
+                "--resume auto, or give a new --output-dir"
+            )
+        if found is None and self.config.resume in ("auto", "none"):
             return
-        if resume == "auto":
-            found = self.checkpoints.load_latest()
-            if found is None:
-                return
-            state, path = found
-        else:
-            state, path = load_checkpoint(resume), Path(resume)
+        state, path = found if found is not None else (load_checkpoint(self.config.resume), Path(self.config.resume))
         if "rng_per_rank" not in state:  # a checkpoint of the published code: weights only
             load_published_state(self.model, state["model_state"])
             log.info("initialised the weights from %s (published format); training starts at epoch 0", path)
             return
+        self._warn_on_config_change(state.get("train_config", {}), path)
         self.load_state_dict(state)
         log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)",
                  path, self.epoch, state["step"], self.global_step)
+
+    def _warn_on_config_change(self, saved: dict, path: Path) -> None:
+        """A resumed run keeps the checkpoint's optimizer, LR schedule and position in the epoch;
+        changing what a step means makes that position (and the LR) wrong."""
+        keys = ("window", "windows_per_step", "seed", "lr", "lr_scaling", "schedule", "warmup_steps")
+        changed = [f"{key} {saved[key]} -> {getattr(self.config, key)}" for key in keys
+                   if key in saved and saved[key] != getattr(self.config, key)]
+        if changed:
+            log.warning("resuming %s with changed settings (%s): the optimizer state, LR schedule and position "
+                        "in the epoch come from the checkpoint", path, ", ".join(changed))
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -337,13 +356,13 @@ class Trainer:
             return None
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
-        class_ids = set(read_labelmap(self.config.labelmap)) if self.config.labelmap else None
+        class_ids = set(self.val_labelmap) if self.val_labelmap else None
         write_predictions(results_csv, predictions, KeyframeIndex.from_store(self.val_store), class_ids=class_ids)
-        if not (self.config.val_groundtruth and self.config.labelmap):
+        if self.val_groundtruth is None or self.val_labelmap is None:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
             return None
-        result = evaluate(self.config.val_groundtruth, results_csv, self.config.labelmap)
+        result = evaluate(self.val_groundtruth, results_csv, self.val_labelmap)
         if self.best_map is None or result.mean_ap > self.best_map:
             self.best_map = result.mean_ap
         self.history.append({"epoch": self.epoch, "global_step": self.global_step,
@@ -422,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--labelmap", help="AVA pbtxt label map of the evaluated classes (for val mAP)")
     data.add_argument("--window", type=int, default=defaults.window, help="keyframes per window (the paper's batch size)")
     data.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader worker processes per rank")
-    data.add_argument("--in-memory", action="store_true", help="load the stores' features into RAM (each rank its own copy)")
+    data.add_argument("--in-memory", action="store_true",
+                      help="load the stores' features into RAM: one copy in every process (each rank and each "
+                           "loader worker); --memmap-dir shares one copy per node")
     data.add_argument("--memmap-dir", help="decompress the stores once per node into .npy files in this directory "
                       "(a local disk or /dev/shm) and memory-map them: one copy shared by all the node's ranks "
                       "and loader workers; the fastest reads when the split fits the page cache")
@@ -461,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int, default=defaults.log_every, help="log loss, lr, keyframes/s every N steps")
     run.add_argument("--tensorboard-dir", help="TensorBoard log dir (default: OUTPUT_DIR/tensorboard)")
     run.add_argument("--resume", default=defaults.resume,
-                     help="auto: continue from the newest complete checkpoint in OUTPUT_DIR if any; none; or a checkpoint "
-                     "path (one of the published code initialises the weights only)")
+                     help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh (refused if OUTPUT_DIR "
+                     "has checkpoints); or a checkpoint to start from when OUTPUT_DIR has none (one of the "
+                     "published code initialises the weights only)")
     return parser
 
 
@@ -479,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
             best = "n/a" if summary.best_map is None else f"{summary.best_map:.4f}"
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
                   f"val mAP {val} (best {best}); checkpoints in {summary.checkpoint_dir}")
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         cleanup(env)
     return 0

@@ -204,3 +204,24 @@ def test_mixed_precision_steps_stay_finite(tiny_stores, tmp_path, amp):
     weights = final_weights(tmp_path / amp)
     assert all(value.isfinite().all() for value in weights.values())
     assert not torch.equal(weights["logits.weight"], Trainer(config, init_distributed("cpu")).model.logits.weight)
+
+
+def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, capsys):
+    from stage_dist.train import main as train_main
+
+    config = make_config(tiny_stores, tmp_path / "run", val_groundtruth=str(tmp_path / "missing.csv"))
+    assert train_main(cli_args(config)) == 2
+    error = capsys.readouterr().err
+    assert "missing.csv" in error and "Traceback" not in error
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+    config = make_config(tiny_stores, tmp_path / "run", train_store=str(tmp_path / "nope.zarr"))
+    assert train_main(cli_args(config)) == 2
+    assert "nope.zarr" in capsys.readouterr().err
+
+
+def test_fresh_start_refuses_a_directory_with_checkpoints(tiny_stores, tmp_path):
+    env = init_distributed("cpu")
+    Trainer(make_config(tiny_stores, tmp_path, max_steps=2, val_store=None), env).fit()
+    with pytest.raises(ValueError, match="--resume auto"):
+        Trainer(make_config(tiny_stores, tmp_path, resume="none", val_store=None), env).fit()
