@@ -1,9 +1,10 @@
-# `make demo` and `make test` work on a fresh machine: they create .venv, install the CPU
-# build of torch when no torch is importable there (a GPU machine keeps its own), then the package.
+# `make demo` and `make test` work on a fresh machine: they create .venv, install torch==2.13.0
+# when no torch is importable there (the development machines' index serves its CPU build; on a
+# GPU machine install your CUDA build into .venv first and it is kept), then the package.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-TORCH_CPU := torch==2.13.0
+TORCH := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
 .PHONY: venv demo test bench clean
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
