@@ -45,6 +45,8 @@ PUBLISHED_LR = 6.25e-5  # Adam, one 6-keyframe window per step, one GPU
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run (the command-line flags; saved as OUTPUT_DIR/config.json)."""
+
     output_dir: str
     train_store: str | None = None
     train_shards: str | None = None
@@ -131,6 +133,10 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
 
 
 class Trainer:
+    """One training run on one rank: data, model (DDP when world size > 1), Adam, LR schedule,
+    precision and checkpoints. :meth:`fit` is the loop; :meth:`state_dict` is everything needed
+    to continue it."""
+
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
