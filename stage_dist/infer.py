@@ -151,8 +151,9 @@ def predict_shards(
     progress: bool = True,
 ) -> tuple[Predictions, KeyframeIndex] | None:
     """Like :func:`predict`, streaming WebDataset shards (each rank reads its own shards)."""
-    manifest = load_manifest(manifest_location(expand_urls(urls)[0]))
-    given = {shard_name(url) for url in expand_urls(urls)}
+    shard_urls = expand_urls(urls)
+    manifest = load_manifest(manifest_location(shard_urls[0]))
+    given = {shard_name(url) for url in shard_urls}
     missing = [shard["name"] for shard in manifest["shards"] if shard["name"] not in given]
     if missing:
         raise ShardError(f"inference must read every shard of the split; not given: {', '.join(missing[:5])}"
@@ -162,7 +163,7 @@ def predict_shards(
 
     def batches() -> Iterator[tuple[Batch, torch.Tensor]]:
         pending: list[tuple[Window, InferenceWindow]] = []
-        for clip in read_clip_samples(urls, rank=env.rank, world_size=env.world_size):
+        for clip in read_clip_samples(shard_urls, rank=env.rank, world_size=env.world_size):
             local_keyframes.append((clip.keyframe_start, clip.video_id, clip.timestamps))
             for plan in plan_inference_windows([clip.num_keyframes], window, context=RECEPTIVE_FIELD):
                 pending.append((cut_window(clip, plan.spec.start, plan.spec.length), plan))

@@ -67,6 +67,27 @@ def clip_windows(clip_lengths: Sequence[int], window: int, offsets: np.ndarray) 
     return np.concatenate(rows)
 
 
+def epoch_generator(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of an epoch's window offsets and shuffle, identical on every rank."""
+    return np.random.default_rng(seed + epoch)
+
+
+def window_offsets(rng: np.random.Generator, num_clips: int, window: int) -> np.ndarray:
+    """Each clip's first window boundary for the epoch (the generator's first draw)."""
+    return rng.integers(0, window, size=num_clips)
+
+
+def parse_position(state: dict, what: str) -> tuple[int, int]:
+    """``(epoch, step)`` of a saved ``{"epoch", "step"}`` position, checked."""
+    try:
+        epoch, step = int(state["epoch"]), int(state["step"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{what} state needs integer 'epoch' and 'step', got {state!r}") from err
+    if step < 0:
+        raise ValueError(f"{what} state has a negative step ({step})")
+    return epoch, step
+
+
 class ClipWindowSampler:
     """Batch sampler over clip windows: each item is one training step's windows for this rank.
 
@@ -114,8 +135,8 @@ class ClipWindowSampler:
     def _windows(self, epoch: int) -> np.ndarray:
         """The epoch's shuffled windows as an ``(N, 3)`` array (offsets drawn first, then the shuffle)."""
         if self._cache is None or self._cache[0] != epoch:
-            rng = np.random.default_rng(self.seed + epoch)
-            offsets = rng.integers(0, self.window, size=len(self.clip_lengths))
+            rng = epoch_generator(self.seed, epoch)
+            offsets = window_offsets(rng, len(self.clip_lengths), self.window)
             windows = clip_windows(self.clip_lengths, self.window, offsets)
             self._cache = (epoch, windows[rng.permutation(len(windows))])
         return self._cache[1]
@@ -185,15 +206,8 @@ class ClipWindowSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
-        try:
-            epoch, step = int(state["epoch"]), int(state["step"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"sampler state needs integer 'epoch' and 'step', got {state!r}") from err
-        if step < 0:
-            raise ValueError(f"sampler state has a negative step ({step})")
-        self.epoch = epoch
-        self._resume_step = step
-        self._consumed = step
+        self.epoch, self._resume_step = parse_position(state, "sampler")
+        self._consumed = self._resume_step
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from stage_dist.batch import Window, WindowSpec
-from stage_dist.sampler import clip_windows
+from stage_dist.sampler import clip_windows, epoch_generator, parse_position, window_offsets
 from stage_dist.store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -593,9 +593,8 @@ class ShardWindowStream(IterableDataset):
     # ---- schedule
 
     def _offsets(self, epoch: int) -> np.ndarray:
-        # The draw ClipWindowSampler makes for an epoch (its generator's first use).
-        rng = np.random.default_rng(self.seed + epoch)
-        return rng.integers(0, self.window, size=len(self._clip_lengths))
+        """The window boundaries ClipWindowSampler draws for ``epoch``."""
+        return window_offsets(epoch_generator(self.seed, epoch), len(self._clip_lengths), self.window)
 
     def windows_for_epoch(self, epoch: int) -> int:
         """Distinct windows of the selected shards in ``epoch``, all ranks together."""
@@ -624,13 +623,7 @@ class ShardWindowStream(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
-        try:
-            epoch, step = int(state["epoch"]), int(state["step"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"stream state needs integer 'epoch' and 'step', got {state!r}") from err
-        if step < 0:
-            raise ValueError(f"stream state has a negative step ({step})")
-        self.epoch, self._resume_step = epoch, step
+        self.epoch, self._resume_step = parse_position(state, "stream")
 
     # ---- reading
 
