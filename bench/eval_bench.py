@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "ava"
+FIXTURES = REPO / "tests" / "fixtures" / "ava"  # copied from the project's shared AVA fixtures; see its README
 LABELMAP = FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt"
 KEYFRAMES_PER_VIDEO = 897  # timestamps 902..1798
 FIXTURE_TARGET_S, FULL_TARGET_S, FULL_TARGET_BYTES = 0.4, 60.0, 4 << 30

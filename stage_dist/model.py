@@ -23,7 +23,7 @@ Verified against the published code (aimagelab/STAGE_action_detection, commit 58
 - ``utils/checkpoints.py`` / ``train.py``: checkpoints are ``{"model_state", "optimizer_state",
   "epoch", "iteration"}``; default 81 classes (column 0 background), 1024/2048 dims, 4 heads.
 
-Deliberate differences (DESIGN.md): adjacency comes from each node's window and keyframe, so
+Deliberate differences (docs/design.md): adjacency comes from each node's window and keyframe, so
 windows never cross clips and a keyframe's neighbours never depend on its place in the batch;
 ``a . [h_i || h_j]`` is computed as ``a1 . h_i + a2 . h_j`` on a banded per-keyframe layout
 (:mod:`stage_dist.graph`), masked with the float32 minimum and normalised in float32; the

@@ -1,6 +1,6 @@
 """Readers of the published STAGE feature layouts (I3D and SlowFast HDF5), with input validation.
 
-Two layouts (see DESIGN.md, "Input layouts"):
+Two layouts (see docs/design.md, "Input layouts"):
 
 - I3D: ``actors_dir/<video_id>/<timestamp>.h5`` with ``features`` (n, C, t, h, w), ``boxes``
   (n, 4) and ``labels`` (n, 81 or 80); objects in one ``objects.h5`` keyed

@@ -12,7 +12,7 @@ import pytest
 from stage_dist.synth import SynthConfig, SynthDataset, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "ava"
+FIXTURES = REPO / "tests" / "fixtures" / "ava"  # copied from the project's shared AVA fixtures; see its README
 
 # Small enough to convert in a second or two, large enough for a model to learn something.
 TINY = SynthConfig(seed=0, train_clips=6, val_clips=3, keyframes_per_clip=14, actor_dim=32,

@@ -15,9 +15,7 @@ import torch
 from stage_dist import synth
 from stage_dist.synth import SynthConfig, SynthDataset, synthesize
 
-FIXTURE_LABELMAP = (
-    Path(__file__).resolve().parents[2] / "shared/fixtures/ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt"
-)
+FIXTURE_LABELMAP = Path(__file__).resolve().parent / "fixtures/ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt"
 SMALL = SynthConfig(
     seed=3,
     train_clips=5,
@@ -243,8 +241,8 @@ def test_labelmap_uses_real_ava_names(small: SynthDataset) -> None:
     assert {a.kind for a in small.actions} == {"direct", "object", "interaction"}
     every = synth.choose_actions(synth.MAX_CLASSES)
     assert len({a.id for a in every}) == synth.MAX_CLASSES == 60
-    if FIXTURE_LABELMAP.exists():  # the 60 evaluated AVA v2.1 classes, names verbatim
-        assert read_labelmap(FIXTURE_LABELMAP) == {a.id: a.name for a in every}
+    # the 60 evaluated AVA v2.1 classes, names verbatim
+    assert read_labelmap(FIXTURE_LABELMAP) == {a.id: a.name for a in every}
 
 
 def test_cli_writes_summary_and_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
