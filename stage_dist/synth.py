@@ -46,6 +46,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from stage_dist.config import ConfigError, option, parse_config, section
+from stage_dist.config import build_parser as build_parser_for
+
 log = logging.getLogger(__name__)
 
 FIRST_TIMESTAMP = 902
@@ -133,31 +136,29 @@ def choose_actions(num_classes: int) -> list[SynthAction]:
     return chosen
 
 
-@dataclass
+@dataclass(frozen=True)
 class SynthConfig:
     """What to synthesise. Every field is a CLI flag of ``python -m stage_dist.synth``."""
 
-    seed: int = 0
-    train_clips: int = 16
-    val_clips: int = 6
-    keyframes_per_clip: int = 30  # timestamps 902, 903, ...
-    max_actors: int = 3  # 0..max_actors per keyframe (a few zero-actor keyframes are kept)
-    max_objects: int = 8  # 0..max_objects per keyframe (some keyframes have none)
-    actor_dim: int = 256  # C of actor features
-    actor_thw: tuple[int, int, int] = (2, 2, 2)  # t, h, w of the I3D actor tensor (n, C, t, h, w)
-    object_dim: int = 512
-    num_classes: int = 12  # actions used (AVA ids and names), written to the label map
-    val_false_positives: float = 0.15  # extra unlabelled detection boxes in val, per true box
-    val_jitter: float = 0.02  # std of the normalised box jitter of val detections
+    seed: int = option(0, help="random seed; the same seed gives identical output")
+    train_clips: int = option(16, help="number of train clips (videos)")
+    val_clips: int = option(6, help="number of val clips (videos)")
+    keyframes_per_clip: int = option(30, help="keyframes per clip, timestamps 902, 903, ... (at most 897)")
+    max_actors: int = option(3, help="maximum actors per clip/keyframe (0 gives no actors at all)")
+    max_objects: int = option(8, help="maximum objects per keyframe (some keyframes have none)")
+    actor_dim: int = option(256, help="channels C of actor features")
+    actor_thw: tuple[int, ...] = option((2, 2, 2), help="t h w of the I3D actor tensor (n, C, t, h, w)",
+                                        metavar="N")
+    object_dim: int = option(512, help="dimension of object features")
+    num_classes: int = option(12, help=f"number of action classes used, 1..{MAX_CLASSES} (AVA ids and names)")
+    val_false_positives: float = option(0.15, help="expected extra unlabelled val detection boxes per true box")
+    val_jitter: float = option(0.02, help="std of the normalised jitter of val detection boxes")
 
-    def validate(self) -> None:
-        """Raise :class:`SynthError` naming the first invalid field."""
+    def __post_init__(self) -> None:
         checks = {
             "train_clips": self.train_clips >= 1,
             "val_clips": self.val_clips >= 1,
-            "keyframes_per_clip": 1
-            <= self.keyframes_per_clip
-            <= LAST_TIMESTAMP - FIRST_TIMESTAMP + 1,
+            "keyframes_per_clip": 1 <= self.keyframes_per_clip <= LAST_TIMESTAMP - FIRST_TIMESTAMP + 1,
             "max_actors": self.max_actors >= 0,
             "max_objects": self.max_objects >= 0,
             "actor_dim": self.actor_dim >= 1,
@@ -169,7 +170,17 @@ class SynthConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise SynthError(f"invalid SynthConfig.{name}: {getattr(self, name)!r}")
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} ({name}): invalid value {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class SynthJob:
+    """The command line of ``python -m stage_dist.synth``."""
+
+    out: Path = option(help="output directory (absent, empty, or a previous synth output)")
+    log_level: str = option("INFO", help="logging level")
+    data: SynthConfig = section(SynthConfig, help="dataset")
 
 
 @dataclass
@@ -668,7 +679,6 @@ def synthesize(
 
     Deterministic: the same config gives identical arrays and byte-identical text files.
     ``out_dir`` must be absent, empty, or a previous output of this function (replaced)."""
-    config.validate()
     root = Path(out_dir)
     _prepare_root(root)
     signatures = make_signatures(config)
@@ -710,51 +720,19 @@ def synthesize(
 
 # ----------------------------------------------------------------------------- CLI
 
-_HELP = {
-    "seed": "random seed; the same seed gives identical output",
-    "train_clips": "number of train clips (videos)",
-    "val_clips": "number of val clips (videos)",
-    "keyframes_per_clip": "keyframes per clip, timestamps 902, 903, ... (at most 897)",
-    "max_actors": "maximum actors per clip/keyframe (0 gives no actors at all)",
-    "max_objects": "maximum objects per keyframe",
-    "actor_dim": "channels C of actor features",
-    "actor_thw": "t h w of the I3D actor tensor (n, C, t, h, w)",
-    "object_dim": "dimension of object features",
-    "num_classes": f"number of action classes used, 1..{MAX_CLASSES} (AVA ids and names)",
-    "val_false_positives": "expected extra unlabelled val detection boxes per true box",
-    "val_jitter": "std of the normalised jitter of val detection boxes",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stage_dist.synth",
+    return build_parser_for(
+        SynthJob, prog="python -m stage_dist.synth",
         description="Write a deterministic synthetic AVA-like dataset in the I3D and SlowFast "
-        "feature layouts, with AVA groundtruth CSVs and a pbtxt label map.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output directory (absent, empty, or a previous synth output)")
-    defaults = SynthConfig()
-    for f in dataclasses.fields(SynthConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs=len(default), default=default,
-                                metavar=tuple(c.upper() for c in "thw"), help=_HELP[f.name])
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=_HELP[f.name])
-    parser.add_argument("--log-level", default="INFO", help="logging level")
-    return parser
+        "feature layouts, with AVA groundtruth CSVs and a pbtxt label map.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
-    values["actor_thw"] = tuple(values["actor_thw"])
+    job = parse_config(SynthJob, argv, build_parser())
+    logging.basicConfig(level=job.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        dataset = synthesize(args.out, SynthConfig(**values), progress=True)
+        dataset = synthesize(job.out, job.data, progress=True)
     except (SynthError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

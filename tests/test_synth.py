@@ -256,8 +256,10 @@ def test_cli_writes_summary_and_rejects_bad_input(tmp_path: Path, capsys: pytest
         assert f["features"].shape[1:] == (8, 1, 2, 2)
     assert synth.main(argv) == 0  # a previous output is replaced
     capsys.readouterr()
-    assert synth.main(["--out", str(tmp_path / "bad"), "--num-classes", "61"]) == 2
-    assert "num_classes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        synth.main(["--out", str(tmp_path / "bad"), "--num-classes", "61"])
+    assert exit_info.value.code == 2
+    assert "--num-classes (num_classes): invalid value 61" in capsys.readouterr().err
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
     assert synth.main(["--out", str(tmp_path / "foreign")]) == 2
