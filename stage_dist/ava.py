@@ -3,15 +3,20 @@
 This module owns every byte the official AVA evaluator reads or writes, and nothing else
 (the metric itself is :mod:`stage_dist.evaluate`):
 
-- :func:`read_ava_csv` parses ``video,ts,x1,y1,x2,y2,action[,score|person]`` rows (and the
-  2-column ``video,ts`` rows that mark a keyframe without boxes) into numpy arrays, in file
-  order, with vectorised parsing so that a full validation results file (~7M rows) reads in
-  seconds. Keyframes are named by the official image key ``"<video>,<ts:.6f>"`` with the
-  timestamp read as a decimal number, so ``0902``, ``902`` and ``902.0`` are one keyframe.
+- :func:`read_groundtruth` (rows of 7 or 8 columns, or the 2-column ``video,ts`` rows that mark
+  a keyframe without boxes) and :func:`read_detections` (exactly 8 columns: a missing score is
+  an error, never 1.0) parse ``video,ts,x1,y1,x2,y2,action[,score|person]`` rows into numpy
+  arrays, in file order, with vectorised parsing so that a full validation results file (~7M
+  rows) reads in seconds; :func:`read_ava_csv` is the reader behind both. A leading UTF-8
+  byte-order mark, ``\\r\\n`` line ends and blank lines read like a plain file. Keyframes are
+  named by the official image key ``"<video>,<ts:.6f>"`` with the timestamp read as a decimal
+  number, so ``0902``, ``902`` and ``902.0`` are one keyframe.
 - :func:`read_labelmap` reads both pbtxt forms (``item { name id }`` and
   ``label { name label_id }``); :func:`read_exclusions` reads ``video,ts`` exclusion lists.
 - :func:`write_results_csv` writes predictions in the AVA format, sorted and deterministic,
-  through a temporary file renamed into place.
+  through a temporary file renamed into place. :func:`results_rows` is its row selection and
+  order as arrays, and :func:`results_as_read` what reading the written file would give, so
+  predictions can be evaluated in memory with the file's exact numbers.
 
 Every malformed input raises :class:`AvaFormatError` with ``"<file>:<line>: <what is wrong>"``.
 """
@@ -316,6 +321,8 @@ class _CsvBlockParser:
             raise self.error(line, "video id or timestamp is not valid UTF-8") from None
         if not video_id.strip():
             raise self.error(line, "empty video id")
+        if video_id.startswith("\ufeff"):
+            raise self.error(line, "a byte-order mark inside the file (files concatenated?): remove it")
         try:
             key = image_key(video_id, timestamp)
         except ValueError as exc:
