@@ -646,6 +646,9 @@ def results_rows(
     """The rows :func:`write_results_csv` writes for these predictions, in its order (arrays only)."""
     stamps, boxes, scores = _validate_results_inputs(video_ids, timestamps, boxes, scores)
     columns, keep = _selected_columns(scores, class_ids, topk, min_score)
+    if keep.size and not keep.any():  # an empty results file is almost never what was meant
+        logger.warning("no score is >= min_score %g (the highest is %g): no rows selected",
+                       min_score, float(scores[:, columns].max()))
     names, video_codes = np.unique(np.asarray(list(video_ids), dtype=str), return_inverse=True)
     order = np.lexsort(
         (np.arange(len(stamps)), boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], stamps, video_codes)

@@ -190,12 +190,10 @@ def evaluate_predictions(
     the one :func:`evaluate` gives for the file ``write_results_csv`` writes from the same
     arguments, bit for bit (rows in the file's order, boxes and scores rounded as written to
     3 and 6 decimals) except ``seconds``. Per-row data stays in numpy arrays (a full AVA val
-    set is ~9.5M rows); only the keyframe keys are Python strings.
+    set is ~9.5M rows); only the keyframe keys are Python strings. A ``min_score`` above every
+    score is logged as a warning (by the row selection, as when writing the file).
     """
     rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score)
-    if rows.num_rows == 0 and len(rows.stamps) and len(rows.columns):
-        highest = float(np.asarray(scores)[:, rows.columns].max())
-        logger.warning("no prediction scores >= min_score %g (highest %g): nothing to evaluate", min_score, highest)
     detections = results_as_read(rows)
     del rows  # its per-row arrays are not needed any more (~40 bytes a row)
     return evaluate(groundtruth, detections, labelmap, exclusions)

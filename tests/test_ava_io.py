@@ -264,6 +264,17 @@ def test_results_round_trip_through_reader_and_evaluator(tmp_path):
     assert result.num_evaluated_detections == 9
 
 
+def test_min_score_above_every_score_warns(tmp_path, caplog):
+    video_ids, timestamps, boxes, scores = small_predictions()
+    with caplog.at_level("WARNING", logger="stage_dist.ava"):
+        assert write_results_csv(tmp_path / "r.csv", video_ids, timestamps, boxes, scores, min_score=1.5) == 0
+    assert "no score is >= min_score 1.5 (the highest is 1): no rows selected" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stage_dist.ava"):
+        write_results_csv(tmp_path / "r.csv", video_ids, timestamps, boxes, scores, min_score=0.95)
+    assert caplog.text == ""
+
+
 def test_results_without_rows_still_write_a_file(tmp_path):
     assert write_results_csv(tmp_path / "none.csv", [], np.zeros(0), np.zeros((0, 4)), np.zeros((0, 80))) == 0
     assert write_results_csv(tmp_path / "low.csv", ["v"], np.array([902]), np.zeros((1, 4)), np.zeros((1, 80)),

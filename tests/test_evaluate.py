@@ -459,8 +459,9 @@ def test_in_memory_min_score_above_every_score_warns(caplog):
     gt = read_groundtruth(FIXTURES / "mmaction2_eval_detection" / "gt.csv")
     labelmap = {1: "one", 2: "two"}
     scores = np.full((2, 80), 0.3)
-    with caplog.at_level("WARNING", logger="stage_dist.evaluate"):
+    with caplog.at_level("WARNING"):
         result = evaluate_predictions(gt, labelmap, ["x", "y"], np.array([902, 903]), np.zeros((2, 4)) + 0.5, scores,
                                       min_score=0.9)
-    assert "no prediction scores >= min_score 0.9 (highest 0.3)" in caplog.text
-    assert result.num_detection_rows == 0
+    assert "no score is >= min_score 0.9 (the highest is 0.3): no rows selected" in caplog.text
+    assert "<predictions>: no detections: every class with groundtruth has AP 0" in caplog.text
+    assert result.num_detection_rows == 0 and result.mean_ap == 0.0

@@ -179,6 +179,28 @@ def test_unreadable_detections(case):
         (case / "det.csv").chmod(0o644)
 
 
+def test_unreadable_detections_as_any_user(case, monkeypatch, capsys):
+    """The same, in process, with ``open`` refusing the file (works when the tests run as root)."""
+    import builtins
+
+    from stage_dist.evaluate import main
+
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file).endswith("det.csv"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.chdir(case)
+    before = snapshot(case)
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    assert main(["-g", "gt.csv", "-d", "det.csv", "-l", "labels.pbtxt"]) == 2
+    monkeypatch.undo()
+    assert capsys.readouterr().err == "error: det.csv: cannot read: Permission denied\n"
+    assert snapshot(case) == before
+
+
 def test_missing_labelmap_flag_is_a_usage_error(case):
     outcome = evaluate_cli(case, "-g", "gt.csv", "-d", "det.csv")
     assert outcome.returncode == 2 and "-l/--labelmap" in outcome.stderr
