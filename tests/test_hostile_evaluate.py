@@ -39,9 +39,16 @@ class Outcome:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (relative path -> digest)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every entry under ``root`` (relative path -> sha256 of a file, a link's target, or "dir")."""
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            entries[str(path.relative_to(root))] = "link -> " + os.readlink(path)
+        elif path.is_dir():
+            entries[str(path.relative_to(root))] = "dir"
+        else:
+            entries[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return entries
 
 
 def evaluate_cli(cwd: Path, *args: str, outputs: tuple[str, ...] = ()) -> Outcome:
