@@ -5,6 +5,8 @@
    results.csv with the 60 label-map classes per box (~6.8M rows, ~3.4M after the 50 cap);
    target <= 60 s and < 4 GB on 2 CPU cores. The file is written with
    ``stage_dist.ava.write_results_csv``, whose time is reported too.
+3. The same predictions evaluated in memory (``stage_dist.evaluate.evaluate_predictions``, what
+   validation can use instead of writing and reading results.csv); its mAP must equal 2.'s.
 
 Each evaluation runs in a fresh subprocess that reports its own wall time and peak resident
 memory (VmHWM, which includes the interpreter and numpy: the import-only baseline is printed
@@ -46,30 +48,44 @@ def _peak_rss_bytes() -> int:
 
 
 def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None:
-    """Run in a fresh process: evaluate ``repeat`` times, print timings and peak RSS as JSON."""
-    from stage_dist.evaluate import evaluate
+    """Run in a fresh process: evaluate ``repeat`` times, print timings and peak RSS as JSON.
+
+    ``detections`` ``"memory:<keyframes>:<seed>"`` regenerates the full-size predictions and
+    evaluates them in memory (the generation is not timed).
+    """
+    from stage_dist.evaluate import evaluate, evaluate_predictions
 
     baseline = _peak_rss_bytes()
+    if detections.startswith("memory:"):
+        _, num_keyframes, seed = detections.split(":")
+        data = generated_predictions(int(num_keyframes), int(seed))
+        predictions = (data["video_ids"], data["timestamps"], data["jitter"], data["scores"])
+
+        def run():
+            return evaluate_predictions(groundtruth, labelmap, *predictions, class_ids=data["class_ids"])
+    else:
+        def run():
+            return evaluate(groundtruth, detections, labelmap)
     seconds, result = [], None
     for _ in range(repeat):
         start = time.perf_counter()
-        result = evaluate(groundtruth, detections, labelmap)
+        result = run()
         seconds.append(time.perf_counter() - start)
     print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "import_rss": baseline,
                       "mean_ap": result.mean_ap, "rows": result.num_detection_rows,
                       "evaluated": result.num_evaluated_detections}))
 
 
-def run_child(groundtruth: Path, detections: Path, repeat: int) -> dict:
+def run_child(groundtruth: Path, detections: Path | str, repeat: int) -> dict:
     command = [sys.executable, __file__, "--child", str(groundtruth), str(detections), str(LABELMAP),
                "--repeat", str(repeat)]
     done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def generate_full(work_dir: Path, num_keyframes: int, seed: int) -> tuple[Path, Path, float]:
-    """Groundtruth and a results.csv of full-validation size; returns paths and writer seconds."""
-    from stage_dist.ava import read_labelmap, write_results_csv
+def generated_predictions(num_keyframes: int, seed: int) -> dict:
+    """Boxes, labels and scores of a full-validation-sized set (deterministic in ``seed``)."""
+    from stage_dist.ava import read_labelmap
 
     rng = np.random.default_rng(seed)
     class_ids = np.array(sorted(read_labelmap(LABELMAP)))
@@ -89,13 +105,24 @@ def generate_full(work_dir: Path, num_keyframes: int, seed: int) -> tuple[Path, 
         chosen = rng.choice(class_ids, size=num_boxes, p=frequency / frequency.sum())
         labels[np.arange(num_boxes), chosen - 1] |= rng.random(num_boxes) < (1.0 if n == 1 else 0.5)
     person = np.arange(num_boxes) - np.repeat(np.cumsum(actors) - actors, actors)
+    jitter = np.clip(boxes + rng.normal(0, 0.02, boxes.shape), 0, 1)
+    scores = np.clip(rng.random((num_boxes, 80)) * 0.6 + 0.35 * labels, 0, 1).astype(np.float32)
+    return dict(class_ids=class_ids, video_ids=video_ids, timestamps=timestamps, boxes=boxes, labels=labels,
+                person=person, jitter=jitter, scores=scores)
+
+
+def generate_full(work_dir: Path, num_keyframes: int, seed: int) -> tuple[Path, Path, float]:
+    """Groundtruth and a results.csv of full-validation size; returns paths and writer seconds."""
+    from stage_dist.ava import write_results_csv
+
+    data = generated_predictions(num_keyframes, seed)
+    video_ids, timestamps, boxes, labels = data["video_ids"], data["timestamps"], data["boxes"], data["labels"]
+    num_boxes, person, class_ids = len(boxes), data["person"], data["class_ids"]
+    jitter, scores = data["jitter"], data["scores"]
     box_text = [",".join(f"{v:.3f}" for v in b) for b in boxes.tolist()]
     with open(work_dir / "groundtruth.csv", "w") as out:
         for i, row in zip(*np.nonzero(labels)):
             out.write(f"{video_ids[i]},{timestamps[i]:04d},{box_text[i]},{row + 1},{person[i]}\n")
-
-    jitter = np.clip(boxes + rng.normal(0, 0.02, boxes.shape), 0, 1)
-    scores = np.clip(rng.random((num_boxes, 80)) * 0.6 + 0.35 * labels, 0, 1).astype(np.float32)
     start = time.perf_counter()
     rows = write_results_csv(work_dir / "results.csv", video_ids, timestamps, jitter, scores, class_ids=class_ids)
     written = time.perf_counter() - start
@@ -139,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = args.work_dir or Path(scratch)
         work_dir.mkdir(parents=True, exist_ok=True)
         groundtruth, detections, _ = generate_full(work_dir, args.keyframes, args.seed)
-        report(f"full-size ({args.keyframes} keyframes)", run_child(groundtruth, detections, args.full_repeat),
+        from_file = run_child(groundtruth, detections, args.full_repeat)
+        report(f"full-size ({args.keyframes} keyframes)", from_file, FULL_TARGET_S, FULL_TARGET_BYTES)
+        in_memory = run_child(groundtruth, f"memory:{args.keyframes}:{args.seed}", args.full_repeat)
+        report("the same predictions in memory (evaluate_predictions, no results.csv)", in_memory,
                FULL_TARGET_S, FULL_TARGET_BYTES)
+        same = in_memory["mean_ap"] == from_file["mean_ap"] and in_memory["rows"] == from_file["rows"]
+        print(f"  in-memory mAP and rows {'equal' if same else 'DIFFER FROM'} the file's")
     return 0
 
 

@@ -3,15 +3,20 @@
 This module owns every byte the official AVA evaluator reads or writes, and nothing else
 (the metric itself is :mod:`stage_dist.evaluate`):
 
-- :func:`read_ava_csv` parses ``video,ts,x1,y1,x2,y2,action[,score|person]`` rows (and the
-  2-column ``video,ts`` rows that mark a keyframe without boxes) into numpy arrays, in file
-  order, with vectorised parsing so that a full validation results file (~7M rows) reads in
-  seconds. Keyframes are named by the official image key ``"<video>,<ts:.6f>"`` with the
-  timestamp read as a decimal number, so ``0902``, ``902`` and ``902.0`` are one keyframe.
+- :func:`read_groundtruth` (rows of 7 or 8 columns, or the 2-column ``video,ts`` rows that mark
+  a keyframe without boxes) and :func:`read_detections` (exactly 8 columns: a missing score is
+  an error, never 1.0) parse ``video,ts,x1,y1,x2,y2,action[,score|person]`` rows into numpy
+  arrays, in file order, with vectorised parsing so that a full validation results file (~7M
+  rows) reads in seconds; :func:`read_ava_csv` is the reader behind both. A leading UTF-8
+  byte-order mark, ``\\r\\n`` line ends and blank lines read like a plain file. Keyframes are
+  named by the official image key ``"<video>,<ts:.6f>"`` with the timestamp read as a decimal
+  number, so ``0902``, ``902`` and ``902.0`` are one keyframe.
 - :func:`read_labelmap` reads both pbtxt forms (``item { name id }`` and
   ``label { name label_id }``); :func:`read_exclusions` reads ``video,ts`` exclusion lists.
 - :func:`write_results_csv` writes predictions in the AVA format, sorted and deterministic,
-  through a temporary file renamed into place.
+  through a temporary file renamed into place. :func:`results_rows` is its row selection and
+  order as arrays, and :func:`results_as_read` what reading the written file would give, so
+  predictions can be evaluated in memory with the file's exact numbers.
 
 Every malformed input raises :class:`AvaFormatError` with ``"<file>:<line>: <what is wrong>"``.
 """
@@ -38,7 +43,14 @@ PathLike = str | os.PathLike
 _READ_BLOCK_BYTES = 1 << 25  # parse CSVs in ~32 MiB blocks of whole lines (bounded memory)
 _MAX_FIELD_BYTES = 64  # longer video ids or timestamps are malformed (AVA ids have 11 characters)
 _WRITE_BLOCK_ROWS = 1 << 20  # results.csv rows formatted per block
+_MAX_LINE_BYTES = 1 << 20  # an AVA row has ~60 bytes: a longer "line" is not an AVA CSV
 _NEWLINE, _COMMA, _CR = 10, 44, 13
+_UTF8_BOM = b"\xef\xbb\xbf"  # Excel writes one; the CSV standard and Python's utf-8-sig accept it
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+GROUNDTRUTH_COLUMNS = (2, 7, 8)  # video,ts | video,ts,x1,y1,x2,y2,action[,person]
+DETECTION_COLUMNS = (8,)  # video,ts,x1,y1,x2,y2,action,score
+EXCLUSION_COLUMNS = (2,)  # video,ts
 
 
 class AvaFormatError(ValueError):
@@ -95,21 +107,41 @@ class AvaCsv:
 
 
 def _iter_line_blocks(handle: BinaryIO, block_bytes: int) -> Iterator[bytes]:
-    """Yield blocks of whole lines, each ending with a newline."""
+    """Yield blocks of whole lines, each ending with a newline; a leading UTF-8 BOM is dropped.
+
+    Raises :class:`_LineTooLong` when no newline comes within ``_MAX_LINE_BYTES`` (a binary
+    file or a stream without line breaks would otherwise be buffered whole).
+    """
     carry = b""
+    first = True
     while True:
         chunk = handle.read(block_bytes)
         if not chunk:
             break
         chunk = carry + chunk
+        if first and len(chunk) < len(_UTF8_BOM) and _UTF8_BOM.startswith(chunk):
+            carry = chunk  # a BOM split across reads (tiny blocks or a pipe)
+            continue
+        if first:
+            first = False
+            if chunk.startswith(_UTF8_BOM):
+                chunk = chunk[len(_UTF8_BOM):]
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:
+            if len(chunk) > _MAX_LINE_BYTES:
+                raise _LineTooLong()
             carry = chunk
             continue
         carry = chunk[cut:]
         yield chunk[:cut]
+    if first and carry.startswith(_UTF8_BOM):  # a file that is only a BOM (and maybe a line)
+        carry = carry[len(_UTF8_BOM):]
     if carry:
         yield carry + b"\n"
+
+
+class _LineTooLong(Exception):
+    """No line break within ``_MAX_LINE_BYTES``."""
 
 
 def _gather_fields(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -161,6 +193,8 @@ class _CsvBlockParser:
 
     def parse(self, block: bytes, first_line: int) -> int:
         """Parse one block whose first line is ``first_line``; return the number of lines."""
+        if first_line == 1 and block.startswith(_UTF16_BOMS):
+            raise self.error(1, "the file is UTF-16 text; save it as UTF-8 (AVA CSVs are ASCII)")
         if not self._parse_uniform(block):
             self._parse_any(block, first_line)
         return block.count(b"\n")
@@ -223,9 +257,9 @@ class _CsvBlockParser:
             i = int(np.argmax(bad))
             *others, last = (str(n) for n in self.allowed_columns)
             expected = f"{', '.join(others)} or {last}" if others else last
+            hint = " (video,ts,x1,y1,x2,y2,action,score)" if self.allowed_columns == DETECTION_COLUMNS else ""
             raise self.error(
-                int(line_numbers[i]),
-                f"expected {expected} comma-separated columns, found {num_columns[i]}",
+                int(line_numbers[i]), f"expected {expected} comma-separated columns, found {num_columns[i]}{hint}"
             )
 
         def field(rows: np.ndarray, column: int) -> np.ndarray:
@@ -287,6 +321,8 @@ class _CsvBlockParser:
             raise self.error(line, "video id or timestamp is not valid UTF-8") from None
         if not video_id.strip():
             raise self.error(line, "empty video id")
+        if video_id.startswith("\ufeff"):
+            raise self.error(line, "a byte-order mark inside the file (files concatenated?): remove it")
         try:
             key = image_key(video_id, timestamp)
         except ValueError as exc:
@@ -343,15 +379,16 @@ class _CsvBlockParser:
 
 
 def read_ava_csv(
-    path: PathLike, *, score_column: bool = True, allowed_columns: tuple[int, ...] = (2, 7, 8)
+    path: PathLike, *, score_column: bool = True, allowed_columns: tuple[int, ...] = GROUNDTRUTH_COLUMNS
 ) -> AvaCsv:
     """Read an AVA groundtruth or detection CSV (no header) into arrays, in file order.
 
     Rows are ``video,ts`` (a keyframe with no boxes), ``video,ts,x1,y1,x2,y2,action`` or the
     same with an 8th column, read as the score when ``score_column`` (detections) and ignored
-    otherwise (the person id of groundtruth). Blank lines are skipped; ``\\r\\n`` is accepted.
-    Fields are not unquoted (AVA files never quote). Rows with a number of columns not in
-    ``allowed_columns`` are errors.
+    otherwise (the person id of groundtruth). Blank lines are skipped; ``\\r\\n`` and a leading
+    UTF-8 byte-order mark are accepted. Fields are not unquoted (AVA files never quote). Rows
+    with a number of columns not in ``allowed_columns`` are errors. Prefer
+    :func:`read_groundtruth` and :func:`read_detections`, which fix the columns.
     """
     parser = _CsvBlockParser(path, score_column, allowed_columns)
     line = 1
@@ -361,12 +398,30 @@ def read_ava_csv(
                 line += parser.parse(block, line)
     except OSError as exc:
         raise AvaFormatError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    except _LineTooLong:
+        raise AvaFormatError(
+            path, line, f"no line break within {_MAX_LINE_BYTES} bytes: not an AVA CSV"
+        ) from None
     return parser.result()
+
+
+def read_groundtruth(path: PathLike) -> AvaCsv:
+    """An AVA groundtruth CSV: rows of 7 or 8 columns (the 8th, a person id, kept as ``scores``)
+    or 2 (``video,ts``: a keyframe without boxes)."""
+    return read_ava_csv(path, score_column=True, allowed_columns=GROUNDTRUTH_COLUMNS)
+
+
+def read_detections(path: PathLike) -> AvaCsv:
+    """An AVA detections file (results.csv): every row ``video,ts,x1,y1,x2,y2,action,score``.
+
+    A row without its score (7 columns) is an error, never a score of 1.0.
+    """
+    return read_ava_csv(path, score_column=True, allowed_columns=DETECTION_COLUMNS)
 
 
 def read_exclusions(path: PathLike) -> set[str]:
     """Image keys listed in an excluded-timestamps CSV (``video,ts`` rows)."""
-    rows = read_ava_csv(path, score_column=False, allowed_columns=(2,))
+    rows = read_ava_csv(path, score_column=False, allowed_columns=EXCLUSION_COLUMNS)
     return {rows.keys[i] for i in rows.marked_keyframes.tolist()}
 
 
@@ -406,11 +461,15 @@ def read_labelmap(path: PathLike) -> dict[int, str]:
     blocks (other fields, e.g. ``label_type`` or ``display_name``, are ignored).
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AvaFormatError(path, None, f"cannot read label map: {exc}") from None
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is not part of the text
+    except OSError as exc:
+        raise AvaFormatError(path, None, f"cannot read label map: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise AvaFormatError(path, line, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     tokens = _pbtxt_tokens(text, path)
     labelmap: dict[int, str] = {}
+    names: dict[str, int] = {}
     pos = 0
     while pos < len(tokens):
         kind, word, line = tokens[pos]
@@ -422,6 +481,9 @@ def read_labelmap(path: PathLike) -> dict[int, str]:
         class_id, name = _labelmap_entry(fields, path, line)
         if class_id in labelmap:
             raise AvaFormatError(path, line, f"class id {class_id} appears twice")
+        if name in names:  # metrics are keyed by name: a second one would hide the first's AP
+            raise AvaFormatError(path, line, f"class name {name!r} appears twice (ids {names[name]} and {class_id})")
+        names[name] = class_id
         labelmap[class_id] = name
     if not labelmap:
         raise AvaFormatError(path, None, "label map has no entries")
@@ -549,6 +611,61 @@ def _selected_columns(scores: np.ndarray, class_ids, topk, min_score) -> tuple[n
     return columns, keep
 
 
+@dataclass(frozen=True)
+class ResultRows:
+    """The rows of a results.csv before formatting, in file order (see :func:`write_results_csv`).
+
+    Boxes are per predicted box (sorted); rows are (box, action) pairs: ``box_rows[r]`` indexes
+    the boxes, ``columns[column_rows[r]]`` is the score column (action id ``column + 1``).
+    """
+
+    names: np.ndarray  # (V,) str: the distinct video ids, sorted
+    video_codes: np.ndarray  # (B,) int64 index into names, per box
+    stamps: np.ndarray  # (B,) int64 whole seconds
+    boxes: np.ndarray  # (B, 4) float64 x1, y1, x2, y2
+    columns: np.ndarray  # (C,) int64 score columns written
+    box_rows: np.ndarray  # (R,) int64
+    column_rows: np.ndarray  # (R,) int64 index into columns
+    scores: np.ndarray  # (R,) float64
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.box_rows)
+
+
+def results_rows(
+    video_ids: Sequence[str],
+    timestamps: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    *,
+    class_ids: Iterable[int] | None = None,
+    topk: int | None = None,
+    min_score: float = 0.0,
+) -> ResultRows:
+    """The rows :func:`write_results_csv` writes for these predictions, in its order (arrays only)."""
+    stamps, boxes, scores = _validate_results_inputs(video_ids, timestamps, boxes, scores)
+    columns, keep = _selected_columns(scores, class_ids, topk, min_score)
+    if keep.size and not keep.any():  # an empty results file is almost never what was meant
+        logger.warning("no score is >= min_score %g (the highest is %g): no rows selected",
+                       min_score, float(scores[:, columns].max()))
+    names, video_codes = np.unique(np.asarray(list(video_ids), dtype=str), return_inverse=True)
+    order = np.lexsort(
+        (np.arange(len(stamps)), boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], stamps, video_codes)
+    )
+    box_rows, column_rows = np.nonzero(keep[order])
+    return ResultRows(
+        names=names,
+        video_codes=video_codes[order].astype(np.int64),
+        stamps=stamps[order],
+        boxes=boxes[order],
+        columns=columns.astype(np.int64),
+        box_rows=box_rows,
+        column_rows=column_rows,
+        scores=scores[order[box_rows], columns[column_rows]],
+    )
+
+
 def write_results_csv(
     path: PathLike,
     video_ids: Sequence[str],
@@ -574,28 +691,53 @@ def write_results_csv(
     The file is written to a temporary file in the same directory and renamed into place: a
     failure never leaves a partial ``path`` (an existing file is kept).
     """
-    stamps, boxes, scores = _validate_results_inputs(video_ids, timestamps, boxes, scores)
-    columns, keep = _selected_columns(scores, class_ids, topk, min_score)
-    names, video_codes = np.unique(np.asarray(list(video_ids), dtype=str), return_inverse=True)
-    order = np.lexsort(
-        (np.arange(len(stamps)), boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], stamps, video_codes)
-    )
-    prefixes = _box_prefixes(names, video_codes[order], stamps[order], boxes[order], box_decimals)
-    action_text = np.array([b",%d," % (c + 1) for c in columns])
-    box_rows, column_rows = np.nonzero(keep[order])
-    row_scores = scores[order][box_rows, columns[column_rows]]
+    rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score)
+    prefixes = _box_prefixes(rows.names, rows.video_codes, rows.stamps, rows.boxes, box_decimals)
+    action_text = np.array([b",%d," % (c + 1) for c in rows.columns.tolist()])
 
     def blocks() -> Iterator[bytes]:
-        for lo in range(0, len(box_rows), _WRITE_BLOCK_ROWS):
+        for lo in range(0, rows.num_rows, _WRITE_BLOCK_ROWS):
             part = slice(lo, lo + _WRITE_BLOCK_ROWS)
-            lines = np.strings.add(prefixes[box_rows[part]], action_text[column_rows[part]])
-            lines = np.strings.add(lines, _format_fixed(row_scores[part], score_decimals))
+            lines = np.strings.add(prefixes[rows.box_rows[part]], action_text[rows.column_rows[part]])
+            lines = np.strings.add(lines, _format_fixed(rows.scores[part], score_decimals))
             lines = np.strings.add(lines, b"\n")
             yield lines.tobytes().replace(b"\x00", b"")
 
     atomic_write(path, lambda handle: handle.writelines(blocks()))
-    logger.info("wrote %d rows for %d boxes to %s", len(box_rows), len(stamps), path)
-    return len(box_rows)
+    logger.info("wrote %d rows for %d boxes to %s", rows.num_rows, len(rows.stamps), path)
+    return rows.num_rows
+
+
+def results_as_read(
+    rows: ResultRows, *, box_decimals: int = 3, score_decimals: int = 6, path: str = "<predictions>"
+) -> AvaCsv:
+    """What :func:`read_detections` returns for the file :func:`write_results_csv` writes.
+
+    Same rows, order, keys and float64 values, without formatting or parsing: a number written
+    with ``d`` decimals is the integer ``q = rint(x * 10**d)`` as text, and reading that text
+    gives the double nearest to ``q / 10**d``, which is what the (correctly rounded) division
+    gives. Keyframe keys are built once per keyframe; everything per row stays in arrays.
+    """
+    codes, stamps = rows.video_codes, rows.stamps
+    changed = np.ones(len(stamps), dtype=bool)
+    changed[1:] = (codes[1:] != codes[:-1]) | (stamps[1:] != stamps[:-1])
+    heads = np.flatnonzero(changed)
+    keys = [image_key(str(rows.names[c]), "%04d" % t) for c, t in zip(codes[heads].tolist(), stamps[heads].tolist())]
+    box_keyframe = np.cumsum(changed) - 1
+    return AvaCsv(
+        path=path,
+        keys=keys,
+        keyframe=box_keyframe[rows.box_rows].astype(np.int64),
+        boxes=_as_written(rows.boxes, box_decimals)[rows.box_rows],
+        actions=rows.columns[rows.column_rows] + 1,
+        scores=_as_written(rows.scores, score_decimals),
+        marked_keyframes=np.empty(0, dtype=np.int64),
+    )
+
+
+def _as_written(values: np.ndarray, decimals: int) -> np.ndarray:
+    """``values`` as read back after :func:`_format_fixed` wrote them (same rounding)."""
+    return np.rint(values * 10**decimals).astype(np.int64) / 10**decimals
 
 
 def _box_prefixes(names, codes, stamps, boxes, box_decimals: int) -> np.ndarray:

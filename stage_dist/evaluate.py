@@ -47,7 +47,18 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from stage_dist.ava import AvaCsv, AvaFormatError, PathLike, read_ava_csv, read_exclusions, read_labelmap
+from stage_dist.ava import (
+    AvaCsv,
+    AvaFormatError,
+    PathLike,
+    read_detections,
+    read_exclusions,
+    read_groundtruth,
+    read_labelmap,
+    results_as_read,
+    results_rows,
+)
+from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -94,25 +105,33 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate AVA detections against groundtruth like the official evaluator.
 
-    Files are paths (or already-read :class:`AvaCsv`; groundtruth read with its 8th column as
-    scores); ``labelmap`` a pbtxt path or ``{id: name}``; ``exclusions`` a path or image keys
-    (:func:`stage_dist.ava.image_key`). Raises :class:`AvaFormatError` on malformed files.
+    Files are paths (or already-read :class:`AvaCsv`, groundtruth with its 8th column as
+    scores, see :func:`stage_dist.ava.read_groundtruth` / :func:`~stage_dist.ava.read_detections`);
+    ``labelmap`` a pbtxt path or ``{id: name}`` (required: AVA groundtruth files hold all 80
+    classes, the protocol evaluates the label map's 60); ``exclusions`` a path or image keys
+    (:func:`stage_dist.ava.image_key`).
+
+    Raises :class:`AvaFormatError` on malformed files and on a groundtruth without rows. Logs a
+    warning when nothing can score: no detections, none on a groundtruth keyframe, none of a
+    label-map class, or no groundtruth of a label-map class.
     """
     start = time.perf_counter()
     if not isinstance(labelmap, Mapping):
         labelmap = read_labelmap(labelmap)
-    if not labelmap or min(labelmap) < 1:
-        raise ValueError(f"label map needs class ids >= 1, got {sorted(labelmap)}")
     if exclusions is None:
         excluded: set[str] = set()
     elif isinstance(exclusions, (str, os.PathLike)):
         excluded = read_exclusions(exclusions)
     else:
         excluded = set(exclusions)
-    gt = groundtruth if isinstance(groundtruth, AvaCsv) else read_ava_csv(groundtruth)
-    det = detections if isinstance(detections, AvaCsv) else read_ava_csv(detections)
+    gt = groundtruth if isinstance(groundtruth, AvaCsv) else read_groundtruth(groundtruth)
+    det = detections if isinstance(detections, AvaCsv) else read_detections(detections)
     logger.info("read %d groundtruth and %d detection rows in %.2f s",
                 gt.num_rows, det.num_rows, time.perf_counter() - start)
+    if not gt.keys:
+        raise AvaFormatError(gt.path, None, "the groundtruth has no rows: nothing to evaluate")
+    if not labelmap or min(labelmap) < 1:
+        raise ValueError(f"label map needs class ids >= 1, got {sorted(labelmap)}")
 
     num_classes = max(labelmap)
     in_labelmap = np.zeros(num_classes + 1, dtype=bool)
@@ -122,6 +141,7 @@ def evaluate(
     gt_rows = np.flatnonzero(_known_class(gt.actions, in_labelmap) & included[gt.keyframe])
     num_gt = np.bincount(gt.actions[gt_rows], minlength=num_classes + 1)
     kept = _capped_detections(det, gt, included, in_labelmap)
+    _warn_if_nothing_scores(gt, det, gt_rows, kept, in_labelmap)
     kept = kept.select((kept.boxes[:, 0] < kept.boxes[:, 2]) & (kept.boxes[:, 1] < kept.boxes[:, 3]))
     true_positive = _match(kept, gt, gt_rows, num_classes)
 
@@ -147,6 +167,53 @@ def evaluate(
         num_evaluated_detections=len(kept.scores),
         seconds=seconds,
     )
+
+
+def evaluate_predictions(
+    groundtruth: PathLike | AvaCsv,
+    labelmap: PathLike | Mapping[int, str],
+    video_ids: Sequence[str] | np.ndarray,
+    timestamps: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    *,
+    exclusions: PathLike | Iterable[str] | None = None,
+    class_ids: Iterable[int] | None = None,
+    topk: int | None = None,
+    min_score: float = 0.0,
+) -> EvalResult:
+    """Evaluate predictions held in memory, without writing and reading a results.csv.
+
+    The predictions are what :func:`stage_dist.ava.write_results_csv` takes: per box its video
+    id, whole-second timestamp, ``x1, y1, x2, y2`` and a row of scores (column ``j`` = action id
+    ``j + 1``), with the same ``class_ids`` / ``topk`` / ``min_score`` selection. The result is
+    the one :func:`evaluate` gives for the file ``write_results_csv`` writes from the same
+    arguments, bit for bit (rows in the file's order, boxes and scores rounded as written to
+    3 and 6 decimals) except ``seconds``. Per-row data stays in numpy arrays (a full AVA val
+    set is ~9.5M rows); only the keyframe keys are Python strings. A ``min_score`` above every
+    score is logged as a warning (by the row selection, as when writing the file).
+    """
+    rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score)
+    detections = results_as_read(rows)
+    del rows  # its per-row arrays are not needed any more (~40 bytes a row)
+    return evaluate(groundtruth, detections, labelmap, exclusions)
+
+
+def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections, in_labelmap) -> None:
+    """A warning for each way the detections cannot score at all (the numbers stay correct)."""
+    if not len(gt_rows):
+        logger.warning("%s: no groundtruth box has an action of the label map (every AP is NaN)", gt.path)
+    if det.num_rows == 0:
+        logger.warning("%s: no detections: every class with groundtruth has AP 0", det.path)
+    elif not len(kept.scores):
+        gt_keys = set(gt.keys)
+        on_gt = sum(1 for key in det.keys if key in gt_keys)
+        if on_gt == 0:
+            logger.warning("%s: none of the %d detection keyframes is a groundtruth keyframe (other videos or "
+                           "timestamps?): every class with groundtruth has AP 0", det.path, len(det.keys))
+        elif not _known_class(det.actions, in_labelmap).any():
+            logger.warning("%s: no detection has an action id of the label map: every class with groundtruth "
+                           "has AP 0", det.path)
 
 
 def _known_class(actions: np.ndarray, in_labelmap: np.ndarray) -> np.ndarray:
@@ -362,9 +429,10 @@ def format_table(result: EvalResult, labelmap: Mapping[int, str]) -> str:
 
 
 def write_metrics_json(result: EvalResult, path: PathLike) -> None:
-    """The official metrics dict as JSON (sorted keys, NaN written as null)."""
+    """The official metrics dict as JSON (sorted keys, NaN written as null), written atomically."""
     metrics = {key: (None if math.isnan(value) else value) for key, value in result.metrics.items()}
-    Path(path).write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(metrics, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def plot_per_class_ap(result: EvalResult, path: PathLike) -> None:
@@ -385,8 +453,10 @@ def plot_per_class_ap(result: EvalResult, path: PathLike) -> None:
     ax.set_xlabel(f"AP@{IOU_THRESHOLD} IoU (dashed: mean)")
     ax.set_title(f"AVA frame-AP per class, mAP {result.mean_ap:.4f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -410,24 +480,49 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that is a directory or would replace an input."""
+    inputs = {flag: getattr(args, name) for flag, name in (("-g", "groundtruth"), ("-d", "detections"),
+                                                           ("-l", "labelmap"), ("-e", "exclusions"))}
+    outputs = {flag: getattr(args, name) for flag, name in (("--json", "json"), ("--plot", "plot"))}
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise AvaFormatError(path, None, f"{flag} is a directory, not a file to write")
+        for other_flag, other in [*inputs.items(), *seen.items()]:
+            if other is not None and _same_file(path, other):
+                raise AvaFormatError(path, None, f"{flag} would overwrite the file given as {other_flag}; refusing")
+        seen[flag] = path
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for malformed or unreadable input)."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_outputs(args)
         labelmap = read_labelmap(args.labelmap)
         result = evaluate(args.groundtruth, args.detections, labelmap, args.exclusions)
     except AvaFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        if args.json:
-            write_metrics_json(result, args.json)
-        if args.plot:
-            plot_per_class_ap(result, args.plot)
-    except OSError as exc:
-        print(f"error: cannot write output: {exc}", file=sys.stderr)
-        return 2
+    for write, path in ((write_metrics_json, args.json), (plot_per_class_ap, args.plot)):
+        if path is None:
+            continue
+        try:
+            write(result, path)
+        except OSError as exc:
+            print(f"error: {path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     table = format_table(result, labelmap)
     print(table.splitlines()[0] if args.quiet else table)
     return 0

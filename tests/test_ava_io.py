@@ -264,8 +264,124 @@ def test_results_round_trip_through_reader_and_evaluator(tmp_path):
     assert result.num_evaluated_detections == 9
 
 
+def test_min_score_above_every_score_warns(tmp_path, caplog):
+    video_ids, timestamps, boxes, scores = small_predictions()
+    with caplog.at_level("WARNING", logger="stage_dist.ava"):
+        assert write_results_csv(tmp_path / "r.csv", video_ids, timestamps, boxes, scores, min_score=1.5) == 0
+    assert "no score is >= min_score 1.5 (the highest is 1): no rows selected" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stage_dist.ava"):
+        write_results_csv(tmp_path / "r.csv", video_ids, timestamps, boxes, scores, min_score=0.95)
+    assert caplog.text == ""
+
+
 def test_results_without_rows_still_write_a_file(tmp_path):
     assert write_results_csv(tmp_path / "none.csv", [], np.zeros(0), np.zeros((0, 4)), np.zeros((0, 80))) == 0
     assert write_results_csv(tmp_path / "low.csv", ["v"], np.array([902]), np.zeros((1, 4)), np.zeros((1, 80)),
                              min_score=0.5) == 0
     assert (tmp_path / "none.csv").read_bytes() == (tmp_path / "low.csv").read_bytes() == b""
+
+
+# --- byte-order marks, line endings and column counts (both parser paths) ------------------------
+
+BOM = b"\xef\xbb\xbf"
+
+
+def read_slow_path(path, monkeypatch, reader=read_ava_csv):
+    """The general parser only (the fast uniform-block path switched off)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(ava._CsvBlockParser, "_parse_uniform", lambda self, block: False)
+        return reader(path)
+
+
+def assert_same_rows(a, b):
+    assert a.keys == b.keys
+    for name in ("keyframe", "boxes", "actions", "scores", "marked_keyframes"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 5, 1 << 25])
+@pytest.mark.parametrize("slow", [False, True])
+def test_bom_crlf_and_trailing_blank_lines_read_like_a_clean_file(tmp_path, monkeypatch, block_bytes, slow):
+    monkeypatch.setattr(ava, "_READ_BLOCK_BYTES", block_bytes)  # 1, 2: the BOM split across reads
+    clean = FIXTURES.joinpath("detections_subset4.csv").read_bytes()[:5000].rsplit(b"\n", 1)[0] + b"\n"
+    (tmp_path / "clean.csv").write_bytes(clean)
+    (tmp_path / "odd.csv").write_bytes(BOM + clean.replace(b"\n", b"\r\n") + b"\r\n\n")
+    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_detections)) if slow else ava.read_detections
+    expected, got = ava.read_detections(tmp_path / "clean.csv"), read(tmp_path / "odd.csv")
+    assert expected.num_rows == clean.count(b"\n") and not any(k.startswith("\ufeff") for k in got.keys)
+    assert_same_rows(got, expected)
+
+
+def test_fast_and_general_paths_agree_on_the_fixtures(monkeypatch):
+    for name in ("ava_val_v2.1_subset4.csv", "detections_subset4.csv"):
+        assert_same_rows(read_slow_path(FIXTURES / name, monkeypatch), read_ava_csv(FIXTURES / name))
+
+
+@pytest.mark.parametrize("content", [b"", BOM, BOM + b"\n", b"\r\n\r\n", BOM + b"\r\n\n"])
+def test_files_with_no_rows(tmp_path, content):
+    (tmp_path / "empty.csv").write_bytes(content)
+    rows = ava.read_groundtruth(tmp_path / "empty.csv")
+    assert rows.num_rows == 0 and rows.keys == [] and rows.boxes.shape == (0, 4)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_bom_inside_the_file_is_an_error(tmp_path, monkeypatch, slow):
+    """``cat a.csv b.csv`` of two Excel files: the second BOM would make a phantom video id."""
+    path = tmp_path / "gt.csv"
+    path.write_bytes(BOM + b"v,0902,0.1,0.2,0.3,0.4,1\n" + BOM + b"v,0903,0.1,0.2,0.3,0.4,1\n")
+    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_groundtruth)) if slow else ava.read_groundtruth
+    with pytest.raises(AvaFormatError, match=r":2: a byte-order mark inside the file"):
+        read(path)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_detections_need_exactly_eight_columns(tmp_path, monkeypatch, slow):
+    path = tmp_path / "det.csv"
+    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_detections)) if slow else ava.read_detections
+    path.write_text("v,0902,0.1,0.2,0.3,0.4,1\nv,0903,0.1,0.2,0.3,0.4,1\n")  # uniform 7-column block
+    with pytest.raises(AvaFormatError) as error:
+        read(path)
+    assert str(error.value) == (f"{path}:1: expected 8 comma-separated columns, found 7 "
+                                "(video,ts,x1,y1,x2,y2,action,score)")
+    path.write_text("v,0902,0.1,0.2,0.3,0.4,1,0.5\nv,0903,0.1,0.2,0.3,0.4,1,0.5,7\n")
+    with pytest.raises(AvaFormatError, match=r":2: expected 8 comma-separated columns, found 9"):
+        read(path)
+    path.write_text("v,0902,0.1,0.2,0.3,0.4,1,0.5\nv,0903\n")
+    with pytest.raises(AvaFormatError, match=r":2: expected 8 comma-separated columns, found 2"):
+        read(path)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_groundtruth_takes_2_7_or_8_columns(tmp_path, monkeypatch, slow):
+    path = tmp_path / "gt.csv"
+    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_groundtruth)) if slow else ava.read_groundtruth
+    path.write_text("v,0902,0.1,0.2,0.3,0.4,1\nv,0903,0.1,0.2,0.3,0.4,2,7\nv,0904\n")
+    rows = read(path)
+    assert rows.actions.tolist() == [1, 2] and rows.scores.tolist() == [1.0, 7.0]
+    assert rows.marked_keyframes.tolist() == [2]
+    for bad, found in (("v,0905,0.1,0.2,0.3,0.4", 6), ("v,0905,0.1,0.2,0.3,0.4,1,0,9", 9), ("v", 1)):
+        path.write_text(f"v,0902,0.1,0.2,0.3,0.4,1,0\n{bad}\n")
+        with pytest.raises(AvaFormatError, match=rf":2: expected 2, 7 or 8 comma-separated columns, found {found}$"):
+            read(path)
+
+
+def test_utf16_and_lines_without_breaks_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "gt.csv"
+    path.write_bytes("v,0902,0.1,0.2,0.3,0.4,1\n".encode("utf-16"))
+    with pytest.raises(AvaFormatError, match=r":1: the file is UTF-16 text"):
+        ava.read_groundtruth(path)
+    monkeypatch.setattr(ava, "_READ_BLOCK_BYTES", 64)
+    monkeypatch.setattr(ava, "_MAX_LINE_BYTES", 200)
+    path.write_bytes(b"v,0902\n" + b"x" * 1000)
+    with pytest.raises(AvaFormatError, match=r":2: no line break within 200 bytes"):
+        ava.read_groundtruth(path)
+
+
+def test_labelmap_with_bom_crlf_and_duplicate_names(tmp_path):
+    path = tmp_path / "labels.pbtxt"
+    path.write_bytes(BOM + ITEM_LABELMAP.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_labelmap(path) == read_labelmap(ITEM_LABELMAP)
+    path.write_text('item { name: "a" id: 1 }\nitem { name: "a" id: 2 }\n')
+    with pytest.raises(AvaFormatError, match=r":2: class name 'a' appears twice \(ids 1 and 2\)"):
+        read_labelmap(path)

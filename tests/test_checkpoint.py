@@ -129,6 +129,7 @@ manager.save({"step": torch.tensor(2)}, epoch=0, step=2)
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_no_partial_checkpoint(tmp_path):
     """A real SIGKILL while writing: the older checkpoint stays the newest loadable one."""
     manager = CheckpointManager(tmp_path)

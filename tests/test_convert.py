@@ -165,6 +165,7 @@ def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
                           start_new_session=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(split, tmp_path):
     reference, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     args = SMALL[:-2] + ["--workers", "2", "--split", "train"]

@@ -4,6 +4,7 @@ row-by-row reference of the official protocol on random files full of ties."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import heapq
 import json
 import math
@@ -14,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import stage_dist.ava as ava
 from conftest import FIXTURES
-from stage_dist.evaluate import CLASS_KEY_PREFIX, MAP_KEY, evaluate, main
+from stage_dist.ava import read_detections, read_groundtruth, read_labelmap, results_as_read, results_rows, write_results_csv
+from stage_dist.evaluate import CLASS_KEY_PREFIX, MAP_KEY, evaluate, evaluate_predictions, main
 
 LABELMAP_3 = {1: "one", 2: "two", 3: "three"}
 TP_BOX = (0.1, 0.1, 0.5, 0.9)
@@ -373,3 +376,92 @@ def test_module_cli_runs_as_a_process(tmp_path):
                            "-d", str(root / "pred.csv"), "-l", str(bad)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {bad}:3: id 'x' is not an integer"
+
+
+# --- in-memory evaluation: the same result as writing results.csv and evaluating the file -------
+
+
+def random_predictions(seed: int, gt_rows, num_boxes: int):
+    """Boxes on the groundtruth's keyframes (and a few others), 80 scores each, full of ties."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(gt_rows), num_boxes)
+    video_ids = np.array([gt_rows[i][0] for i in pick], dtype=object)
+    timestamps = np.array([int(gt_rows[i][1]) for i in pick])
+    video_ids[rng.random(num_boxes) < 0.05] = "not_in_gt"
+    boxes = np.array([[float(v) for v in gt_rows[i][2:6]] for i in pick]) + rng.normal(0, 0.03, (num_boxes, 4))
+    boxes[rng.random(num_boxes) < 0.1] = boxes[0]  # equal boxes: their order is the input order
+    scores = rng.random((num_boxes, 80)).astype(np.float32)  # float32 like stage_dist.infer
+    scores[rng.random((num_boxes, 80)) < 0.3] = np.float32(0.5)  # ties at the 50-cap threshold
+    return video_ids, timestamps, boxes.astype(np.float32), scores
+
+
+def comparable(result) -> str:
+    """Every field but the timing, floats by repr (so -0.0 / NaN / last-bit differences show)."""
+    return repr(sorted(dataclasses.asdict(dataclasses.replace(result, seconds=0.0)).items()))
+
+
+@pytest.mark.parametrize(
+    ("class_ids", "topk", "min_score"),
+    [(None, None, 0.0), ("labelmap", None, 0.0), (None, 3, 0.0), ("labelmap", 5, 0.4), (None, None, 0.5)],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_in_memory_evaluation_equals_the_written_file(tmp_path, seed, class_ids, topk, min_score):
+    gt_path = FIXTURES / "ava_val_v2.1_subset4.csv"
+    labelmap = read_labelmap(FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt")
+    gt_rows = [row for row in csv.reader(gt_path.open()) if len(row) >= 7]
+    predictions = random_predictions(seed, gt_rows, 600)
+    selection = dict(class_ids=sorted(labelmap) if class_ids == "labelmap" else None, topk=topk, min_score=min_score)
+    path = tmp_path / "results.csv"
+    write_results_csv(path, *predictions, **selection)
+
+    from_file = evaluate(gt_path, path, labelmap)
+    in_memory = evaluate_predictions(read_groundtruth(gt_path), labelmap, *predictions, **selection)
+    assert comparable(in_memory) == comparable(from_file)
+    assert in_memory.num_detection_rows == path.read_bytes().count(b"\n")
+    if topk is None and min_score < 0.5:
+        assert in_memory.num_evaluated_detections < in_memory.num_detection_rows  # the 50 cap cut rows
+
+    # the rows themselves: same order, keys and float64 values as the reader gives
+    read = read_detections(path)
+    rows = results_as_read(results_rows(*predictions, **selection))
+    assert rows.keys == read.keys
+    for name in ("keyframe", "boxes", "actions", "scores", "marked_keyframes"):
+        np.testing.assert_array_equal(getattr(rows, name), getattr(read, name), err_msg=name)
+        assert getattr(rows, name).dtype == getattr(read, name).dtype
+
+
+def test_in_memory_values_are_the_parsed_text_bit_for_bit():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.random(200_000), rng.random(1000) * 3 - 1, [0.0, -0.0, 1.0, 0.0005, 0.0015]])
+    for decimals in (3, 6):
+        text = ava._format_fixed(values, decimals)
+        expected = text.astype(np.float64)
+        got = ava._as_written(values, decimals)
+        assert np.array_equal(got.view(np.int64), expected.view(np.int64)), decimals  # bits, not ==
+
+
+def test_in_memory_evaluation_builds_keys_per_keyframe_not_per_row(monkeypatch):
+    """Python work is per keyframe (the keys); every per-row quantity stays in arrays."""
+    calls = []
+    original = ava.image_key
+    monkeypatch.setattr(ava, "image_key", lambda video, stamp: calls.append(1) or original(video, stamp))
+    num_boxes = 4000
+    video_ids = np.array(["vid"] * num_boxes, dtype=object)
+    timestamps = np.repeat(np.arange(902, 942), num_boxes // 40)
+    scores = np.random.default_rng(0).random((num_boxes, 80))
+    rows = results_rows(video_ids, timestamps, np.tile([0.1, 0.1, 0.5, 0.5], (num_boxes, 1)), scores)
+    read = results_as_read(rows)
+    assert read.num_rows == num_boxes * 80 and len(calls) == 40
+    assert all(isinstance(getattr(read, name), np.ndarray) for name in ("keyframe", "boxes", "actions", "scores"))
+
+
+def test_in_memory_min_score_above_every_score_warns(caplog):
+    gt = read_groundtruth(FIXTURES / "mmaction2_eval_detection" / "gt.csv")
+    labelmap = {1: "one", 2: "two"}
+    scores = np.full((2, 80), 0.3)
+    with caplog.at_level("WARNING"):
+        result = evaluate_predictions(gt, labelmap, ["x", "y"], np.array([902, 903]), np.zeros((2, 4)) + 0.5, scores,
+                                      min_score=0.9)
+    assert "no score is >= min_score 0.9 (the highest is 0.3): no rows selected" in caplog.text
+    assert "<predictions>: no detections: every class with groundtruth has AP 0" in caplog.text
+    assert result.num_detection_rows == 0 and result.mean_ap == 0.0

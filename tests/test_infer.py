@@ -45,6 +45,7 @@ def run_infer(stores: Stores, checkpoint: Path, out: Path, *, ranks: int, window
     return out.read_bytes()
 
 
+@pytest.mark.slow
 def test_results_identical_across_ranks_and_window_sizes(tiny_stores, checkpoint, tmp_path):
     reference = run_infer(tiny_stores, checkpoint, tmp_path / "r1_w6.csv", ranks=1, window=6)
     assert run_infer(tiny_stores, checkpoint, tmp_path / "r1_w2.csv", ranks=1, window=2) == reference
@@ -109,6 +110,7 @@ def test_labelmap_topk_and_published_checkpoint(tiny_stores, checkpoint, tmp_pat
     assert 0.0 <= result.mean_ap <= 1.0
 
 
+@pytest.mark.slow
 def test_shards_give_the_same_results_csv_as_the_store(tiny_stores, checkpoint, tmp_path):
     from stage_dist.shards import shard_pattern, write_shards
 

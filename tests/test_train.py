@@ -81,6 +81,7 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
         assert torch.equal(expected[name], actual[name]), name
 
 
+@pytest.mark.slow
 def test_stage_beats_the_no_graph_baseline(learnable_stores, tmp_path):
     """Same data, same recipe: the graph is worth a clear margin of val frame-mAP@0.5.
 
@@ -94,6 +95,7 @@ def test_stage_beats_the_no_graph_baseline(learnable_stores, tmp_path):
     assert val_map["stage"] > val_map["baseline"] + 0.05, val_map
 
 
+@pytest.mark.slow
 def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     """torchrun, 2 gloo ranks: loss falls, val mAP rises, both ranks end with identical weights."""
     config = make_config(learnable_stores, tmp_path / "run", epochs=8, lr=2e-3, val_every=1, log_every=5,
@@ -135,6 +137,7 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     assert (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="uses /proc to find the worker processes")
 def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
     """torchrun --max-restarts=1: SIGKILL one worker after the first checkpoint; the run completes."""
