@@ -8,7 +8,7 @@ epoch. The windows of all clips are shuffled with a generator seeded ``seed + ep
 on every rank) and dealt out step by step: global step ``s`` takes the next
 ``world_size * windows_per_step`` windows of the shuffled list and rank ``r`` gets the ``r``-th
 group of ``windows_per_step``. Every rank runs the same number of steps (DDP hangs otherwise):
-the list is padded by repeating windows from its start, or cut with ``drop_last``.
+the list is padded by repeating windows from its start (:meth:`ClipWindowSampler.padded_windows`).
 
 Inference (:func:`plan_inference_windows`, :func:`shard_for_rank`): windows of ``W`` *owned*
 keyframes, each read with up to ``context`` extra keyframes on either side. STAGE has two
@@ -108,7 +108,6 @@ class ClipWindowSampler:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        drop_last: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -121,10 +120,8 @@ class ClipWindowSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.drop_last = drop_last
         self.epoch = 0
         self._resume_step = 0
-        self._consumed = 0
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, shuffled windows)
 
     @property
@@ -142,26 +139,18 @@ class ClipWindowSampler:
         return self._cache[1]
 
     def _steps(self, num_windows: int) -> int:
-        per_step = self.windows_per_global_step
-        if self.drop_last:
-            return num_windows // per_step
-        return -(-num_windows // per_step)
+        return -(-num_windows // self.windows_per_global_step)
 
     def steps_for_epoch(self, epoch: int) -> int:
         """Steps of ``epoch`` (the same on every rank), without changing the sampler's state."""
         return self._steps(len(self._windows(epoch)))
 
-    @property
-    def windows_per_epoch(self) -> int:
-        """Distinct windows of the current epoch, all ranks together, before padding or dropping."""
-        return len(self._windows(self.epoch))
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.steps_for_epoch(self.epoch)
+    def padded_windows(self, epoch: int) -> int:
+        """Windows of ``epoch`` repeated (all ranks together) to make the ranks' steps equal."""
+        return self.steps_for_epoch(epoch) * self.windows_per_global_step - len(self._windows(epoch))
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.steps_for_epoch(self.epoch)
 
     def epoch_windows(self, epoch: int | None = None) -> list[WindowSpec]:
         """All windows of an epoch (default: the current one) in shuffled order, before padding."""
@@ -187,27 +176,16 @@ class ClipWindowSampler:
     def __iter__(self) -> Iterator[list[WindowSpec]]:
         steps = self._rank_steps()
         start, self._resume_step = self._resume_step, 0
-        self._consumed = start
-        return self._iterate(steps, start)
+        return ([WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]] for step in range(start, len(steps)))
 
-    def _iterate(self, steps: np.ndarray, start: int) -> Iterator[list[WindowSpec]]:
-        for step in range(start, len(steps)):
-            self._consumed = step + 1
-            yield [WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]]
-
-    def state_dict(self, step: int | None = None) -> dict:
-        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained.
-
-        By default it counts the steps this sampler has yielded. A ``DataLoader`` with workers
-        draws batches ahead of training (up to ``num_workers * prefetch_factor``), so a trainer
-        using one should pass the number of steps it has actually completed.
-        """
-        return {"epoch": int(self.epoch), "step": int(self._consumed if step is None else step)}
+    def state_dict(self, step: int) -> dict:
+        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained
+        (the trainer's count: a DataLoader draws batches ahead of training)."""
+        return {"epoch": int(self.epoch), "step": int(step)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
         self.epoch, self._resume_step = parse_position(state, "sampler")
-        self._consumed = self._resume_step
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,16 @@ from torch.utils.data import DataLoader
 
 from stage_dist.batch import Window, WindowSpec, collate
 from stage_dist.sampler import ClipWindowSampler
-from stage_dist.shards import (
+from stage_dist.shard_format import (
     ShardError,
-    ShardWindowStream,
-    assign_shards,
     expand_urls,
-    main,
     read_clip_samples,
     shard_pattern,
+    shards_to_store,
     write_shards,
 )
+from stage_dist.shard_stream import ShardWindowStream, fill_segments
+from stage_dist.shards import main
 from stage_dist.store import (
     FeatureStore,
     StorageConfig,
@@ -221,35 +221,73 @@ def test_window_samples_match_the_store_and_join_back_into_clips(store, tmp_path
 # --- equal steps on every rank --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("windows_per_step", [1, 2])
-def test_every_rank_runs_the_same_steps_from_disjoint_shards(store, seven, world_size, windows_per_step):
-    manifest, pattern = seven
+def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch, **kwargs) -> list[list[list[Window]]]:
+    """Every rank's steps, in step order, with ``num_workers`` DataLoader workers emulated."""
+    import stage_dist.shard_stream as shard_stream
+
+    ranks = []
+    for rank in range(world_size):
+        by_step: dict[int, list[Window]] = {}
+        for worker in range(num_workers):
+            monkeypatch.setattr(shard_stream, "_worker", lambda: (worker, num_workers))
+            for i, step in enumerate(run_epoch(pattern, epoch, rank, world_size, **kwargs)):
+                by_step[worker + i * num_workers] = step
+        ranks.append([by_step[i] for i in range(len(by_step))])
+    return ranks
+
+
+@pytest.mark.parametrize("world_size, num_workers, windows_per_step", [(2, 2, 1), (2, 2, 2), (3, 1, 1), (1, 3, 2)])
+@pytest.mark.parametrize("layout", ["seven", "two"])
+def test_uneven_shards_yield_every_window_once_plus_padding(store, layout, world_size, num_workers, windows_per_step,
+                                                            monkeypatch, request, caplog):
+    """Shards of 3..20 keyframes (or two of unequal size): over all ranks and workers each
+    window of the epoch comes exactly once, and only the padding needed for equal steps repeats."""
+    _, pattern = request.getfixturevalue(layout)
     for epoch in (0, 1):
-        ranks = [run_epoch(pattern, epoch, r, world_size, windows_per_step=windows_per_step) for r in range(world_size)]
+        ranks = emulated_epoch(pattern, epoch, world_size, num_workers, monkeypatch, windows_per_step=windows_per_step)
         sampler = ClipWindowSampler(store.clip_lengths, WINDOW, windows_per_step, world_size=world_size, seed=0)
-        assert [len(steps) for steps in ranks] == [sampler.steps_for_epoch(epoch)] * world_size
-        assert all(len(step) == windows_per_step for steps in ranks for step in steps)
-        clips_of_rank = [{w.clip for step in steps for w in step} for steps in ranks]
-        for rank, clips in enumerate(clips_of_rank):
-            own = {NONEMPTY[s] for s in assign_shards(7, rank, world_size).shards}
-            assert clips <= own, (rank, clips, own)
+        steps = sampler.steps_for_epoch(epoch)
+        assert [len(r) for r in ranks] == [steps] * world_size
+        assert all(len(step) == windows_per_step for r in ranks for step in r)
+        specs = [spec_of(store, w) for r in ranks for step in r for w in step]
         expected = epoch_specs(store, epoch)
-        assert all(spec_of(store, w) in expected for steps in ranks for step in steps for w in step)
+        assert set(specs) == expected  # every window of the epoch, no other
+        padded = steps * world_size * windows_per_step - len(expected)
+        assert len(specs) - len(expected) == padded == sampler.padded_windows(epoch)
+        assert padded < world_size * windows_per_step
+        assert stream(pattern, 0, world_size, windows_per_step=windows_per_step).padded_windows(epoch) == padded
+        keyframes = np.zeros(sum(LENGTHS), dtype=np.int64)  # keyframe rows, counted
+        for spec in specs:
+            first = int(store.clip_ptr[spec.clip]) + spec.start
+            keyframes[first : first + spec.length] += 1
+        repeated = sum(n for _, _, n in specs) - sum(LENGTHS)
+        assert (keyframes >= 1).all() and int((keyframes - 1).sum()) == repeated
+        for r in ranks:
+            for step in r:
+                for w in step:
+                    assert_windows_equal(w, store.read_window(spec_of(store, w)))
+    with caplog.at_level("INFO", logger="stage_dist.shard_stream"):
+        stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(3)
+    assert f"repeated as padding" in caplog.text
+
+
+def test_segments_fill_quotas_evenly():
+    assert fill_segments([3, 3, 2, 2], 10).tolist() == [3, 3, 2, 2]
+    assert fill_segments([3, 3, 2, 2], 7).tolist() == [2, 2, 2, 1]
+    assert fill_segments([4, 4], 1).tolist() == [1, 0]
+    with pytest.raises(ValueError):
+        fill_segments([1, 1], 3)
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 9])
 def test_more_ranks_than_shards_still_gives_equal_steps(store, two, world_size):
-    """2 shards: readers of one shard split its clips; with 9 ranks and 7 clips some ranks have
-    no clip of their own and read their whole shard."""
+    """2 shards: readers share shards; with 9 ranks and 15 windows some ranks have one window of
+    their own and repeat it."""
     _, pattern = two
     ranks = [run_epoch(pattern, 0, r, world_size) for r in range(world_size)]
     steps = ClipWindowSampler(store.clip_lengths, WINDOW, world_size=world_size, seed=0).steps_for_epoch(0)
     assert [len(r) for r in ranks] == [steps] * world_size
-    clip_sets = [{w.clip for step in r for w in step} for r in ranks]
-    if world_size == 3:  # every rank has clips of its own: disjoint
-        assert all(not (a & b) for i, a in enumerate(clip_sets) for b in clip_sets[i + 1 :])
-    assert set().union(*clip_sets) == set(NONEMPTY)
+    assert {spec_of(store, w) for r in ranks for step in r for w in step} == epoch_specs(store, 0)
 
 
 def test_dataloader_workers_and_exact_mid_epoch_resume(store, seven):
