@@ -574,8 +574,8 @@ class _RowWriter:
             return
         rows = np.concatenate(self.parts)
         take = len(rows) // self.shard_rows * self.shard_rows if whole_shards else len(rows)
-        if self.written + take > len(self.array):
-            raise ShardError(f"shards hold more {self.array.name} rows than their manifest counts ({len(self.array)})")
+        if self.written + take > self.array.shape[0]:
+            raise ShardError(f"shards hold more {self.array.name} rows than their manifest counts ({self.array.shape[0]})")
         self.array[self.written : self.written + take] = rows[:take]
         self.written += take
         self.parts, self.buffered = ([rows[take:]] if take < len(rows) else []), len(rows) - take
@@ -629,8 +629,8 @@ def shards_to_store(
                     writers[name].append(rows)
     for name, writer in writers.items():
         writer.flush()
-        if writer.written != len(writer.array):
-            raise ShardError(f"shards hold {writer.written} {name} rows, the manifest counts {len(writer.array)}")
+        if writer.written != writer.array.shape[0]:
+            raise ShardError(f"shards hold {writer.written} {name} rows, the manifest counts {writer.array.shape[0]}")
     arrays["keyframes/timestamp"][:] = tables.timestamps
     arrays["keyframes/actor_ptr"][:] = np.cumsum(tables.actor_ptr)
     arrays["keyframes/object_ptr"][:] = np.cumsum(tables.object_ptr)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch.utils.data import DataLoader
 
 from stage_dist.batch import Window, WindowSpec, collate
@@ -29,6 +30,7 @@ from stage_dist.shard_stream import ShardWindowStream, fill_segments
 from stage_dist.shards import main
 from stage_dist.store import (
     FeatureStore,
+    read_attrs,
     StorageConfig,
     StoreLayout,
     StoreShape,
@@ -47,15 +49,16 @@ VIDEO_IDS = ["-5KQ66BBWC4", "_145Aa_xkuE", "a.b/c d", "x", "..", "v-5_x", "0902.
 WINDOW = 6
 
 
-def build_store(path: Path, lengths: list[int], seed: int = 0) -> FeatureStore:
+def build_store(path: Path, lengths: list[int], seed: int = 0, extras: bool = False) -> FeatureStore:
     """A real zarr store written with the store's own writer primitives (small chunks, so
-    windows cross chunk boundaries)."""
+    windows cross chunk boundaries); with ``extras`` also ``actors/spatial`` and ``objects/cls_prob``."""
     rng = np.random.default_rng(seed)
     num_keyframes = sum(lengths)
     actor_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 4, num_keyframes))]).astype(np.int64)
     object_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 5, num_keyframes))]).astype(np.int64)
     num_actors, num_objects = int(actor_ptr[-1]), int(object_ptr[-1])
-    shape = StoreShape(len(lengths), num_keyframes, num_actors, num_objects, actor_dim=24, object_dim=40)
+    shape = StoreShape(len(lengths), num_keyframes, num_actors, num_objects, actor_dim=24, object_dim=40,
+                       spatial_thw=(2, 1, 3) if extras else None, cls_prob_dim=7 if extras else None)
     layout = StoreLayout.build(shape, StorageConfig(chunk_kb=1, min_shards=3))
     tables = Tables(
         video_ids=VIDEO_IDS[: len(lengths)],
@@ -72,6 +75,9 @@ def build_store(path: Path, lengths: list[int], seed: int = 0) -> FeatureStore:
     arrays["actors/labels"][:] = (rng.random((num_actors, 80)) < 0.1).astype(np.uint8)
     arrays["objects/features"][:] = rng.standard_normal((num_objects, 40)).astype(np.float16)
     arrays["objects/boxes"][:] = rng.random((num_objects, 4), dtype=np.float32)
+    if extras:
+        arrays["actors/spatial"][:] = rng.standard_normal((num_actors, 24, 2, 1, 3)).astype(np.float16)
+        arrays["objects/cls_prob"][:] = rng.random((num_objects, 7)).astype(np.float16)
     finish_store(path)
     return FeatureStore.open(path)
 
@@ -178,6 +184,34 @@ def test_one_split_per_directory(store, tmp_path):
         write_shards(store, tmp_path, prefix="val")
     with pytest.raises(ShardError, match="prefix"):
         write_shards(store, tmp_path / "x", prefix="a.b")
+
+
+def zarr_contents(path: Path) -> dict[str, tuple]:
+    """Every array of a zarr group (read with zarr itself): values, dtype, chunk and shard shape."""
+    root = zarr.open_group(path, mode="r")
+    return {name: (array[...], array.dtype, array.chunks, array.shards)
+            for name, array in root.members(max_depth=None) if isinstance(array, zarr.Array)}
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_store_to_shards_to_store_is_identical(tmp_path, window, capsys):
+    original = build_store(tmp_path / "train.zarr", LENGTHS, seed=5, extras=True)
+    manifest = write_shards(original, tmp_path / "shards", window=window, max_shard_bytes=30_000)
+    assert manifest["num_shards"] > 2 and manifest["extra_arrays"] == ["actors/spatial", "objects/cls_prob"]
+    assert manifest["dtypes"]["object_cls_prob"] == "<f2" and manifest["dtypes"]["actor_spatial"] == "<f2"
+    pattern = shard_pattern(manifest, tmp_path / "shards")
+    assert main(["--to-store", pattern, str(tmp_path / "back.zarr")]) == 0
+    assert "8 clips, 90 keyframes" in capsys.readouterr().out
+    expected, rebuilt = zarr_contents(original.path), zarr_contents(tmp_path / "back.zarr")
+    assert sorted(rebuilt) == sorted(expected)
+    assert {"actors/spatial", "objects/cls_prob", "keyframes/timestamp", "clips/ptr"} <= set(expected)
+    for name, (values, dtype, chunks, shards) in expected.items():
+        got = rebuilt[name]
+        assert (got[1], got[2], got[3]) == (dtype, chunks, shards), name
+        assert got[0].shape == values.shape and np.array_equal(got[0], values), name
+    assert read_attrs(tmp_path / "back.zarr") == read_attrs(original.path)
+    with pytest.raises(ShardError, match="must read every shard"):
+        shards_to_store(expand_urls(pattern)[1:], tmp_path / "partial.zarr")
 
 
 # --- identical batches ----------------------------------------------------------------------
@@ -380,3 +414,22 @@ def test_cli_writes_shards_and_reports_errors(store, tmp_path, capsys):
     assert (tmp_path / "out" / "manifest.json").exists()
     assert main([str(tmp_path / "missing.zarr"), str(tmp_path / "o2")]) == 2
     assert "not a stage_dist feature store" in capsys.readouterr().err
+
+
+def test_convert_format_webdataset_alone_writes_shards_to_out(tmp_path, capsys):
+    from stage_dist.convert import build_parser, main as convert_main
+    from stage_dist.synth import SynthConfig, synthesize
+
+    data = synthesize(tmp_path / "synth", SynthConfig(seed=3, train_clips=2, val_clips=1, keyframes_per_clip=5,
+                                                      actor_dim=8, object_dim=16, actor_thw=(1, 1, 1)))
+    paths = data.splits["train"]
+    common = ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file),
+              "--workers", "1", "--no-progress"]
+    out = tmp_path / "train"
+    assert convert_main([*common, "--out", str(out), "--format", "webdataset"]) == 0
+    assert f"-> {out}/train-000000.tar" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_keyframes"] == 10 and manifest["split"] == "train"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth", "train"]  # no store left beside it
+    help_text = build_parser().format_help()
+    assert help_text.count("zarr,webdataset") == 1, "each --format choice is listed once"
