@@ -34,7 +34,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store,
-                              finish_store, open_arrays)
+                              finish_store, open_arrays, read_attrs)
 from stage_dist.window_source import WINDOW_ROW_ARRAYS, cut_window, max_nodes_per_keyframe
 
 if TYPE_CHECKING:
@@ -582,11 +582,19 @@ class _RowWriter:
 
 
 def shards_to_store(
-    urls: str | Sequence[str], out: str | os.PathLike, *, manifest: str | os.PathLike | dict | None = None
+    urls: str | Sequence[str], out: str | os.PathLike, *, manifest: str | os.PathLike | dict | None = None,
+    overwrite: bool = False,
 ) -> FeatureStore:
-    """Rebuild the feature store the shards were written from, at ``out`` (replaced): the same
-    tables, row arrays (``actors/spatial`` and ``objects/cls_prob`` included), chunking and
-    attributes as the original store. ``urls`` must be every shard of the split."""
+    """Rebuild the feature store the shards were written from, at ``out``: the same tables, row
+    arrays (``actors/spatial`` and ``objects/cls_prob`` included), chunking and attributes as
+    the original store. ``urls`` must be every shard of the split. ``out`` must not exist or be
+    empty; with ``overwrite`` it may also be a feature store, which is replaced."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not overwrite:
+            raise ShardError(f"{out}: exists; remove it or pass overwrite (--overwrite) to replace a store")
+        if read_attrs(out) is None:
+            raise ShardError(f"{out}: exists and is not a feature store; not replacing it")
     urls, manifest = manifest_of(urls, manifest)
     check_complete(urls, manifest, "rebuilding the store")
     attrs = {k: v for k, v in manifest["store_attrs"].items() if k != "complete"}
@@ -605,7 +613,6 @@ def shards_to_store(
         actor_ptr=np.zeros(num_keyframes + 1, np.int64),
         object_ptr=np.zeros(num_keyframes + 1, np.int64),
     )
-    out = Path(out)
     create_store(out, layout, tables, attrs)
     specs = {spec.name: spec for group in (layout.actors, layout.objects) for spec in group.arrays}
     arrays = open_arrays(out, [*specs, "keyframes/timestamp", "keyframes/actor_ptr", "keyframes/object_ptr"])

@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("store", help="feature store (zarr group of one split) to write as shards; with --to-store, "
                                       "the shards to read (a brace pattern such as 'DIR/train-{000000..000007}.tar')")
     parser.add_argument("out_dir", help="directory for the .tar shards and manifest.json; with --to-store, the store "
-                                        "to write (replaced)")
+                                        "to write (absent or empty; see --overwrite)")
     parser.add_argument("--to-store", action="store_true",
                         help="the other way: rebuild a store (every array, attributes included) from shards")
+    parser.add_argument("--overwrite", action="store_true", help="with --to-store: replace a feature store at OUT")
     parser.add_argument("--prefix", default=None, help="shard name prefix (default: the store's split)")
     parser.add_argument("--max-shard-mb", type=float, default=256.0, help="shard size limit in MiB (default 256)")
     parser.add_argument("--window", type=int, default=None,
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.to_store:
-            store = shards_to_store(args.store, args.out_dir)
+            store = shards_to_store(args.store, args.out_dir, overwrite=args.overwrite)
             print(f"{store.num_clips} clips, {store.num_keyframes} keyframes, {store.num_actors} actors -> {store.path}")
             return 0
         manifest = write_shards(FeatureStore.open(args.store), args.out_dir, prefix=args.prefix,

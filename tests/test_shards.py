@@ -433,3 +433,34 @@ def test_convert_format_webdataset_alone_writes_shards_to_out(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth", "train"]  # no store left beside it
     help_text = build_parser().format_help()
     assert help_text.count("zarr,webdataset") == 1, "each --format choice is listed once"
+
+
+def test_store_and_shards_are_one_kind_of_window_source(store, seven):
+    """Both paths satisfy WindowSource with the same schedule, dims and counts, and their
+    inference batches own every actor exactly once over the ranks, naming its keyframe."""
+    from stage_dist.data import StoreWindowSource, open_window_source
+    from stage_dist.window_source import WindowSource
+
+    sources = [StoreWindowSource(store, windows_per_step=2, rank=1, world_size=2),
+               open_window_source(shards=seven[1], windows_per_step=2, rank=1, world_size=2)]
+    nodes = [int(store.actor_ptr[k + 1] - store.actor_ptr[k] + store.object_ptr[k + 1] - store.object_ptr[k])
+             for k in range(store.num_keyframes)]
+    for source in sources:
+        assert isinstance(source, WindowSource)
+        assert (source.actor_dim, source.object_dim, source.num_clips, source.num_keyframes, source.num_actors) == (
+            24, 40, len(LENGTHS), sum(LENGTHS), store.num_actors)
+        assert source.max_nodes_per_keyframe == max(nodes)
+        assert [source.steps_for_epoch(e) for e in range(4)] == [sources[0].steps_for_epoch(e) for e in range(4)]
+        assert [source.padded_windows(e) for e in range(4)] == [sources[0].padded_windows(e) for e in range(4)]
+        assert source.state_dict(3) == {"epoch": 0, "step": 3}
+        owned, named = [], {}
+        for rank in range(2):
+            for batch, mine, keyframes in source.inference_batches(rank, 2, window=4, context=2, windows_per_batch=3,
+                                                                   num_workers=0, pin_memory=False):
+                owned += batch.actor_index[mine].tolist()
+                for start, video_id, timestamps in keyframes:
+                    for k, t in enumerate(timestamps.tolist(), start):
+                        assert named.setdefault(k, (video_id, t)) == (video_id, t)
+        assert sorted(owned) == list(range(store.num_actors))
+        clip_of = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
+        assert named == {k: (VIDEO_IDS[clip_of[k]], int(store.timestamps[k])) for k in range(sum(LENGTHS))}
