@@ -11,7 +11,6 @@ built on the device by the model.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,8 +21,6 @@ from stage_dist.batch import Batch, Window, WindowSpec, collate
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import InferenceBatch, WindowSource, max_nodes_per_keyframe
-
-log = logging.getLogger(__name__)
 
 
 class WindowDataset(Dataset):
@@ -131,11 +128,9 @@ class StoreWindowSource:
         self.num_clips, self.num_keyframes, self.num_actors = store.num_clips, store.num_keyframes, store.num_actors
         self.max_nodes_per_keyframe = max_nodes_per_keyframe(store.actor_ptr, store.object_ptr)
         self.location = str(store.path)
-        self._announced: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
-        self._announce()
 
     def steps_for_epoch(self, epoch: int) -> int:
         return self.sampler.steps_for_epoch(epoch)
@@ -151,15 +146,6 @@ class StoreWindowSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-        self._announce()
-
-    def _announce(self) -> None:
-        epoch = self.sampler.epoch
-        if self.sampler.rank == 0 and self._announced != epoch:
-            self._announced = epoch
-            log.info("epoch %d: %d windows in %d steps x %d rank(s) x %d window(s): %d repeated as padding",
-                     epoch, len(self.sampler.epoch_windows(epoch)), len(self.sampler), self.sampler.world_size,
-                     self.sampler.windows_per_step, self.padded_windows(epoch))
 
     def train_loader(self, *, num_workers: int, pin_memory: bool) -> DataLoader:
         return train_loader(self.store, self.sampler, num_workers=num_workers, pin_memory=pin_memory)

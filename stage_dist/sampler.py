@@ -20,6 +20,7 @@ and the gathered shards, concatenated in rank order, are in store order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
@@ -28,6 +29,8 @@ import numpy as np
 from stage_dist.batch import WindowSpec
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def _check_clip_lengths(clip_lengths: Sequence[int]) -> np.ndarray:
@@ -88,7 +91,58 @@ def parse_position(state: dict, what: str) -> tuple[int, int]:
     return epoch, step
 
 
-class ClipWindowSampler:
+class EpochPosition:
+    """The epoch to iterate and the mid-epoch resume position: one contract for both training
+    schedules (:class:`ClipWindowSampler`, :class:`~stage_dist.shard_stream.ShardWindowStream`).
+
+    Subclasses set ``rank``, ``world_size`` and ``windows_per_step`` and define
+    ``steps_for_epoch(epoch)`` and ``padded_windows(epoch)``; rank 0 logs each epoch's padding.
+    """
+
+    epoch: int = 0
+    _resume_step: int = 0
+    _announced: int | None = None
+    rank: int
+    world_size: int
+    windows_per_step: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
+        if epoch != self.epoch:
+            self._resume_step = 0
+        self.epoch = epoch
+        self._announce()
+
+    def state_dict(self, step: int) -> dict:
+        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained
+        (the trainer's count: a DataLoader draws batches ahead of training)."""
+        return {"epoch": int(self.epoch), "step": int(step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
+        self.epoch, self._resume_step = parse_position(state, type(self).__name__)
+        self._announce()
+
+    def _take_resume_step(self) -> int:
+        """The step the next iteration starts at (only the first iteration after a resume)."""
+        step, self._resume_step = self._resume_step, 0
+        return step
+
+    def _announce(self) -> None:
+        if self.rank == 0 and self._announced != self.epoch:
+            self._announced = self.epoch
+            log.info("epoch %d: %d steps x %d rank(s) x %d window(s); %d windows repeated so that ranks run "
+                     "equal steps", self.epoch, self.steps_for_epoch(self.epoch), self.world_size,
+                     self.windows_per_step, self.padded_windows(self.epoch))
+
+    def steps_for_epoch(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def padded_windows(self, epoch: int) -> int:
+        raise NotImplementedError
+
+
+class ClipWindowSampler(EpochPosition):
     """Batch sampler over clip windows: each item is one training step's windows for this rank.
 
     Use as ``DataLoader(dataset, batch_sampler=sampler, ...)`` with a dataset indexed by
@@ -120,8 +174,6 @@ class ClipWindowSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.epoch = 0
-        self._resume_step = 0
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, shuffled windows)
 
     @property
@@ -167,25 +219,10 @@ class ClipWindowSampler:
         grid = windows[:total].reshape(steps, self.world_size, self.windows_per_step, 3)
         return grid[:, self.rank]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
-        if epoch != self.epoch:
-            self._resume_step = 0
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[list[WindowSpec]]:
         steps = self._rank_steps()
-        start, self._resume_step = self._resume_step, 0
+        start = self._take_resume_step()
         return ([WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]] for step in range(start, len(steps)))
-
-    def state_dict(self, step: int) -> dict:
-        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained
-        (the trainer's count: a DataLoader draws batches ahead of training)."""
-        return {"epoch": int(self.epoch), "step": int(step)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
-        self.epoch, self._resume_step = parse_position(state, "sampler")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ windows of the sequence). Inference reads whole clips (:func:`~stage_dist.shard_
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -29,12 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stage_dist.batch import Window, collate
 from stage_dist.data import KeyframeCollate
-from stage_dist.sampler import clip_windows, epoch_generator, parse_position, plan_inference_windows, window_offsets
+from stage_dist.sampler import EpochPosition, clip_windows, epoch_generator, plan_inference_windows, window_offsets
 from stage_dist.shard_format import (ShardError, check_complete, clip_groups, cut_clip, decode_clip, decode_sample,
                                      manifest_of, read_clip_samples, select_shards)
 from stage_dist.window_source import InferenceBatch, batches_of
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,7 @@ def _shuffled(items: Iterator[Window], size: int, rng: np.random.Generator) -> I
     yield from buffer
 
 
-class ShardWindowStream(IterableDataset):
+class ShardWindowStream(EpochPosition, IterableDataset):
     """Training steps (``list[Window]``, ``windows_per_step`` each) streamed from shards; a
     :class:`~stage_dist.window_source.WindowSource`.
 
@@ -153,9 +150,6 @@ class ShardWindowStream(IterableDataset):
         self.windows_per_step = windows_per_step
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
-        self._resume_step = 0
-        self._announced: int | None = None
 
     # ---- schedule
 
@@ -194,30 +188,6 @@ class ShardWindowStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.steps_for_epoch(self.epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
-        if epoch != self.epoch:
-            self._resume_step = 0
-        self.epoch = epoch
-        self._announce()
-
-    def state_dict(self, step: int) -> dict:
-        """``{"epoch", "step"}``, ``step`` being the number of steps of the epoch trained."""
-        return {"epoch": int(self.epoch), "step": int(step)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
-        self.epoch, self._resume_step = parse_position(state, "stream")
-        self._announce()
-
-    def _announce(self) -> None:
-        if self.rank == 0 and self._announced != self.epoch:
-            self._announced = self.epoch
-            log.info("epoch %d: %d windows from %d shards in %d steps x %d rank(s) x %d window(s): %d repeated "
-                     "as padding", self.epoch, self.windows_for_epoch(self.epoch), len(self.urls),
-                     self.steps_for_epoch(self.epoch), self.world_size, self.windows_per_step,
-                     self.padded_windows(self.epoch))
 
     # ---- reading
 
@@ -269,8 +239,7 @@ class ShardWindowStream(IterableDataset):
 
     def __iter__(self) -> Iterator[list[Window]]:
         worker, num_workers = _worker()
-        epoch, resume = self.epoch, self._resume_step
-        self._resume_step = 0
+        epoch, resume = self.epoch, self._take_resume_step()
         plan = self.plan_epoch(epoch, num_workers)
         if plan.total == 0:
             raise ShardError(f"shards {self.location} hold no keyframes")

@@ -300,9 +300,10 @@ def test_uneven_shards_yield_every_window_once_plus_padding(store, layout, world
             for step in r:
                 for w in step:
                     assert_windows_equal(w, store.read_window(spec_of(store, w)))
-    with caplog.at_level("INFO", logger="stage_dist.shard_stream"):
-        stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(3)
-    assert f"repeated as padding" in caplog.text
+        with caplog.at_level("INFO", logger="stage_dist.sampler"):
+            stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(epoch)
+        assert f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); {padded} windows " \
+               "repeated" in caplog.text
 
 
 def test_segments_fill_quotas_evenly():
