@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from stage_dist.batch import Batch, Window, WindowSpec, collate
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.store import FeatureStore
-from stage_dist.window_source import InferenceBatch, WindowSource, max_nodes_per_keyframe
+from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, WindowSource, max_nodes_per_keyframe
 
 
 class WindowDataset(Dataset):
@@ -168,9 +168,7 @@ def open_window_source(
     seed: int = 0,
     in_memory: bool = False,
     memmap_dir: str | None = None,
-    shuffle_buffer: int = 1000,
-    expect_actor_dim: int | None = None,
-    expect_object_dim: int | None = None,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
 ) -> WindowSource:
     """A split from a store path or a shard URL pattern (exactly one of them)."""
     if (store is None) == (shards is None):
@@ -178,14 +176,9 @@ def open_window_source(
     if shards is not None:
         from stage_dist.shard_stream import ShardWindowStream  # imports this module (KeyframeCollate)
 
-        stream = ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
-                                   world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
-        for name, expected in (("actor_dim", expect_actor_dim), ("object_dim", expect_object_dim)):
-            if expected is not None and getattr(stream, name) != expected:
-                raise ValueError(f"{shards}: {name} is {getattr(stream, name)}, expected {expected}")
-        return stream
-    feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir,
-                                      expect_actor_dim=expect_actor_dim, expect_object_dim=expect_object_dim)
+        return ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
+                                 world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
+    feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
     return StoreWindowSource(feature_store, window=window, windows_per_step=windows_per_step, rank=rank,
                              world_size=world_size, seed=seed)
 
@@ -218,7 +211,7 @@ def open_train_data(
     pin_memory: bool,
     in_memory: bool = False,
     memmap_dir: str | None = None,
-    shuffle_buffer: int = 1000,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
 ) -> TrainData:
     if (store is None) == (shards is None):
         raise ValueError("give exactly one of a training store (--train-store) or shards (--train-shards)")

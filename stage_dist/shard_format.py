@@ -404,6 +404,7 @@ def shard_pattern(manifest: dict, base: str | os.PathLike | None = None) -> str:
     pattern = f"{prefix}-000000.tar" if n == 1 else f"{prefix}-{{000000..{n - 1:06d}}}.tar"
     return pattern if base is None else f"{str(base).rstrip('/')}/{pattern}"
 
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -467,8 +468,8 @@ def tar_samples(url: str) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ShardAssignment:
-    """What one reader (a rank, or a DataLoader worker of a rank) reads: ``shards`` (indices
-    into the URL list), and of each shard's clips those with ``index % parts == part``."""
+    """What one inference rank reads: ``shards`` (indices into the URL list), and of each
+    shard's clips those with ``index % parts == part``."""
 
     shards: tuple[int, ...]
     part: int
@@ -476,7 +477,7 @@ class ShardAssignment:
 
 
 def assign_shards(num_shards: int, reader: int, num_readers: int) -> ShardAssignment:
-    """Deal shards to readers: disjoint whole shards while there are at least as many shards as
+    """Deal shards to readers (inference ranks): disjoint whole shards while there are at least as many shards as
     readers (``reader, reader + num_readers, ...``); otherwise reader ``r`` shares shard
     ``r % num_shards`` with the other readers of that shard, each taking every n-th clip."""
     if not 0 <= reader < num_readers:
@@ -523,16 +524,12 @@ def read_clip_samples(
     """Whole clips from shards, in shard order: every keyframe of the shards exactly once over
     ranks ``0 .. world_size - 1`` (each rank reads its :func:`assign_shards` share; window
     samples are joined back into clips)."""
-    for _, samples in _assigned_clip_groups(expand_urls(urls), rank, world_size):
-        yield decode_clip(samples)
-
-
-def _assigned_clip_groups(urls: Sequence[str], rank: int, world_size: int) -> Iterator[tuple[int, list[dict]]]:
+    urls = expand_urls(urls)
     assignment = assign_shards(len(urls), rank, world_size)
     for shard in assignment.shards:
-        for index, (clip, samples) in enumerate(clip_groups(urls[shard])):
+        for index, (_, samples) in enumerate(clip_groups(urls[shard])):
             if index % assignment.parts == assignment.part:
-                yield clip, samples
+                yield decode_clip(samples)
 
 
 def manifest_of(urls: str | Sequence[str], manifest: str | os.PathLike | dict | None = None) -> tuple[list[str], dict]:

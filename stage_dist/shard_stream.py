@@ -31,7 +31,7 @@ from stage_dist.data import KeyframeCollate
 from stage_dist.sampler import EpochPosition, clip_windows, epoch_generator, plan_inference_windows, window_offsets
 from stage_dist.shard_format import (ShardError, check_complete, clip_groups, cut_clip, decode_clip, decode_sample,
                                      manifest_of, read_clip_samples, select_shards)
-from stage_dist.window_source import InferenceBatch, batches_of
+from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, batches_of
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class ShardWindowStream(EpochPosition, IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        shuffle_buffer: int = 64,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
         manifest: str | dict | None = None,
     ) -> None:
         super().__init__()

@@ -32,6 +32,9 @@ WINDOW_ROW_ARRAYS = {
     "object_boxes": "objects/boxes",
 }
 
+#: Windows held for shuffling when streaming from shards (the default of every entry point).
+SHUFFLE_BUFFER = 1000
+
 #: One inference batch: the batch, which of its actors the batch predicts (its windows' owned
 #: keyframes), and ``(first keyframe row, video id, timestamps)`` of each window read.
 InferenceBatch = tuple["Batch", "torch.Tensor", list[tuple[int, str, np.ndarray]]]
