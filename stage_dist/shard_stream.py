@@ -199,13 +199,18 @@ class ShardWindowStream(EpochPosition, IterableDataset):
             if position >= stop:
                 return
             shard = int(plan.shard_order[i])
+            first_clip, stop_clip = self.shards[shard]["first_clip"], self.shards[shard]["stop_clip"]
             for clip, samples in clip_groups(self.urls[shard]):
-                count = int(plan.clip_windows[clip]) if 0 <= clip < len(plan.clip_windows) else 0
+                if not first_clip <= clip < stop_clip:
+                    raise ShardError(f"{self.urls[shard]}: holds clip {clip}, its manifest entry clips "
+                                     f"{first_clip}..{stop_clip - 1}")
+                count = int(plan.clip_windows[clip])
                 if position + count > start:
-                    windows = self._cut(samples, offsets)
-                    for index, window in enumerate(windows, position):
-                        if start <= index < stop:
-                            yield window
+                    windows = list(self._cut(samples, offsets))
+                    if len(windows) != count:
+                        raise ShardError(f"{self.urls[shard]}: clip {clip} gives {len(windows)} windows, its "
+                                         f"manifest length {int(self._clip_lengths[clip])} gives {count}")
+                    yield from windows[max(start - position, 0) : stop - position]
                 position += count
                 if position >= stop:
                     break

@@ -120,3 +120,19 @@ def test_partial_shard_list_cannot_rebuild_or_infer(shards, tmp_path, capsys):
     one_line_error(capsys, "must read every shard", "train-000001.tar")
     with pytest.raises(ShardError, match="inference must read every shard"):
         next(iter(ShardWindowStream(urls[:2]).inference_batches(0, 1, window=4, context=2, windows_per_batch=2)))
+
+
+def test_shard_that_disagrees_with_its_manifest_is_named(shards, tmp_path):
+    copy_shards(shards, tmp_path / "lie")
+    manifest_path = tmp_path / "lie" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["clip_lengths"][0] += 12  # clip 0 holds 14 keyframes; the manifest now says 26
+    manifest_path.write_text(json.dumps(manifest))
+    pattern = shard_pattern(manifest, tmp_path / "lie")
+    with pytest.raises(ShardError, match=r"train-000000\.tar: clip 0 gives \d+ windows, its manifest length 26"):
+        list(ShardWindowStream(pattern))
+    manifest["clip_lengths"][0] -= 12
+    manifest["shards"][0]["first_clip"], manifest["shards"][0]["stop_clip"] = 1, 2  # clip 0 claimed as clip 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"train-000000\.tar: holds clip 0, its manifest entry clips 1\.\.1"):
+        list(ShardWindowStream(pattern))
