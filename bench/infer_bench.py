@@ -5,10 +5,10 @@ Writes a float16 store of ``--clips`` x ``--keyframes-per-clip`` keyframes with 
 the writer of ``bench/train_bench.py``), builds STAGE with random weights, and measures in one
 process on ``--device``:
 
-1. :func:`stage_dist.infer.predict` keyframes/s (windows of ``--window`` owned keyframes plus 2
+1. :func:`stage_dist.inference.predict` keyframes/s (windows of ``--window`` owned keyframes plus 2
    of context on each side, every actor predicted once) for each ``--windows-per-batch`` x
    ``--workers``; each run opens the store afresh (empty chunk cache, warm page cache).
-2. The results.csv writing time (:func:`stage_dist.infer.write_predictions`, all 80 actions per
+2. The results.csv writing time (:func:`stage_dist.inference.write_predictions`, all 80 actions per
    box) measured separately, and end-to-end keyframes/s (predict + CSV).
 3. The cost of batch-invariant mode (``model.rowwise`` pads every row-wise matmul to blocks of
    128 rows; ``predict`` always turns it on): the model alone on the same pre-collated batches
@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_bench import StoreSpec, write_store  # noqa: E402
 
-from stage_dist.data import inference_loader  # noqa: E402
+from stage_dist.data import StoreWindowSource, inference_loader  # noqa: E402
 from stage_dist.distributed import DistEnv, configure_threads  # noqa: E402
-from stage_dist.infer import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
+from stage_dist.inference import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402
 from stage_dist.sampler import plan_inference_windows  # noqa: E402
 from stage_dist.store import FeatureStore  # noqa: E402
@@ -53,9 +53,9 @@ def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
     store = FeatureStore.open(store_path)
     configure_threads(0, env, workers)  # as `python -m stage_dist.infer` does
     started = time.perf_counter()
-    predictions = predict(model, store, env, window=window, windows_per_batch=windows_per_batch,
-                          num_workers=workers, progress=False)
-    return time.perf_counter() - started, predictions
+    result = predict(model, StoreWindowSource(store), env, window=window, windows_per_batch=windows_per_batch,
+                     num_workers=workers, progress=False)
+    return time.perf_counter() - started, result.predictions
 
 
 def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_batch: int,
@@ -65,7 +65,7 @@ def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_
     plans = plan_inference_windows(store.clip_lengths, window, context=RECEPTIVE_FIELD)
     loader = inference_loader(store, plans, windows_per_batch=windows_per_batch, num_workers=0,
                               pin_memory=False)
-    batches = [batch.to(device) for batch, _ in loader]
+    batches = [batch.to(device) for batch, _, _ in loader]
     was_invariant = model.batch_invariant
     seconds: dict[str, float] = {}
     scores: dict[str, list[torch.Tensor]] = {}

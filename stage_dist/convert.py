@@ -644,11 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--compression", choices=("zstd", "none"), default="zstd", help="chunk compression")
     out.add_argument("--overwrite", action="store_true", help="delete what is at --out and start over")
     stream = p.add_argument_group("streaming form (WebDataset tar shards, written from the store)")
-    stream.add_argument("--format", choices=FORMATS, default="zarr",
-                        help="zarr: the store only; zarr,webdataset: the store and tar shards; webdataset: "
-                             "tar shards only (the store at --out is written first, then removed)")
+    stream.add_argument("--format", choices=FORMATS, default="zarr", metavar="FORMAT",
+                        help="zarr (default): the store at --out; zarr,webdataset: the store at --out and tar "
+                             "shards; webdataset: tar shards only, at --out (the store is written first to "
+                             "OUT.store-tmp, then removed)")
     stream.add_argument("--shards-out", type=Path,
-                        help="directory of the tar shards and manifest.json (default: --out with suffix .shards)")
+                        help="directory of the tar shards and manifest.json (default: --out with --format "
+                             "webdataset, else --out with suffix .shards)")
     stream.add_argument("--tar-shard-mb", type=float, default=256, help="target size of one tar shard in MB")
     stream.add_argument("--tar-window", type=int,
                         help="one sample per window of this many keyframes (default: one sample per clip)")
@@ -661,9 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def store_out(args: argparse.Namespace) -> Path:
+    """Where the store is written: --out, or beside it when only shards are asked for."""
+    return args.out if "zarr" in args.format.split(",") else args.out.with_name(args.out.name + ".store-tmp")
+
+
+def shards_out(args: argparse.Namespace) -> Path:
+    """Where the tar shards are written: --shards-out, else --out (webdataset only) or OUT.shards."""
+    if args.shards_out:
+        return args.shards_out
+    return args.out.with_suffix(".shards") if "zarr" in args.format.split(",") else args.out
+
+
 def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     return ConvertConfig(
-        out=args.out,
+        out=store_out(args),
         split=args.split or args.out.name.split(".")[0],
         actors_dir=args.actors_dir,
         objects_file=args.objects_file,
@@ -700,19 +714,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_streaming_form(args: argparse.Namespace) -> str:
-    """Write the finished store at ``args.out`` as tar shards; drop the store unless kept."""
-    from stage_dist.shards import ShardError, shard_pattern, write_shards  # imports torch: only when asked
+    """Write the finished store as tar shards (:func:`shards_out`); drop the store unless kept."""
+    from stage_dist.shard_format import ShardError, shard_pattern, write_shards  # imports torch: only when asked
 
-    shards_out = args.shards_out or args.out.with_suffix(".shards")
+    store, target = store_out(args), shards_out(args)
     try:
-        manifest = write_shards(FeatureStore.open(args.out), shards_out,
+        manifest = write_shards(FeatureStore.open(store), target,
                                 max_shard_bytes=int(args.tar_shard_mb * (1 << 20)), window=args.tar_window)
     except ShardError as e:
         raise ConvertError(str(e)) from e
-    if "zarr" not in args.format.split(","):
-        shutil.rmtree(args.out)
+    if store != args.out:
+        shutil.rmtree(store)
     return (f"webdataset: {manifest['num_shards']} shards, {manifest['num_samples']} samples -> "
-            f"{shard_pattern(manifest, shards_out)}")
+            f"{shard_pattern(manifest, target)}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""DataLoaders: training steps and inference windows, from a feature store or from shards.
+"""The store path of the window-source contract, and opening a split in either form.
 
-Training reads either a zarr store (random access) or WebDataset shards (streaming); both give
-the model the same windows. A training step is the list of
-:class:`~stage_dist.batch.WindowSpec` that the clip-aware sampler yields; a DataLoader worker
-reads each window with one slice read per array and collates them into one block-diagonal
-:class:`~stage_dist.batch.Batch`. The graph itself is built on the device by the model.
+Training reads either a zarr store (random access: :class:`StoreWindowSource`) or WebDataset
+shards (streaming: :class:`~stage_dist.shard_stream.ShardWindowStream`); both are a
+:class:`~stage_dist.window_source.WindowSource` and give the model the same windows. Over a
+store, a training step is the list of :class:`~stage_dist.batch.WindowSpec` that the
+clip-aware sampler yields; a DataLoader worker reads each window with one slice read per array
+and collates them into one block-diagonal :class:`~stage_dist.batch.Batch`. The graph itself is
+built on the device by the model.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stage_dist.batch import Batch, Window, WindowSpec, collate
-from stage_dist.sampler import ClipWindowSampler, InferenceWindow
-from stage_dist.shards import ShardWindowStream
+from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.store import FeatureStore
+from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, WindowSource, max_nodes_per_keyframe
 
 
 class WindowDataset(Dataset):
@@ -54,8 +55,17 @@ def owned_actors(batch: Batch, plans: Sequence[InferenceWindow]) -> torch.Tensor
     return (frame >= keep_start[window_id]) & (frame < keep_stop[window_id])
 
 
-def max_nodes_per_keyframe(store: FeatureStore) -> int:
-    return int((np.diff(store.actor_ptr) + np.diff(store.object_ptr)).max(initial=0))
+class KeyframeCollate:
+    """:class:`InferenceCollate` whose batches also name the keyframes they read
+    (an :data:`~stage_dist.window_source.InferenceBatch`)."""
+
+    def __init__(self, slots_per_keyframe: int) -> None:
+        self.collate = InferenceCollate(slots_per_keyframe)
+
+    def __call__(self, items: Sequence[tuple[Window, InferenceWindow]]) -> InferenceBatch:
+        batch, owned = self.collate(items)
+        return batch, owned, [(w.keyframe_start, w.video_id, w.timestamps) for w, _ in items]
+
 
 def _loader_options(num_workers: int, pin_memory: bool) -> dict:
     options: dict = {"num_workers": num_workers, "pin_memory": pin_memory}
@@ -90,29 +100,96 @@ def inference_loader(
     num_workers: int,
     pin_memory: bool,
 ) -> DataLoader:
-    """Batches of ``windows_per_batch`` inference windows, in the given order, every keyframe's
-    graph padded to the store's most nodes per keyframe (see :class:`InferenceCollate`)."""
+    """Batches (:data:`~stage_dist.window_source.InferenceBatch`) of ``windows_per_batch``
+    inference windows, in the given order, every keyframe's graph padded to the store's most
+    nodes per keyframe (see :class:`InferenceCollate`)."""
     batches = [list(plans[i : i + windows_per_batch]) for i in range(0, len(plans), windows_per_batch)]
     return DataLoader(
         WindowDataset(store),
         batch_sampler=batches,
-        collate_fn=InferenceCollate(max_nodes_per_keyframe(store)),
+        collate_fn=KeyframeCollate(max_nodes_per_keyframe(store.actor_ptr, store.object_ptr)),
         generator=torch.Generator(),
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
 
 
+class StoreWindowSource:
+    """A :class:`~stage_dist.window_source.WindowSource` over a feature store: the training
+    schedule is a :class:`ClipWindowSampler` over the store's clips, inference windows are
+    :func:`~stage_dist.sampler.plan_inference_windows` split contiguously over ranks."""
+
+    def __init__(self, store: FeatureStore, *, window: int = 6, windows_per_step: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0) -> None:
+        self.store = store
+        self.sampler = ClipWindowSampler(store.clip_lengths, window=window, windows_per_step=windows_per_step,
+                                         rank=rank, world_size=world_size, seed=seed)
+        self.actor_dim, self.object_dim = store.actor_dim, store.object_dim
+        self.num_clips, self.num_keyframes, self.num_actors = store.num_clips, store.num_keyframes, store.num_actors
+        self.max_nodes_per_keyframe = max_nodes_per_keyframe(store.actor_ptr, store.object_ptr)
+        self.location = str(store.path)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def steps_for_epoch(self, epoch: int) -> int:
+        return self.sampler.steps_for_epoch(epoch)
+
+    def padded_windows(self, epoch: int) -> int:
+        return self.sampler.padded_windows(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def state_dict(self, step: int) -> dict:
+        return self.sampler.state_dict(step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def train_loader(self, *, num_workers: int, pin_memory: bool) -> DataLoader:
+        return train_loader(self.store, self.sampler, num_workers=num_workers, pin_memory=pin_memory)
+
+    def inference_batches(self, rank: int, world_size: int, *, window: int, context: int, windows_per_batch: int,
+                          num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+        plans = plan_inference_windows(self.store.clip_lengths, window, context=context)
+        return inference_loader(self.store, shard_for_rank(plans, rank, world_size),
+                                windows_per_batch=windows_per_batch, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def open_window_source(
+    *,
+    store: str | None = None,
+    shards: str | None = None,
+    window: int = 6,
+    windows_per_step: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    in_memory: bool = False,
+    memmap_dir: str | None = None,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> WindowSource:
+    """A split from a store path or a shard URL pattern (exactly one of them)."""
+    if (store is None) == (shards is None):
+        raise ValueError("give exactly one of a store or shards")
+    if shards is not None:
+        from stage_dist.shard_stream import ShardWindowStream  # imports this module (KeyframeCollate)
+
+        return ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
+                                 world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
+    feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
+    return StoreWindowSource(feature_store, window=window, windows_per_step=windows_per_step, rank=rank,
+                             world_size=world_size, seed=seed)
+
+
 @dataclass
 class TrainData:
-    """The training data as the trainer sees it, whichever form it is stored in.
+    """The training data as the trainer sees it, whichever form it is stored in: ``steps`` is
+    the per-epoch schedule (``set_epoch``, ``load_state_dict`` to resume mid-epoch,
+    ``steps_for_epoch`` and ``len``, the same on every rank), ``loader`` its batches."""
 
-    ``steps`` is the per-epoch schedule: a :class:`ClipWindowSampler` over a store or a
-    :class:`ShardWindowStream` over shards; both have ``set_epoch``, ``load_state_dict`` (resume
-    mid-epoch), ``steps_for_epoch`` and ``len`` (the same on every rank).
-    """
-
-    steps: ClipWindowSampler | ShardWindowStream
+    steps: WindowSource
     loader: DataLoader
     actor_dim: int
     object_dim: int
@@ -134,22 +211,13 @@ def open_train_data(
     pin_memory: bool,
     in_memory: bool = False,
     memmap_dir: str | None = None,
-    shuffle_buffer: int = 1000,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
 ) -> TrainData:
     if (store is None) == (shards is None):
         raise ValueError("give exactly one of a training store (--train-store) or shards (--train-shards)")
-    if shards is not None:
-        stream = ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
-                                   world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
-        # Workers are not persistent: each epoch's iterator must see the stream's new epoch.
-        loader = DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=num_workers,
-                            pin_memory=pin_memory, generator=torch.Generator())
-        manifest = stream.manifest
-        return TrainData(stream, loader, manifest["actor_dim"], manifest["object_dim"],
-                         manifest["num_keyframes"], manifest["num_clips"], shards)
-    feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
-    sampler = ClipWindowSampler(feature_store.clip_lengths, window=window, windows_per_step=windows_per_step,
-                                rank=rank, world_size=world_size, seed=seed)
-    loader = train_loader(feature_store, sampler, num_workers=num_workers, pin_memory=pin_memory)
-    return TrainData(sampler, loader, feature_store.actor_dim, feature_store.object_dim,
-                     feature_store.num_keyframes, feature_store.num_clips, str(feature_store.path))
+    source = open_window_source(store=store, shards=shards, window=window, windows_per_step=windows_per_step,
+                                rank=rank, world_size=world_size, seed=seed, in_memory=in_memory,
+                                memmap_dir=memmap_dir, shuffle_buffer=shuffle_buffer)
+    loader = source.train_loader(num_workers=num_workers, pin_memory=pin_memory)
+    return TrainData(source, loader, source.actor_dim, source.object_dim, source.num_keyframes, source.num_clips,
+                     source.location)

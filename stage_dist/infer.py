@@ -1,10 +1,8 @@
-"""Distributed inference: every (keyframe, actor) of a store predicted exactly once, one results.csv.
+"""The inference command: every (keyframe, actor) of a store or shards predicted exactly once, one results.csv.
 
-Each rank takes a contiguous share of the inference windows. A window reads its owned keyframes
-plus up to two keyframes of context on each side (the receptive field of two one-hop layers)
-and keeps only the owned predictions, so a keyframe's scores depend neither on the window size
-nor on the number of ranks. Rank 0 gathers the predictions, checks that every actor was
-predicted exactly once, and writes ``results.csv`` atomically.
+The library (windows, scoring, gathering, the exactly-once check, writing) is
+:mod:`stage_dist.inference`; this module is its command line and loads the model. Rank 0
+writes ``results.csv`` atomically.
 
     python -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     torchrun --nproc_per_node=8 -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
@@ -16,210 +14,27 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from stage_dist.ava import AvaFormatError, read_labelmap, write_results_csv
+from stage_dist.ava import AvaFormatError, read_labelmap
 from stage_dist.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from stage_dist.batch import Batch, Window
-from stage_dist.data import InferenceCollate, inference_loader
-from stage_dist.distributed import DistEnv, cleanup, configure_threads, gather_to_main, init_distributed, setup_logging
+from stage_dist.data import open_window_source
+from stage_dist.distributed import cleanup, configure_threads, init_distributed, setup_logging
+from stage_dist.inference import INFERENCE_WINDOW, predict, write_predictions
 from stage_dist.model import CheckpointError as ModelCheckpointError
-from stage_dist.model import ModelConfig, ModelConfigError, action_logits, build_model, load_published_state
-from stage_dist.precision import AMP_MODES, Precision, resolve_precision
-from stage_dist.sampler import InferenceWindow, plan_inference_windows, shard_for_rank
-from stage_dist.shards import (ShardError, cut_window, expand_urls, load_manifest, manifest_location,
-                               read_clip_samples, shard_name)
-from stage_dist.store import FeatureStore, StoreError
+from stage_dist.model import ModelConfig, ModelConfigError, build_model, load_published_state
+from stage_dist.precision import AMP_MODES, resolve_precision
+from stage_dist.shard_format import ShardError
+from stage_dist.store import StoreError
 
 log = logging.getLogger(__name__)
 
 # Bad input a user can fix: reported as one line naming the file, not a traceback.
 INPUT_ERRORS = (StoreError, ShardError, CheckpointError, ModelCheckpointError, ModelConfigError, AvaFormatError,
                 FileNotFoundError, ValueError)
-
-RECEPTIVE_FIELD = 2  # keyframes on each side that reach a keyframe through two one-hop layers
-# Keyframes predicted per window: each window also reads 2 x RECEPTIVE_FIELD context keyframes,
-# so 24 costs 1.17x the keyframes it predicts (6 would cost 1.67x). Scores do not depend on it.
-INFERENCE_WINDOW = 24
-
-
-@dataclass
-class Predictions:
-    """Scores of actors: ``scores[i]`` belongs to actor row ``actor_index[i]`` (global, sorted),
-    which lies in keyframe row ``keyframe[i]`` and has box ``boxes[i]``."""
-
-    actor_index: np.ndarray  # (N,) int64
-    keyframe: np.ndarray  # (N,) int64
-    boxes: np.ndarray  # (N, 4) float32, normalised x1, y1, x2, y2
-    scores: np.ndarray  # (N, 80) float32, column j = action id j + 1
-
-    @classmethod
-    def concatenate(cls, parts: Sequence["Predictions"]) -> "Predictions":
-        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
-
-    def take(self, order: np.ndarray) -> "Predictions":
-        return Predictions(*(getattr(self, f.name)[order] for f in fields(self)))
-
-
-@dataclass
-class KeyframeIndex:
-    """Video id and timestamp of every keyframe row (what results.csv needs besides boxes)."""
-
-    video_ids: np.ndarray  # (K,) object
-    timestamps: np.ndarray  # (K,) int
-
-    @classmethod
-    def from_store(cls, store: FeatureStore) -> "KeyframeIndex":
-        clips = np.repeat(np.arange(store.num_clips), store.clip_lengths)
-        return cls(np.asarray(store.video_ids, dtype=object)[clips], np.asarray(store.timestamps))
-
-
-def score_batches(
-    model: nn.Module,
-    batches: Iterable[tuple[Batch, torch.Tensor]],
-    env: DistEnv,
-    precision: Precision,
-) -> Predictions:
-    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
-    was_training, was_invariant = model.training, model.batch_invariant
-    model.eval()
-    model.batch_invariant = True  # scores independent of batch-mates (see model.rowwise)
-    parts: list[Predictions] = []
-    try:
-        with torch.inference_mode():
-            for batch, owned in batches:
-                with precision.autocast():
-                    logits = model(batch.to(env.device, non_blocking=True))
-                scores = torch.sigmoid(action_logits(logits).float()).cpu()
-                parts.append(Predictions(
-                    actor_index=batch.actor_index[owned].numpy(),
-                    keyframe=batch.actor_keyframe[owned].numpy(),
-                    boxes=batch.actor_boxes[owned].numpy(),
-                    scores=scores[owned].numpy(),
-                ))
-    finally:
-        model.train(was_training)
-        model.batch_invariant = was_invariant
-    if not parts:
-        return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                           np.zeros((0, 80), np.float32))
-    return Predictions.concatenate(parts)
-
-
-def predict(
-    model: nn.Module,
-    store: FeatureStore,
-    env: DistEnv,
-    *,
-    window: int = INFERENCE_WINDOW,
-    windows_per_batch: int = 8,
-    precision: Precision | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Predictions | None:
-    """Score every actor of ``store`` once across all ranks; the result on rank 0, None elsewhere."""
-    plans = plan_inference_windows(store.clip_lengths, window, context=RECEPTIVE_FIELD)
-    mine = shard_for_rank(plans, env.rank, env.world_size)
-    loader = inference_loader(
-        store,
-        mine,
-        windows_per_batch=windows_per_batch,
-        num_workers=num_workers,
-        pin_memory=env.device.type == "cuda",
-    )
-    bar = tqdm(loader, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
-    local = score_batches(model, bar, env, precision or resolve_precision("off", env.device))
-    gathered = gather_to_main(local, env)
-    return None if gathered is None else _merge(gathered, store.num_actors)
-
-
-def predict_shards(
-    model: nn.Module,
-    urls: str,
-    env: DistEnv,
-    *,
-    window: int = INFERENCE_WINDOW,
-    windows_per_batch: int = 8,
-    precision: Precision | None = None,
-    progress: bool = True,
-) -> tuple[Predictions, KeyframeIndex] | None:
-    """Like :func:`predict`, streaming WebDataset shards (each rank reads its own shards)."""
-    shard_urls = expand_urls(urls)
-    manifest = load_manifest(manifest_location(shard_urls[0]))
-    given = {shard_name(url) for url in shard_urls}
-    missing = [shard["name"] for shard in manifest["shards"] if shard["name"] not in given]
-    if missing:
-        raise ShardError(f"inference must read every shard of the split; not given: {', '.join(missing[:5])}"
-                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    collate_windows = InferenceCollate(manifest["max_nodes_per_keyframe"])
-    local_keyframes: list[tuple[int, str, np.ndarray]] = []  # (first keyframe row, video id, timestamps)
-
-    def batches() -> Iterator[tuple[Batch, torch.Tensor]]:
-        pending: list[tuple[Window, InferenceWindow]] = []
-        for clip in read_clip_samples(shard_urls, rank=env.rank, world_size=env.world_size):
-            local_keyframes.append((clip.keyframe_start, clip.video_id, clip.timestamps))
-            for plan in plan_inference_windows([clip.num_keyframes], window, context=RECEPTIVE_FIELD):
-                pending.append((cut_window(clip, plan.spec.start, plan.spec.length), plan))
-                if len(pending) == windows_per_batch:
-                    yield collate_windows(pending)
-                    pending = []
-        if pending:
-            yield collate_windows(pending)
-
-    bar = tqdm(batches(), desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
-    local = score_batches(model, bar, env, precision or resolve_precision("off", env.device))
-    gathered = gather_to_main((local, local_keyframes), env)
-    if gathered is None:
-        return None
-    predictions = _merge([part for part, _ in gathered], manifest["num_actors"])
-    video_ids = np.empty(manifest["num_keyframes"], dtype=object)
-    timestamps = np.zeros(manifest["num_keyframes"], dtype=np.int64)
-    for _, keyframes in gathered:
-        for start, video_id, stamps in keyframes:
-            video_ids[start : start + len(stamps)] = video_id
-            timestamps[start : start + len(stamps)] = stamps
-    return predictions, KeyframeIndex(video_ids, timestamps)
-
-
-def _merge(parts: list[Predictions], num_actors: int) -> Predictions:
-    merged = Predictions.concatenate(parts)
-    merged = merged.take(np.argsort(merged.actor_index, kind="stable"))
-    if len(merged.actor_index) != num_actors or not np.array_equal(merged.actor_index, np.arange(num_actors)):
-        counts = np.bincount(merged.actor_index, minlength=num_actors)
-        raise RuntimeError(
-            "inference must predict every actor exactly once: "
-            f"{int((counts == 0).sum())} actors missing, {int((counts > 1).sum())} predicted twice"
-        )
-    return merged
-
-
-def write_predictions(
-    path: str | Path,
-    predictions: Predictions,
-    keyframes: KeyframeIndex,
-    *,
-    class_ids: set[int] | None = None,
-    topk: int | None = None,
-    min_score: float = 0.0,
-) -> int:
-    """Write predictions as an AVA results.csv (atomically); returns the number of rows."""
-    return write_results_csv(
-        path,
-        keyframes.video_ids[predictions.keyframe],
-        keyframes.timestamps[predictions.keyframe],
-        predictions.boxes,
-        predictions.scores,
-        class_ids=class_ids,
-        topk=topk,
-        min_score=min_score,
-    )
 
 
 def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:
@@ -295,18 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         class_ids = set(read_labelmap(args.labelmap)) if args.labelmap else None  # fail before the compute
         precision = resolve_precision(args.amp, env.device)
-        if args.store:
-            store = FeatureStore.open(args.store)
-            model = load_model(args.checkpoint, store.actor_dim, store.object_dim, env.device)
-            predictions = predict(model, store, env, window=args.window, windows_per_batch=args.windows_per_batch,
-                                  precision=precision, num_workers=args.workers)
-            keyframes = None if predictions is None else KeyframeIndex.from_store(store)
-        else:
-            manifest = load_manifest(manifest_location(expand_urls(args.shards)[0]))
-            model = load_model(args.checkpoint, manifest["actor_dim"], manifest["object_dim"], env.device)
-            result = predict_shards(model, args.shards, env, window=args.window,
-                                    windows_per_batch=args.windows_per_batch, precision=precision)
-            predictions, keyframes = (None, None) if result is None else result
+        source = open_window_source(store=args.store, shards=args.shards)
+        model = load_model(args.checkpoint, source.actor_dim, source.object_dim, env.device)
+        result = predict(model, source, env, window=args.window, windows_per_batch=args.windows_per_batch,
+                         precision=precision, num_workers=args.workers)
+        predictions, keyframes = (None, None) if result is None else (result.predictions, result.keyframes)
         if predictions is not None:
             rows = write_predictions(args.out, predictions, keyframes, class_ids=class_ids, topk=args.topk,
                                      min_score=args.min_score)

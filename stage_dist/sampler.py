@@ -8,7 +8,7 @@ epoch. The windows of all clips are shuffled with a generator seeded ``seed + ep
 on every rank) and dealt out step by step: global step ``s`` takes the next
 ``world_size * windows_per_step`` windows of the shuffled list and rank ``r`` gets the ``r``-th
 group of ``windows_per_step``. Every rank runs the same number of steps (DDP hangs otherwise):
-the list is padded by repeating windows from its start, or cut with ``drop_last``.
+the list is padded by repeating windows from its start (:meth:`ClipWindowSampler.padded_windows`).
 
 Inference (:func:`plan_inference_windows`, :func:`shard_for_rank`): windows of ``W`` *owned*
 keyframes, each read with up to ``context`` extra keyframes on either side. STAGE has two
@@ -20,6 +20,7 @@ and the gathered shards, concatenated in rank order, are in store order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
@@ -28,6 +29,8 @@ import numpy as np
 from stage_dist.batch import WindowSpec
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def _check_clip_lengths(clip_lengths: Sequence[int]) -> np.ndarray:
@@ -88,7 +91,58 @@ def parse_position(state: dict, what: str) -> tuple[int, int]:
     return epoch, step
 
 
-class ClipWindowSampler:
+class EpochPosition:
+    """The epoch to iterate and the mid-epoch resume position: one contract for both training
+    schedules (:class:`ClipWindowSampler`, :class:`~stage_dist.shard_stream.ShardWindowStream`).
+
+    Subclasses set ``rank``, ``world_size`` and ``windows_per_step`` and define
+    ``steps_for_epoch(epoch)`` and ``padded_windows(epoch)``; rank 0 logs each epoch's padding.
+    """
+
+    epoch: int = 0
+    _resume_step: int = 0
+    _announced: int | None = None
+    rank: int
+    world_size: int
+    windows_per_step: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
+        if epoch != self.epoch:
+            self._resume_step = 0
+        self.epoch = epoch
+        self._announce()
+
+    def state_dict(self, step: int) -> dict:
+        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained
+        (the trainer's count: a DataLoader draws batches ahead of training)."""
+        return {"epoch": int(self.epoch), "step": int(step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
+        self.epoch, self._resume_step = parse_position(state, type(self).__name__)
+        self._announce()
+
+    def _take_resume_step(self) -> int:
+        """The step the next iteration starts at (only the first iteration after a resume)."""
+        step, self._resume_step = self._resume_step, 0
+        return step
+
+    def _announce(self) -> None:
+        if self.rank == 0 and self._announced != self.epoch:
+            self._announced = self.epoch
+            log.info("epoch %d: %d steps x %d rank(s) x %d window(s); %d windows repeated so that ranks run "
+                     "equal steps", self.epoch, self.steps_for_epoch(self.epoch), self.world_size,
+                     self.windows_per_step, self.padded_windows(self.epoch))
+
+    def steps_for_epoch(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def padded_windows(self, epoch: int) -> int:
+        raise NotImplementedError
+
+
+class ClipWindowSampler(EpochPosition):
     """Batch sampler over clip windows: each item is one training step's windows for this rank.
 
     Use as ``DataLoader(dataset, batch_sampler=sampler, ...)`` with a dataset indexed by
@@ -108,7 +162,6 @@ class ClipWindowSampler:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        drop_last: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -121,10 +174,6 @@ class ClipWindowSampler:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self._resume_step = 0
-        self._consumed = 0
         self._cache: tuple[int, np.ndarray] | None = None  # (epoch, shuffled windows)
 
     @property
@@ -142,26 +191,18 @@ class ClipWindowSampler:
         return self._cache[1]
 
     def _steps(self, num_windows: int) -> int:
-        per_step = self.windows_per_global_step
-        if self.drop_last:
-            return num_windows // per_step
-        return -(-num_windows // per_step)
+        return -(-num_windows // self.windows_per_global_step)
 
     def steps_for_epoch(self, epoch: int) -> int:
         """Steps of ``epoch`` (the same on every rank), without changing the sampler's state."""
         return self._steps(len(self._windows(epoch)))
 
-    @property
-    def windows_per_epoch(self) -> int:
-        """Distinct windows of the current epoch, all ranks together, before padding or dropping."""
-        return len(self._windows(self.epoch))
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.steps_for_epoch(self.epoch)
+    def padded_windows(self, epoch: int) -> int:
+        """Windows of ``epoch`` repeated (all ranks together) to make the ranks' steps equal."""
+        return self.steps_for_epoch(epoch) * self.windows_per_global_step - len(self._windows(epoch))
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.steps_for_epoch(self.epoch)
 
     def epoch_windows(self, epoch: int | None = None) -> list[WindowSpec]:
         """All windows of an epoch (default: the current one) in shuffled order, before padding."""
@@ -178,36 +219,10 @@ class ClipWindowSampler:
         grid = windows[:total].reshape(steps, self.world_size, self.windows_per_step, 3)
         return grid[:, self.rank]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
-        if epoch != self.epoch:
-            self._resume_step = 0
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[list[WindowSpec]]:
         steps = self._rank_steps()
-        start, self._resume_step = self._resume_step, 0
-        self._consumed = start
-        return self._iterate(steps, start)
-
-    def _iterate(self, steps: np.ndarray, start: int) -> Iterator[list[WindowSpec]]:
-        for step in range(start, len(steps)):
-            self._consumed = step + 1
-            yield [WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]]
-
-    def state_dict(self, step: int | None = None) -> dict:
-        """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained.
-
-        By default it counts the steps this sampler has yielded. A ``DataLoader`` with workers
-        draws batches ahead of training (up to ``num_workers * prefetch_factor``), so a trainer
-        using one should pass the number of steps it has actually completed.
-        """
-        return {"epoch": int(self.epoch), "step": int(self._consumed if step is None else step)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
-        self.epoch, self._resume_step = parse_position(state, "sampler")
-        self._consumed = self._resume_step
+        start = self._take_resume_step()
+        return ([WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]] for step in range(start, len(steps)))
 
 
 @dataclass(frozen=True)

@@ -493,29 +493,15 @@ class FeatureStore:
 
     def read_keyframes(self, first: int, stop: int) -> Window:
         """Keyframe rows ``first:stop`` (global), which must lie in one clip, as a :class:`Window`."""
-        from stage_dist.batch import Window  # deferred: torch is imported by readers, not the converter
+        from stage_dist.window_source import cut_window
 
         if not 0 <= first < stop <= self.num_keyframes:
             raise IndexError(f"keyframes {first}:{stop} outside 0:{self.num_keyframes} of {self.path}")
         clip = int(self.keyframe_clip[first])
         if stop > self.clip_ptr[clip + 1]:
             raise IndexError(f"keyframes {first}:{stop} cross the end of clip {clip} ({self.video_ids[clip]})")
-        a0, a1 = int(self.actor_ptr[first]), int(self.actor_ptr[stop])
-        o0, o1 = int(self.object_ptr[first]), int(self.object_ptr[stop])
-        return Window(
-            clip=clip,
-            video_id=self.video_ids[clip],
-            keyframe_start=first,
-            actor_start=a0,
-            timestamps=self.timestamps[first:stop].copy(),
-            actor_ptr=self.actor_ptr[first: stop + 1] - a0,
-            actor_features=self.read_array("actors/features", a0, a1),
-            actor_boxes=self.read_array("actors/boxes", a0, a1),
-            actor_labels=self.read_array("actors/labels", a0, a1),
-            object_ptr=self.object_ptr[first: stop + 1] - o0,
-            object_features=self.read_array("objects/features", o0, o1),
-            object_boxes=self.read_array("objects/boxes", o0, o1),
-        )
+        return cut_window(clip, self.video_ids[clip], first, stop, timestamps=self.timestamps,
+                          actor_ptr=self.actor_ptr, object_ptr=self.object_ptr, read_rows=self.read_array)
 
     def read_window(self, spec: WindowSpec) -> Window:
         """Keyframes ``spec.start .. spec.start + spec.length - 1`` of clip ``spec.clip``."""

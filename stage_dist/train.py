@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from stage_dist.data import open_train_data
+from stage_dist.data import StoreWindowSource, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure_threads, gather_to_main,
                                     init_distributed, setup_logging)
 from stage_dist.evaluate import evaluate
-from stage_dist.infer import INFERENCE_WINDOW, INPUT_ERRORS, KeyframeIndex, predict, write_predictions
+from stage_dist.infer import INPUT_ERRORS
+from stage_dist.inference import INFERENCE_WINDOW, predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
@@ -356,14 +357,14 @@ class Trainer:
     def validate(self, writer: SummaryWriter | None) -> float | None:
         """Distributed inference over the val store; rank 0 writes results.csv and evaluates it."""
         assert self.val_store is not None
-        predictions = predict(self.model, self.val_store, self.env, window=INFERENCE_WINDOW,
-                              precision=self.precision, num_workers=0)
+        result = predict(self.model, StoreWindowSource(self.val_store), self.env, window=INFERENCE_WINDOW,
+                         precision=self.precision, num_workers=0)
         if not self.env.is_main:
             return None
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
         class_ids = set(self.val_labelmap) if self.val_labelmap else None
-        write_predictions(results_csv, predictions, KeyframeIndex.from_store(self.val_store), class_ids=class_ids)
+        write_predictions(results_csv, result.predictions, result.keyframes, class_ids=class_ids)
         if self.val_groundtruth is None or self.val_labelmap is None:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)

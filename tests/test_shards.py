@@ -13,22 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch.utils.data import DataLoader
 
 from stage_dist.batch import Window, WindowSpec, collate
 from stage_dist.sampler import ClipWindowSampler
-from stage_dist.shards import (
+from stage_dist.shard_format import (
     ShardError,
-    ShardWindowStream,
-    assign_shards,
     expand_urls,
-    main,
     read_clip_samples,
     shard_pattern,
+    shards_to_store,
     write_shards,
 )
+from stage_dist.shard_stream import ShardWindowStream, fill_segments
+from stage_dist.shards import main
 from stage_dist.store import (
     FeatureStore,
+    read_attrs,
     StorageConfig,
     StoreLayout,
     StoreShape,
@@ -47,15 +49,16 @@ VIDEO_IDS = ["-5KQ66BBWC4", "_145Aa_xkuE", "a.b/c d", "x", "..", "v-5_x", "0902.
 WINDOW = 6
 
 
-def build_store(path: Path, lengths: list[int], seed: int = 0) -> FeatureStore:
+def build_store(path: Path, lengths: list[int], seed: int = 0, extras: bool = False) -> FeatureStore:
     """A real zarr store written with the store's own writer primitives (small chunks, so
-    windows cross chunk boundaries)."""
+    windows cross chunk boundaries); with ``extras`` also ``actors/spatial`` and ``objects/cls_prob``."""
     rng = np.random.default_rng(seed)
     num_keyframes = sum(lengths)
     actor_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 4, num_keyframes))]).astype(np.int64)
     object_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 5, num_keyframes))]).astype(np.int64)
     num_actors, num_objects = int(actor_ptr[-1]), int(object_ptr[-1])
-    shape = StoreShape(len(lengths), num_keyframes, num_actors, num_objects, actor_dim=24, object_dim=40)
+    shape = StoreShape(len(lengths), num_keyframes, num_actors, num_objects, actor_dim=24, object_dim=40,
+                       spatial_thw=(2, 1, 3) if extras else None, cls_prob_dim=7 if extras else None)
     layout = StoreLayout.build(shape, StorageConfig(chunk_kb=1, min_shards=3))
     tables = Tables(
         video_ids=VIDEO_IDS[: len(lengths)],
@@ -72,6 +75,9 @@ def build_store(path: Path, lengths: list[int], seed: int = 0) -> FeatureStore:
     arrays["actors/labels"][:] = (rng.random((num_actors, 80)) < 0.1).astype(np.uint8)
     arrays["objects/features"][:] = rng.standard_normal((num_objects, 40)).astype(np.float16)
     arrays["objects/boxes"][:] = rng.random((num_objects, 4), dtype=np.float32)
+    if extras:
+        arrays["actors/spatial"][:] = rng.standard_normal((num_actors, 24, 2, 1, 3)).astype(np.float16)
+        arrays["objects/cls_prob"][:] = rng.random((num_objects, 7)).astype(np.float16)
     finish_store(path)
     return FeatureStore.open(path)
 
@@ -180,6 +186,34 @@ def test_one_split_per_directory(store, tmp_path):
         write_shards(store, tmp_path / "x", prefix="a.b")
 
 
+def zarr_contents(path: Path) -> dict[str, tuple]:
+    """Every array of a zarr group (read with zarr itself): values, dtype, chunk and shard shape."""
+    root = zarr.open_group(path, mode="r")
+    return {name: (array[...], array.dtype, array.chunks, array.shards)
+            for name, array in root.members(max_depth=None) if isinstance(array, zarr.Array)}
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_store_to_shards_to_store_is_identical(tmp_path, window, capsys):
+    original = build_store(tmp_path / "train.zarr", LENGTHS, seed=5, extras=True)
+    manifest = write_shards(original, tmp_path / "shards", window=window, max_shard_bytes=30_000)
+    assert manifest["num_shards"] > 2 and manifest["extra_arrays"] == ["actors/spatial", "objects/cls_prob"]
+    assert manifest["dtypes"]["object_cls_prob"] == "<f2" and manifest["dtypes"]["actor_spatial"] == "<f2"
+    pattern = shard_pattern(manifest, tmp_path / "shards")
+    assert main(["--to-store", pattern, str(tmp_path / "back.zarr")]) == 0
+    assert "8 clips, 90 keyframes" in capsys.readouterr().out
+    expected, rebuilt = zarr_contents(original.path), zarr_contents(tmp_path / "back.zarr")
+    assert sorted(rebuilt) == sorted(expected)
+    assert {"actors/spatial", "objects/cls_prob", "keyframes/timestamp", "clips/ptr"} <= set(expected)
+    for name, (values, dtype, chunks, shards) in expected.items():
+        got = rebuilt[name]
+        assert (got[1], got[2], got[3]) == (dtype, chunks, shards), name
+        assert got[0].shape == values.shape and np.array_equal(got[0], values), name
+    assert read_attrs(tmp_path / "back.zarr") == read_attrs(original.path)
+    with pytest.raises(ShardError, match="must read every shard"):
+        shards_to_store(expand_urls(pattern)[1:], tmp_path / "partial.zarr")
+
+
 # --- identical batches ----------------------------------------------------------------------
 
 
@@ -221,35 +255,74 @@ def test_window_samples_match_the_store_and_join_back_into_clips(store, tmp_path
 # --- equal steps on every rank --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("windows_per_step", [1, 2])
-def test_every_rank_runs_the_same_steps_from_disjoint_shards(store, seven, world_size, windows_per_step):
-    manifest, pattern = seven
+def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch, **kwargs) -> list[list[list[Window]]]:
+    """Every rank's steps, in step order, with ``num_workers`` DataLoader workers emulated."""
+    import stage_dist.shard_stream as shard_stream
+
+    ranks = []
+    for rank in range(world_size):
+        by_step: dict[int, list[Window]] = {}
+        for worker in range(num_workers):
+            monkeypatch.setattr(shard_stream, "_worker", lambda: (worker, num_workers))
+            for i, step in enumerate(run_epoch(pattern, epoch, rank, world_size, **kwargs)):
+                by_step[worker + i * num_workers] = step
+        ranks.append([by_step[i] for i in range(len(by_step))])
+    return ranks
+
+
+@pytest.mark.parametrize("world_size, num_workers, windows_per_step", [(2, 2, 1), (2, 2, 2), (3, 1, 1), (1, 3, 2)])
+@pytest.mark.parametrize("layout", ["seven", "two"])
+def test_uneven_shards_yield_every_window_once_plus_padding(store, layout, world_size, num_workers, windows_per_step,
+                                                            monkeypatch, request, caplog):
+    """Shards of 3..20 keyframes (or two of unequal size): over all ranks and workers each
+    window of the epoch comes exactly once, and only the padding needed for equal steps repeats."""
+    _, pattern = request.getfixturevalue(layout)
     for epoch in (0, 1):
-        ranks = [run_epoch(pattern, epoch, r, world_size, windows_per_step=windows_per_step) for r in range(world_size)]
+        ranks = emulated_epoch(pattern, epoch, world_size, num_workers, monkeypatch, windows_per_step=windows_per_step)
         sampler = ClipWindowSampler(store.clip_lengths, WINDOW, windows_per_step, world_size=world_size, seed=0)
-        assert [len(steps) for steps in ranks] == [sampler.steps_for_epoch(epoch)] * world_size
-        assert all(len(step) == windows_per_step for steps in ranks for step in steps)
-        clips_of_rank = [{w.clip for step in steps for w in step} for steps in ranks]
-        for rank, clips in enumerate(clips_of_rank):
-            own = {NONEMPTY[s] for s in assign_shards(7, rank, world_size).shards}
-            assert clips <= own, (rank, clips, own)
+        steps = sampler.steps_for_epoch(epoch)
+        assert [len(r) for r in ranks] == [steps] * world_size
+        assert all(len(step) == windows_per_step for r in ranks for step in r)
+        specs = [spec_of(store, w) for r in ranks for step in r for w in step]
         expected = epoch_specs(store, epoch)
-        assert all(spec_of(store, w) in expected for steps in ranks for step in steps for w in step)
+        assert set(specs) == expected  # every window of the epoch, no other
+        padded = steps * world_size * windows_per_step - len(expected)
+        assert len(specs) - len(expected) == padded == sampler.padded_windows(epoch)
+        assert padded < world_size * windows_per_step
+        assert stream(pattern, 0, world_size, windows_per_step=windows_per_step).padded_windows(epoch) == padded
+        keyframes = np.zeros(sum(LENGTHS), dtype=np.int64)  # keyframe rows, counted
+        for spec in specs:
+            first = int(store.clip_ptr[spec.clip]) + spec.start
+            keyframes[first : first + spec.length] += 1
+        repeated = sum(n for _, _, n in specs) - sum(LENGTHS)
+        assert (keyframes >= 1).all() and int((keyframes - 1).sum()) == repeated
+        for r in ranks:
+            for step in r:
+                for w in step:
+                    assert_windows_equal(w, store.read_window(spec_of(store, w)))
+        with caplog.at_level("INFO", logger="stage_dist.sampler"):
+            stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(epoch)
+        assert f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); {padded} windows " \
+               "repeated" in caplog.text
+
+
+def test_segments_fill_quotas_evenly():
+    assert fill_segments([3, 3, 2, 2], 10).tolist() == [3, 3, 2, 2]
+    assert fill_segments([3, 3, 2, 2], 7).tolist() == [2, 2, 2, 1]
+    assert fill_segments([4, 4], 1).tolist() == [1, 0]
+    with pytest.raises(ValueError):
+        fill_segments([1, 1], 3)
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 9])
 def test_more_ranks_than_shards_still_gives_equal_steps(store, two, world_size):
-    """2 shards: readers of one shard split its clips; with 9 ranks and 7 clips some ranks have
-    no clip of their own and read their whole shard."""
+    """2 shards: readers share shards; with 9 ranks and 15 windows some ranks have one window of
+    their own and repeat it."""
     _, pattern = two
     ranks = [run_epoch(pattern, 0, r, world_size) for r in range(world_size)]
     steps = ClipWindowSampler(store.clip_lengths, WINDOW, world_size=world_size, seed=0).steps_for_epoch(0)
     assert [len(r) for r in ranks] == [steps] * world_size
-    clip_sets = [{w.clip for step in r for w in step} for r in ranks]
-    if world_size == 3:  # every rank has clips of its own: disjoint
-        assert all(not (a & b) for i, a in enumerate(clip_sets) for b in clip_sets[i + 1 :])
-    assert set().union(*clip_sets) == set(NONEMPTY)
+    assert {spec_of(store, w) for r in ranks for step in r for w in step} == epoch_specs(store, 0)
 
 
 def test_dataloader_workers_and_exact_mid_epoch_resume(store, seven):
@@ -342,3 +415,53 @@ def test_cli_writes_shards_and_reports_errors(store, tmp_path, capsys):
     assert (tmp_path / "out" / "manifest.json").exists()
     assert main([str(tmp_path / "missing.zarr"), str(tmp_path / "o2")]) == 2
     assert "not a stage_dist feature store" in capsys.readouterr().err
+
+
+def test_convert_format_webdataset_alone_writes_shards_to_out(tmp_path, capsys):
+    from stage_dist.convert import build_parser, main as convert_main
+    from stage_dist.synth import SynthConfig, synthesize
+
+    data = synthesize(tmp_path / "synth", SynthConfig(seed=3, train_clips=2, val_clips=1, keyframes_per_clip=5,
+                                                      actor_dim=8, object_dim=16, actor_thw=(1, 1, 1)))
+    paths = data.splits["train"]
+    common = ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file),
+              "--workers", "1", "--no-progress"]
+    out = tmp_path / "train"
+    assert convert_main([*common, "--out", str(out), "--format", "webdataset"]) == 0
+    assert f"-> {out}/train-000000.tar" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_keyframes"] == 10 and manifest["split"] == "train"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth", "train"]  # no store left beside it
+    help_text = build_parser().format_help()
+    assert help_text.count("zarr,webdataset") == 1, "each --format choice is listed once"
+
+
+def test_store_and_shards_are_one_kind_of_window_source(store, seven):
+    """Both paths satisfy WindowSource with the same schedule, dims and counts, and their
+    inference batches own every actor exactly once over the ranks, naming its keyframe."""
+    from stage_dist.data import StoreWindowSource, open_window_source
+    from stage_dist.window_source import WindowSource
+
+    sources = [StoreWindowSource(store, windows_per_step=2, rank=1, world_size=2),
+               open_window_source(shards=seven[1], windows_per_step=2, rank=1, world_size=2)]
+    nodes = [int(store.actor_ptr[k + 1] - store.actor_ptr[k] + store.object_ptr[k + 1] - store.object_ptr[k])
+             for k in range(store.num_keyframes)]
+    for source in sources:
+        assert isinstance(source, WindowSource)
+        assert (source.actor_dim, source.object_dim, source.num_clips, source.num_keyframes, source.num_actors) == (
+            24, 40, len(LENGTHS), sum(LENGTHS), store.num_actors)
+        assert source.max_nodes_per_keyframe == max(nodes)
+        assert [source.steps_for_epoch(e) for e in range(4)] == [sources[0].steps_for_epoch(e) for e in range(4)]
+        assert [source.padded_windows(e) for e in range(4)] == [sources[0].padded_windows(e) for e in range(4)]
+        assert source.state_dict(3) == {"epoch": 0, "step": 3}
+        owned, named = [], {}
+        for rank in range(2):
+            for batch, mine, keyframes in source.inference_batches(rank, 2, window=4, context=2, windows_per_batch=3,
+                                                                   num_workers=0, pin_memory=False):
+                owned += batch.actor_index[mine].tolist()
+                for start, video_id, timestamps in keyframes:
+                    for k, t in enumerate(timestamps.tolist(), start):
+                        assert named.setdefault(k, (video_id, t)) == (video_id, t)
+        assert sorted(owned) == list(range(store.num_actors))
+        clip_of = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
+        assert named == {k: (VIDEO_IDS[clip_of[k]], int(store.timestamps[k])) for k in range(sum(LENGTHS))}
