@@ -67,8 +67,8 @@ def assert_same_store(a: Path, b: Path, compare_sources: bool = True) -> None:
     attrs_a, attrs_b = FeatureStore.open(a).attrs, FeatureStore.open(b).attrs
     for key in ("counts", "dims", "dtypes", "video_ids", "label_layout", "schema_version"):
         assert attrs_a[key] == attrs_b[key], key
-    if compare_sources:
-        assert attrs_a == attrs_b
+    if compare_sources:  # the record of input files' sizes and times differs where a test changed one
+        assert {k: v for k, v in attrs_a.items() if k != "inputs"} == {k: v for k, v in attrs_b.items() if k != "inputs"}
 
 
 def reference_i3d(paths) -> list[tuple[str, int, dict[str, np.ndarray]]]:
@@ -373,18 +373,24 @@ def test_output_that_is_not_a_store_is_refused(split, tmp_path, capsys):
     out = tmp_path / "occupied"
     out.mkdir()
     (out / "precious.txt").write_text("x")
-    err = run_bad(i3d_args(split, out) + SMALL, capsys)
-    assert "not a feature store" in err and (out / "precious.txt").exists()
+    for overwrite in ([], ["--overwrite"]):
+        err = run_bad(i3d_args(split, out) + SMALL + overwrite, capsys)
+        assert str(out) in err and "files this project did not write (precious.txt)" in err
+        assert (out / "precious.txt").read_text() == "x"
 
 
 def test_verify_reports_mismatch(split, tmp_path, capsys):
+    import zarr
+
     out = tmp_path / "s.zarr"
     assert main(i3d_args(split, out) + SMALL) == 0
     file = first_actor_file(split)
-    with h5py.File(file, "r") as f:
-        boxes = f["boxes"][()]
-    boxes[0, 0] = boxes[0, 0] / 2  # same shapes, other values: the rerun only verifies
-    rewrite_h5(file, boxes=boxes)
+    store = FeatureStore.open(out)
+    k = next(i for i in range(store.num_keyframes) if store.video_ids[store.keyframe_clip[i]] == file.parent.name
+             and store.timestamps[i] == int(file.stem))
+    boxes = zarr.open_group(out, mode="r+")["actors/boxes"]
+    row = int(store.actor_ptr[k])
+    boxes[row, 0] = boxes[row, 0] / 2  # the store is damaged, the sources are not: the rerun only verifies
     assert main(i3d_args(split, out) + SMALL + ["--verify-sample", "1000"]) == 1
     text = capsys.readouterr().out
     assert "verified 24 keyframes: 1 mismatches" in text
