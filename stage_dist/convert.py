@@ -138,8 +138,7 @@ def config_inputs(cfg: ConvertConfig) -> list[tuple[str, Path | None]]:
 
 def check_output(cfg: ConvertConfig) -> OutputDir:
     """The checked output directory of ``cfg`` (see :func:`stage_dist.outputs.prepare_output_dir`)."""
-    return prepare_output_dir(cfg.out, STORE_KIND, inputs=config_inputs(cfg),
-                              recognise=lambda path: read_attrs(path) is not None)
+    return prepare_output_dir(cfg.out, STORE_KIND, inputs=config_inputs(cfg))
 
 
 def build_source(cfg: ConvertConfig) -> Source:
@@ -294,11 +293,13 @@ def stale_shards(old: dict[str, Any], new: dict[str, Any], plan: Plan, source: S
 
 def _what_differs(existing: dict[str, Any], plan: Plan, source: Source, cfg: ConvertConfig) -> str:
     """Why a store's plan differs from this run's, in words."""
-    if existing.get("converter", {}).get("arguments") != json.loads(json.dumps(cfg.store_arguments())):
-        old = existing.get("converter", {}).get("arguments", {})
-        keys = sorted(k for k in set(old) | set(cfg.store_arguments()) if old.get(k) != json.loads(
-            json.dumps(cfg.store_arguments())).get(k))
-        return "other arguments (" + ", ".join(keys) + ")"
+    def flat(arguments: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in arguments.items() if k != "storage"}, **arguments.get("storage", {})}
+
+    old, new = flat(existing.get("converter", {}).get("arguments", {})), flat(json.loads(json.dumps(cfg.store_arguments())))
+    if old != new:
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "other arguments (" + ", ".join(f"{k} {old.get(k)!r}, now {new.get(k)!r}" for k in keys) + ")"
     if {k: v for k, v in existing.get("source", {}).items() if k in source.describe()} != source.describe():
         return "other input paths"
     return "inputs with other keyframes or row counts (files added, removed or reshaped)"

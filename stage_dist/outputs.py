@@ -28,9 +28,10 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,14 @@ def check_not_input(out: Path, inputs: Iterable[tuple[str, str | os.PathLike | N
     Paths are compared resolved, so a symlink to an input is the input.
     """
     target = resolve_output(out, what)
+    shown = f"{what} {out}" + (f" (-> {target})" if Path(out).absolute() != target else "")
     for name, source in _resolved_inputs(inputs):
         if target == source:
-            raise OutputError(f"{what} {out} is the input {name} {source}: refusing to write over an input")
+            raise OutputError(f"{shown} is the input {name} {source}: refusing to write over an input")
         if source.is_relative_to(target):
-            raise OutputError(f"{what} {out} contains the input {name} {source}: refusing to write there")
+            raise OutputError(f"{shown} contains the input {name} {source}: refusing to write there")
         if target.is_relative_to(source):
-            raise OutputError(f"{what} {out} lies inside the input {name} {source}: refusing to write there")
+            raise OutputError(f"{shown} lies inside the input {name} {source}: refusing to write there")
 
 
 # --------------------------------------------------------------------------- markers
@@ -112,14 +114,32 @@ class OutputDir:
     state: DirState  # new: did not exist; empty: existed, nothing in it; ours: holds an output of this kind
 
 
-def _kind_of(directory: Path, kind: str, recognise: Callable[[Path], bool] | None) -> str | None:
-    """The kind of project output ``directory`` holds (marker, else ``recognise`` for older outputs)."""
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def known_kind(directory: Path) -> str | None:
+    """The kind of project output in ``directory`` by its marker, or by the signature of outputs
+    written before markers existed (a store's zarr.json attributes, a shards manifest.json)."""
     marker = read_marker(directory)
     if marker is not None:
         return marker["kind"]
+    if "stage_dist" in _json_file(Path(directory) / "zarr.json").get("attributes", {}):
+        return "feature store"
+    if _json_file(Path(directory) / "manifest.json").get("format") == "stage_dist.shards":
+        return "webdataset shards"
+    return None
+
+
+def _kind_of(directory: Path, kind: str, recognise: Callable[[Path], bool] | None) -> str | None:
+    """The kind of project output ``directory`` holds (``recognise`` may claim it as ``kind``)."""
     if recognise is not None and recognise(directory):
         return kind
-    return None
+    return known_kind(directory)
 
 
 def prepare_output_dir(path: str | os.PathLike, kind: str, *,
@@ -134,8 +154,8 @@ def prepare_output_dir(path: str | os.PathLike, kind: str, *,
     existed); a missing parent or one that is not a writable directory.
     """
     target = resolve_output(path, what)
-    check_not_input(target, inputs, what)
-    shown = f"{what} {path}" + (f" (-> {target})" if Path(path).is_symlink() else "")
+    check_not_input(path, inputs, what)
+    shown = f"{what} {path}" + (f" (-> {target})" if Path(path).absolute() != target else "")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{shown}: is a file, not a directory")
     if not target.exists():
@@ -213,7 +233,7 @@ def check_output_file(path: str | os.PathLike, *,
     writable directory. Returns the resolved path. (Whether an existing file may be replaced is
     the caller's rule, e.g. never a checkpoint.)"""
     target = resolve_output(path, what)
-    check_not_input(target, inputs, what)
+    check_not_input(path, inputs, what)
     if target.is_dir():
         raise OutputError(f"{what} {path}: is a directory, expected a file path")
     parent = _existing_parent(target)
@@ -324,3 +344,28 @@ def lock_output(output: str | os.PathLike, what: str = "--out") -> OutputLock:
     """Take the one-writer lock of ``output`` (a directory that exists, or a file path) or raise
     :class:`OutputError` naming the holder. Use as ``with lock_output(path): ...``."""
     return OutputLock(Path(output), what).acquire()
+
+
+@contextmanager
+def claim_output_dir(path: str | os.PathLike, kind: str, *,
+                     inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+                     overwrite: bool = False, recognise: Callable[[Path], bool] | None = None,
+                     what: str = "--out") -> Iterator[OutputDir]:
+    """Check, create (marked), lock and, with ``overwrite``, empty an output directory of ``kind``;
+    yields it (``state`` as found: ``ours`` means an earlier output of this kind is there to
+    resume or replace). The lock is held until the block ends. Raises :class:`OutputError`."""
+    inputs = list(inputs)
+    target = prepare_output_dir(path, kind, inputs=inputs, recognise=recognise, what=what)
+    created = target.state == "new"
+    make_output_dir(target, kind, what)
+    try:
+        with lock_output(target.path, what):
+            checked = prepare_output_dir(target.path, kind, inputs=inputs, recognise=recognise, what=what)
+            if overwrite and checked.state == "ours":
+                clear_output_dir(checked, kind, recognise, what)
+                write_marker(checked.path, kind)
+            yield OutputDir(checked.path, "new" if created else checked.state)
+    except BaseException:
+        if created and target.path.is_dir() and not _visible_entries(target.path):
+            shutil.rmtree(target.path, ignore_errors=True)  # only our marker in it: leave nothing behind
+        raise

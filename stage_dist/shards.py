@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from stage_dist.batch import Window, WindowSpec
+from stage_dist.outputs import OutputError, claim_output_dir
 from stage_dist.sampler import clip_windows, epoch_generator, parse_position, window_offsets
 from stage_dist.store import FeatureStore, StoreError
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 FORMAT = "stage_dist.shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SHARDS_KIND = "webdataset shards"  # the kind stage_dist.outputs marks a shards directory with
 DEFAULT_WINDOW = 6  # the window whose count the manifest records for clip samples
 ARRAY_FIELDS = (
     "timestamps",
@@ -305,7 +307,16 @@ def write_shards(
     last one shorter). Shards are ``<prefix>-000000.tar ...`` (``prefix`` defaults to the store's
     split), each at most ``max_shard_bytes`` unless one clip alone is larger. ``manifest.json``
     is written last; shards of an earlier write that are beyond the new count are removed.
+    ``out_dir`` must be new, empty or shards this project wrote (never the store, nor a directory
+    of other files), and is locked while it is written (:func:`stage_dist.outputs.claim_output_dir`).
     """
+    with claim_output_dir(out_dir, SHARDS_KIND, inputs=[("store", getattr(store, "path", None))],
+                          what="shards directory") as target:
+        return _write_shards(store, target.path, prefix=prefix, max_shard_bytes=max_shard_bytes, window=window)
+
+
+def _write_shards(store: FeatureStore, out: Path, *, prefix: str | None, max_shard_bytes: int,
+                  window: int | None) -> dict:
     prefix = prefix or store.split or "shards"
     if not _PREFIX_RE.match(prefix):
         raise ShardError(f"shard prefix {prefix!r} must be letters, digits, '_' or '-'")
@@ -313,8 +324,6 @@ def write_shards(
         raise ShardError(f"window must be >= 1, got {window}")
     if max_shard_bytes < 1:
         raise ShardError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     existing = out / MANIFEST_NAME
     if existing.exists():
         old_prefix = _read_json(str(existing)).get("prefix")
@@ -703,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = write_shards(
             store, args.out_dir, prefix=args.prefix, max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window
         )
-    except (ShardError, StoreError) as err:
+    except (ShardError, StoreError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

@@ -154,33 +154,45 @@ class Source(Protocol):
 # --------------------------------------------------------------------------- HDF5 helpers
 
 
+def _one_line(error: Exception) -> str:
+    """An error's text on one line (HDF5's messages span several)."""
+    return " ".join(str(error).split())
+
+
+def _not_a_directory(path: Path) -> None:
+    if Path(path).is_dir():
+        raise SourceError(f"{path}: is a directory, expected an HDF5 file")
+
+
 def _open_h5(path: Path) -> h5py.File:
     """A high-level handle, for the files kept open per process (objects, SlowFast)."""
+    _not_a_directory(path)
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found") from None
     except OSError as e:  # truncated, not HDF5, unreadable
-        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {_one_line(e)}") from None
 
 
 def _open_file_id(path: Path) -> h5py.h5f.FileID:
     """Open ``path`` read-only with the low-level API; closing it closes its datasets too."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    _not_a_directory(path)
     try:
         return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=fapl)
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found") from None
     except OSError as e:  # truncated, not HDF5, unreadable
-        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {_one_line(e)}") from None
 
 
 def _exists(loc: h5py.h5g.GroupID, name: str, where: str) -> bool:
     try:
         return loc.links.exists(name.encode())
     except OSError as e:
-        raise SourceError(f"{where}: cannot look up {name!r} (corrupt file?): {e}") from None
+        raise SourceError(f"{where}: cannot look up {name!r} (corrupt file?): {_one_line(e)}") from None
 
 
 def _dataset(loc: h5py.h5g.GroupID, name: str, where: str) -> h5py.h5d.DatasetID:
@@ -192,7 +204,7 @@ def _dataset(loc: h5py.h5g.GroupID, name: str, where: str) -> h5py.h5d.DatasetID
             raise SourceError(f"{where}: {name!r} is not a dataset") from None
         raise SourceError(f"{where}: missing dataset {name!r}") from None
     except OSError as e:
-        raise SourceError(f"{where}: cannot read {name!r} (corrupt file?): {e}") from None
+        raise SourceError(f"{where}: cannot read {name!r} (corrupt file?): {_one_line(e)}") from None
 
 
 def _read(ds: h5py.h5d.DatasetID, name: str, where: str) -> np.ndarray:
@@ -200,7 +212,7 @@ def _read(ds: h5py.h5d.DatasetID, name: str, where: str) -> np.ndarray:
     try:
         ds.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
     except OSError as e:
-        raise SourceError(f"{where}: cannot read {name!r} (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{where}: cannot read {name!r} (truncated or corrupt?): {_one_line(e)}") from None
     return values
 
 
@@ -483,7 +495,8 @@ class I3DSource:
 
     def list_keyframes(self) -> SourceListing:
         if not self.actors_dir.is_dir():
-            raise SourceError(f"{self.actors_dir}: actors directory not found")
+            problem = "is not a directory" if self.actors_dir.exists() else "actors directory not found"
+            raise SourceError(f"{self.actors_dir}: {problem}")
         listing = SourceListing(clips={})
         self._other_names = {}
         try:
@@ -582,7 +595,7 @@ def read_video_list(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise SourceError(f"{path}: cannot read video list: {e}") from None
+        raise SourceError(f"{path}: cannot read video list: {_one_line(e)}") from None
     ids: list[str] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, 1):
@@ -666,7 +679,7 @@ class SlowFastSource:
         try:
             group = self._file()[key]
         except OSError as e:
-            raise SourceError(f"{where}: cannot read group (corrupt file?): {e}") from None
+            raise SourceError(f"{where}: cannot read group (corrupt file?): {_one_line(e)}") from None
         if not isinstance(group, h5py.Group):
             raise SourceError(f"{where}: expected a group with boxes/features/labels")
         return group.id, where
