@@ -640,3 +640,34 @@ def test_verify_sample_reads_only_the_sampled_rows(split, tmp_path, monkeypatch)
         # each row array read once, just the sampled keyframes' rows
         assert sum(rows_read) == 3 * actors + 3 * objects, (rows_read, actors, objects)
     assert store.num_actors + store.num_objects > 10 * (actors + objects) / 4
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
+    """The converter's chunk-at-a-time shard writer against zarr's own writer: same values,
+    including a last shard and chunk cut by the array's end and a 5-d array."""
+    import zarr
+
+    from stage_dist.convert import _ShardStreamWriter
+    from stage_dist.store import _compressors
+
+    rng = np.random.default_rng(0)
+    root = zarr.open_group(tmp_path / "s", mode="w", zarr_format=3)
+    for name, shape, chunks, shards in (("a", (203, 7), 16, 64), ("b", (100, 3, 2, 2, 2), 4, 8)):
+        values = rng.standard_normal(shape).astype(np.float16)
+        streamed = root.create_array(name, shape=shape, dtype="float16", chunks=(chunks, *shape[1:]),
+                                     shards=(shards, *shape[1:]), compressors=_compressors(compression), fill_value=0)
+        reference = root.create_array(f"{name}_ref", shape=shape, dtype="float16", chunks=(chunks, *shape[1:]),
+                                      shards=(shards, *shape[1:]), compressors=_compressors(compression), fill_value=0)
+        assert _ShardStreamWriter.supports(streamed)
+        for start in range(0, shape[0], shards):  # one writer per shard, rows in uneven pieces
+            stop = min(start + shards, shape[0])
+            writer = _ShardStreamWriter(streamed, tmp_path / "s", start, stop)
+            cuts = sorted({start, stop, *rng.integers(start, stop, 3).tolist()})
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                writer.append(values[lo:hi])
+            writer.close(name)
+        reference[:] = values
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "s", mode="r")[name][:], values)
+        np.testing.assert_array_equal(reference[:], values)
+        np.testing.assert_array_equal(streamed[17:150], values[17:150])
