@@ -291,7 +291,7 @@ def stale_shards(old: dict[str, Any], new: dict[str, Any], plan: Plan, source: S
     return stale, changed
 
 
-def _what_differs(existing: dict[str, Any], plan: Plan, source: Source, cfg: ConvertConfig) -> str:
+def _what_differs(existing: dict[str, Any], source: Source, cfg: ConvertConfig) -> str:
     """Why a store's plan differs from this run's, in words."""
     def flat(arguments: dict[str, Any]) -> dict[str, Any]:
         return {**{k: v for k, v in arguments.items() if k != "storage"}, **arguments.get("storage", {})}
@@ -323,7 +323,7 @@ def prepare_store(plan: Plan, source: Source, cfg: ConvertConfig, target: Output
     if existing is not None and not cfg.overwrite:
         if existing.get("plan_fingerprint") != fingerprint:
             raise ConvertError(
-                f"{cfg.out}: holds a store made from {_what_differs(existing, plan, source, cfg)} "
+                f"{cfg.out}: holds a store made from {_what_differs(existing, source, cfg)} "
                 f"(complete={existing.get('complete')}); pass --overwrite to replace it"
             )
         if "inputs" not in existing:
@@ -998,6 +998,9 @@ def main(argv: list[str] | None = None) -> int:
             print(write_streaming_form(args))
     except (SourceError, StoreError, ConvertError, OutputError) as e:
         print(f"convert_features: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
+        print(f"convert_features: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

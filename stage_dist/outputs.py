@@ -207,23 +207,25 @@ def clear_output_dir(out: OutputDir, kind: str, recognise: Callable[[Path], bool
     found = _kind_of(out.path, kind, recognise)
     if found != kind and _visible_entries(out.path):
         raise OutputError(f"{what} {out.path}: not a {kind} this project wrote; refusing to delete it")
-    try:
-        empty_directory(out.path)
-    except OSError as e:
-        raise OutputError(f"{what} {out.path}: cannot delete {e.filename}: {e.strerror or e}") from None
+    empty_directory(out.path)
     log.info("%s: emptied the previous %s", out.path, kind)
 
 
 def empty_directory(directory: Path) -> None:
     """Delete everything inside ``directory`` but its lock file, keeping the directory itself
-    (its permissions and owner). No ownership check: callers check with :func:`prepare_output_dir`."""
+    (its permissions and owner). No ownership check: callers check with :func:`prepare_output_dir`.
+    A refused deletion is an :class:`OutputError` naming the entry."""
     for entry in os.scandir(directory):
         if entry.name in KEEP_WHEN_CLEARING:
             continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError as e:
+            raise OutputError(f"{entry.path}: cannot delete it ({e.strerror or e}) while emptying "
+                              f"{directory}") from None
 
 
 def check_output_file(path: str | os.PathLike, *,

@@ -270,3 +270,22 @@ def test_shards_rewrite_own_directory_and_keep_its_mode(store_case, capsys):
     assert _shards([str(store), str(out), "--max-shard-mb", "0.001"], capsys).code == 0  # ours: rewritten
     assert (out / MARKER_NAME).exists() and oct(os.stat(out).st_mode & 0o777) == oct(0o750)
     assert np.all([p.suffix in (".tar", ".json") for p in out.iterdir()])
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", flag, str(path)]).returncode == 0
+
+
+def test_convert_write_refused_inside_own_store_is_one_line(case, capsys):
+    """The filesystem refuses a write inside --out (an immutable subdirectory): exit 2, one line
+    naming the path; the inputs are untouched (the store itself is the run's to change)."""
+    out = _store(case, "s.zarr")
+    locked = out / "actors" / "features"
+    if not _chattr("+i", locked):
+        pytest.skip("chattr +i is not available here")
+    try:
+        before = snapshot(case.root, ignore=[out])
+        outcome = run_main(convert.main, case.i3d(out, "--overwrite", "--dtype", "float32"), capsys)
+        assert_clean_failure(outcome, before, snapshot(case.root, ignore=[out]), names=[str(out / "actors")])
+    finally:
+        _chattr("-i", locked)
