@@ -671,3 +671,16 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
         np.testing.assert_array_equal(zarr.open_group(tmp_path / "s", mode="r")[name][:], values)
         np.testing.assert_array_equal(reference[:], values)
         np.testing.assert_array_equal(streamed[17:150], values[17:150])
+
+
+def test_programming_error_keeps_its_traceback(split, tmp_path, monkeypatch):
+    """Only the project's input/output errors become one-line exit-2 messages."""
+    from stage_dist import convert as conv
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(conv, "make_plan", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(i3d_args(split, tmp_path / "s.zarr") + SMALL)
+    assert not (tmp_path / "s.zarr").exists()  # the run's new directory is not left behind
