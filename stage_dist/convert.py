@@ -831,11 +831,14 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     phases: dict[str, float] = {}
     target = check_output(cfg)  # refuse a bad output before any work
     runner = Runner(cfg.workers)  # before any HDF5 file is opened (workers fork clean) and before the lock
-    lock, created = None, target.state == "new"
+    lock, created = None, False
     try:
-        if created:
+        if target.state == "new":
             try:
                 target.path.mkdir(parents=True)
+                created = True
+            except FileExistsError:  # another run made it meanwhile: the lock decides
+                pass
             except OSError as e:
                 raise OutputError(f"--out {cfg.out}: cannot create it: {e.strerror or e}") from None
         lock = lock_output(target.path)
@@ -884,7 +887,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         return summary
     finally:
         runner.close()
-        if created and target.path.is_dir() and not any(target.path.iterdir()):
+        if created and lock is not None and target.path.is_dir() and not any(target.path.iterdir()):
             target.path.rmdir()  # a run that stopped before writing leaves no empty directory behind
         if lock is not None:
             lock.release()

@@ -359,15 +359,18 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *,
     inputs = list(inputs)
     target = prepare_output_dir(path, kind, inputs=inputs, recognise=recognise, what=what)
     created = target.state == "new"
-    make_output_dir(target, kind, what)
     try:
-        with lock_output(target.path, what):
+        target.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot create it: {e.strerror or e}") from None
+    with lock_output(target.path, what):
+        try:
             checked = prepare_output_dir(target.path, kind, inputs=inputs, recognise=recognise, what=what)
             if overwrite and checked.state == "ours":
                 clear_output_dir(checked, kind, recognise, what)
-                write_marker(checked.path, kind)
+            write_marker(checked.path, kind)
             yield OutputDir(checked.path, "new" if created else checked.state)
-    except BaseException:
-        if created and target.path.is_dir() and not _visible_entries(target.path):
-            shutil.rmtree(target.path, ignore_errors=True)  # only our marker in it: leave nothing behind
-        raise
+        except BaseException:
+            if created and target.path.is_dir() and not _visible_entries(target.path):
+                shutil.rmtree(target.path, ignore_errors=True)  # only our marker in it: leave nothing behind
+            raise

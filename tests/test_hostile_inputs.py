@@ -208,8 +208,8 @@ def test_convert_read_only_parent(case, immutable_dir, capsys):
 def test_convert_while_another_converter_holds_the_lock(case, capsys):
     out = case.root / "s.zarr"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from stage_dist.outputs import lock_output; "
-         f"lock = lock_output({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
+        [sys.executable, "-c", "import os, time; from stage_dist.outputs import lock_output; "
+         f"os.mkdir({str(out)!r}); lock = lock_output({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "locked"
