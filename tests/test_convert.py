@@ -684,3 +684,41 @@ def test_programming_error_keeps_its_traceback(split, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="a bug"):
         main(i3d_args(split, tmp_path / "s.zarr") + SMALL)
     assert not (tmp_path / "s.zarr").exists()  # the run's new directory is not left behind
+
+
+def test_second_converter_on_the_same_out_stops_at_once(split, tmp_path, monkeypatch, capsys):
+    """While one conversion runs (here: paused in its scan), a second one on the same --out
+    exits 2 at once naming the holder; the first then finishes a correct store."""
+    from stage_dist import convert as conv
+
+    out = tmp_path / "s.zarr"
+    real_make_plan = conv.make_plan
+    second: dict[str, object] = {}
+
+    def make_plan_with_a_rival(*args, **kwargs):
+        if not second:
+            second["code"] = main(i3d_args(split, out) + SMALL)
+            second["err"] = capsys.readouterr().err
+        return real_make_plan(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "make_plan", make_plan_with_a_rival)
+    assert main(i3d_args(split, out) + SMALL + ["--verify"]) == 0
+    assert second["code"] == EXIT_BAD_INPUT
+    assert f"another process is writing it (pid {os.getpid()} on" in second["err"]
+    assert len(second["err"].strip().splitlines()) == 1 and str(out) in second["err"]
+    assert "0 mismatches" in capsys.readouterr().out
+
+
+def test_changed_slowfast_file_converts_actors_again(split, tmp_path, caplog):
+    out = tmp_path / "sf.zarr"
+    assert main(slowfast_args(split, out) + SMALL) == 0
+    with h5py.File(split.slowfast_file, "a") as f:
+        key = next(k for k in sorted(f.keys()) if len(f[k]["features"]))
+        f[key]["features"][0, 0] = 5.0
+    _touch_later(split.slowfast_file)
+    caplog.clear()
+    assert main(slowfast_args(split, out) + SMALL + ["--verify"]) == 0
+    assert str(split.slowfast_file.resolve()) in caplog.text and "converting the" in caplog.text
+    fresh = tmp_path / "fresh.zarr"
+    assert main(slowfast_args(split, fresh) + SMALL) == 0
+    assert_same_store(out, fresh, compare_sources=False)
