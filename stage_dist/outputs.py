@@ -5,14 +5,19 @@ infer's ``--out``) calls these before it does any work, so that:
 
 - an output never is, contains or lies inside one of the run's inputs (:func:`check_not_input`);
 - a directory is only emptied when this project made it: it holds a marker file
-  (:data:`MARKER_NAME`, written by :func:`write_marker` at creation) naming its *kind*, or it is
-  empty. A directory holding anything else, or an output of another kind, is never touched
+  (:data:`MARKER_NAME`, written by :func:`write_marker` at creation) naming its *kind* (or,
+  for outputs older than markers, a store's zarr.json or a shards manifest), or it is empty. A directory holding anything else, or an output of another kind, is never touched
   (:func:`prepare_output_dir`, :func:`clear_output_dir`); the directory itself is kept when
   it is emptied, so its permissions and ownership stay the user's;
 - one process writes an output at a time (:func:`lock_output`): an advisory ``flock`` on a lock
   file beside the output (``.<name>.lock`` in its parent; inside an existing directory whose
-  parent is read-only) that records the holder's pid, host and start time. A second writer stops at once naming the holder; the kernel releases the lock
-  of a dead process, so a lock left by a killed run is taken over (and said so).
+  parent is read-only) that records the holder's pid, host and start time. A second writer
+  stops at once naming the holder; the kernel releases the lock of a dead process, so a lock
+  left by a killed run is taken over (and said so). The file is removed on release.
+
+:func:`claim_output_dir` does all of it for a directory output (the shard writer; train's
+output directory); the converter uses the parts (its store is marked by its zarr.json);
+:func:`check_output_file` and :func:`lock_output` serve a file output (infer's ``--out``).
 
 Paths are resolved first (a symlinked output writes into its target, under the same rules).
 Problems are :class:`OutputError`, a one-line message naming the path; the CLIs print it and exit 2.
@@ -185,17 +190,6 @@ def _existing_parent(path: Path) -> Path:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     return parent
-
-
-def make_output_dir(out: OutputDir, kind: str, what: str = "--out", marker: bool = True) -> None:
-    """Create the checked directory (and its parents) if new, and mark it as an output of ``kind``
-    (``marker=False``: the caller's own metadata marks it, e.g. a store's zarr.json)."""
-    try:
-        out.path.mkdir(parents=True, exist_ok=True)
-        if marker:
-            write_marker(out.path, kind)
-    except OSError as e:
-        raise OutputError(f"{what} {out.path}: cannot create it: {e.strerror or e}") from None
 
 
 def clear_output_dir(out: OutputDir, kind: str, recognise: Callable[[Path], bool] | None = None,
