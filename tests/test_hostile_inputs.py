@@ -289,3 +289,60 @@ def test_convert_write_refused_inside_own_store_is_one_line(case, capsys):
         assert_clean_failure(outcome, before, snapshot(case.root, ignore=[out]), names=[str(out / "actors")])
     finally:
         _chattr("-i", locked)
+
+
+# --------------------------------------------------------------------------- the outputs API (for train/infer)
+
+
+def test_claim_output_dir_marks_locks_and_replaces_only_its_own(tmp_path):
+    from stage_dist.outputs import OutputError, claim_output_dir, read_marker
+
+    run = tmp_path / "runs" / "a"
+    with claim_output_dir(run, "training run") as out:
+        assert out.state == "new" and read_marker(run)["kind"] == "training run"
+        with pytest.raises(OutputError, match=f"another process is writing it \\(pid {os.getpid()} on"):
+            with claim_output_dir(run, "training run"):
+                pass
+        (run / "last.pt").write_text("weights")
+    os.chmod(run, 0o2750)
+    with claim_output_dir(run, "training run") as out:  # resume: kept
+        assert out.state == "ours" and (run / "last.pt").exists()
+    with claim_output_dir(run, "training run", overwrite=True) as out:  # replace: emptied, directory kept
+        assert out.state == "ours" and sorted(os.listdir(run)) == [MARKER_NAME]
+    assert (os.stat(run).st_mode & 0o7777) == 0o2750
+    with pytest.raises(OutputError, match="holds a training run, not a webdataset shards"):
+        with claim_output_dir(run, "webdataset shards", overwrite=True):
+            pass
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(OutputError, match="notes.txt"):
+        with claim_output_dir(mine, "training run", overwrite=True):
+            pass
+    with pytest.raises(OutputError, match="contains the input --train-store"):
+        with claim_output_dir(tmp_path, "training run", inputs=[("--train-store", mine / "notes.txt")]):
+            pass
+    assert (mine / "notes.txt").read_text() == "x"
+    assert not any(p.name.endswith(".lock") for p in tmp_path.rglob(".*"))  # every lock released and removed
+
+
+def test_check_output_file_and_its_lock(tmp_path):
+    from stage_dist.outputs import OutputError, check_output_file, lock_output, lock_path
+
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"PK")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "ckpt_link").symlink_to(checkpoint)
+    for path, message in ((checkpoint, "is the input --checkpoint"), (tmp_path / "ckpt_link", "is the input"),
+                          (tmp_path / "sub", "is a directory"), (tmp_path / "notes.txt" / "results.csv", "is not a directory")):
+        with pytest.raises(OutputError, match=message):
+            check_output_file(path, inputs=[("--checkpoint", checkpoint)])
+    results = check_output_file(tmp_path / "out" / "results.csv", inputs=[("--checkpoint", checkpoint)])
+    assert results == (tmp_path / "out" / "results.csv").resolve()
+    results.parent.mkdir()  # the caller makes the parents, then locks
+    with lock_output(results):
+        assert lock_path(results) == tmp_path / "out" / ".results.csv.lock"
+        with pytest.raises(OutputError, match="another process is writing it"):
+            lock_output(results)
+    assert not lock_path(results).exists()
