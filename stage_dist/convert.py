@@ -50,7 +50,14 @@ import zarr
 from tqdm import tqdm
 
 from stage_dist import __version__
-from stage_dist.outputs import OutputDir, OutputError, check_not_input, lock_output, prepare_output_dir
+from stage_dist.outputs import (
+    OutputDir,
+    OutputError,
+    check_not_input,
+    lock_output,
+    prepare_output_dir,
+    resolve_output,
+)
 from stage_dist.sources import (
     DEFAULT_BOX_TOLERANCE,
     I3DSource,
@@ -1024,8 +1031,9 @@ def write_streaming_form(args: argparse.Namespace) -> str:
     except ShardError as e:
         raise ConvertError(str(e)) from e
     if "zarr" not in args.format.split(","):
-        with lock_output(store.path):  # the store this run just wrote (FeatureStore.open checked it is one)
-            shutil.rmtree(store.path)
+        target = resolve_output(store.path)  # the store this run just wrote (FeatureStore.open checked it is one)
+        with lock_output(target):
+            shutil.rmtree(target)
     return (f"webdataset: {manifest['num_shards']} shards, {manifest['num_samples']} samples -> "
             f"{shard_pattern(manifest, shards_out)}")
 
