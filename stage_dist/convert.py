@@ -497,7 +497,7 @@ class _ShardStreamWriter:
         index = [type(c).__name__ for c in codec.index_codecs]
         return (tuple(codec.chunk_shape[1:]) == tuple(array.shape[1:]) == tuple(array.shards[1:])
                 and inner in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
-                and all(getattr(c, "endian", None) in (None, "little") or str(c.endian.value) == "little"
+                and all(str(getattr(c.endian, "value", c.endian)) in ("little", "None")
                         for c in codec.codecs if type(c).__name__ == "BytesCodec")
                 and index == ["BytesCodec", "Crc32cCodec"] and str(codec.index_location.value) == "end")
 
@@ -516,6 +516,8 @@ class _ShardStreamWriter:
             key = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
             self._path = self.root / self.array.path / key
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self._path.parent.glob(f".{self._path.name}.tmp*"):  # left by a killed writer
+                stale.unlink(missing_ok=True)
             self._tmp = self._path.with_name(f".{self._path.name}.tmp{os.getpid()}")
             self._file = open(self._tmp, "wb")
             self._index = np.full((self.chunks_per_shard, 2), _EMPTY, dtype="<u8")
