@@ -9,11 +9,14 @@ The run, in order:
    the same store from an interrupted run with the same plan and resume it.
 3. **Convert** shard by shard: a task owns one shard-aligned row range of ``actors/*`` or of
    ``objects/*``; it reads the keyframes overlapping its rows, validates and pools them,
-   writes each of its shards in one piece and then records the shard as done. Tasks run in
+   streams each shard's chunks into its file (index last, then renamed into place; memory is
+   one chunk per array, not one shard) and then records the shard as done. Tasks run in
    ``--workers`` processes (one writer per shard, largest first); a killed run loses at most
    the shards in flight.
 4. **Finish**: set ``complete: true``. ``--verify`` then re-reads the sources and compares every
-   keyframe (or a sample) with the store after the pooling/dtype rule.
+   keyframe (or a sample) with the store after the pooling/dtype rule, reading only the rows of
+   the keyframes it checks. Box coordinates within ``--box-tolerance`` outside [0, 1] are
+   clipped (and counted in the summary); further out they are an error.
 
 Before any of it, the output is checked (:mod:`stage_dist.outputs`): it must not be, contain or
 lie inside an input; an existing directory must be empty or a store this converter wrote
