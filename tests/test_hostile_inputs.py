@@ -161,6 +161,12 @@ CONVERT_CASES: dict[str, Callable[[Case], tuple]] = {
     "shards_out_is_actors_dir": lambda c: (
         c.i3d(c.root / "s.zarr", "--format", "webdataset", "--shards-out", str(c.paths.actors_dir)),
         [str(c.paths.actors_dir), "--shards-out"]),
+    "slowfast_file_missing": lambda c: (c.paths.slowfast_file.unlink() or c.slowfast(c.root / "s.zarr"),
+                                        [str(c.paths.slowfast_file), "not found"]),
+    "video_list_is_a_directory": lambda c: (
+        c.paths.video_list.unlink() or c.paths.video_list.mkdir() or c.slowfast(c.root / "s.zarr"),
+        [str(c.paths.video_list), "cannot read video list"]),
+    "out_is_dev_null": lambda c: (c.i3d("/dev/null", "--overwrite"), ["/dev/null", "is a file"]),
     "slowfast_out_is_video_list": lambda c: (c.slowfast(c.paths.video_list, "--overwrite"),
                                              [str(c.paths.video_list), "--video-list"]),
     "slowfast_out_contains_slowfast_file": lambda c: (
