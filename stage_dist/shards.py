@@ -715,6 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ShardError, StoreError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the filesystem refused a write (disk full, permissions)
+        print(f"error: {err.filename or args.out_dir}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(
         f"{manifest['num_shards']} shards, {manifest['num_samples']} samples, {manifest['num_clips']} clips, "
         f"{manifest['num_keyframes']} keyframes: {shard_pattern(manifest, args.out_dir)}"
