@@ -11,7 +11,13 @@ objects (m, 2048) float32 with cls_prob) under a temp dir, then for 1 GB and 2 G
   2-core machine) does not slow the timed run.
 
 Prints input MB, raw read MB/s, conversion MB/s (of input), time ratio (target <= 2), store size
-vs input, and peak RSS (target < 2 GB and flat from 1 GB to 2 GB). Both reads see a warm page
+vs input, and peak RSS (target < 2 GB and flat from 1 GB to 2 GB).
+
+``--rss`` measures instead the memory of one worker writing a full-AVA objects shard (issue 11.3):
+input with 65,536 objects of 2048 dims (what one objects shard holds at full AVA scale, 256 MB
+of float16 features) and a few 1024-dim actors, converted with ``--min-shards 1`` so that the
+objects are one shard; it prints each process's peak RSS (VmHWM, sampled every 20 ms) against
+the raw bytes of the largest shard it writes (target <= 1.5x). Both reads see a warm page
 cache (one untimed raw read first), so the ratio compares CPU work. Raw read and conversion are
 timed ``--repeats`` times, alternating, and the fastest of each is reported (other load on the
 machine only ever slows a run down).
@@ -126,6 +132,80 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def write_objects_shard_input(root: Path, objects: int = 65_536, per_keyframe: int = 64,
+                              actor_every: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """I3D input whose objects fill exactly one full-AVA objects shard; few actors."""
+    rng = np.random.default_rng(seed)
+    actors_dir, objects_file = root / "actors", root / "objects.h5"
+    actors_dir.mkdir(parents=True)
+    keyframes = objects // per_keyframe
+    with h5py.File(objects_file, "w") as f:
+        for k in range(keyframes):
+            video_id, ts = f"-rss_{k // KEYFRAMES_PER_CLIP:04d}", 902 + k % KEYFRAMES_PER_CLIP
+            (actors_dir / video_id).mkdir(exist_ok=True)
+            n = int(k % actor_every == 0)
+            with h5py.File(actors_dir / video_id / f"{ts:04d}.h5", "w") as a:
+                a["features"] = rng.standard_normal((n, *ACTOR_SHAPE), dtype=np.float32)
+                a["boxes"] = np.tile(np.array([[0.1, 0.1, 0.5, 0.5]], np.float32), (n, 1))
+                labels = np.zeros((n, 81), np.float32)
+                labels[:, 1] = 1
+                a["labels"] = labels
+            f[f"{video_id}_{ts}_features"] = rng.standard_normal((per_keyframe, OBJECT_DIM), dtype=np.float32)
+            f[f"{video_id}_{ts}_boxes"] = np.tile(np.array([[0.2, 0.2, 0.6, 0.6]], np.float32), (per_keyframe, 1))
+            f[f"{video_id}_{ts}_cls_prob"] = rng.random((per_keyframe, 81), dtype=np.float32)
+    return actors_dir, objects_file
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM (peak resident set) of a live process, bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_worker_rss(work: Path, workers: int) -> int:
+    """Convert a one-objects-shard input; print each process's peak RSS against the shard's raw bytes."""
+    import zarr
+
+    t = time.perf_counter()
+    actors_dir, objects_file = write_objects_shard_input(work / "rss_input")
+    print(f"input: {dir_bytes(work / 'rss_input') / 1e9:.2f} GB written in {time.perf_counter() - t:.0f} s")
+    out = work / "rss.zarr"
+    cmd = [sys.executable, str(REPO / "tools" / "convert_features.py"), "--actors-dir", str(actors_dir),
+           "--objects-file", str(objects_file), "--out", str(out), "--workers", str(workers), "--min-shards", "1",
+           "--no-progress", "--log-level", "ERROR"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root, peaks = psutil.Process(proc.pid), {}
+    while proc.poll() is None:
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                peaks[p.pid] = max(peaks.get(p.pid, 0), _peak_rss(p.pid))
+        except (psutil.Error, OSError):
+            pass
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"converter failed ({proc.returncode}):\n{stderr}")
+    group = zarr.open_group(out, mode="r")
+    shard_bytes = 0
+    for name in ("objects/features", "objects/boxes", "objects/cls_prob"):
+        arr = group[name]
+        shard_bytes += arr.shards[0] * int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+    rows = group["objects/features"].shards[0]
+    print(f"objects: {group['objects/features'].shape[0]} rows, shard {rows} rows = {shard_bytes / 2**20:.0f} MiB raw; "
+          f"conversion {time.perf_counter() - start:.1f} s")
+    main_pid = proc.pid
+    for pid, peak in sorted(peaks.items(), key=lambda kv: kv[0] != main_pid):
+        role = "main  " if pid == main_pid else "worker"
+        print(f"  {role} pid {pid}: peak RSS {peak / 2**20:6.0f} MiB = {peak / shard_bytes:.2f}x the shard's raw bytes")
+    worst = max(peak for pid, peak in peaks.items() if pid != main_pid) if len(peaks) > 1 else peaks[main_pid]
+    print(f"largest worker peak RSS / shard raw bytes: {worst / shard_bytes:.2f} (target <= 1.5)")
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="input size in GB (1 and 2 GB are measured by default)")
@@ -133,7 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the input is written")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of raw read and conversion (fastest kept)")
     parser.add_argument("--keep", action="store_true", help="keep the generated input and stores")
+    parser.add_argument("--rss", action="store_true",
+                        help="only measure per-worker peak RSS writing a full-AVA objects shard (65,536 x 2048)")
     args = parser.parse_args(argv)
+    if args.rss:
+        work = Path(tempfile.mkdtemp(prefix="convert_bench_rss_", dir=args.tmp))
+        try:
+            measure_worker_rss(work, args.workers)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     free = shutil.disk_usage(args.tmp).free
     if free < 3 * args.gb * 1e9:

@@ -9,14 +9,27 @@ The run, in order:
    the same store from an interrupted run with the same plan and resume it.
 3. **Convert** shard by shard: a task owns one shard-aligned row range of ``actors/*`` or of
    ``objects/*``; it reads the keyframes overlapping its rows, validates and pools them,
-   writes each of its shards in one piece and then records the shard as done. Tasks run in
+   streams each shard's chunks into its file (index last, then renamed into place; memory is
+   one chunk per array, not one shard) and then records the shard as done. Tasks run in
    ``--workers`` processes (one writer per shard, largest first); a killed run loses at most
    the shards in flight.
 4. **Finish**: set ``complete: true``. ``--verify`` then re-reads the sources and compares every
-   keyframe (or a sample) with the store after the pooling/dtype rule.
+   keyframe (or a sample) with the store after the pooling/dtype rule, reading only the rows of
+   the keyframes it checks. Box coordinates within ``--box-tolerance`` outside [0, 1] are
+   clipped (and counted in the summary); further out they are an error.
+
+Before any of it, the output is checked (:mod:`stage_dist.outputs`): it must not be, contain or
+lie inside an input; an existing directory must be empty or a store this converter wrote
+(``--overwrite`` empties only such a store, keeping the directory); and the run holds the
+output's lock, so a second converter writing the same ``--out`` stops at once.
+
+A rerun resumes only a store of the same plan; the store records each source file's size and
+mtime (per clip for actor files), and the shards that depend on a file that changed since are
+converted again, so nothing stale is reported complete.
 
 Errors in the input stop the run with :class:`~stage_dist.sources.SourceError` (file and key
-named); the CLI prints them and exits 2. Verification mismatches exit 1.
+named), errors of the output with :class:`~stage_dist.outputs.OutputError`; the CLI prints
+them on one line and exits 2. Verification mismatches exit 1.
 """
 
 from __future__ import annotations
@@ -30,16 +43,26 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
+import zarr
 from tqdm import tqdm
 
 from stage_dist import __version__
+from stage_dist.outputs import (
+    OutputDir,
+    OutputError,
+    check_not_input,
+    lock_output,
+    prepare_output_dir,
+    resolve_output,
+)
 from stage_dist.sources import (
+    DEFAULT_BOX_TOLERANCE,
     I3DSource,
     KeyframeInfo,
     MissingObjects,
@@ -47,9 +70,12 @@ from stage_dist.sources import (
     Source,
     SourceDims,
     SourceError,
+    file_stat,
     merge_dims,
 )
 from stage_dist.store import (
+    ATTRS_KEY,
+    PROGRESS_DIR,
     FeatureStore,
     StorageConfig,
     StoreError,
@@ -64,6 +90,7 @@ from stage_dist.store import (
     shard_done,
     storage_attrs,
 )
+from stage_dist.store import _record_path as record_path
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +115,7 @@ class ConvertConfig:
     slowfast_file: Path | None = None  # SlowFast layout
     video_list: Path | None = None  # SlowFast layout
     missing_objects: MissingObjects = "error"
+    box_tolerance: float = DEFAULT_BOX_TOLERANCE
     keep_spatial: bool = False
     cls_prob: bool = True
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -102,24 +130,40 @@ class ConvertConfig:
         return {
             "split": self.split,
             "missing_objects": self.missing_objects,
+            "box_tolerance": self.box_tolerance,
             "keep_spatial": self.keep_spatial,
             "cls_prob": self.cls_prob,
             "storage": asdict(self.storage),
         }
 
 
+STORE_KIND = "feature store"
+
+
+def config_inputs(cfg: ConvertConfig) -> list[tuple[str, Path | None]]:
+    """The run's inputs as (flag, path): an output may not be, contain or lie inside one."""
+    return [("--actors-dir", cfg.actors_dir), ("--objects-file", cfg.objects_file),
+            ("--slowfast-file", cfg.slowfast_file), ("--video-list", cfg.video_list)]
+
+
+def check_output(cfg: ConvertConfig) -> OutputDir:
+    """The checked output directory of ``cfg`` (see :func:`stage_dist.outputs.prepare_output_dir`)."""
+    return prepare_output_dir(cfg.out, STORE_KIND, inputs=config_inputs(cfg))
+
+
 def build_source(cfg: ConvertConfig) -> Source:
     if cfg.actors_dir is not None:
         if cfg.objects_file is None:
             raise ConvertError("the I3D layout needs --objects-file with --actors-dir")
-        return I3DSource(cfg.actors_dir, cfg.objects_file, cfg.missing_objects)
+        return I3DSource(cfg.actors_dir, cfg.objects_file, cfg.missing_objects, cfg.box_tolerance)
     if cfg.slowfast_file is None or cfg.video_list is None:
         raise ConvertError("give --actors-dir and --objects-file (I3D) or --slowfast-file and --video-list (SlowFast)")
     if cfg.keep_spatial:
         raise ConvertError("--keep-spatial needs the I3D layout (SlowFast features are already pooled)")
     if cfg.objects_file is None:
         log.warning("no --objects-file: every keyframe of the store will have zero objects")
-    return SlowFastSource(cfg.slowfast_file, cfg.video_list, cfg.objects_file, cfg.missing_objects)
+    return SlowFastSource(cfg.slowfast_file, cfg.video_list, cfg.objects_file, cfg.missing_objects,
+                          cfg.box_tolerance)
 
 
 # --------------------------------------------------------------------------- plan
@@ -203,7 +247,21 @@ def plan_fingerprint(plan: Plan, source: Source, cfg: ConvertConfig) -> str:
     return h.hexdigest()
 
 
-def store_attrs(plan: Plan, source: Source, cfg: ConvertConfig, fingerprint: str) -> dict[str, Any]:
+def input_record(plan: Plan, source: Source) -> dict[str, Any]:
+    """Size and mtime_ns of every source file, as the store records them: the files a whole row
+    group depends on by path, the actor files of each clip as one digest per clip."""
+    digests: dict[str, Any] = {}
+    for k in plan.keyframes:
+        digests.setdefault(k.video_id, hashlib.sha256()).update(f"{k.timestamp}:{k.file_stat};".encode())
+    return {
+        "files": {group: {str(Path(p).resolve()): list(file_stat(p)) for p in paths}
+                  for group, paths in source.shared_inputs().items()},
+        "clips": {video_id: h.hexdigest()[:16] for video_id, h in digests.items()},
+    }
+
+
+def store_attrs(plan: Plan, source: Source, cfg: ConvertConfig, fingerprint: str,
+                inputs: dict[str, Any]) -> dict[str, Any]:
     return {
         **storage_attrs(plan.layout),
         "split": cfg.split,
@@ -213,27 +271,98 @@ def store_attrs(plan: Plan, source: Source, cfg: ConvertConfig, fingerprint: str
         "converter": {"version": __version__, "arguments": cfg.store_arguments()},
         "missing_objects_keyframes": plan.missing_objects,
         "plan_fingerprint": fingerprint,
+        "inputs": inputs,
     }
 
 
-def prepare_store(plan: Plan, source: Source, cfg: ConvertConfig) -> bool:
-    """Create the store, or find a resumable one. Returns False when it is already complete."""
+def stale_shards(old: dict[str, Any], new: dict[str, Any], plan: Plan, source: Source,
+                 tasks: list[ShardTask]) -> tuple[list[ShardTask], list[str]]:
+    """Shard tasks whose source files changed between the records ``old`` and ``new``, and the
+    changed files (clip directories for actor files), named."""
+    changed: list[str] = []
+    stale_groups = set()
+    for group, files in new["files"].items():
+        for path, stat in files.items():
+            if old.get("files", {}).get(group, {}).get(path) != stat:
+                changed.append(path)
+                stale_groups.add(group)
+    old_clips = old.get("clips", {})
+    changed_clips = [v for v, digest in new["clips"].items() if old_clips.get(v) != digest]
+    changed_keyframes = np.zeros(len(plan.keyframes) + 1, dtype=bool)
+    if changed_clips:
+        base = getattr(source, "actors_dir", None)
+        changed += [str(Path(base) / v) if base is not None else v for v in changed_clips]
+        position = {v: i for i, v in enumerate(plan.tables.video_ids)}
+        for v in changed_clips:
+            c = position[v]
+            changed_keyframes[plan.tables.clip_ptr[c]: plan.tables.clip_ptr[c + 1]] = True
+    stale = [t for t in tasks if t.group in stale_groups
+             or (t.group == "actors" and changed_keyframes[t.keyframe_start: max(t.keyframe_stop, t.keyframe_start + 1)].any())]
+    return stale, changed
+
+
+def _what_differs(existing: dict[str, Any], source: Source, cfg: ConvertConfig) -> str:
+    """Why a store's plan differs from this run's, in words."""
+    def flat(arguments: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in arguments.items() if k != "storage"}, **arguments.get("storage", {})}
+
+    old, new = flat(existing.get("converter", {}).get("arguments", {})), flat(json.loads(json.dumps(cfg.store_arguments())))
+    if old != new:
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "other arguments (" + ", ".join(f"{k} {old.get(k)!r}, now {new.get(k)!r}" for k in keys) + ")"
+    if {k: v for k, v in existing.get("source", {}).items() if k in source.describe()} != source.describe():
+        return "other input paths"
+    return "inputs with other keyframes or row counts (files added, removed or reshaped)"
+
+
+def _set_attrs(path: Path, **changes: Any) -> None:
+    root = zarr.open_group(Path(path), mode="r+")
+    root.attrs.update({ATTRS_KEY: {**dict(root.attrs[ATTRS_KEY]), **changes}})
+
+
+def prepare_store(plan: Plan, source: Source, cfg: ConvertConfig, target: OutputDir) -> bool:
+    """Create the store, or find a resumable one. Returns False when it is already complete.
+
+    ``target`` is the checked, locked output. A store of another plan is refused unless
+    ``--overwrite``; in a store of this plan, shards whose source files changed since they were
+    written are marked to be converted again.
+    """
     fingerprint = plan_fingerprint(plan, source, cfg)
-    existing = read_attrs(cfg.out)
+    inputs = input_record(plan, source)
+    existing = read_attrs(cfg.out) if target.state == "ours" else None
     if existing is not None and not cfg.overwrite:
         if existing.get("plan_fingerprint") != fingerprint:
             raise ConvertError(
-                f"{cfg.out}: holds a store made from other inputs or arguments "
+                f"{cfg.out}: holds a store made from {_what_differs(existing, source, cfg)} "
                 f"(complete={existing.get('complete')}); pass --overwrite to replace it"
             )
+        if "inputs" not in existing:
+            raise ConvertError(f"{cfg.out}: the store does not record its inputs' sizes and times (an older "
+                               "converter wrote it), so a change cannot be detected; pass --overwrite to convert again")
+        ctx = make_context(plan, source, cfg)
+        stale, changed = stale_shards(existing["inputs"], inputs, plan, source, make_tasks(ctx, skip_done=False))
+        if not stale:
+            if existing.get("complete"):
+                log.info("%s: store already complete, nothing to convert", cfg.out)
+                return False
+            log.info("%s: resuming an interrupted conversion", cfg.out)
+            return True
+        log.warning("%s: %d source file(s) changed since the store was written (%s); converting the %d "
+                    "shard(s) that depend on them again", cfg.out, len(changed),
+                    ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""), len(stale))
+        stale_ids = {(t.group, t.index) for t in stale}
         if existing.get("complete"):
-            log.info("%s: store already complete, nothing to convert", cfg.out)
-            return False
-        log.info("%s: resuming an interrupted conversion", cfg.out)
+            (cfg.out / PROGRESS_DIR).mkdir(exist_ok=True)
+            for group in (plan.layout.actors, plan.layout.objects):
+                for index, (r0, r1) in enumerate(group.shard_ranges()):
+                    if (group.name, index) not in stale_ids:
+                        record_shard_done(cfg.out, group.name, index, {"rows": [r0, r1]})
+        else:
+            for group, index in stale_ids:
+                record_path(cfg.out, group, index).unlink(missing_ok=True)
+        _set_attrs(cfg.out, complete=False, inputs=inputs)
         return True
-    if existing is None and cfg.out.exists() and any(cfg.out.iterdir()) and not cfg.overwrite:
-        raise ConvertError(f"{cfg.out}: exists and is not a feature store; pass --overwrite to replace it")
-    create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint))
+    create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint, inputs))
     return True
 
 
@@ -301,8 +430,9 @@ def make_tasks(ctx: TaskContext, skip_done: bool = True) -> list[ShardTask]:
     return sorted(tasks, key=lambda t: (-t.input_bytes, t.group, t.index))
 
 
-class _RowWriter:
-    """Buffers rows of one array and writes each of its shards in one call."""
+class _BufferedRowWriter:
+    """Buffers rows of one array and writes each of its shards in one zarr call (for arrays the
+    streaming writer does not handle, e.g. unsharded ones)."""
 
     def __init__(self, array: Any, start: int, stop: int, shard_rows: int) -> None:
         self.array, self.stop, self.shard_rows = array, stop, shard_rows
@@ -330,20 +460,121 @@ class _RowWriter:
             raise RuntimeError(f"{where}: wrote rows up to {self.block_start + self.fill}, expected {self.stop}")
 
 
+_EMPTY = np.uint64(2**64 - 1)  # offset and size of an absent chunk in a shard index
+
+
+class _ShardStreamWriter:
+    """Writes rows ``start:stop`` (whole shards) of one sharded zarr v3 array, a chunk at a time.
+
+    Each chunk is encoded (bytes, little endian, then zstd if the array has it) as soon as its
+    rows are in and appended to its shard's file; the shard index (offset, size per chunk) and
+    its crc32c go last, then the file is renamed into place: the layout zarr's
+    ``sharding_indexed`` codec reads. Memory is one chunk per array, not one shard (a full-AVA
+    objects shard at 2048 dims is 256 MB raw).
+    """
+
+    def __init__(self, array: Any, root: Path, start: int, stop: int) -> None:
+        codec = array.metadata.codecs[0]
+        self.array, self.root, self.stop = array, Path(root), stop
+        self.chunk_rows, self.shard_rows = codec.chunk_shape[0], array.shards[0]
+        self.chunks_per_shard = self.shard_rows // self.chunk_rows
+        self.buffer = np.zeros((self.chunk_rows, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
+        self.fill, self.chunk_start = 0, start
+        zstd = [c for c in codec.codecs if type(c).__name__ == "ZstdCodec"]
+        if zstd:
+            from numcodecs import Zstd
+
+            self._compress = Zstd(level=zstd[0].level, checksum=zstd[0].checksum).encode
+        else:
+            self._compress = bytes
+        self._file: Any = None
+
+    @staticmethod
+    def supports(array: Any) -> bool:
+        """Whether ``array`` is sharded along rows only with the codecs this writer produces."""
+        codecs = array.metadata.codecs
+        if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec" or array.shards is None:
+            return False
+        codec = codecs[0]
+        inner = [type(c).__name__ for c in codec.codecs]
+        index = [type(c).__name__ for c in codec.index_codecs]
+        return (tuple(codec.chunk_shape[1:]) == tuple(array.shape[1:]) == tuple(array.shards[1:])
+                and inner in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
+                and all(str(getattr(c.endian, "value", c.endian)) in ("little", "None")
+                        for c in codec.codecs if type(c).__name__ == "BytesCodec")
+                and index == ["BytesCodec", "Crc32cCodec"] and str(codec.index_location.value) == "end")
+
+    def append(self, rows: np.ndarray) -> None:
+        while len(rows):
+            take = min(len(rows), self.chunk_rows - self.fill)
+            self.buffer[self.fill: self.fill + take] = rows[:take]
+            self.fill, rows = self.fill + take, rows[take:]
+            if self.fill == self.chunk_rows:
+                self._emit()
+
+    def _emit(self) -> None:
+        """Encode the buffered chunk (zero-padded past the array's end) into its shard's file."""
+        shard, position = divmod(self.chunk_start // self.chunk_rows, self.chunks_per_shard)
+        if self._file is None:
+            key = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
+            self._path = self.root / self.array.path / key
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self._path.parent.glob(f".{self._path.name}.tmp*"):  # left by a killed writer
+                stale.unlink(missing_ok=True)
+            self._tmp = self._path.with_name(f".{self._path.name}.tmp{os.getpid()}")
+            self._file = open(self._tmp, "wb")
+            self._index = np.full((self.chunks_per_shard, 2), _EMPTY, dtype="<u8")
+            self._offset = 0
+        self.buffer[self.fill:] = 0
+        encoded = self._compress(self.buffer.tobytes())
+        self._file.write(encoded)
+        self._index[position] = (self._offset, len(encoded))
+        self._offset += len(encoded)
+        self.chunk_start += self.chunk_rows
+        self.fill = 0
+        if position + 1 == self.chunks_per_shard or self.chunk_start >= self.array.shape[0]:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        import google_crc32c
+
+        index = self._index.tobytes()
+        self._file.write(index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self._path)
+
+    def close(self, where: str) -> None:
+        if self.fill:
+            if self.chunk_start + self.fill != self.array.shape[0]:
+                raise RuntimeError(f"{where}: a partial chunk at row {self.chunk_start} before the array's end")
+            self._emit()
+        if self._file is not None or self.chunk_start < min(self.stop, self.array.shape[0]):
+            raise RuntimeError(f"{where}: wrote rows up to {self.chunk_start}, expected {self.stop}")
+
+
+def _row_writer(array: Any, root: Path, start: int, stop: int, shard_rows: int) -> Any:
+    """The streaming writer where the array's layout allows it, else the buffered one."""
+    if _ShardStreamWriter.supports(array):
+        return _ShardStreamWriter(array, root, start, stop)
+    return _BufferedRowWriter(array, start, stop, shard_rows)
+
+
 def keyframe_rows(source: Source, group: str, video_id: str, timestamp: int,
-                  keep_spatial: bool) -> dict[str, np.ndarray]:
-    """One keyframe's rows of ``group`` by array key, as the store holds them before the dtype cast."""
+                  keep_spatial: bool) -> tuple[dict[str, np.ndarray], int]:
+    """One keyframe's rows of ``group`` by array key, as the store holds them before the dtype
+    cast, and how many box coordinates were clipped into [0, 1]."""
     if group == "actors":
         a = source.read_actors(video_id, timestamp, keep_spatial=keep_spatial)
         rows = {"features": a.features, "boxes": a.boxes, "labels": a.labels}
         if a.spatial is not None:
             rows["spatial"] = a.spatial
-        return rows
+        return rows, a.clipped
     o = source.read_objects(video_id, timestamp)
     rows = {"features": o.features, "boxes": o.boxes}
     if o.cls_prob is not None:
         rows["cls_prob"] = o.cls_prob
-    return rows
+    return rows, o.clipped
 
 
 def _check_fits(values: np.ndarray, dtype: np.dtype, name: str, where: str) -> None:
@@ -358,22 +589,25 @@ def _kill_hook(out: Path) -> None:
         os.killpg(os.getpgid(0), 9)
 
 
-def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], None]) -> None:
+def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], None]) -> int:
     """Read, validate and write the rows of one shard task, then record it as done.
 
-    ``report(bytes, keyframes)`` receives progress increments.
+    ``report(bytes, keyframes)`` receives progress increments. Returns the number of box
+    coordinates clipped into [0, 1] in the keyframes the task owns.
     """
     group = ctx.layout.group(task.group)
     arrays = open_arrays(ctx.out, [spec.name for spec in group.arrays])
-    writers = {spec.name.split("/", 1)[1]: _RowWriter(arrays[spec.name], task.row_start, task.row_stop, spec.shard_rows)
+    writers = {spec.name.split("/", 1)[1]: _row_writer(arrays[spec.name], ctx.out, task.row_start, task.row_stop,
+                                                       spec.shard_rows)
                for spec in group.arrays}
     ptr, sizes = ctx.ptrs[task.group], ctx.keyframe_bytes[task.group]
-    done_bytes = done_kf = 0
+    done_bytes = done_kf = clipped = 0
     for k in range(task.keyframe_start, task.keyframe_stop):
         lo, hi = max(int(ptr[k]), task.row_start), min(int(ptr[k + 1]), task.row_stop)
         if hi > lo:
             video_id, ts = ctx.keyframes[k]
-            rows = keyframe_rows(ctx.source, task.group, video_id, ts, ctx.keep_spatial)
+            rows, keyframe_clipped = keyframe_rows(ctx.source, task.group, video_id, ts, ctx.keep_spatial)
+            clipped += keyframe_clipped if ptr[k] >= task.row_start else 0
             for key, writer in writers.items():
                 name = f"{task.group}/{key}"
                 if key not in rows:
@@ -391,6 +625,7 @@ def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], Non
     _kill_hook(ctx.out)
     record_shard_done(ctx.out, task.group, task.index, {"rows": [task.row_start, task.row_stop]})
     report(done_bytes, done_kf)
+    return clipped
 
 
 _progress_queue: Any = None  # a pool worker's end of the Runner's progress queue (set at its start)
@@ -402,8 +637,7 @@ def _init_worker(queue: Any) -> None:
 
 
 def _pool_task(ctx: TaskContext, task: ShardTask) -> int:
-    run_task(ctx, task, lambda b, k: _progress_queue.put((b, k)))
-    return task.input_bytes
+    return run_task(ctx, task, lambda b, k: _progress_queue.put((b, k)))
 
 
 # --------------------------------------------------------------------------- running
@@ -431,17 +665,16 @@ class Runner:
             return map(fn, items)
         return self._pool.imap(fn, list(items))
 
-    def run_tasks(self, ctx: TaskContext, tasks: list[ShardTask], on_progress: Callable[[int, int], None]) -> None:
+    def run_tasks(self, ctx: TaskContext, tasks: list[ShardTask], on_progress: Callable[[int, int], None]) -> int:
+        """Run the shard tasks; returns the box coordinates they clipped."""
         if self._pool is None:
-            for task in tasks:
-                run_task(ctx, task, on_progress)
-            return
+            return sum(run_task(ctx, task, on_progress) for task in tasks)
         queue = self._queue
         results = self._pool.imap_unordered(partial(_pool_task, ctx), tasks)
-        remaining = len(tasks)
+        remaining, clipped = len(tasks), 0
         while remaining:
             try:
-                results.next(timeout=0.2)
+                clipped += results.next(timeout=0.2)
                 remaining -= 1
             except mp.TimeoutError:
                 pass
@@ -449,6 +682,7 @@ class Runner:
                 on_progress(*queue.get())
         while not queue.empty():
             on_progress(*queue.get())
+        return clipped
 
     def close(self) -> None:
         if self._pool is not None:
@@ -470,26 +704,60 @@ def _equal(a: np.ndarray, b: np.ndarray) -> str | None:
     return f"{int((diff > 0).sum())} values differ, max |diff| {diff.max():.6g}"
 
 
-def _verify_keyframes(store: FeatureStore, source: Source, keep_spatial: bool, rows: list[int]) -> list[str]:
-    """Mismatches between the store and the source for keyframe rows ``rows``."""
+@dataclass(frozen=True)
+class VerifyItem:
+    """One keyframe to verify: its name and its row ranges in the store."""
+
+    video_id: str
+    timestamp: int
+    actors: tuple[int, int]
+    objects: tuple[int, int]
+
+
+_verify_arrays: dict[tuple[str, tuple[str, ...]], dict[str, zarr.Array]] = {}  # per process: opened once
+
+
+def _row_arrays(path: Path, names: tuple[str, ...]) -> dict[str, zarr.Array]:
+    key = (str(path), names)
+    if key not in _verify_arrays:
+        root = zarr.open_group(path, mode="r")
+        _verify_arrays.clear()
+        _verify_arrays[key] = {name: root[name] for name in names}
+    return _verify_arrays[key]
+
+
+def _read_rows(array: zarr.Array, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Rows ``r0:r1`` of each range, in one selection: only the chunks holding them are decoded."""
+    index = np.concatenate([np.arange(r0, r1) for r0, r1 in ranges] or [np.zeros(0, np.int64)]).astype(np.int64)
+    rows = array.get_orthogonal_selection((index,)) if len(index) else np.zeros((0, *array.shape[1:]), array.dtype)
+    bounds = np.cumsum([0] + [r1 - r0 for r0, r1 in ranges])
+    return [rows[bounds[i]: bounds[i + 1]] for i in range(len(ranges))]
+
+
+def _verify_keyframes(path: Path, names: tuple[str, ...], source: Source, keep_spatial: bool,
+                      items: list[VerifyItem]) -> list[str]:
+    """Mismatches between the store at ``path`` and the source for the keyframes ``items``.
+
+    Reads only the rows of ``items`` (one selection per array), so a sample costs O(its rows).
+    """
+    arrays = _row_arrays(path, names)
+    stored = {name: _read_rows(arrays[name], [getattr(i, name.split("/")[0]) for i in items]) for name in names}
     problems = []
-    for k in rows:
-        clip = int(store.keyframe_clip[k])
-        video_id, ts = store.video_ids[clip], int(store.timestamps[k])
+    for n, item in enumerate(items):
         for group in ("actors", "objects"):
-            ptr = store.actor_ptr if group == "actors" else store.object_ptr
-            expected = keyframe_rows(source, group, video_id, ts, keep_spatial and group == "actors")
-            for name in store.row_arrays():
+            expected, _ = keyframe_rows(source, group, item.video_id, item.timestamp,
+                                        keep_spatial and group == "actors")
+            for name in names:
                 g, key = name.split("/")
                 if g != group:
                     continue
-                got = store.read_array(name, int(ptr[k]), int(ptr[k + 1]))
+                got = stored[name][n]
                 want = expected.get(key, np.zeros((0, *got.shape[1:])))
                 if len(want) == 0 and len(got) == 0:
                     continue
                 problem = _equal(want.astype(got.dtype), got)
                 if problem:
-                    problems.append(f"{video_id} {ts}: {name}: {problem}")
+                    problems.append(f"{item.video_id} {item.timestamp}: {name}: {problem}")
     return problems
 
 
@@ -497,14 +765,19 @@ def verify(store: FeatureStore, source: Source, keep_spatial: bool, runner: Runn
            sample: int | None = None, seed: int = 0) -> tuple[int, list[str]]:
     """Compare every keyframe (or a seeded sample of ``sample``) with the source.
 
-    Returns (keyframes checked, mismatches).
+    Workers get the keyframes' names and row ranges (not the store) and read just those rows,
+    opening the store's arrays once per process. Returns (keyframes checked, mismatches).
     """
     rows = np.arange(store.num_keyframes)
     if sample is not None and sample < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=sample, replace=False))
-    batches = _batches(rows.tolist(), 8 * runner.workers)
+    items = [VerifyItem(store.video_ids[int(store.keyframe_clip[k])], int(store.timestamps[k]),
+                        (int(store.actor_ptr[k]), int(store.actor_ptr[k + 1])),
+                        (int(store.object_ptr[k]), int(store.object_ptr[k + 1]))) for k in rows.tolist()]
+    names = tuple(store.row_arrays())
     problems: list[str] = []
-    for found in runner.map(partial(_verify_keyframes, store, source, keep_spatial), batches):
+    for found in runner.map(partial(_verify_keyframes, store.path, names, source, keep_spatial),
+                            _batches(items, 8 * runner.workers)):
         problems.extend(found)
     return len(rows), problems
 
@@ -527,6 +800,8 @@ class ConvertSummary:
     missing_objects: int  # keyframes with no objects entry, accepted as empty
     stripped_object_keys: int  # keyframes whose objects key lacks the clip id's leading '-'
     skipped: list[str]
+    clipped: int = 0  # box coordinates clipped into [0, 1] (within --box-tolerance) by this run
+    box_tolerance: float = DEFAULT_BOX_TOLERANCE
     phases: dict[str, float] = field(default_factory=dict)  # seconds by phase (scan, create, convert, verify)
     verified: int | None = None
     mismatches: list[str] = field(default_factory=list)
@@ -545,6 +820,8 @@ class ConvertSummary:
             out.append(f"objects of {self.stripped_object_keys} keyframes found under keys without the clip id's "
                        "leading '-' (as in the published objects file: clip -5KQ66BBWC4 at 902 is "
                        "5KQ66BBWC4_902_features), accepted")
+        out.append(f"box coordinates clipped into [0, 1] (within --box-tolerance {self.box_tolerance:g}): "
+                   f"{self.clipped}")
         out += [f"skipped: {s}" for s in self.skipped] or ["skipped: nothing"]
         if self.verified is not None:
             out.append(f"verified {self.verified} keyframes: {len(self.mismatches)} mismatches")
@@ -557,11 +834,28 @@ def _dir_bytes(path: Path) -> int:
 
 
 def convert(cfg: ConvertConfig) -> ConvertSummary:
-    """Convert (or resume converting) the source of ``cfg`` into the store ``cfg.out``."""
+    """Convert (or resume converting) the source of ``cfg`` into the store ``cfg.out``.
+
+    The output is checked and locked before the source is read; ``cfg.out`` is used resolved
+    (a symlinked ``--out`` writes into its target).
+    """
     start = time.perf_counter()
     phases: dict[str, float] = {}
-    runner = Runner(cfg.workers)  # before any HDF5 file is opened: workers fork clean
+    target = check_output(cfg)  # refuse a bad output before any work
+    runner = Runner(cfg.workers)  # before any HDF5 file is opened (workers fork clean) and before the lock
+    lock, created = None, False
     try:
+        if target.state == "new":
+            try:
+                target.path.mkdir(parents=True)
+                created = True
+            except FileExistsError:  # another run made it meanwhile: the lock decides
+                pass
+            except OSError as e:
+                raise OutputError(f"--out {cfg.out}: cannot create it: {e.strerror or e}") from None
+        lock = lock_output(target.path)
+        target = check_output(cfg)  # again under the lock: another run may have written it meanwhile
+        cfg = replace(cfg, out=target.path)
         source = build_source(cfg)
         plan = make_plan(source, cfg, runner)
         phases["scan"] = time.perf_counter() - start
@@ -570,7 +864,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         if plan.stripped_object_keys:
             log.warning("objects of %d keyframes found under keys without the clip id's leading '-'",
                         plan.stripped_object_keys)
-        todo = prepare_store(plan, source, cfg)
+        todo = prepare_store(plan, source, cfg, target)
         phases["create"] = time.perf_counter() - start - sum(phases.values())
         ctx = make_context(plan, source, cfg)
         all_tasks = make_tasks(ctx, skip_done=False)
@@ -585,7 +879,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
                 bar.set_postfix_str(f"keyframes {keyframes_done[0]}/{len(plan.keyframes)}", refresh=False)
                 bar.update(nbytes)
 
-            runner.run_tasks(ctx, tasks, on_progress)
+            clipped = runner.run_tasks(ctx, tasks, on_progress)
         if todo:
             finish_store(cfg.out)
         phases["convert"] = time.perf_counter() - start - sum(phases.values())
@@ -595,7 +889,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             mb_in=plan.input_bytes / 1e6, mb_read=read_bytes / 1e6, mb_out=_dir_bytes(cfg.out) / 1e6,
             seconds=0.0, shards=len(all_tasks), shards_resumed=len(all_tasks) - len(tasks) if todo else len(all_tasks),
             missing_objects=plan.missing_objects, stripped_object_keys=plan.stripped_object_keys,
-            skipped=plan.skipped, phases=phases,
+            skipped=plan.skipped, clipped=clipped, box_tolerance=cfg.box_tolerance, phases=phases,
         )
         if cfg.verify or cfg.verify_sample is not None:
             store = FeatureStore.open(cfg.out, cache_mb=0)
@@ -605,6 +899,10 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         return summary
     finally:
         runner.close()
+        if created and lock is not None and target.path.is_dir() and not any(target.path.iterdir()):
+            target.path.rmdir()  # a run that stopped before writing leaves no empty directory behind
+        if lock is not None:
+            lock.release()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -629,6 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--video-list", type=Path, help="SlowFast layout: video ids, one a line; clip numbers index it")
     src.add_argument("--missing-objects", choices=("error", "empty"), default="error",
                      help="a keyframe absent from the objects file is an error (default) or has zero objects")
+    src.add_argument("--box-tolerance", type=float, default=DEFAULT_BOX_TOLERANCE, metavar="EPS",
+                     help="box coordinates at most EPS outside [0, 1] are clipped (and counted in the summary); "
+                          "further out they are an error (default %(default)s)")
     out = p.add_argument_group("store")
     out.add_argument("--out", type=Path, required=True, help="the store directory to write (one per split)")
     out.add_argument("--split", help="split name recorded in the store (default: --out's name without suffix)")
@@ -642,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--min-shards", type=int, default=StorageConfig.min_shards,
                      help="split each row group into at least this many shards when it is small (parallelism)")
     out.add_argument("--compression", choices=("zstd", "none"), default="zstd", help="chunk compression")
-    out.add_argument("--overwrite", action="store_true", help="delete what is at --out and start over")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace the store at --out (only a store this converter wrote; never other files)")
     stream = p.add_argument_group("streaming form (WebDataset tar shards, written from the store)")
     stream.add_argument("--format", choices=FORMATS, default="zarr", metavar="FORMAT",
                         help="zarr (default): the store at --out; zarr,webdataset: the store at --out and tar "
@@ -684,6 +986,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         slowfast_file=args.slowfast_file,
         video_list=args.video_list,
         missing_objects=args.missing_objects,
+        box_tolerance=args.box_tolerance,
         keep_spatial=args.keep_spatial,
         cls_prob=not args.no_cls_prob,
         storage=StorageConfig(dtype=args.dtype, chunk_kb=args.chunk_kb, shard_mb=args.shard_mb,
@@ -696,10 +999,25 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     )
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Numbers the parser's types do not bound (argparse exits 2 naming the flag)."""
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.verify_sample is not None and args.verify_sample < 1:
+        parser.error(f"--verify-sample must be >= 1, got {args.verify_sample}")
+    if not 0 <= args.box_tolerance < 0.5:
+        parser.error(f"--box-tolerance must be in [0, 0.5), got {args.box_tolerance}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        if "webdataset" in args.format:  # refuse a bad --shards-out before converting
+            check_not_input(shards_out(args), [*config_inputs(config_from_args(args)), ("the store", store_out(args))],
+                            "--shards-out")
         summary = convert(config_from_args(args))
         for line in summary.lines():
             print(line)
@@ -707,8 +1025,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_VERIFY_FAILED
         if "webdataset" in args.format:
             print(write_streaming_form(args))
-    except (SourceError, StoreError, ConvertError) as e:
+    except (SourceError, StoreError, ConvertError, OutputError) as e:
         print(f"convert_features: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
+        print(f"convert_features: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
@@ -723,8 +1044,9 @@ def write_streaming_form(args: argparse.Namespace) -> str:
                                 max_shard_bytes=int(args.tar_shard_mb * (1 << 20)), window=args.tar_window)
     except ShardError as e:
         raise ConvertError(str(e)) from e
-    if store != args.out:
-        shutil.rmtree(store)
+    if store != args.out:  # the temporary store of --format webdataset, written by this run
+        with lock_output(resolve_output(store)):
+            shutil.rmtree(store)
     return (f"webdataset: {manifest['num_shards']} shards, {manifest['num_samples']} samples -> "
             f"{shard_pattern(manifest, target)}")
 

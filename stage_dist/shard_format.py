@@ -33,6 +33,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from stage_dist.outputs import claim_output_dir
 from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store,
                               finish_store, open_arrays, read_attrs)
 from stage_dist.window_source import WINDOW_ROW_ARRAYS, cut_window, max_nodes_per_keyframe
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 FORMAT = "stage_dist.shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SHARDS_KIND = "webdataset shards"  # the kind stage_dist.outputs marks a shards directory with
 DEFAULT_WINDOW = 6  # the window whose count the manifest records for clip samples
 # The entries a Window is made of, in tar order.
 ARRAY_FIELDS = ("timestamps", "actor_ptr", "actor_features", "actor_boxes", "actor_labels",
@@ -319,7 +321,16 @@ def write_shards(
     last one shorter). Shards are ``<prefix>-000000.tar ...`` (``prefix`` defaults to the store's
     split), each at most ``max_shard_bytes`` unless one clip alone is larger. ``manifest.json``
     is written last; shards of an earlier write that are beyond the new count are removed.
+    ``out_dir`` must be new, empty or shards this project wrote (never the store, nor a directory
+    of other files), and is locked while it is written (:func:`stage_dist.outputs.claim_output_dir`).
     """
+    with claim_output_dir(out_dir, SHARDS_KIND, inputs=[("store", getattr(store, "path", None))],
+                          what="shards directory") as target:
+        return _write_shards(store, target.path, prefix=prefix, max_shard_bytes=max_shard_bytes, window=window)
+
+
+def _write_shards(store: FeatureStore, out: Path, *, prefix: str | None, max_shard_bytes: int,
+                  window: int | None) -> dict:
     prefix = prefix or store.split or "shards"
     if not _PREFIX_RE.match(prefix):
         raise ShardError(f"shard prefix {prefix!r} must be letters, digits, '_' or '-'")
@@ -327,8 +338,6 @@ def write_shards(
         raise ShardError(f"window must be >= 1, got {window}")
     if max_shard_bytes < 1:
         raise ShardError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     existing = out / MANIFEST_NAME
     if existing.exists():
         old_prefix = read_json(str(existing)).get("prefix")

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from stage_dist.shard_format import (ShardError, expand_urls, load_manifest, manifest_location,  # noqa: F401
                                      read_clip_samples, shard_pattern, shards_to_store, write_shards)
+from stage_dist.outputs import OutputError
 from stage_dist.store import FeatureStore, StoreError
 
 
@@ -51,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         manifest = write_shards(FeatureStore.open(args.store), args.out_dir, prefix=args.prefix,
                                 max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window)
-    except (ShardError, StoreError) as err:
+    except (ShardError, StoreError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the filesystem refused a write (disk full, permissions)
+        print(f"error: {err.filename or args.out_dir}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(
         f"{manifest['num_shards']} shards, {manifest['num_samples']} samples, {manifest['num_clips']} clips, "

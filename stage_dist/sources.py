@@ -46,7 +46,7 @@ DEFAULT_OBJECT_DIM = 2048  # object feature size of the published detector, used
 # == stage_dist.batch.NUM_ACTIONS; not imported from there because batch imports torch, which the
 # converter and its worker processes do not need (it costs seconds per start)
 NUM_ACTIONS = 80
-BOX_TOLERANCE = 1e-6  # normalised boxes may exceed [0, 1] by this much (float rounding)
+DEFAULT_BOX_TOLERANCE = 0.01  # coordinates this far outside [0, 1] are clipped (detectors that do not clip)
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 _I3D_FILE = re.compile(r"(\d+)\.h5")
 
@@ -89,6 +89,7 @@ class KeyframeInfo:
     object_bytes: int
     has_objects: bool  # False: no entry in the objects file (accepted as zero objects)
     object_key_stripped: bool = False  # objects found under the clip id without its leading '-'
+    file_stat: tuple[int, int] = (0, 0)  # (size, mtime_ns) of the keyframe's own actor file, if it has one
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class ActorRows:
     boxes: np.ndarray  # (n, 4) float32
     labels: np.ndarray  # (n, 80) uint8, column j is action id j + 1
     spatial: np.ndarray | None = None  # (n, C, t, h, w) float32 when asked for
+    clipped: int = 0  # box coordinates clipped into [0, 1] (within the box tolerance)
 
     @property
     def count(self) -> int:
@@ -123,6 +125,7 @@ class ObjectRows:
     features: np.ndarray  # (m, D) float32
     boxes: np.ndarray  # (m, 4) float32
     cls_prob: np.ndarray | None  # (m, P) float32
+    clipped: int = 0  # box coordinates clipped into [0, 1] (within the box tolerance)
 
     @property
     def count(self) -> int:
@@ -141,6 +144,7 @@ class Source(Protocol):
     layout: str
 
     def describe(self) -> dict[str, str | None]: ...
+    def shared_inputs(self) -> dict[str, list[Path]]: ...
     def list_keyframes(self) -> SourceListing: ...
     def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]: ...
     def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows: ...
@@ -150,33 +154,45 @@ class Source(Protocol):
 # --------------------------------------------------------------------------- HDF5 helpers
 
 
+def _one_line(error: Exception) -> str:
+    """An error's text on one line (HDF5's messages span several)."""
+    return " ".join(str(error).split())
+
+
+def _not_a_directory(path: Path) -> None:
+    if Path(path).is_dir():
+        raise SourceError(f"{path}: is a directory, expected an HDF5 file")
+
+
 def _open_h5(path: Path) -> h5py.File:
     """A high-level handle, for the files kept open per process (objects, SlowFast)."""
+    _not_a_directory(path)
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found") from None
     except OSError as e:  # truncated, not HDF5, unreadable
-        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {_one_line(e)}") from None
 
 
 def _open_file_id(path: Path) -> h5py.h5f.FileID:
     """Open ``path`` read-only with the low-level API; closing it closes its datasets too."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    _not_a_directory(path)
     try:
         return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY, fapl=fapl)
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found") from None
     except OSError as e:  # truncated, not HDF5, unreadable
-        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {_one_line(e)}") from None
 
 
 def _exists(loc: h5py.h5g.GroupID, name: str, where: str) -> bool:
     try:
         return loc.links.exists(name.encode())
     except OSError as e:
-        raise SourceError(f"{where}: cannot look up {name!r} (corrupt file?): {e}") from None
+        raise SourceError(f"{where}: cannot look up {name!r} (corrupt file?): {_one_line(e)}") from None
 
 
 def _dataset(loc: h5py.h5g.GroupID, name: str, where: str) -> h5py.h5d.DatasetID:
@@ -188,7 +204,7 @@ def _dataset(loc: h5py.h5g.GroupID, name: str, where: str) -> h5py.h5d.DatasetID
             raise SourceError(f"{where}: {name!r} is not a dataset") from None
         raise SourceError(f"{where}: missing dataset {name!r}") from None
     except OSError as e:
-        raise SourceError(f"{where}: cannot read {name!r} (corrupt file?): {e}") from None
+        raise SourceError(f"{where}: cannot read {name!r} (corrupt file?): {_one_line(e)}") from None
 
 
 def _read(ds: h5py.h5d.DatasetID, name: str, where: str) -> np.ndarray:
@@ -196,7 +212,7 @@ def _read(ds: h5py.h5d.DatasetID, name: str, where: str) -> np.ndarray:
     try:
         ds.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
     except OSError as e:
-        raise SourceError(f"{where}: cannot read {name!r} (truncated or corrupt?): {e}") from None
+        raise SourceError(f"{where}: cannot read {name!r} (truncated or corrupt?): {_one_line(e)}") from None
     return values
 
 
@@ -221,19 +237,27 @@ def _check_finite(values: np.ndarray, name: str, where: str) -> None:
         raise SourceError(f"{where}: {name!r} contains NaN or Inf")
 
 
-def _check_boxes(boxes: np.ndarray, where: str) -> np.ndarray:
+def _check_boxes(boxes: np.ndarray, where: str, tolerance: float) -> tuple[np.ndarray, int]:
+    """Boxes as float32, coordinates up to ``tolerance`` outside [0, 1] clipped; (boxes, clipped count).
+
+    A coordinate further out, a flipped box or a non-finite value is a :class:`SourceError`.
+    """
     boxes = boxes.astype(np.float32, copy=False)
     _check_finite(boxes, "boxes", where)
-    lo, hi = -BOX_TOLERANCE, 1 + BOX_TOLERANCE
+    lo, hi = -tolerance, 1 + tolerance
     outside = ((boxes < lo) | (boxes > hi)).any(axis=1)
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
-        raise SourceError(f"{where}: box {i} {boxes[i].tolist()} lies outside [0, 1]")
+        raise SourceError(f"{where}: box {i} {boxes[i].tolist()} lies outside [0, 1] by more than the box "
+                          f"tolerance {tolerance:g} (--box-tolerance)")
+    clipped = int(((boxes < 0) | (boxes > 1)).sum())
+    if clipped:
+        boxes = np.clip(boxes, 0, 1)
     flipped = (boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3])
     if flipped.any():
         i = int(np.flatnonzero(flipped)[0])
         raise SourceError(f"{where}: box {i} {boxes[i].tolist()} has x1 > x2 or y1 > y2")
-    return boxes
+    return boxes, clipped
 
 
 def _labels_to_store(labels: np.ndarray, where: str) -> np.ndarray:
@@ -243,6 +267,18 @@ def _labels_to_store(labels: np.ndarray, where: str) -> np.ndarray:
     if not np.isin(labels, (0, 1)).all():
         raise SourceError(f"{where}: 'labels' holds values other than 0 and 1")
     return labels.astype(np.uint8)
+
+
+def file_stat(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of a source file (what tells a resumed conversion that it changed), or
+    :class:`SourceError` naming it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: file not found (it was listed at the start of the run)") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from None
+    return st.st_size, st.st_mtime_ns
 
 
 def _shape(ds: h5py.h5d.DatasetID) -> tuple[tuple[int, ...], int]:
@@ -306,9 +342,10 @@ class ObjectsFile:
     being taken when it is another clip's own key.
     """
 
-    def __init__(self, path: Path, missing: MissingObjects) -> None:
+    def __init__(self, path: Path, missing: MissingObjects, box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> None:
         self.path = Path(path)
         self.missing = missing
+        self.box_tolerance = box_tolerance
         self.clip_ids: frozenset[str] = frozenset()
         self._handles = _Handles()
 
@@ -390,7 +427,8 @@ class ObjectsFile:
             cls = cls.astype(np.float32, copy=False)
             _check_rows(cls.shape, 2, len(boxes), f"{prefix}_cls_prob", where)
             _check_finite(cls, f"{prefix}_cls_prob", where)
-        return ObjectRows(feats, _check_boxes(boxes, f"{where} ({prefix}_boxes)"), cls)
+        boxes, clipped = _check_boxes(boxes, f"{where} ({prefix}_boxes)", self.box_tolerance)
+        return ObjectRows(feats, boxes, cls, clipped)
 
 
 def _merge_dims(dims: SourceDims | None, new: SourceDims, where: str) -> SourceDims:
@@ -433,33 +471,53 @@ class I3DSource:
 
     layout = "i3d"
 
-    def __init__(self, actors_dir: Path, objects_file: Path, missing_objects: MissingObjects = "error") -> None:
+    def __init__(self, actors_dir: Path, objects_file: Path, missing_objects: MissingObjects = "error",
+                 box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> None:
         self.actors_dir = Path(actors_dir)
-        self.objects = ObjectsFile(Path(objects_file), missing_objects)
+        self.objects = ObjectsFile(Path(objects_file), missing_objects, box_tolerance)
+        self.box_tolerance = box_tolerance
+        # file names other than the published <ts:04d>.h5, found by the listing (e.g. 902.h5)
+        self._other_names: dict[tuple[str, int], str] = {}
 
     def describe(self) -> dict[str, str | None]:
         return {"layout": self.layout, "actors_dir": str(self.actors_dir.resolve()),
                 "objects_file": str(self.objects.path.resolve())}
 
+    def shared_inputs(self) -> dict[str, list[Path]]:
+        """Files every keyframe of a row group depends on (actor files are per keyframe)."""
+        return {"actors": [], "objects": [self.objects.path]}
+
     def actor_path(self, video_id: str, timestamp: int) -> Path:
-        # files are zero-padded to 4 digits (0902.h5); accept unpadded names too
-        padded = self.actors_dir / video_id / f"{timestamp:04d}.h5"
-        return padded if padded.exists() else self.actors_dir / video_id / f"{timestamp}.h5"
+        """The keyframe's file as listed: zero-padded to 4 digits (0902.h5) unless the listing
+        found it under another name."""
+        name = self._other_names.get((video_id, timestamp), f"{timestamp:04d}.h5")
+        return self.actors_dir / video_id / name
 
     def list_keyframes(self) -> SourceListing:
         if not self.actors_dir.is_dir():
-            raise SourceError(f"{self.actors_dir}: actors directory not found")
+            problem = "is not a directory" if self.actors_dir.exists() else "actors directory not found"
+            raise SourceError(f"{self.actors_dir}: {problem}")
         listing = SourceListing(clips={})
-        for entry in sorted(os.scandir(self.actors_dir), key=lambda e: e.name):
+        self._other_names = {}
+        try:
+            entries = sorted(os.scandir(self.actors_dir), key=lambda e: e.name)
+        except OSError as e:
+            raise SourceError(f"{self.actors_dir}: cannot list the actors directory: {e.strerror or e}") from None
+        for entry in entries:
             if entry.name.startswith(".") and entry.name not in (".", ".."):
                 listing.skipped.append(f"{entry.path}: hidden entry ignored")
                 continue
-            if not entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+                names = sorted(os.listdir(entry.path)) if is_dir else []
+            except OSError as e:  # a symlink loop, an unreadable directory
+                raise SourceError(f"{entry.path}: cannot list the clip directory: {e.strerror or e}") from None
+            if not is_dir:
                 listing.skipped.append(f"{entry.path}: not a clip directory, ignored")
                 continue
             video_id = check_video_id(entry.name, str(self.actors_dir))
             stamps: dict[int, str] = {}
-            for name in sorted(os.listdir(entry.path)):
+            for name in names:
                 if name.startswith("."):
                     continue
                 match = _I3D_FILE.fullmatch(name)
@@ -469,6 +527,9 @@ class I3DSource:
                 if ts in stamps:
                     raise SourceError(f"{entry.path}: {stamps[ts]} and {name} are the same keyframe")
                 stamps[ts] = name
+            for ts, name in stamps.items():
+                if name != f"{ts:04d}.h5":
+                    self._other_names[(video_id, ts)] = name
             if stamps:
                 listing.clips[video_id] = sorted(stamps)
             else:
@@ -484,6 +545,7 @@ class I3DSource:
         for ts in timestamps:
             path = self.actor_path(video_id, ts)
             where = str(path)
+            stat = file_stat(path)
             f = _open_file_id(path)
             try:
                 boxes, boxes_bytes = _shape(_dataset(f, "boxes", where))
@@ -499,7 +561,7 @@ class I3DSource:
             kf_dims = SourceDims(feats[1], tuple(feats[2:]), labels[1], obj.dim, obj.cls_prob_dim)
             dims = _merge_dims(dims, kf_dims, f"{path} / {self.objects.path} {video_id}_{ts}")
             infos.append(KeyframeInfo(video_id, ts, boxes[0], obj.rows, boxes_bytes + feats_bytes + labels_bytes,
-                                      obj.nbytes, obj.present, obj.key_stripped))
+                                      obj.nbytes, obj.present, obj.key_stripped, stat))
         assert dims is not None
         return infos, dims
 
@@ -518,7 +580,8 @@ class I3DSource:
         pooled = pool_actor_features(feats)
         _check_finite(pooled, "features", where)
         spatial = feats.astype(np.float32, copy=False) if keep_spatial else None
-        return ActorRows(pooled, _check_boxes(boxes, where), _labels_to_store(labels, where), spatial)
+        boxes, clipped = _check_boxes(boxes, where, self.box_tolerance)
+        return ActorRows(pooled, boxes, _labels_to_store(labels, where), spatial, clipped)
 
     def read_objects(self, video_id: str, timestamp: int) -> ObjectRows:
         return self.objects.read(video_id, timestamp)
@@ -532,7 +595,7 @@ def read_video_list(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise SourceError(f"{path}: cannot read video list: {e}") from None
+        raise SourceError(f"{path}: cannot read video list: {_one_line(e)}") from None
     ids: list[str] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, 1):
@@ -553,10 +616,11 @@ class SlowFastSource:
     layout = "slowfast"
 
     def __init__(self, slowfast_file: Path, video_list: Path, objects_file: Path | None = None,
-                 missing_objects: MissingObjects = "error") -> None:
+                 missing_objects: MissingObjects = "error", box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> None:
         self.slowfast_file = Path(slowfast_file)
         self.video_list = Path(video_list)
-        self.objects = ObjectsFile(Path(objects_file), missing_objects) if objects_file else None
+        self.box_tolerance = box_tolerance
+        self.objects = ObjectsFile(Path(objects_file), missing_objects, box_tolerance) if objects_file else None
         self._handles = _Handles()
         self._keys: dict[tuple[str, int], str] | None = None
 
@@ -564,6 +628,11 @@ class SlowFastSource:
         return {"layout": self.layout, "slowfast_file": str(self.slowfast_file.resolve()),
                 "video_list": str(self.video_list.resolve()),
                 "objects_file": str(self.objects.path.resolve()) if self.objects else None}
+
+    def shared_inputs(self) -> dict[str, list[Path]]:
+        """Files every keyframe of a row group depends on."""
+        return {"actors": [self.slowfast_file, self.video_list],
+                "objects": [self.objects.path] if self.objects else []}
 
     def _file(self) -> h5py.File:
         return self._handles.get(self.slowfast_file)
@@ -610,7 +679,7 @@ class SlowFastSource:
         try:
             group = self._file()[key]
         except OSError as e:
-            raise SourceError(f"{where}: cannot read group (corrupt file?): {e}") from None
+            raise SourceError(f"{where}: cannot read group (corrupt file?): {_one_line(e)}") from None
         if not isinstance(group, h5py.Group):
             raise SourceError(f"{where}: expected a group with boxes/features/labels")
         return group.id, where
@@ -644,7 +713,8 @@ class SlowFastSource:
         _check_rows(feats.shape, 2, len(boxes), "features", where)
         _check_rows(labels.shape, 2, len(boxes), "labels", where)
         _check_finite(feats, "features", where)
-        return ActorRows(feats, _check_boxes(boxes, where), _labels_to_store(labels, where))
+        boxes, clipped = _check_boxes(boxes, where, self.box_tolerance)
+        return ActorRows(feats, boxes, _labels_to_store(labels, where), clipped=clipped)
 
     def read_objects(self, video_id: str, timestamp: int) -> ObjectRows:
         if self.objects is None:

@@ -47,6 +47,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from stage_dist.outputs import empty_directory
 from stage_dist.sources import NUM_ACTIONS
 
 if TYPE_CHECKING:  # batch imports torch, which the converter does not need
@@ -216,12 +217,14 @@ def read_attrs(path: Path) -> dict[str, Any] | None:
 def create_store(path: Path, layout: StoreLayout, tables: Tables, attrs: dict[str, Any]) -> None:
     """Create the arrays of ``layout`` at ``path`` (replacing anything there) and write the tables.
 
+    An existing directory is emptied, not replaced, so it keeps its permissions and owner (the
+    converter first checks, with :mod:`stage_dist.outputs`, that what is there is its own).
     The store is marked incomplete until :func:`finish_store`.
     """
     path = Path(path)
     if path.exists():
-        shutil.rmtree(path)
-    root = zarr.open_group(path, mode="w", zarr_format=3)
+        empty_directory(path)
+    root = zarr.open_group(path, mode="a", zarr_format=3)
     comp = _compressors(layout.storage.compression)
     for name, values in tables.arrays().items():
         arr = root.create_array(name, shape=values.shape, dtype=values.dtype,

@@ -17,6 +17,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from stage_dist.batch import Window, WindowSpec, collate
+from stage_dist.outputs import MARKER_NAME
 from stage_dist.sampler import ClipWindowSampler
 from stage_dist.shard_format import (
     ShardError,
@@ -145,7 +146,7 @@ def test_shards_manifest_and_safe_keys(store, seven):
     assert pattern == f"{out}/train-{{000000..000006}}.tar"
     names = [s["name"] for s in manifest["shards"]]
     assert names == [f"train-{i:06d}.tar" for i in range(7)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "manifest.json", MARKER_NAME])
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["sample"] == "clip" and manifest["window"] is None
     assert (manifest["num_clips"], manifest["num_keyframes"]) == (len(LENGTHS), sum(LENGTHS))
