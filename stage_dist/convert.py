@@ -97,7 +97,6 @@ log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
 PROGRESS_EVERY_BYTES = 8 * 2**20  # a task reports progress after this much input
-KILL_AFTER_SHARDS_ENV = "STAGE_CONVERT_KILL_AFTER_SHARDS"  # test hook: SIGKILL self after N shards
 
 
 class ConvertError(Exception):
@@ -582,13 +581,6 @@ def _check_fits(values: np.ndarray, dtype: np.dtype, name: str, where: str) -> N
         raise SourceError(f"{where}: {name} exceeds the float16 range; convert with --dtype float32")
 
 
-def _kill_hook(out: Path) -> None:
-    """Test hook: SIGKILL the whole process group once N shards are written (env var)."""
-    limit = os.environ.get(KILL_AFTER_SHARDS_ENV)
-    if limit and len(list((out / "_progress").glob("*.json"))) >= int(limit):
-        os.killpg(os.getpgid(0), 9)
-
-
 def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], None]) -> int:
     """Read, validate and write the rows of one shard task, then record it as done.
 
@@ -622,7 +614,6 @@ def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], Non
             done_bytes = done_kf = 0
     for key, writer in writers.items():
         writer.close(f"{ctx.out} {task.group}/{key}")
-    _kill_hook(ctx.out)
     record_shard_done(ctx.out, task.group, task.index, {"rows": [task.row_start, task.row_stop]})
     report(done_bytes, done_kf)
     return clipped

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stage_dist.convert import EXIT_BAD_INPUT, KILL_AFTER_SHARDS_ENV, main
+from stage_dist.convert import EXIT_BAD_INPUT, main
 from stage_dist.store import FeatureStore, StoreError
 from stage_dist.synth import SynthConfig, synthesize
 
@@ -159,10 +159,30 @@ def test_rerun_of_complete_store_does_nothing_and_other_args_refused(split, tmp_
     assert FeatureStore.open(out).attrs["dtypes"]["features"] == "float32"
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "tools" / "convert_features.py"), *args],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          start_new_session=True, timeout=120)
+                          capture_output=True, text=True, start_new_session=True, timeout=120)
+
+
+# Runs the converter with its shard recording wrapped: once `shards` shards are recorded, the
+# next finished shard SIGKILLs the whole process group (the forked workers inherit the wrapper),
+# after its rows are written and before its record is.
+_KILLED_CONVERTER = """
+import os, sys
+from stage_dist import convert
+record = convert.record_shard_done
+def record_or_die(out, *args, **kwargs):
+    if len(list((out / "_progress").glob("*.json"))) >= {shards}:
+        os.killpg(os.getpgid(0), 9)
+    record(out, *args, **kwargs)
+convert.record_shard_done = record_or_die
+sys.exit(convert.main(sys.argv[1:]))
+"""
+
+
+def _cli_killed_after(shards: int, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILLED_CONVERTER.format(shards=shards), *args],
+                          capture_output=True, text=True, start_new_session=True, timeout=120)
 
 
 @pytest.mark.slow
@@ -171,7 +191,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(split, tmp_path):
     args = SMALL[:-2] + ["--workers", "2", "--split", "train"]
     assert main(i3d_args(split, reference) + args) == 0
     # the whole process group is SIGKILLed after the 3rd shard is written, before it is recorded
-    run = _cli(i3d_args(split, killed) + args, env={KILL_AFTER_SHARDS_ENV: "2"})
+    run = _cli_killed_after(2, i3d_args(split, killed) + args)
     assert run.returncode == -signal.SIGKILL, run.stderr
     records = list((killed / "_progress").glob("*.json"))
     assert len(records) >= 2
@@ -515,7 +535,7 @@ def _fresh(split, tmp_path) -> Path:
 def test_interrupted_run_with_changed_input_redoes_its_done_shards(split, tmp_path):
     out = tmp_path / "killed.zarr"
     args = SMALL[:-2] + ["--workers", "2"]
-    run = _cli(i3d_args(split, out) + args, env={KILL_AFTER_SHARDS_ENV: "2"})
+    run = _cli_killed_after(2, i3d_args(split, out) + args)
     assert run.returncode == -signal.SIGKILL, run.stderr
     with h5py.File(split.objects_file, "a") as f:
         key = next(k for k in sorted(f.keys()) if k.endswith("_features") and len(f[k]))
