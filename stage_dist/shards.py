@@ -2,8 +2,7 @@
 shards, or rebuild the store from its shards.
 
 The tar format (sample codec, writer, manifest and URLs) is :mod:`stage_dist.shard_format`; the
-training stream over shards is :mod:`stage_dist.shard_stream`. The format's public names are
-re-exported here for ``from stage_dist.shards import ...``.
+training stream over shards is :mod:`stage_dist.shard_stream`.
 
     python -m stage_dist.shards stores/train.zarr shards/train/ --max-shard-mb 512
     python -m stage_dist.shards --to-store 'shards/train/train-{000000..000063}.tar' stores/train.zarr
@@ -16,9 +15,8 @@ import logging
 import sys
 from typing import Sequence
 
-from stage_dist.shard_format import (ShardError, expand_urls, load_manifest, manifest_location,  # noqa: F401
-                                     read_clip_samples, shard_pattern, shards_to_store, write_shards)
 from stage_dist.outputs import OutputError
+from stage_dist.shard_format import ShardError, shard_pattern, shards_to_store, write_shards
 from stage_dist.store import FeatureStore, StoreError
 
 

@@ -115,7 +115,7 @@ def test_labelmap_topk_and_published_checkpoint(tiny_stores, checkpoint, tmp_pat
 
 @pytest.mark.slow
 def test_shards_give_the_same_results_csv_as_the_store(tiny_stores, checkpoint, tmp_path):
-    from stage_dist.shards import shard_pattern, write_shards
+    from stage_dist.shard_format import shard_pattern, write_shards
 
     manifest = write_shards(FeatureStore.open(tiny_stores.val), tmp_path / "shards", max_shard_bytes=20_000)
     assert manifest["num_shards"] == 3  # a count that 2 ranks do not divide

@@ -171,7 +171,7 @@ def _children(pid: int) -> list[int]:
 
 def test_trains_from_webdataset_shards(tiny_stores, tmp_path):
     from stage_dist.sampler import ClipWindowSampler
-    from stage_dist.shards import shard_pattern, write_shards
+    from stage_dist.shard_format import shard_pattern, write_shards
     from stage_dist.store import FeatureStore
 
     store = FeatureStore.open(tiny_stores.train)
