@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from stage_dist.batch import Batch, WindowSpec, collate
 from stage_dist.distributed import DistEnv, configure_threads
-from stage_dist.sources import NUM_ACTIONS
+from stage_dist.schema import NUM_ACTIONS
 from stage_dist.store import (
     FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
     open_arrays, storage_attrs,

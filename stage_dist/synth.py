@@ -46,11 +46,12 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from stage_dist.schema import NUM_ACTIONS
+
 log = logging.getLogger(__name__)
 
 FIRST_TIMESTAMP = 902
 LAST_TIMESTAMP = 1798
-NUM_ACTIONS = 80  # AVA action ids 1..80
 NUM_DETECTOR_CLASSES = 81  # columns of an object's cls_prob (detector classes incl. background)
 VIDEO_ID_LENGTH = 11
 VIDEO_ID_ALPHABET = np.array(
