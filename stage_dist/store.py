@@ -378,6 +378,7 @@ class _ZarrRows:
         self.shape: tuple[int, ...] = array.shape
         self.dtype = array.dtype
         self.row_shape = self.shape[1:]
+        self.chunk_rows: int = array.chunks[0]
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
 
     def read(self, start: int, stop: int, cache: _ChunkCache | None = None) -> np.ndarray:
@@ -557,8 +558,9 @@ class FeatureStore:
     def _memmap(self, name: str) -> np.ndarray:
         if name not in self._memmaps:
             reader = self._reader(name)
+            block = reader.chunk_rows * max(1, (1 << 16) // reader.chunk_rows)  # whole chunks, decoded once
             self._memmaps[name] = materialize_npy(reader.read, reader.shape, reader.dtype.newbyteorder("="),
-                                                  self._memmap_file(name))
+                                                  self._memmap_file(name), rows_per_block=block)
         return self._memmaps[name]
 
     def _memmap_file(self, name: str) -> Path:
