@@ -31,8 +31,9 @@ import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+import google_crc32c  # zarr's own dependency (its crc32c codec) since zarr 3.1
 import numpy as np
 import zarr
 from numcodecs import Zstd
@@ -180,17 +181,6 @@ class UnknownLayout(Exception):
 _NO_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written (all fill value)
 
 
-def _crc32c() -> Any:
-    try:
-        import google_crc32c  # zarr's own dependency for the crc32c codec
-
-        return google_crc32c.value
-    except ImportError:
-        import crc32c  # older zarr 3 releases
-
-        return crc32c.crc32c
-
-
 def _codec_name(codec: Any) -> str:
     return codec if isinstance(codec, str) else codec.get("name", "")
 
@@ -261,10 +251,8 @@ class ArrayReader:
             raise UnknownLayout(f"fill value {fill!r}")
         self.fill_value = fill
         self.chunk_rows = inner[0]
-        self.file_rows = outer[0]  # rows per file (a shard, or one chunk when not sharded)
-        self.chunks_per_file = self.file_rows // self.chunk_rows
+        self.chunks_per_file = outer[0] // self.chunk_rows  # a file is a shard, or one chunk
         self.row_shape = self.shape[1:]
-        self.num_chunks = math.ceil(self.shape[0] / self.chunk_rows)
         self._chunk_items = self.chunk_rows * math.prod(self.row_shape)
         self._codec = Zstd() if self.zstd else None
         self._fds: dict[int, int | None] = {}  # file index -> descriptor (None: no file)
@@ -312,10 +300,10 @@ class ArrayReader:
             if fd is not None:
                 size = 16 * self.chunks_per_file + 4 * self.index_crc
                 file_size = os.fstat(fd).st_size
-                raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
-                if len(raw) != size or file_size < size:
+                if file_size < size:
                     raise StoreError(f"{self.dir}: shard {shard} is truncated; reconvert the store")
-                if self.index_crc and _crc32c()(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
+                if self.index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                     raise StoreError(f"{self.dir}: shard {shard} index fails its checksum; reconvert the store")
                 index = np.frombuffer(raw[: 16 * self.chunks_per_file], dtype="<u8").reshape(-1, 2)
             self._indexes[shard] = index
@@ -362,7 +350,12 @@ class ArrayReader:
         """Every decoded chunk passes here (``tests/counting.py`` counts the calls)."""
         if encoded is None:
             return np.full((self.chunk_rows, *self.row_shape), self.fill_value, dtype=self.dtype)
-        raw = self._codec.decode(encoded) if self._codec is not None else encoded
+        raw = encoded
+        if self._codec is not None:
+            try:
+                raw = self._codec.decode(encoded)
+            except RuntimeError as e:  # numcodecs' error for bytes that are not a zstd frame
+                raise StoreError(f"{self.dir}: chunk {chunk} does not decode ({e}); reconvert the store") from None
         values = np.frombuffer(raw, dtype=self.dtype)
         if values.size != self._chunk_items:
             raise StoreError(f"{self.dir}: chunk {chunk} holds {values.size} values, expected "
@@ -413,7 +406,7 @@ class _ChunkCache:
             self.bytes -= old.nbytes
 
 
-def materialize_npy(read: Any, shape: tuple[int, ...], dtype: np.dtype, target: Path,
+def materialize_npy(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], dtype: np.dtype, target: Path,
                     rows_per_block: int = 1 << 16) -> np.ndarray:
     """An array decompressed once into ``target`` (.npy), opened as a read-only memory map.
 
@@ -532,6 +525,8 @@ class FeatureStore:
             tables = Tables(video_ids=list(attrs["video_ids"]), clip_ptr=table(CLIP_PTR),
                             keyframe_clip=table(KEYFRAME_CLIP), timestamps=table(KEYFRAME_TIMESTAMP),
                             actor_ptr=table(KEYFRAME_ACTOR_PTR), object_ptr=table(KEYFRAME_OBJECT_PTR))
+        except KeyError as missing:
+            raise StoreError(f"{path}: damaged store, {missing} is missing; reconvert it") from None
         finally:
             for reader in readers.values():
                 reader.close()

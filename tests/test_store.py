@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,6 @@ def store_path(tmp_path_factory) -> Path:
 
 
 def copy_store(path: Path, tmp_path: Path) -> Path:
-    import shutil
-
     dst = tmp_path / "copy.zarr"
     shutil.copytree(path, dst)
     return dst
@@ -215,6 +214,15 @@ def test_damaged_shard_is_a_named_error(store_path, tmp_path):
     store = FeatureStore.open(path, cache_mb=0)
     with pytest.raises(StoreError, match=f"{path}/objects/features: shard 0 .*reconvert the store"):
         store.read_array("objects/features", 0, 1)
+    shard = path / "actors" / "features" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[:16] = bytes(16)  # the first chunk's zstd frame header, index intact
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{path}/actors/features: chunk 0 does not decode .*reconvert the store"):
+        store.read_array("actors/features", 0, 1)
+    shutil.rmtree(path / "keyframes" / "actor_ptr")
+    with pytest.raises(StoreError, match=f"{path}: damaged store, 'keyframes/actor_ptr' is missing; reconvert it"):
+        FeatureStore.open(path)
 
 
 def test_stores_with_row_tables_in_feature_chunks_read_the_same(tmp_path):
