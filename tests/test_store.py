@@ -330,6 +330,32 @@ def test_store_pickles_for_worker_processes(store_path):
     np.testing.assert_array_equal(a.object_features, b.object_features)
 
 
+_FORKED: list[FeatureStore] = []  # a store a forked child inherits (not pickled to it)
+
+
+def _read_in_forked_child(spec: WindowSpec) -> tuple[np.ndarray, np.ndarray, int]:
+    store = _FORKED[0]
+    inherited = len(store._row_tables._chunks)
+    window = store.read_window(spec)
+    return window.object_features, window.actor_labels, inherited
+
+
+def test_forked_loader_workers_open_their_own_files(store_path):
+    import multiprocessing
+
+    store = FeatureStore.open(store_path)
+    parent = store.read_window(WindowSpec(1, 0, 4))  # opens files, decodes the per-row tables' chunks
+    tables_decoded = len(store._row_tables._chunks)
+    _FORKED[:] = [store]
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # as a DataLoader worker on Linux
+        features, labels, inherited = pool.apply(_read_in_forked_child, (WindowSpec(1, 0, 4),))
+    _FORKED.clear()
+    assert inherited == tables_decoded > 0  # decoded once, shared with the child
+    np.testing.assert_array_equal(features, parent.object_features)
+    np.testing.assert_array_equal(labels, parent.actor_labels)
+    np.testing.assert_array_equal(store.read_window(WindowSpec(1, 0, 4)).object_features, features)
+
+
 def test_windows_never_cross_clips(store_path):
     store = FeatureStore.open(store_path)
     with pytest.raises(IndexError):
