@@ -29,6 +29,8 @@ from stage_dist.store import (
     StoreLayout,
     StoreShape,
     Tables,
+    UnknownLayout,
+    _open_reader,
     create_store,
     finish_store,
     open_arrays,
@@ -192,6 +194,21 @@ def test_direct_reads_equal_zarr_in_every_layout(tmp_path):
             np.testing.assert_array_equal(got, expected[start:stop])
             assert got.dtype == array.dtype and got.shape == array[start:stop].shape
         reader.close()
+
+
+def test_layouts_the_direct_reader_does_not_know_are_read_through_zarr(tmp_path, caplog):
+    root = zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3)
+    values = np.random.default_rng(2).standard_normal((300, 5)).astype(np.float32)
+    array = root.create_array("blosc", shape=values.shape, dtype=values.dtype, chunks=(32, 5),
+                              compressors=(zarr.codecs.BloscCodec(),))
+    array[:] = values
+    with pytest.raises(UnknownLayout, match="blosc"):
+        ArrayReader.open(tmp_path / "other.zarr", "blosc")
+    reader = _open_reader(tmp_path / "other.zarr", "blosc")
+    assert "blosc is read through zarr" in caplog.text
+    with count_reads() as counts:
+        np.testing.assert_array_equal(reader.read(10, 250), values[10:250])
+    assert sum(counts.zarr_calls.values()) == 1
 
 
 def test_direct_reads_equal_zarr_on_a_converted_store(store_path):
