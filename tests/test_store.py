@@ -218,7 +218,7 @@ def test_direct_reads_equal_zarr_on_a_converted_store(store_path):
     rng = np.random.default_rng(1)
     for name in store.row_arrays():
         n = root[name].shape[0]
-        for start, stop in [(0, n), *[sorted(rng.integers(0, n + 1, 2)) for _ in range(30)]]:
+        for start, stop in [(0, n), *[sorted(rng.integers(0, n + 1, 2)) for _ in range(12)]]:
             if stop > start:
                 np.testing.assert_array_equal(store.read_array(name, start, stop), root[name][start:stop])
                 np.testing.assert_array_equal(cached.read_array(name, start, stop), root[name][start:stop])
