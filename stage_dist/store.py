@@ -461,7 +461,7 @@ class FeatureStore:
 
     Stores converted before the per-row tables got one chunk per shard (they share the features'
     chunks) read the same and start as fast: their tables are decoded chunk by chunk as windows
-    touch them. Stores converted before 64 KB feature chunks read ~1.5x slower per window;
+    touch them. Stores converted before 64 KB feature chunks read 1.3-1.6x slower per window;
     reconverting them is optional.
     """
 
