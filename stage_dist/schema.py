@@ -20,8 +20,9 @@ consecutive keyframes of one clip is one contiguous row range in every array::
 Chunking (the unit a read decodes) and sharding (the unit of a file and of a converter write):
 
 - the tables (``clips/*``, ``keyframes/*``) are one chunk each;
-- ``*/features`` (and ``objects/cls_prob``): chunks of about ``chunk_kb``, shards of about
-  ``shard_mb``, at least ``min_shards`` shards per group (parallel conversion);
+- ``*/features``: chunks of about ``chunk_kb``, shards of about ``shard_mb``, at least
+  ``min_shards`` shards per group (parallel conversion); ``objects/cls_prob`` shares the object
+  features' chunk and shard rows;
 - the per-row tables ``actors/boxes``, ``actors/labels``, ``objects/boxes`` (:data:`ROW_TABLES`,
   about 100 bytes an actor and 16 an object) are ONE chunk per shard of their group, so a
   reader holds them in a handful of chunks whatever the dataset size (stores written before
