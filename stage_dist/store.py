@@ -10,9 +10,9 @@ recorded in ``_progress/`` so an interrupted conversion resumes, and ``complete`
 Reading: :meth:`FeatureStore.open` refuses an incomplete store, another schema version or
 unexpected dims, and reads the clip and keyframe tables (one chunk each) and nothing else.
 Rows are read by :class:`ArrayReader` straight from the shard files (the shard index of the
-zarr v3 ``sharding_indexed`` codec, then the chunk's bytes decoded with numcodecs): a read costs
-its chunks' decoding and a few microseconds, not a zarr-python call (~1.5 ms), and returns what
-zarr returns (arrays whose layout it does not know are read through zarr). The per-row tables
+zarr v3 ``sharding_indexed`` codec, then the chunk's bytes decoded with numcodecs): a window costs
+the decoding of the chunks it touches, not a zarr-python call (~1.5 ms) per array, and returns
+what zarr returns (arrays whose layout it does not know are read through zarr). The per-row tables
 (boxes, labels) are kept decoded once touched (one chunk per shard, see the schema), feature
 chunks go through a small per-process LRU (windows of a clip share chunks); ``in_memory=True``
 holds the arrays a window reads in RAM and ``memmap_dir`` decompresses them once per node into
