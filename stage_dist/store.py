@@ -178,6 +178,7 @@ class UnknownLayout(Exception):
     """An array whose zarr metadata :class:`ArrayReader` does not read (zarr reads it instead)."""
 
 
+MAX_OPEN_FILES = 64  # per array and process
 _NO_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written (all fill value)
 
 
@@ -255,7 +256,7 @@ class ArrayReader:
         self.row_shape = self.shape[1:]
         self._chunk_items = self.chunk_rows * math.prod(self.row_shape)
         self._codec = Zstd() if self.zstd else None
-        self._fds: dict[int, int | None] = {}  # file index -> descriptor (None: no file)
+        self._fds: OrderedDict[int, int | None] = OrderedDict()  # file index -> descriptor (None: no file)
         self._indexes: dict[int, np.ndarray | None] = {}  # shard index -> (chunks, 2) offsets, sizes
 
     @classmethod
@@ -284,13 +285,22 @@ class ArrayReader:
         self._fds.clear()
 
     def _fd(self, file_index: int) -> int | None:
-        if file_index not in self._fds:
-            key = self.separator.join(["c", str(file_index), *["0"] * len(self.row_shape)])
-            try:
-                self._fds[file_index] = os.open(self.dir / key, os.O_RDONLY)
-            except FileNotFoundError:
-                self._fds[file_index] = None
-        return self._fds[file_index]
+        """The open file of shard (or chunk) ``file_index``, None if there is none; at most
+        :data:`MAX_OPEN_FILES` stay open (``actors/spatial`` has thousands of small shards)."""
+        if file_index in self._fds:
+            self._fds.move_to_end(file_index)
+            return self._fds[file_index]
+        key = self.separator.join(["c", str(file_index), *["0"] * len(self.row_shape)])
+        try:
+            fd: int | None = os.open(self.dir / key, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        self._fds[file_index] = fd
+        if len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            if old is not None:
+                os.close(old)
+        return fd
 
     def _index(self, shard: int) -> np.ndarray | None:
         """(chunks per shard, 2) uint64 offsets and sizes of shard ``shard``; None: no shard file."""
@@ -321,7 +331,7 @@ class ArrayReader:
         offset, nbytes = (int(v) for v in index[chunk % self.chunks_per_file])
         if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
             return None
-        data = os.pread(self._fds[file_index], nbytes, offset)  # type: ignore[arg-type]
+        data = os.pread(self._fd(file_index), nbytes, offset)  # type: ignore[arg-type]
         if len(data) != nbytes:
             raise StoreError(f"{self.dir}: shard {file_index} is truncated; reconvert the store")
         return data

@@ -17,6 +17,7 @@ import zarr
 from counting import count_reads
 from zarr.codecs import ZstdCodec
 
+from stage_dist import store as store_module
 from stage_dist.batch import WindowSpec, collate
 from stage_dist.convert import main
 from stage_dist.schema import ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS
@@ -182,7 +183,8 @@ def _zarr_arrays(tmp_path: Path) -> dict[str, tuple[zarr.Array, np.ndarray]]:
     return made
 
 
-def test_direct_reads_equal_zarr_in_every_layout(tmp_path):
+def test_direct_reads_equal_zarr_in_every_layout(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_OPEN_FILES", 2)  # reads cross more files than stay open
     rng = np.random.default_rng(0)
     for name, (array, expected) in _zarr_arrays(tmp_path).items():
         reader = ArrayReader.open(tmp_path / "layouts.zarr", name)
@@ -193,6 +195,7 @@ def test_direct_reads_equal_zarr_in_every_layout(tmp_path):
             np.testing.assert_array_equal(got, array[start:stop], err_msg=f"{name} {start}:{stop}")
             np.testing.assert_array_equal(got, expected[start:stop])
             assert got.dtype == array.dtype and got.shape == array[start:stop].shape
+            assert len([fd for fd in reader._fds.values() if fd is not None]) <= 2
         reader.close()
 
 
