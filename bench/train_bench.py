@@ -20,9 +20,18 @@ holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``).
    ``FeatureStore.read_window`` + ``collate``. Each reader runs with a warm page cache and with
    a cold one (every file evicted with ``posix_fadvise(DONTNEED)`` first); the store reader
    also runs without its chunk cache (``cache_mb=0``, every window decodes its chunks: the case
-   of a split much larger than the cache), with its default 64 MB cache, and from RAM
-   (``in_memory=True``, loading time not counted).
-3. With CUDA available: keyframes/s at 1 and 32 windows per step with bf16 autocast and the GPU
+   of a split much larger than the cache), with its default 64 MB cache, from RAM
+   (``in_memory=True``, loading time not counted) and from ``--memmap-dir`` files. One process
+   is one DataLoader worker: besides keyframes/s of wall time, keyframes per second of the
+   process's CPU time say what a worker does on a core of its own (the machine may be shared).
+   Target (issue 11, part 4): plain store reads >= 5,000 keyframes/s per worker.
+3. **Start-up** at full AVA train counts (235 clips x 897 keyframes, 476,000 actors, 2,100,000
+   objects; 4-dim features so the store is small; ``--startup-scale`` shrinks it): seconds
+   each kind of process takes, in a fresh interpreter, to open the store and read + collate its
+   first window: a rank with plain reads, a loader worker that receives the store pickled, a rank
+   with ``--in-memory``, and with ``--memmap-dir`` the node's first process (it decompresses the
+   arrays) and the others (they map the files). Target (issue 11, part 1): < 2 s.
+4. With CUDA available: keyframes/s at 1 and 32 windows per step with bf16 autocast and the GPU
    utilisation (``torch.cuda.utilization``, else ``nvidia-smi``), sampled during the timed steps.
 
 ``--profile`` adds a torch.profiler table of a few training steps (1 window, no workers).
@@ -36,6 +45,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import statistics
 import subprocess
@@ -55,7 +65,7 @@ from tqdm import tqdm
 
 from stage_dist.batch import Batch, WindowSpec, collate
 from stage_dist.distributed import DistEnv, configure_threads
-from stage_dist.sources import NUM_ACTIONS
+from stage_dist.schema import NUM_ACTIONS
 from stage_dist.store import (
     FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
     open_arrays, storage_attrs,
@@ -71,6 +81,8 @@ TARGETS = {  # issue 4, part 8 (2-core CPU; GPU aims on one GPU)
     "cpu_8_windows_kf_s": 300.0,
     "data_wait_fraction": 0.10,
     "store_vs_published": 10.0,
+    "store_kf_s_per_worker": 5000.0,  # issue 11, part 4: 4 loader workers feed 20,000 keyframes/s
+    "startup_s": 2.0,  # issue 11, part 1: open a full-AVA-count store and read the first window
     "gpu_1_window_kf_s": 2000.0,
     "gpu_32_windows_kf_s": 20000.0,
 }
@@ -218,17 +230,28 @@ def data_windows(store: FeatureStore, clips: int, window: int, seed: int) -> lis
     return [specs[i] for i in order]
 
 
-def time_reader(read: Callable[[WindowSpec], object], windows: Sequence[WindowSpec]) -> float:
+@dataclass(frozen=True)
+class ReadRate:
+    """Keyframes/s of one reader: per second of wall time and per second of this process's CPU
+    time (what one loader worker does on a core of its own; the machine may be shared)."""
+
+    wall: float
+    cpu: float
+
+
+def time_reader(read: Callable[[WindowSpec], object], windows: Sequence[WindowSpec]) -> ReadRate:
     """Keyframes/s of reading ``windows`` one by one with ``read``."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for spec in windows:
         read(spec)
-    return sum(w.length for w in windows) / (time.perf_counter() - started)
+    keyframes = sum(w.length for w in windows)
+    return ReadRate(keyframes / (time.perf_counter() - started),
+                    keyframes / max(time.process_time() - cpu_started, 1e-9))
 
 
 def measure_data(store_path: Path, store: FeatureStore, layout: PublishedLayout,
-                 windows: Sequence[WindowSpec]) -> dict[str, float]:
-    """Keyframes/s of each reader, warm and cold page cache."""
+                 windows: Sequence[WindowSpec]) -> dict[str, ReadRate]:
+    """Keyframes/s of each reader (one process: one loader worker), warm and cold page cache."""
     store_files = [p for p in store_path.rglob("*") if p.is_file()]
 
     def published(spec: WindowSpec) -> object:
@@ -242,7 +265,7 @@ def measure_data(store_path: Path, store: FeatureStore, layout: PublishedLayout,
                                   memmap_dir=memmap_dir)
         return lambda spec: collate([fresh.read_window(spec)])
 
-    results: dict[str, float] = {}
+    results: dict[str, ReadRate] = {}
     time_reader(published, windows[: max(1, len(windows) // 4)])  # warm the page cache
     results["published, warm"] = time_reader(published, windows)
     evict(layout.files())
@@ -258,6 +281,80 @@ def measure_data(store_path: Path, store: FeatureStore, layout: PublishedLayout,
     evict(list((store_path.parent / "memmap").rglob("*.npy")))
     results["store memmap (--memmap-dir), cold"] = time_reader(memmap_reader, windows)
     return results
+
+
+# --------------------------------------------------------------------------- start-up at full scale
+
+
+AVA_TRAIN_COUNTS = {"clips": 235, "keyframes_per_clip": 897, "actors": 476_000, "objects": 2_100_000}
+
+
+def write_count_store(path: Path, clips: int, keyframes_per_clip: int, actors: int, objects: int,
+                      dim: int = 4, chunk_rows: int = 16, seed: int = 0) -> None:
+    """A store with these row counts and ``dim``-wide float16 features, actors and objects spread
+    at random over the keyframes, written with the store's writer API. Feature chunks hold
+    ``chunk_rows`` rows, as the default 64 KB chunks hold 16 object rows at real dims. Objects have
+    a ``cls_prob`` array (which training never reads), left unwritten: it reads as zeros."""
+    rng = np.random.default_rng(seed)
+    k = clips * keyframes_per_clip
+
+    def ptr(rows: int) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(np.bincount(rng.integers(0, k, rows), minlength=k))]).astype(np.int64)
+
+    tables = Tables(
+        video_ids=[f"-scale{c:05d}_" for c in range(clips)],
+        clip_ptr=np.arange(clips + 1, dtype=np.int64) * keyframes_per_clip,
+        keyframe_clip=np.repeat(np.arange(clips, dtype=np.int32), keyframes_per_clip),
+        timestamps=np.tile(np.arange(FIRST_TIMESTAMP, FIRST_TIMESTAMP + keyframes_per_clip, dtype=np.int32), clips),
+        actor_ptr=ptr(actors), object_ptr=ptr(objects),
+    )
+    shape = StoreShape(clips, k, actors, objects, dim, dim, cls_prob_dim=dim)
+    layout = StoreLayout.build(shape, StorageConfig(chunk_kb=chunk_rows * dim * 2 / 1024))
+    create_store(path, layout, tables, {**storage_attrs(layout), "split": "train",
+                                        "video_ids": tables.video_ids, "source": {"kind": "bench"}})
+    rows = {
+        "actors/features": _features(rng, actors, dim, "float16"),
+        "actors/boxes": _random_boxes(rng, actors),
+        "actors/labels": (rng.random((actors, NUM_ACTIONS)) < 0.03).astype(np.uint8),
+        "objects/features": _features(rng, objects, dim, "float16"),
+        "objects/boxes": _random_boxes(rng, objects),
+    }
+    for name, array in open_arrays(path, list(rows)).items():
+        array[:] = rows[name]
+    finish_store(path)
+
+
+def time_startup(store_path: Path, mode: str, memmap_dir: Path, pickled: bytes | None = None) -> dict[str, float]:
+    """Seconds this (fresh) process takes to open the store (``mode``: plain, in_memory, memmap;
+    ``pickled``: unpickle it, as a spawned DataLoader worker does) and read its first window."""
+    started = time.perf_counter()
+    if pickled is not None:
+        store = pickle.loads(pickled)
+    else:
+        store = FeatureStore.open(store_path, in_memory=mode == "in_memory",
+                                  memmap_dir=memmap_dir if mode == "memmap" else None)
+    opened = time.perf_counter()
+    collate([store.read_window(WindowSpec(store.num_clips // 2, 400, 6))])
+    done = time.perf_counter()
+    return {"open": opened - started, "first window": done - opened}
+
+
+def measure_startup(root: Path, counts: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Start-up of each kind of process, each in a fresh interpreter (imports not counted)."""
+    store_path = root / "scale.zarr"
+    started = time.perf_counter()
+    write_count_store(store_path, **counts)
+    print(f"wrote a store of {counts} (4-dim features) in {time.perf_counter() - started:.1f} s")
+    memmap_dir = root / "scale-memmap"
+    pickled = pickle.dumps(FeatureStore.open(store_path))
+    cases = {
+        "rank (plain reads)": (store_path, "plain", memmap_dir),
+        "loader worker (store unpickled)": (store_path, "plain", memmap_dir, pickled),
+        "rank, --in-memory": (store_path, "in_memory", memmap_dir),
+        "first process of a node, --memmap-dir": (store_path, "memmap", memmap_dir),
+        "other processes of the node, --memmap-dir": (store_path, "memmap", memmap_dir),
+    }
+    return {name: in_fresh_process(time_startup, *case) for name, case in cases.items()}  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- training
@@ -466,6 +563,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-cpu", action="store_true",
                         help="skip the CPU training cases (e.g. on a GPU machine)")
     parser.add_argument("--skip-data", action="store_true", help="skip the data-only comparison")
+    parser.add_argument("--skip-startup", action="store_true",
+                        help="skip the start-up measurement on a store with full AVA train counts")
+    parser.add_argument("--startup-scale", type=float, default=1.0,
+                        help="clips, actors and objects of the start-up store as a fraction of AVA train's")
     parser.add_argument("--memmap", action="store_true",
                         help="train with --memmap-dir (node-shared decompressed copy) instead of zarr reads")
     parser.add_argument("--profile", action="store_true",
@@ -502,24 +603,37 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - started:.1f} s")
             windows = data_windows(store, clips, args.window, args.seed)
             data = measure_data(store_path, store, layout, windows)
-            print(f"\ndata only, single process: {len(windows)} windows of {args.window} keyframes "
-                  f"(shuffled), read + concatenate/collate")
-            print(f"{'reader':<28} {'keyframes/s':>12} {'vs published (same cache state)':>32}")
+            print(f"\ndata only, one process (= one loader worker): {len(windows)} windows of "
+                  f"{args.window} keyframes (shuffled), read + concatenate/collate")
+            print(f"{'reader':<36} {'keyframes/s':>12} {'per CPU s':>10}   vs published (same cache state): "
+                  "wall, CPU")
             for name, rate in data.items():
                 base = data["published, cold" if "cold" in name else "published, warm"]
-                print(f"{name:<28} {rate:>12.1f} {rate / base:>31.1f}x")
-            targets.append(("store reads vs published, warm page cache (x)",
-                            data["store no cache, warm"] / data["published, warm"],
-                            TARGETS["store_vs_published"], True, "x"))
-            targets.append(("store reads vs published, cold page cache (x)",
-                            data["store no cache, cold"] / data["published, cold"],
-                            TARGETS["store_vs_published"], True, "x"))
-            targets.append(("store --memmap-dir reads vs published, warm (x)",
-                            data["store memmap (--memmap-dir), warm"] / data["published, warm"],
-                            TARGETS["store_vs_published"], True, "x"))
-            targets.append(("store --memmap-dir reads vs published, cold (x)",
-                            data["store memmap (--memmap-dir), cold"] / data["published, cold"],
-                            TARGETS["store_vs_published"], True, "x"))
+                print(f"{name:<36} {rate.wall:>12.1f} {rate.cpu:>10.1f} {rate.wall / base.wall:>9.1f}x "
+                      f"{rate.cpu / base.cpu:>9.1f}x")
+            for reader in ("store no cache", "store memmap (--memmap-dir)"):
+                for cache_state in ("warm", "cold"):
+                    targets.append((f"{reader} vs published, {cache_state} (x)",
+                                    data[f"{reader}, {cache_state}"].wall / data[f"published, {cache_state}"].wall,
+                                    TARGETS["store_vs_published"], True, "x"))
+            targets.append(("store plain reads per loader worker (kf/CPU s)", data["store no cache, warm"].cpu,
+                            TARGETS["store_kf_s_per_worker"], True, ""))
+
+        if not args.skip_startup:
+            counts = AVA_TRAIN_COUNTS if args.startup_scale == 1 else \
+                {k: max(1, int(v * args.startup_scale)) if k != "keyframes_per_clip" else v
+                 for k, v in AVA_TRAIN_COUNTS.items()}
+            startup = measure_startup(root, counts)
+            print(f"\nstart-up per process at {args.startup_scale:g} x full AVA train counts: open the store, "
+                  "read + collate a window of 6 keyframes (interpreter and imports not counted)")
+            print(f"{'process':<44} {'open s':>8} {'first window s':>15} {'total s':>8}")
+            for name, times in startup.items():
+                total = sum(times.values())
+                print(f"{name:<44} {times['open']:>8.3f} {times['first window']:>15.3f} {total:>8.3f}")
+            for name in ("rank (plain reads)", "loader worker (store unpickled)",
+                         "other processes of the node, --memmap-dir"):
+                targets.append((f"start-up, {name} (s)", sum(startup[name].values()), TARGETS["startup_s"],
+                                False, "s"))
 
         if not args.skip_cpu:
             results = []

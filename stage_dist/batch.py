@@ -15,8 +15,6 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-NUM_ACTIONS = 80  # AVA action ids 1..80; store labels column j is action id j + 1
-
 
 class WindowSpec(NamedTuple):
     """Keyframes ``start .. start + length - 1`` (indices within the clip) of clip ``clip``."""

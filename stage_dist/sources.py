@@ -38,14 +38,12 @@ from typing import Literal, Protocol
 import h5py
 import numpy as np
 
+from stage_dist.schema import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
 
 OBJECT_SUFFIXES = ("_features", "_boxes", "_cls_prob")
 DEFAULT_OBJECT_DIM = 2048  # object feature size of the published detector, used when no objects exist
-# == stage_dist.batch.NUM_ACTIONS; not imported from there because batch imports torch, which the
-# converter and its worker processes do not need (it costs seconds per start)
-NUM_ACTIONS = 80
 DEFAULT_BOX_TOLERANCE = 0.01  # coordinates this far outside [0, 1] are clipped (detectors that do not clip)
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 _I3D_FILE = re.compile(r"(\d+)\.h5")

@@ -1,20 +1,4 @@
-"""The zarr v3 feature store: schema, writer primitives and the reader API.
-
-One zarr group per split. Every array's rows are ordered by (clip, timestamp), so a window of
-consecutive keyframes of one clip is one contiguous row range in every array::
-
-    clips/ptr              (N + 1,) int64   first keyframe row of each clip
-    keyframes/clip         (K,) int32       clip index of each keyframe
-    keyframes/timestamp    (K,) int32
-    keyframes/actor_ptr    (K + 1,) int64   CSR pointers into actors/*
-    keyframes/object_ptr   (K + 1,) int64   CSR pointers into objects/*
-    actors/features        (A, C)  float16|float32, mean over t, h, w
-    actors/boxes           (A, 4)  float32, normalised x1, y1, x2, y2
-    actors/labels          (A, 80) uint8, column j is AVA action id j + 1
-    actors/spatial         (A, C, t, h, w) optional (--keep-spatial)
-    objects/features       (O, D)
-    objects/boxes          (O, 4)  float32
-    objects/cls_prob       (O, P)  optional, feature dtype
+"""The zarr v3 feature store: writer primitives and the reader API (the schema: ``stage_dist.schema``).
 
 Attributes live under the ``stage_dist`` key of the root group (schema version, split, counts,
 dims, dtypes, label layout, video ids, sources, converter version and arguments, and
@@ -24,10 +8,15 @@ writer per shard (zarr rewrites a whole shard on any partial write); finished sh
 recorded in ``_progress/`` so an interrupted conversion resumes, and ``complete`` is set last.
 
 Reading: :meth:`FeatureStore.open` refuses an incomplete store, another schema version or
-unexpected dims. Small tables are loaded into numpy at open; feature arrays are read with one
-contiguous slice per array per window, through a small per-process LRU cache of decoded chunks
-(windows of a clip share chunks), from RAM with ``in_memory=True``, or from node-shared
-memory maps with ``memmap_dir``.
+unexpected dims, and reads the clip and keyframe tables (one chunk each) and nothing else.
+Rows are read by :class:`ArrayReader` straight from the shard files (the shard index of the
+zarr v3 ``sharding_indexed`` codec, then the chunk's bytes decoded with numcodecs): a window costs
+the decoding of the chunks it touches, not a zarr-python call (~1.5 ms) per array, and returns
+what zarr returns (arrays whose layout it does not know are read through zarr). The per-row tables
+(boxes, labels) are kept decoded once touched (one chunk per shard, see the schema), feature
+chunks go through a small per-process LRU (windows of a clip share chunks); ``in_memory=True``
+holds the arrays a window reads in RAM and ``memmap_dir`` decompresses them once per node into
+memory-mapped ``.npy`` files.
 """
 
 from __future__ import annotations
@@ -35,148 +24,62 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable
 
+import google_crc32c  # zarr's own dependency (its crc32c codec) since zarr 3.1
 import numpy as np
 import zarr
+from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
 
 from stage_dist.outputs import empty_directory
-from stage_dist.sources import NUM_ACTIONS
+from stage_dist.schema import (  # the layout names are re-exported for the converter and the benches
+    ACTOR_BOXES,
+    ACTOR_FEATURES,
+    ACTOR_LABELS,
+    ATTRS_KEY,
+    CLIP_PTR,
+    KEYFRAME_ACTOR_PTR,
+    KEYFRAME_CLIP,
+    KEYFRAME_OBJECT_PTR,
+    KEYFRAME_TIMESTAMP,
+    OBJECT_BOXES,
+    OBJECT_FEATURES,
+    PROGRESS_DIR,
+    ROW_TABLES,
+    SCHEMA_VERSION,
+    WINDOW_ARRAYS,
+    Compression,
+    StorageConfig,
+    StoreLayout,
+    StoreShape,
+    row_arrays,
+    storage_attrs,
+)
 
 if TYPE_CHECKING:  # batch imports torch, which the converter does not need
     from stage_dist.batch import Window, WindowSpec
 
-SCHEMA_VERSION = 1
-ATTRS_KEY = "stage_dist"
-PROGRESS_DIR = "_progress"
-LABEL_LAYOUT = "ava80: labels[:, j] is AVA action id j + 1 (no background column)"
-DEFAULT_CACHE_MB = 64
+__all__ = [
+    "SCHEMA_VERSION", "ArrayReader", "FeatureStore", "StorageConfig", "StoreError", "StoreLayout",
+    "StoreShape", "Tables", "create_store", "finish_store", "materialize_npy", "open_arrays",
+    "read_attrs", "record_shard_done", "shard_done", "storage_attrs",
+]
 
-Compression = Literal["zstd", "none"]
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_MB = 64
 
 
 class StoreError(Exception):
     """A store that cannot be used as asked; the message names the path and attribute."""
-
-
-# --------------------------------------------------------------------------- schema
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How rows are laid out on disk (store-affecting converter options)."""
-
-    dtype: Literal["float16", "float32"] = "float16"  # of every feature array
-    chunk_kb: float = 256  # target chunk size of a features array (the unit a read decodes)
-    shard_mb: float = 256  # target shard (file) size
-    min_shards: int = 16  # split smaller groups into at least this many shards (parallelism)
-    compression: Compression = "zstd"
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One row array: its name, shape, dtype, chunk rows and shard rows."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    chunk_rows: int
-    shard_rows: int
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    """Arrays that share a row index (``actors/*`` or ``objects/*``) and a shard grid.
-
-    Every array's shard rows divide ``shard_rows``, so a writer of group rows
-    ``[i * shard_rows, (i + 1) * shard_rows)`` owns whole shards of every array.
-    """
-
-    name: str
-    num_rows: int
-    shard_rows: int
-    arrays: tuple[ArraySpec, ...]
-
-    def shard_ranges(self) -> list[tuple[int, int]]:
-        return [(s, min(s + self.shard_rows, self.num_rows)) for s in range(0, self.num_rows, self.shard_rows)]
-
-
-@dataclass(frozen=True)
-class StoreShape:
-    """Counts and per-row dims of a store."""
-
-    num_clips: int
-    num_keyframes: int
-    num_actors: int
-    num_objects: int
-    actor_dim: int
-    object_dim: int
-    spatial_thw: tuple[int, ...] | None = None  # (t, h, w) when the full actor tensor is kept
-    cls_prob_dim: int | None = None
-
-
-def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
-
-
-def _row_group(name: str, rows: int, columns: dict[str, tuple[tuple[int, ...], str]],
-               cfg: StorageConfig) -> RowGroup:
-    """Chunk and shard rows of a group, sized by its ``features`` array.
-
-    Chunk rows: a power of two near ``chunk_kb`` of features. Shard rows: ``shard_mb`` of
-    features, but small enough for ``min_shards`` shards, a multiple of the chunk rows.
-    Arrays with much wider rows (``spatial``) get smaller power-of-two chunks and shards that
-    still divide the group's shard rows.
-    """
-    row_bytes = {k: math.prod(shape) * np.dtype(dt).itemsize for k, (shape, dt) in columns.items()}
-    chunk = _pow2_floor(cfg.chunk_kb * 1024 / row_bytes["features"])
-    by_size = max(chunk, int(cfg.shard_mb * 2**20 // row_bytes["features"]) // chunk * chunk)
-    by_count = max(chunk, math.ceil(math.ceil(rows / cfg.min_shards) / chunk) * chunk)
-    shard = min(by_size, by_count)
-    arrays = []
-    for key, (shape, dtype) in columns.items():
-        a_chunk, a_shard = chunk, shard
-        if row_bytes[key] > row_bytes["features"]:
-            a_chunk = min(chunk, _pow2_floor(cfg.chunk_kb * 1024 / row_bytes[key]))
-            a_shard = min(chunk, max(a_chunk, _pow2_floor(cfg.shard_mb * 2**20 / row_bytes[key])))
-        arrays.append(ArraySpec(f"{name}/{key}", (rows, *shape), dtype, a_chunk, a_shard))
-    return RowGroup(name, rows, shard, tuple(arrays))
-
-
-@dataclass(frozen=True)
-class StoreLayout:
-    """Every array of a store with its chunking: the plan a converter writes."""
-
-    shape: StoreShape
-    storage: StorageConfig
-    actors: RowGroup
-    objects: RowGroup
-
-    @classmethod
-    def build(cls, shape: StoreShape, storage: StorageConfig) -> "StoreLayout":
-        f = storage.dtype
-        actor_cols: dict[str, tuple[tuple[int, ...], str]] = {
-            "features": ((shape.actor_dim,), f), "boxes": ((4,), "float32"), "labels": ((NUM_ACTIONS,), "uint8"),
-        }
-        if shape.spatial_thw is not None:
-            actor_cols["spatial"] = ((shape.actor_dim, *shape.spatial_thw), f)
-        object_cols: dict[str, tuple[tuple[int, ...], str]] = {
-            "features": ((shape.object_dim,), f), "boxes": ((4,), "float32"),
-        }
-        if shape.cls_prob_dim is not None:
-            object_cols["cls_prob"] = ((shape.cls_prob_dim,), f)
-        return cls(shape, storage, _row_group("actors", shape.num_actors, actor_cols, storage),
-                   _row_group("objects", shape.num_objects, object_cols, storage))
-
-    def group(self, name: str) -> RowGroup:
-        return {"actors": self.actors, "objects": self.objects}[name]
 
 
 @dataclass
@@ -191,9 +94,9 @@ class Tables:
     object_ptr: np.ndarray  # (K + 1,) int64
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"clips/ptr": self.clip_ptr, "keyframes/clip": self.keyframe_clip,
-                "keyframes/timestamp": self.timestamps, "keyframes/actor_ptr": self.actor_ptr,
-                "keyframes/object_ptr": self.object_ptr}
+        return {CLIP_PTR: self.clip_ptr, KEYFRAME_CLIP: self.keyframe_clip,
+                KEYFRAME_TIMESTAMP: self.timestamps, KEYFRAME_ACTOR_PTR: self.actor_ptr,
+                KEYFRAME_OBJECT_PTR: self.object_ptr}
 
 
 def _compressors(kind: Compression) -> tuple[ZstdCodec, ...] | None:
@@ -271,49 +174,259 @@ def finish_store(path: Path) -> None:
     shutil.rmtree(Path(path) / PROGRESS_DIR, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- direct array reads
+
+
+class UnknownLayout(Exception):
+    """An array whose zarr metadata :class:`ArrayReader` does not read (zarr reads it instead)."""
+
+
+MAX_OPEN_FILES = 64  # per array and process
+_NO_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written (all fill value)
+
+
+def _codec_name(codec: Any) -> str:
+    return codec if isinstance(codec, str) else codec.get("name", "")
+
+
+def _parse_codecs(codecs: list[Any], dtype: np.dtype) -> tuple[np.dtype, bool]:
+    """(dtype with byte order, zstd or not) of a ``bytes`` [+ ``zstd``] codec chain."""
+    if not codecs or _codec_name(codecs[0]) != "bytes":
+        raise UnknownLayout(f"codecs {codecs}")
+    config = codecs[0].get("configuration", {}) if isinstance(codecs[0], dict) else {}
+    endian = config.get("endian", "little")
+    if endian not in ("little", "big"):
+        raise UnknownLayout(f"endian {endian}")
+    dtype = dtype.newbyteorder("<" if endian == "little" else ">")
+    rest = [_codec_name(c) for c in codecs[1:]]
+    if rest not in ([], ["zstd"]):
+        raise UnknownLayout(f"codecs {codecs}")
+    return dtype, rest == ["zstd"]
+
+
+class ArrayReader:
+    """Rows of one zarr v3 array of a local store, read from its files without zarr-python.
+
+    Reads regular-grid arrays whose chunks span whole rows, with the ``bytes`` codec and
+    optionally ``zstd``, plain or inside ``sharding_indexed`` shards (index at the end or the
+    start, ``bytes`` + ``crc32c``, checked), with the default chunk key encoding; chunks never
+    written read as the fill value, as in zarr. Anything else raises :class:`UnknownLayout`.
+    A reader holds open file descriptors: one per process (see :class:`FeatureStore`).
+    """
+
+    def __init__(self, root: Path, name: str, meta: dict[str, Any]) -> None:
+        self.name = name
+        self.dir = Path(root) / name
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
+            raise UnknownLayout("not a plain zarr v3 array")
+        self.shape: tuple[int, ...] = tuple(int(n) for n in meta["shape"])
+        data_type = meta["data_type"]
+        if isinstance(data_type, dict) and not data_type.get("configuration"):
+            data_type = data_type.get("name")
+        if not isinstance(data_type, str):
+            raise UnknownLayout(f"data type {data_type}")
+        grid = meta["chunk_grid"]
+        keys = meta.get("chunk_key_encoding", {"name": "default"})
+        self.separator = keys.get("configuration", {}).get("separator", "/")
+        if grid.get("name") != "regular" or keys.get("name") != "default" or not self.shape:
+            raise UnknownLayout(f"chunk grid {grid}, key encoding {keys}")
+        outer = tuple(int(n) for n in grid["configuration"]["chunk_shape"])
+        codecs = meta["codecs"]
+        self.sharded = len(codecs) == 1 and _codec_name(codecs[0]) == "sharding_indexed"
+        if self.sharded:
+            sharding = codecs[0]["configuration"]
+            inner = tuple(int(n) for n in sharding["chunk_shape"])
+            self.index_at_end = sharding.get("index_location", "end") == "end"
+            index_codecs = [_codec_name(c) for c in sharding["index_codecs"]]
+            if index_codecs not in (["bytes"], ["bytes", "crc32c"]) or \
+                    _parse_codecs(sharding["index_codecs"][:1], np.dtype("<u8"))[0] != np.dtype("<u8"):
+                raise UnknownLayout(f"index codecs {sharding['index_codecs']}")
+            self.index_crc = index_codecs[-1] == "crc32c"
+            self.dtype, self.zstd = _parse_codecs(sharding["codecs"], np.dtype(data_type))
+            if outer[0] % inner[0]:
+                raise UnknownLayout(f"shard rows {outer[0]} not a multiple of chunk rows {inner[0]}")
+        else:
+            inner = outer
+            self.dtype, self.zstd = _parse_codecs(codecs, np.dtype(data_type))
+        if outer[1:] != self.shape[1:] or inner[1:] != self.shape[1:]:
+            raise UnknownLayout(f"chunks {inner} / {outer} do not span whole rows of {self.shape}")
+        fill = meta.get("fill_value", 0)
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+            raise UnknownLayout(f"fill value {fill!r}")
+        self.fill_value = fill
+        self.chunk_rows = inner[0]
+        self.chunks_per_file = outer[0] // self.chunk_rows  # a file is a shard, or one chunk
+        self.row_shape = self.shape[1:]
+        self._chunk_items = self.chunk_rows * math.prod(self.row_shape)
+        self._codec = Zstd() if self.zstd else None
+        self._fds: OrderedDict[int, int | None] = OrderedDict()  # file index -> descriptor (None: no file)
+        self._indexes: dict[int, np.ndarray | None] = {}  # shard index -> (chunks, 2) offsets, sizes
+
+    @classmethod
+    def open(cls, root: Path, name: str) -> "ArrayReader":
+        """The reader of array ``name``; KeyError if the store has no such array."""
+        meta_path = Path(root) / name / "zarr.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise KeyError(name) from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{meta_path}: unreadable array metadata: {e}") from None
+        try:
+            return cls(root, name, meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UnknownLayout(f"metadata {e!r}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, file_index: int) -> int | None:
+        """The open file of shard (or chunk) ``file_index``, None if there is none; at most
+        :data:`MAX_OPEN_FILES` stay open (``actors/spatial`` has thousands of small shards)."""
+        if file_index in self._fds:
+            self._fds.move_to_end(file_index)
+            return self._fds[file_index]
+        key = self.separator.join(["c", str(file_index), *["0"] * len(self.row_shape)])
+        try:
+            fd: int | None = os.open(self.dir / key, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        self._fds[file_index] = fd
+        if len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            if old is not None:
+                os.close(old)
+        return fd
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """(chunks per shard, 2) uint64 offsets and sizes of shard ``shard``; None: no shard file."""
+        if shard not in self._indexes:
+            fd = self._fd(shard)
+            index = None
+            if fd is not None:
+                size = 16 * self.chunks_per_file + 4 * self.index_crc
+                file_size = os.fstat(fd).st_size
+                if file_size < size:
+                    raise StoreError(f"{self.dir}: shard {shard} is truncated; reconvert the store")
+                raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
+                if self.index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                    raise StoreError(f"{self.dir}: shard {shard} index fails its checksum; reconvert the store")
+                index = np.frombuffer(raw[: 16 * self.chunks_per_file], dtype="<u8").reshape(-1, 2)
+            self._indexes[shard] = index
+        return self._indexes[shard]
+
+    def _encoded(self, chunk: int) -> bytes | None:
+        """The stored bytes of chunk ``chunk``; None if it was never written."""
+        file_index = chunk // self.chunks_per_file
+        if not self.sharded:
+            fd = self._fd(file_index)
+            return None if fd is None else os.pread(fd, os.fstat(fd).st_size, 0)
+        index = self._index(file_index)
+        if index is None:
+            return None
+        offset, nbytes = (int(v) for v in index[chunk % self.chunks_per_file])
+        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
+            return None
+        data = os.pread(self._fd(file_index), nbytes, offset)  # type: ignore[arg-type]
+        if len(data) != nbytes:
+            raise StoreError(f"{self.dir}: shard {file_index} is truncated; reconvert the store")
+        return data
+
+    def read(self, start: int, stop: int, cache: _ChunkCache | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (a new array), decoding each chunk they touch once (or taking it
+        from ``cache``)."""
+        out = np.empty((max(0, stop - start), *self.row_shape), dtype=self.dtype.newbyteorder("="))
+        rows = self.chunk_rows
+        for c in range(start // rows, (stop - 1) // rows + 1 if stop > start else 0):
+            chunk = cache.get((self.name, c)) if cache is not None else None
+            if chunk is None:
+                chunk = self.chunk(c)
+                if cache is not None:
+                    cache.put((self.name, c), chunk)
+            lo, hi = max(start, c * rows), min(stop, c * rows + len(chunk))
+            out[lo - start: hi - start] = chunk[lo - c * rows: hi - c * rows]
+        return out
+
+    def chunk(self, chunk: int) -> np.ndarray:
+        """Chunk ``chunk`` decoded: rows ``chunk * chunk_rows`` up to the next chunk or the end."""
+        rows = min(self.chunk_rows, self.shape[0] - chunk * self.chunk_rows)
+        return self._decode(chunk, self._encoded(chunk))[:rows]
+
+    def _decode(self, chunk: int, encoded: bytes | None) -> np.ndarray:
+        """Every decoded chunk passes here (``tests/counting.py`` counts the calls)."""
+        if encoded is None:
+            return np.full((self.chunk_rows, *self.row_shape), self.fill_value, dtype=self.dtype)
+        raw = encoded
+        if self._codec is not None:
+            try:
+                raw = self._codec.decode(encoded)
+            except RuntimeError as e:  # numcodecs' error for bytes that are not a zstd frame
+                raise StoreError(f"{self.dir}: chunk {chunk} does not decode ({e}); reconvert the store") from None
+        values = np.frombuffer(raw, dtype=self.dtype)
+        if values.size != self._chunk_items:
+            raise StoreError(f"{self.dir}: chunk {chunk} holds {values.size} values, expected "
+                             f"{self._chunk_items}; reconvert the store")
+        return values.reshape(self.chunk_rows, *self.row_shape)
+
+
+class _ZarrRows:
+    """Rows of an array :class:`ArrayReader` does not read, through zarr (one call per read)."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.shape: tuple[int, ...] = array.shape
+        self.dtype = array.dtype
+        self.row_shape = self.shape[1:]
+        self.chunk_rows: int = array.chunks[0]
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+
+    def read(self, start: int, stop: int, cache: _ChunkCache | None = None) -> np.ndarray:
+        return self.array[start:stop]
+
+    def close(self) -> None:
+        pass
 
 
 class _ChunkCache:
-    """LRU of decoded chunks, keyed by (array, chunk index), bounded in bytes."""
+    """Decoded chunks keyed by (array, chunk index): an LRU bounded in bytes, or unbounded
+    (``max_bytes=None``, for the per-row tables, which stay decoded once touched)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int | None) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
 
-    def read(self, name: str, array: zarr.Array, start: int, stop: int) -> np.ndarray:
-        rows = array.chunks[0]
-        first, last = start // rows, (stop - 1) // rows
-        keys = [(name, c) for c in range(first, last + 1)]
-        if all(k in self._chunks for k in keys):
-            for k in keys:
-                self._chunks.move_to_end(k)
-            parts = [self._chunks[k] for k in keys]
-        else:  # one slice read of the whole chunk range; the decode cost is the same
-            block = array[first * rows: min((last + 1) * rows, array.shape[0])]
-            parts = [block[i * rows: (i + 1) * rows] for i in range(last - first + 1)]
-            for k, part in zip(keys, parts):
-                self._put(k, part)
-        offset = first * rows
-        return np.concatenate(parts)[start - offset: stop - offset]
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        chunk = self._chunks.get(key)
+        if chunk is not None and self.max_bytes is not None:
+            self._chunks.move_to_end(key)
+        return chunk
 
-    def _put(self, key: tuple[str, int], chunk: np.ndarray) -> None:
-        if key in self._chunks:
+    def put(self, key: tuple[str, int], chunk: np.ndarray) -> None:
+        if self.max_bytes == 0 or key in self._chunks:
             return
         self._chunks[key] = chunk
         self.bytes += chunk.nbytes
-        while self.bytes > self.max_bytes and self._chunks:
+        while self.max_bytes is not None and self.bytes > self.max_bytes and self._chunks:
             _, old = self._chunks.popitem(last=False)
             self.bytes -= old.nbytes
 
 
-def materialize_npy(array: zarr.Array, target: Path, rows_per_block: int = 1 << 16) -> np.ndarray:
-    """The zarr array decompressed once into ``target`` (.npy), opened as a read-only memory map.
+def materialize_npy(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], dtype: np.dtype, target: Path,
+                    rows_per_block: int = 1 << 16) -> np.ndarray:
+    """An array decompressed once into ``target`` (.npy), opened as a read-only memory map.
 
-    The first process on a node writes it (block by block, under an exclusive file lock, to a
-    temporary name renamed when complete); the others wait for the lock and map the same file,
-    so every rank and DataLoader worker of the node shares one copy through the page cache.
+    ``read(start, stop)`` returns its rows. The first process on a node writes the file (block
+    by block, under an exclusive file lock, to a temporary name renamed when complete); the
+    others wait for the lock and map the same file, so every rank and DataLoader worker of the
+    node shares one copy through the page cache.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".lock"), "w") as lock:
@@ -321,37 +434,48 @@ def materialize_npy(array: zarr.Array, target: Path, rows_per_block: int = 1 << 
         if not target.exists():
             for stale in target.parent.glob(f"{target.stem}.tmp*"):  # left by a killed writer
                 stale.unlink()
-            needed = array.nbytes + (1 << 20)
+            needed = math.prod(shape) * dtype.itemsize + (1 << 20)
             free = shutil.disk_usage(target.parent).free
             if free < needed:  # writing through a memory map past the end of space is a SIGBUS
                 raise StoreError(f"{target.parent}: {needed / 1e9:.1f} GB needed for {target.name}, "
                                  f"{free / 1e9:.1f} GB free")
             temporary = target.with_suffix(f".tmp{os.getpid()}")
-            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
-            for start in range(0, array.shape[0], rows_per_block):
-                out[start : start + rows_per_block] = array[start : start + rows_per_block]
+            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
+            for start in range(0, shape[0], rows_per_block):
+                stop = min(start + rows_per_block, shape[0])
+                out[start:stop] = read(start, stop)
             out.flush()
             del out
             os.replace(temporary, target)
     return np.load(target, mmap_mode="r")
 
 
-RESIDENT_ARRAYS = frozenset({"actors/boxes", "actors/labels", "objects/boxes"})
+# --------------------------------------------------------------------------- reading
 
 
 class FeatureStore:
-    """Read-only access to a complete store. Picklable: zarr is reopened lazily per process.
+    """Read-only access to a complete store. Picklable: files are reopened lazily per process.
 
-    Small tables are numpy arrays loaded at open; boxes and labels (about 100 bytes an actor)
-    are loaded into RAM on first use, since a zarr call costs ~1.5 ms however few rows it
-    reads, so a window read is two zarr calls (actor and object features). Feature rows come
-    from zarr through a
-    per-process cache of ``cache_mb`` decoded chunks (0 disables it), or, with
-    ``in_memory=True``, from RAM: that costs the store's uncompressed row arrays
-    (:attr:`nbytes`) in EVERY process that reads (each DataLoader worker, each rank). With
-    ``memmap_dir`` the row arrays are decompressed once per node into ``.npy`` files there
-    (a local disk or ``/dev/shm``) and memory-mapped: one copy, shared by all the node's
-    processes through the page cache (:func:`materialize_npy`).
+    Opening reads the clip and keyframe tables only. Rows are read straight from the shard
+    files by :class:`ArrayReader` (a window is its chunks' decoding plus a few microseconds):
+
+    - the per-row tables (boxes, labels: ~100 bytes an actor, 16 an object) are stored one chunk
+      per shard and kept decoded in the process once a read touches them (at most the whole
+      tables, ~80 MB at full AVA scale, per process that reads; a DataLoader worker forked
+      after its parent touched them shares the parent's pages);
+    - feature rows go through a per-process LRU of ``cache_mb`` decoded chunks (0 disables it);
+    - ``in_memory=True`` loads the arrays a window reads (:data:`~stage_dist.schema.WINDOW_ARRAYS`;
+      not ``cls_prob`` or ``spatial``) into RAM when the store is opened: that costs their
+      uncompressed bytes in every process that opens or unpickles the store (forked DataLoader
+      workers share the opener's pages; spawned processes load their own copy on first read);
+    - with ``memmap_dir`` each array a process reads is decompressed once per node into a
+      ``.npy`` file there (a local disk or ``/dev/shm``) and memory-mapped: one copy, shared by
+      all the node's processes through the page cache (:func:`materialize_npy`).
+
+    Stores converted before the per-row tables got one chunk per shard (they share the features'
+    chunks) read the same and start as fast: their tables are decoded chunk by chunk as windows
+    touch them. Stores converted before 64 KB feature chunks read 1.3-1.6x slower per window;
+    reconverting them is optional.
     """
 
     def __init__(self, path: Path, attrs: dict[str, Any], tables: Tables, *,
@@ -377,13 +501,14 @@ class FeatureStore:
         self.in_memory = in_memory
         self.cache_mb = cache_mb
         self.memmap_dir = None if memmap_dir is None else Path(memmap_dir)
-        self._memmaps: dict[str, np.ndarray] = {}
         self._pid: int | None = None
-        self._arrays: dict[str, zarr.Array] = {}
+        self._readers: dict[str, ArrayReader | _ZarrRows] = {}
+        self._memmaps: dict[str, np.ndarray] = {}
         self._memory: dict[str, np.ndarray] = {}
+        self._row_tables = _ChunkCache(None)
         self._cache = _ChunkCache(cache_mb * 2**20)
         if in_memory:
-            self._load("actors/features")
+            self._load_window_arrays()
 
     # -- opening
 
@@ -408,91 +533,86 @@ class FeatureStore:
         for name, expected in (("actor_dim", expect_actor_dim), ("object_dim", expect_object_dim)):
             if expected is not None and attrs["dims"][name] != expected:
                 raise StoreError(f"{path}: attribute dims.{name} is {attrs['dims'][name]}, expected {expected}")
+        readers: dict[str, ArrayReader | _ZarrRows] = {}
+
+        def table(name: str) -> np.ndarray:
+            readers[name] = reader = _open_reader(path, name)
+            return reader.read(0, reader.shape[0]).astype(np.int64)
+
         try:
-            root = zarr.open_group(path, mode="r")
-            tables = Tables(
-                video_ids=list(attrs["video_ids"]),
-                clip_ptr=root["clips/ptr"][:].astype(np.int64),
-                keyframe_clip=root["keyframes/clip"][:].astype(np.int64),
-                timestamps=root["keyframes/timestamp"][:].astype(np.int64),
-                actor_ptr=root["keyframes/actor_ptr"][:].astype(np.int64),
-                object_ptr=root["keyframes/object_ptr"][:].astype(np.int64),
-            )
-            return cls(path, attrs, tables, in_memory=in_memory, cache_mb=cache_mb, memmap_dir=memmap_dir)
+            tables = Tables(video_ids=list(attrs["video_ids"]), clip_ptr=table(CLIP_PTR),
+                            keyframe_clip=table(KEYFRAME_CLIP), timestamps=table(KEYFRAME_TIMESTAMP),
+                            actor_ptr=table(KEYFRAME_ACTOR_PTR), object_ptr=table(KEYFRAME_OBJECT_PTR))
         except KeyError as missing:
             raise StoreError(f"{path}: damaged store, {missing} is missing; reconvert it") from None
+        finally:
+            for reader in readers.values():
+                reader.close()
+        return cls(path, attrs, tables, in_memory=in_memory, cache_mb=cache_mb, memmap_dir=memmap_dir)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _arrays={}, _memory={}, _memmaps={}, _cache=_ChunkCache(self.cache_mb * 2**20))
+        state.update(_pid=None, _readers={}, _memory={}, _memmaps={}, _row_tables=_ChunkCache(None),
+                     _cache=_ChunkCache(self.cache_mb * 2**20))
         return state  # in_memory stores reload their rows in the receiving process, on first read
 
-    def _array(self, name: str) -> zarr.Array:
-        if self._pid != os.getpid():
-            self._arrays, self._pid = {}, os.getpid()
-            self._cache = _ChunkCache(self.cache_mb * 2**20)
-        if name not in self._arrays:
+    def _reader(self, name: str) -> ArrayReader | _ZarrRows:
+        if self._pid != os.getpid():  # a forked process opens its own files (decoded chunks stay valid)
+            for reader in self._readers.values():
+                reader.close()
+            self._readers, self._pid = {}, os.getpid()
+        if name not in self._readers:
             try:
-                self._arrays[name] = zarr.open_group(self.path, mode="r")[name]
+                self._readers[name] = _open_reader(self.path, name)
             except KeyError:
                 raise StoreError(f"{self.path}: store has no array {name!r}") from None
-        return self._arrays[name]
+        return self._readers[name]
 
     def _memmap(self, name: str) -> np.ndarray:
         if name not in self._memmaps:
-            self._memmaps[name] = materialize_npy(self._array(name), self._memmap_file(name))
+            reader = self._reader(name)
+            block = reader.chunk_rows * max(1, (1 << 16) // reader.chunk_rows)  # whole chunks, decoded once
+            self._memmaps[name] = materialize_npy(reader.read, reader.shape, reader.dtype.newbyteorder("="),
+                                                  self._memmap_file(name), rows_per_block=block)
         return self._memmaps[name]
 
     def _memmap_file(self, name: str) -> Path:
         """``MEMMAP_DIR/<store fingerprint>/<array>.npy``: a store converted again gets new files."""
+        assert self.memmap_dir is not None
         fingerprint = hashlib.sha1(json.dumps(self.attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self.memmap_dir / f"{self.path.name}-{fingerprint}" / (name.replace("/", "__") + ".npy")
 
-    def _load(self, name: str) -> None:
-        if self.in_memory:
-            for row_array in self.row_arrays():
-                self._memory[row_array] = self._array(row_array)[:]
-        else:
-            self._memory[name] = self._array(name)[:]
+    def _load_window_arrays(self) -> None:
+        for name in WINDOW_ARRAYS:
+            if name not in self._memory:
+                reader = self._reader(name)
+                self._memory[name] = reader.read(0, reader.shape[0])
 
     # -- description
 
     def row_arrays(self) -> list[str]:
         """Names of the row arrays present (``actors/*``, ``objects/*``)."""
-        names = ["actors/features", "actors/boxes", "actors/labels", "objects/features", "objects/boxes"]
-        if self.attrs["dims"].get("spatial_thw"):
-            names.append("actors/spatial")
-        if self.attrs["dims"].get("cls_prob_dim"):
-            names.append("objects/cls_prob")
-        return names
+        return row_arrays(self.attrs)
 
     @property
     def nbytes(self) -> int:
-        """Uncompressed bytes of the row arrays (the RAM ``in_memory=True`` takes per process)."""
-        total = 0
-        for name in self.row_arrays():
-            arr = self._array(name)
-            total += math.prod(arr.shape) * arr.dtype.itemsize
-        return total
+        """Uncompressed bytes of the row arrays."""
+        return sum(self._reader(name).nbytes for name in self.row_arrays())
 
     # -- reading
 
     def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of one row array (one contiguous read, or a cache hit)."""
+        """Rows ``start:stop`` of one row array (a new array, the same as zarr reads)."""
         if stop <= start:
-            arr = self._memory.get(name)
-            arr = arr if arr is not None else self._array(name)
-            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+            reader = self._reader(name)
+            return np.zeros((0, *reader.row_shape), dtype=reader.dtype.newbyteorder("="))
         if self.memmap_dir is not None:
             return np.array(self._memmap(name)[start:stop])
-        if self.in_memory or name in RESIDENT_ARRAYS:
-            if name not in self._memory:
-                self._load(name)
+        if self.in_memory and name in WINDOW_ARRAYS:
+            if name not in self._memory:  # unpickled in a spawned process
+                self._load_window_arrays()
             return self._memory[name][start:stop].copy()
-        arr = self._array(name)
-        if self.cache_mb > 0:
-            return self._cache.read(name, arr, start, stop)
-        return arr[start:stop]
+        return self._reader(name).read(start, stop, self._row_tables if name in ROW_TABLES else self._cache)
 
     def read_keyframes(self, first: int, stop: int) -> Window:
         """Keyframe rows ``first:stop`` (global), which must lie in one clip, as a :class:`Window`."""
@@ -518,25 +638,13 @@ class FeatureStore:
 
     def actor_boxes_all(self) -> np.ndarray:
         """All actor boxes (A, 4) float32, for inference bookkeeping."""
-        return self.read_array("actors/boxes", 0, self.num_actors)
-
-    def describe(self) -> str:
-        return (f"{self.path} split={self.split} clips={self.num_clips} keyframes={self.num_keyframes} "
-                f"actors={self.num_actors} objects={self.num_objects} actor_dim={self.actor_dim} "
-                f"object_dim={self.object_dim} dtype={self.attrs['dtypes']['features']}")
+        return self.read_array(ACTOR_BOXES, 0, self.num_actors)
 
 
-def storage_attrs(layout: StoreLayout) -> dict[str, Any]:
-    """The schema part of a store's attributes (counts, dims, dtypes, label layout)."""
-    s = layout.shape
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "counts": {"num_clips": s.num_clips, "num_keyframes": s.num_keyframes,
-                   "num_actors": s.num_actors, "num_objects": s.num_objects},
-        "dims": {"actor_dim": s.actor_dim, "object_dim": s.object_dim,
-                 "spatial_thw": list(s.spatial_thw) if s.spatial_thw else None,
-                 "cls_prob_dim": s.cls_prob_dim},
-        "dtypes": {"features": layout.storage.dtype, "boxes": "float32", "labels": "uint8"},
-        "label_layout": LABEL_LAYOUT,
-        "storage": asdict(layout.storage),
-    }
+def _open_reader(path: Path, name: str) -> ArrayReader | _ZarrRows:
+    """The direct reader of array ``name``, or zarr's when its layout is not one it reads."""
+    try:
+        return ArrayReader.open(path, name)
+    except UnknownLayout as e:
+        log.warning("%s: array %s is read through zarr (slower): %s", path, name, e)
+        return _ZarrRows(zarr.open_array(Path(path) / name, mode="r"))

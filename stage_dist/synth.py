@@ -48,12 +48,12 @@ from tqdm import tqdm
 
 from stage_dist.config import ConfigError, option, parse_config, section
 from stage_dist.config import build_parser as build_parser_for
+from stage_dist.schema import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
 
 FIRST_TIMESTAMP = 902
 LAST_TIMESTAMP = 1798
-NUM_ACTIONS = 80  # AVA action ids 1..80
 NUM_DETECTOR_CLASSES = 81  # columns of an object's cls_prob (detector classes incl. background)
 VIDEO_ID_LENGTH = 11
 VIDEO_ID_ALPHABET = np.array(

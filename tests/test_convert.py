@@ -649,7 +649,7 @@ def test_verify_sample_reads_only_the_sampled_rows(split, tmp_path, monkeypatch)
 
     monkeypatch.setattr(zarr.Array, "__getitem__", getitem)
     monkeypatch.setattr(zarr.Array, "get_orthogonal_selection", selection)
-    monkeypatch.setattr(FeatureStore, "_load", lambda *a: pytest.fail("verify loaded a whole array"))
+    monkeypatch.setattr(FeatureStore, "_load_window_arrays", lambda *a: pytest.fail("verify loaded whole arrays"))
     runner = conv.Runner(1)
     for sample in (1, 4):
         rows_read.clear()

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from counting import count_reads
+from zarr.codecs import ZstdCodec
+
+from stage_dist import store as store_module
 from stage_dist.batch import WindowSpec, collate
 from stage_dist.convert import main
+from stage_dist.schema import ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS
 from stage_dist.store import (
     SCHEMA_VERSION,
+    ArrayReader,
     FeatureStore,
     StorageConfig,
     StoreError,
     StoreLayout,
     StoreShape,
+    Tables,
+    UnknownLayout,
+    _open_reader,
+    create_store,
+    finish_store,
+    open_arrays,
+    storage_attrs,
 )
 from stage_dist.synth import SynthConfig, synthesize
 
@@ -37,8 +54,6 @@ def store_path(tmp_path_factory) -> Path:
 
 
 def copy_store(path: Path, tmp_path: Path) -> Path:
-    import shutil
-
     dst = tmp_path / "copy.zarr"
     shutil.copytree(path, dst)
     return dst
@@ -114,16 +129,185 @@ def test_zero_actor_keyframes_read_as_empty_ranges(store_path):
     assert window.actor_ptr.tolist() == [0, 0]
 
 
-def test_window_reads_one_slice_per_feature_array(store_path, monkeypatch):
+def test_window_decodes_only_its_chunks(store_path):
+    root = zarr.open_group(store_path, mode="r")
     store = FeatureStore.open(store_path, cache_mb=0)
-    calls = []
-    original = zarr.Array.__getitem__
-    monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: calls.append(sel) or original(self, sel))
-    store.read_window(WindowSpec(0, 2, 6))  # first read: boxes and labels are loaded whole, once
-    assert len(calls) == 5 and all(isinstance(s, slice) for s in calls)
-    calls.clear()
-    store.read_window(WindowSpec(0, 0, 6))
-    assert len(calls) == 2 and all(isinstance(s, slice) and s.start is not None for s in calls)
+    first, stop = 2, 8  # clip 0, keyframes 2..7
+    rows = {"actors": (store.actor_ptr[first], store.actor_ptr[stop]),
+            "objects": (store.object_ptr[first], store.object_ptr[stop])}
+
+    def chunks_touched(name: str) -> int:
+        r0, r1 = rows[name.split("/")[0]]
+        size = root[name].chunks[0]  # zarr's own view of the chunking
+        return int((r1 - 1) // size - r0 // size + 1)
+
+    with count_reads() as counts:
+        store.read_window(WindowSpec(0, first, stop - first))
+    assert not counts.zarr_calls
+    for name in ("actors/features", "objects/features", "actors/boxes", "actors/labels", "objects/boxes"):
+        assert counts.chunks[name] == chunks_touched(name), name
+    for name in ROW_TABLES:  # one chunk per shard of the group
+        assert root[name].chunks[0] == root[name].shards[0] == root[name.split("/")[0] + "/features"].shards[0]
+    with count_reads() as counts:  # per-row tables stay decoded; features are decoded again
+        store.read_window(WindowSpec(0, first, stop - first))
+    assert set(counts.chunks) == {"actors/features", "objects/features"}
+
+
+def _zarr_arrays(tmp_path: Path) -> dict[str, tuple[zarr.Array, np.ndarray]]:
+    """Arrays in every layout the direct reader handles, each with its expected content."""
+    rng = np.random.default_rng(3)
+    root = zarr.open_group(tmp_path / "layouts.zarr", mode="w", zarr_format=3)
+    made = {}
+
+    def make(name: str, values: np.ndarray, written: slice, **options) -> None:
+        arr = root.create_array(name, shape=values.shape, dtype=values.dtype, **options)
+        arr[written] = values[written]
+        expected = np.full_like(values, options.get("fill_value") or 0)
+        expected[written] = values[written]
+        made[name] = (arr, expected)
+
+    f16 = rng.standard_normal((1000, 6)).astype(np.float16)
+    make("sharded_zstd", f16, slice(0, 1000), chunks=(16, 6), shards=(64, 6),
+         compressors=(ZstdCodec(level=1),))
+    make("sharded_index_start_raw", f16, slice(0, 1000), chunks=(64, 6), compressors=None,
+         serializer=zarr.codecs.ShardingCodec(chunk_shape=(16, 6), index_location="start"))
+    make("plain_zstd", f16, slice(0, 1000), chunks=(48, 6), compressors=(ZstdCodec(level=3),))
+    make("big_endian", rng.random((300, 3)).astype(np.float32), slice(0, 300), chunks=(32, 3),
+         serializer=zarr.codecs.BytesCodec(endian="big"))
+    # rows never written read as the fill value (whole missing shards and chunks inside a shard)
+    make("partly_written", rng.integers(1, 9, (700, 2, 3)).astype(np.int32), slice(0, 64 * 3 + 10),
+         chunks=(16, 2, 3), shards=(64, 2, 3), fill_value=7)
+    zeros = np.zeros((200, 4), np.uint8)
+    zeros[100:] = 1
+    make("zero_chunks_skipped", zeros, slice(0, 200), chunks=(10, 4), shards=(50, 4))  # zarr skips empty chunks
+    return made
+
+
+def test_direct_reads_equal_zarr_in_every_layout(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_OPEN_FILES", 2)  # reads cross more files than stay open
+    rng = np.random.default_rng(0)
+    for name, (array, expected) in _zarr_arrays(tmp_path).items():
+        reader = ArrayReader.open(tmp_path / "layouts.zarr", name)
+        n = len(expected)
+        ranges = [(0, n), (0, 1), (n - 1, n), *[tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(40)]]
+        for start, stop in ranges:
+            got = reader.read(int(start), int(stop))
+            np.testing.assert_array_equal(got, array[start:stop], err_msg=f"{name} {start}:{stop}")
+            np.testing.assert_array_equal(got, expected[start:stop])
+            assert got.dtype == array.dtype and got.shape == array[start:stop].shape
+            assert len([fd for fd in reader._fds.values() if fd is not None]) <= 2
+        reader.close()
+
+
+def test_layouts_the_direct_reader_does_not_know_are_read_through_zarr(tmp_path, caplog):
+    root = zarr.open_group(tmp_path / "other.zarr", mode="w", zarr_format=3)
+    values = np.random.default_rng(2).standard_normal((300, 5)).astype(np.float32)
+    array = root.create_array("blosc", shape=values.shape, dtype=values.dtype, chunks=(32, 5),
+                              compressors=(zarr.codecs.BloscCodec(),))
+    array[:] = values
+    with pytest.raises(UnknownLayout, match="blosc"):
+        ArrayReader.open(tmp_path / "other.zarr", "blosc")
+    reader = _open_reader(tmp_path / "other.zarr", "blosc")
+    assert "blosc is read through zarr" in caplog.text
+    with count_reads() as counts:
+        np.testing.assert_array_equal(reader.read(10, 250), values[10:250])
+    assert sum(counts.zarr_calls.values()) == 1
+
+
+def test_direct_reads_equal_zarr_on_a_converted_store(store_path):
+    root = zarr.open_group(store_path, mode="r")
+    store = FeatureStore.open(store_path, cache_mb=0)
+    cached = FeatureStore.open(store_path)
+    rng = np.random.default_rng(1)
+    for name in store.row_arrays():
+        n = root[name].shape[0]
+        for start, stop in [(0, n), *[sorted(rng.integers(0, n + 1, 2)) for _ in range(12)]]:
+            if stop > start:
+                np.testing.assert_array_equal(store.read_array(name, start, stop), root[name][start:stop])
+                np.testing.assert_array_equal(cached.read_array(name, start, stop), root[name][start:stop])
+
+
+def test_damaged_shard_is_a_named_error(store_path, tmp_path):
+    path = copy_store(store_path, tmp_path)
+    shard = path / "objects" / "features" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    store = FeatureStore.open(path, cache_mb=0)
+    with pytest.raises(StoreError, match=f"{path}/objects/features: shard 0 .*reconvert the store"):
+        store.read_array("objects/features", 0, 1)
+    shard = path / "actors" / "features" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[:16] = bytes(16)  # the first chunk's zstd frame header, index intact
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{path}/actors/features: chunk 0 does not decode .*reconvert the store"):
+        store.read_array("actors/features", 0, 1)
+    shutil.rmtree(path / "keyframes" / "actor_ptr")
+    with pytest.raises(StoreError, match=f"{path}: damaged store, 'keyframes/actor_ptr' is missing; reconvert it"):
+        FeatureStore.open(path)
+
+
+def test_stores_with_row_tables_in_feature_chunks_read_the_same(tmp_path):
+    """Stores written before the per-row tables got one chunk per shard still read, the same."""
+    path = tmp_path / "old.zarr"
+    build = StoreLayout.build
+
+    def old_layout(shape, storage):
+        layout = build(shape, storage)
+        groups = []
+        for group in (layout.actors, layout.objects):
+            features = group.arrays[0]
+            arrays = tuple(dataclasses.replace(a, chunk_rows=features.chunk_rows) for a in group.arrays)
+            groups.append(dataclasses.replace(group, arrays=arrays))
+        return dataclasses.replace(layout, actors=groups[0], objects=groups[1])
+
+    new = build_small_store(tmp_path / "new.zarr")
+    build_small_store(path, layout_for=old_layout)
+    assert zarr.open_group(path)["objects/boxes"].chunks[0] < zarr.open_group(new.path)["objects/boxes"].chunks[0]
+    with count_reads() as counts:  # start-up: the per-row tables are not decoded whole
+        old = FeatureStore.open(path)
+        old.read_window(WindowSpec(1, 2, 3))
+    for name in ROW_TABLES:  # the chunks the window touches, as for the features, which share their chunking
+        assert counts.chunks[name] == counts.chunks[name.split("/")[0] + "/features"], name
+    assert not counts.zarr_calls
+    for clip in range(old.num_clips):
+        a, b = old.read_window(WindowSpec(clip, 0, 3)), new.read_window(WindowSpec(clip, 0, 3))
+        for name in ("actor_features", "actor_boxes", "actor_labels", "object_features", "object_boxes"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def build_small_store(path: Path, layout_for=StoreLayout.build) -> FeatureStore:
+    """A store with a few hundred rows and small chunks, written with the writer primitives."""
+    rng = np.random.default_rng(5)
+    lengths = [7, 9, 5]
+    k = sum(lengths)
+    actor_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 4, k))]).astype(np.int64)
+    object_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 12, k))]).astype(np.int64)
+    a, o = int(actor_ptr[-1]), int(object_ptr[-1])
+    layout = layout_for(StoreShape(len(lengths), k, a, o, actor_dim=8, object_dim=16),
+                        StorageConfig(chunk_kb=0.25, min_shards=3))
+    tables = Tables(video_ids=[f"clip{c:08d}_" for c in range(len(lengths))],
+                    clip_ptr=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                    keyframe_clip=np.repeat(np.arange(len(lengths)), lengths).astype(np.int32),
+                    timestamps=np.concatenate([902 + np.arange(n) for n in lengths]).astype(np.int32),
+                    actor_ptr=actor_ptr, object_ptr=object_ptr)
+    create_store(path, layout, tables, {**storage_attrs(layout), "split": "train", "video_ids": tables.video_ids})
+    arrays = open_arrays(path, [s.name for g in (layout.actors, layout.objects) for s in g.arrays])
+    arrays["actors/features"][:] = rng.standard_normal((a, 8)).astype(np.float16)
+    arrays["actors/boxes"][:] = rng.random((a, 4), dtype=np.float32)
+    arrays["actors/labels"][:] = (rng.random((a, 80)) < 0.1).astype(np.uint8)
+    arrays["objects/features"][:] = rng.standard_normal((o, 16)).astype(np.float16)
+    arrays["objects/boxes"][:] = rng.random((o, 4), dtype=np.float32)
+    finish_store(path)
+    return FeatureStore.open(path)
+
+
+def test_in_memory_loads_only_what_windows_read(store_path):
+    assert "objects/cls_prob" in FeatureStore.open(store_path).row_arrays()
+    with count_reads() as counts:
+        store = FeatureStore.open(store_path, in_memory=True)
+    assert set(counts.chunks) == set(WINDOW_ARRAYS) | set(TABLE_DTYPES)
+    with count_reads() as counts:
+        store.read_window(WindowSpec(1, 0, 5))
+    assert counts.total_chunks == 0 and not counts.zarr_calls
 
 
 def test_cache_in_memory_and_plain_reads_agree(store_path):
@@ -172,6 +356,32 @@ def test_store_pickles_for_worker_processes(store_path):
     np.testing.assert_array_equal(a.object_features, b.object_features)
 
 
+_FORKED: list[FeatureStore] = []  # a store a forked child inherits (not pickled to it)
+
+
+def _read_in_forked_child(spec: WindowSpec) -> tuple[np.ndarray, np.ndarray, int]:
+    store = _FORKED[0]
+    inherited = len(store._row_tables._chunks)
+    window = store.read_window(spec)
+    return window.object_features, window.actor_labels, inherited
+
+
+def test_forked_loader_workers_open_their_own_files(store_path):
+    import multiprocessing
+
+    store = FeatureStore.open(store_path)
+    parent = store.read_window(WindowSpec(1, 0, 4))  # opens files, decodes the per-row tables' chunks
+    tables_decoded = len(store._row_tables._chunks)
+    _FORKED[:] = [store]
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # as a DataLoader worker on Linux
+        features, labels, inherited = pool.apply(_read_in_forked_child, (WindowSpec(1, 0, 4),))
+    _FORKED.clear()
+    assert inherited == tables_decoded > 0  # decoded once, shared with the child
+    np.testing.assert_array_equal(features, parent.object_features)
+    np.testing.assert_array_equal(labels, parent.actor_labels)
+    np.testing.assert_array_equal(store.read_window(WindowSpec(1, 0, 4)).object_features, features)
+
+
 def test_windows_never_cross_clips(store_path):
     store = FeatureStore.open(store_path)
     with pytest.raises(IndexError):
@@ -208,7 +418,8 @@ def test_refuses_non_store(tmp_path):
         FeatureStore.open(tmp_path)
 
 
-def test_label_width_constant_matches_data_contract():
-    from stage_dist import batch, sources
-
-    assert sources.NUM_ACTIONS == batch.NUM_ACTIONS
+def test_schema_store_and_converter_import_without_torch():
+    code = ("import sys, stage_dist.schema, stage_dist.store, stage_dist.convert; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
