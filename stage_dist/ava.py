@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from stage_dist.errors import UserInputError
 from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _WRITE_BLOCK_ROWS = 1 << 20  # results.csv rows formatted per block
 _NEWLINE, _COMMA, _CR = 10, 44, 13
 
 
-class AvaFormatError(ValueError):
+class AvaFormatError(UserInputError, ValueError):
     """A malformed AVA file; the message is ``"<file>:<line>: <what is wrong>"``."""
 
     def __init__(self, path: PathLike, line: int | None, what: str) -> None:

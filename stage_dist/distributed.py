@@ -18,12 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stage_dist.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserInputError):
     """The launch environment or the requested device is unusable."""
 
 

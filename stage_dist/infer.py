@@ -25,24 +25,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stage_dist.ava import AvaFormatError, read_labelmap, write_results_csv
-from stage_dist.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from stage_dist.ava import read_labelmap, write_results_csv
+from stage_dist.checkpoint import CheckpointError, read_latest_or_file
 from stage_dist.batch import Batch, Window
 from stage_dist.data import InferenceCollate, inference_loader
 from stage_dist.distributed import DistEnv, cleanup, configure_threads, gather_to_main, init_distributed, setup_logging
-from stage_dist.model import CheckpointError as ModelCheckpointError
-from stage_dist.model import ModelConfig, ModelConfigError, action_logits, build_model, load_published_state
+from stage_dist.errors import INPUT_ERRORS
+from stage_dist.model import action_logits
 from stage_dist.precision import AMP_MODES, Precision, resolve_precision
 from stage_dist.sampler import InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.shards import (ShardError, cut_window, expand_urls, load_manifest, manifest_location,
                                read_clip_samples, shard_name)
-from stage_dist.store import FeatureStore, StoreError
+from stage_dist.store import FeatureStore
 
 log = logging.getLogger(__name__)
-
-# Bad input a user can fix: reported as one line naming the file, not a traceback.
-INPUT_ERRORS = (StoreError, ShardError, CheckpointError, ModelCheckpointError, ModelConfigError, AvaFormatError,
-                FileNotFoundError, ValueError)
 
 RECEPTIVE_FIELD = 2  # keyframes on each side that reach a keyframe through two one-hop layers
 # Keyframes predicted per window: each window also reads 2 x RECEPTIVE_FIELD context keyframes,
@@ -223,40 +219,19 @@ def write_predictions(
 
 
 def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:
-    """A model from a checkpoint of this project or of the published STAGE code.
+    """A model from a checkpoint of this project or of the published STAGE code, for data of
+    ``actor_dim``/``object_dim`` features.
 
     ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
     """
-    if Path(checkpoint).is_dir():
-        found = CheckpointManager(checkpoint).load_latest()
-        if found is None:
-            raise ValueError(f"{checkpoint}: no complete checkpoint in this directory")
-        state, checkpoint = found
-    else:
-        state = load_checkpoint(checkpoint)
-    if "model_state" not in state:
-        raise ValueError(f"{checkpoint}: no 'model_state' entry; not a STAGE checkpoint")
-    if "model_config" in state:
-        kind = state.get("model_kind", "stage")
-        config = ModelConfig(**state["model_config"])
-    else:  # published checkpoint: only the state dict; dims from the store, heads from the keys
-        kind = "stage"
-        weights = state["model_state"]
-        num_heads = sum(1 for key in weights if key.startswith("gat1.attention_") and key.endswith(".W"))
-        config = ModelConfig(
-            actor_dim=actor_dim,
-            object_dim=object_dim,
-            num_heads=num_heads,
-            num_outputs=weights["logits.weight"].shape[0] if "logits.weight" in weights else 81,
-        )  # a missing key is then named by the strict load below
+    found = read_latest_or_file(checkpoint)
+    config = found.model_config
     if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
-        raise ValueError(
-            f"{checkpoint}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
+        raise CheckpointError(
+            f"{found.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
             f"dims, the data has {actor_dim}/{object_dim}"
         )
-    model = build_model(kind, config)
-    load_published_state(model, state["model_state"])  # strict; names missing or unexpected keys
-    return model.to(device)
+    return found.build_model().to(device)
 
 
 def build_parser() -> argparse.ArgumentParser:

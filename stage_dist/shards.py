@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from stage_dist.batch import Window, WindowSpec
+from stage_dist.errors import UserInputError
 from stage_dist.sampler import clip_windows, epoch_generator, parse_position, window_offsets
 from stage_dist.store import FeatureStore, StoreError
 
@@ -67,7 +68,7 @@ _TAR_BLOCK = 512
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class ShardError(Exception):
+class ShardError(UserInputError):
     """A shard, sample or manifest that cannot be read or does not match what is asked."""
 
 

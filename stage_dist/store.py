@@ -47,6 +47,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from stage_dist.errors import UserInputError
 from stage_dist.sources import NUM_ACTIONS
 
 if TYPE_CHECKING:  # batch imports torch, which the converter does not need
@@ -61,7 +62,7 @@ DEFAULT_CACHE_MB = 64
 Compression = Literal["zstd", "none"]
 
 
-class StoreError(Exception):
+class StoreError(UserInputError):
     """A store that cannot be used as asked; the message names the path and attribute."""
 
 

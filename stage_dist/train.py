@@ -16,11 +16,13 @@ import argparse
 import json
 import logging
 import math
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -28,13 +30,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from stage_dist.ava import read_ava_csv, read_labelmap
-from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
+                                   rng_state, set_rng_state)
 from stage_dist.data import open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure_threads, gather_to_main,
                                     init_distributed, setup_logging)
 from stage_dist.evaluate import evaluate
-from stage_dist.infer import INFERENCE_WINDOW, INPUT_ERRORS, KeyframeIndex, predict, write_predictions
-from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
+from stage_dist.errors import INPUT_ERRORS, UserInputError
+from stage_dist.infer import INFERENCE_WINDOW, KeyframeIndex, predict, write_predictions
+from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
 
@@ -190,7 +194,12 @@ class Trainer:
         self.global_step = 0
         self.best_map: float | None = None
         self.history: list[dict] = []
-        torch.manual_seed(config.seed + env.rank)  # dropout masks differ between ranks
+        self._pending_rng: dict | None = None  # a resumed rank's generators, restored by _restore_rng
+        # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
+        # the RNG states a checkpoint saves are the same in any run of this config.
+        torch.manual_seed(config.seed + env.rank)
+        random.seed(config.seed + env.rank)
+        np.random.seed(config.seed + env.rank)
 
     def _planned_steps(self) -> int:
         steps = sum(self.sampler.steps_for_epoch(epoch) for epoch in range(self.config.epochs))
@@ -218,27 +227,51 @@ class Trainer:
             "train_config": asdict(self.config),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model_state"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
-        self.scheduler.load_state_dict(state["scheduler_state"])
-        self.scaler.load_state_dict(state["scaler_state"])
-        self.epoch = state["epoch"]
-        self.step_in_epoch = state["step"]
-        self.global_step = state["global_step"]
-        self.best_map = state["best_map"]
-        self.history = list(state["history"])
-        rng_states = state["rng_per_rank"]
-        if state["world_size"] == self.env.world_size:
-            set_rng_state(rng_states[self.env.rank])
+    def load_state_dict(self, checkpoint: Checkpoint) -> None:
+        """Continue the run saved in ``checkpoint`` (a :mod:`stage_dist.train` checkpoint with its
+        training state). The RNG states are restored later, by :meth:`_restore_rng`."""
+        state = checkpoint.training
+        assert state is not None
+        load_model_state(self.model, checkpoint.model_state)
+        self.optimizer.load_state_dict(state.optimizer_state)
+        self.scheduler.load_state_dict(state.scheduler_state)
+        self._load_scaler_state(state.scaler_state, checkpoint.path)
+        self.epoch = state.epoch
+        self.step_in_epoch = state.step
+        self.global_step = state.global_step
+        self.best_map = state.best_map
+        self.history = list(state.history)
+        if state.world_size == self.env.world_size:
+            self._pending_rng = state.rng_per_rank[self.env.rank]
         else:
             log.warning(
                 "checkpoint was written by %d ranks, this run has %d: RNG streams restart from the seed "
                 "(the run continues, but not bitwise as the original would have)",
-                state["world_size"],
+                state.world_size,
                 self.env.world_size,
             )
             torch.manual_seed(self.config.seed + self.env.rank + self.global_step)
+
+    def _load_scaler_state(self, saved: dict | None, path: Path) -> None:
+        """A checkpoint saved without an active GradScaler (--amp off or bf16) resumed under fp16
+        starts a fresh scaler; a scaler state resumed without fp16 is not needed."""
+        if saved is None:
+            if self.scaler.is_enabled():
+                log.warning("%s holds no GradScaler state (saved without --amp fp16): fp16 resumes with a "
+                            "fresh scaler (scale %g)", path, self.scaler.get_scale())
+            return
+        if not self.scaler.is_enabled():
+            log.info("%s holds a GradScaler state (saved with --amp fp16); amp %s does not use it",
+                     path, self.precision.mode)
+            return
+        self.scaler.load_state_dict(saved)
+
+    def _restore_rng(self) -> None:
+        """Set the generators to the resumed checkpoint's, after all start-up code that draws from
+        them (model init, data set-up, loggers), so the run continues bit for bit."""
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     def save_checkpoint(self, metric: float | None = None) -> None:
         state = self.state_dict()  # collective: every rank takes part
@@ -254,21 +287,28 @@ class Trainer:
         """
         found = self.checkpoints.load_latest()
         if found is not None and self.config.resume == "none":
-            raise ValueError(
+            raise UserInputError(
                 f"{self.checkpoints.directory} holds checkpoints of an earlier run: continue it with "
                 "--resume auto, or give a new --output-dir"
             )
         if found is None and self.config.resume in ("auto", "none"):
             return
-        state, path = found if found is not None else (load_checkpoint(self.config.resume), Path(self.config.resume))
-        if "rng_per_rank" not in state:  # a checkpoint of the published code: weights only
-            load_published_state(self.model, state["model_state"])
-            log.info("initialised the weights from %s (published format); training starts at epoch 0", path)
+        checkpoint = found if found is not None else read_checkpoint(self.config.resume)
+        if checkpoint.training is None:  # the published format, or a model-only file: weights only
+            try:
+                load_model_state(self.model, checkpoint.model_state)
+            except CheckpointError as err:
+                raise CheckpointError(f"{checkpoint.path}: {err}") from None
+            log.info("initialised the weights from %s (%s format, no training state); training starts at epoch 0",
+                     checkpoint.path, checkpoint.kind)
             return
-        self._warn_on_config_change(state.get("train_config", {}), path)
-        self.load_state_dict(state)
+        self._warn_on_config_change(checkpoint.training.train_config, checkpoint.path)
+        try:
+            self.load_state_dict(checkpoint)
+        except CheckpointError as err:
+            raise CheckpointError(f"{checkpoint.path}: {err}") from None
         log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)",
-                 path, self.epoch, state["step"], self.global_step)
+                 checkpoint.path, self.epoch, self.step_in_epoch, self.global_step)
 
     def _warn_on_config_change(self, saved: dict, path: Path) -> None:
         """A resumed run keeps the checkpoint's optimizer, LR schedule and position in the epoch;
@@ -288,6 +328,7 @@ class Trainer:
         self._log_start()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
                    disable=not self.env.is_main, dynamic_ncols=True)
+        self._restore_rng()
         val_map: float | None = None
         finished = self.epoch >= self.config.epochs or self._reached_max_steps()
         while not finished:

@@ -153,7 +153,7 @@ def test_slurm_outside_an_allocation_fails_clearly(stub):
 def test_two_node_job_on_loopback_trains_and_checkpoints(tiny_stores: Stores, tmp_path):
     """Two torchrun launchers (--nnodes=2, one process each) meet at a c10d rendezvous on
     127.0.0.1, train 3 steps as one world of 2 ranks and write a checkpoint."""
-    from stage_dist.checkpoint import load_checkpoint
+    from stage_dist.checkpoint import read_checkpoint
 
     output_dir = tmp_path / "run"
     args = [
@@ -181,6 +181,6 @@ def test_two_node_job_on_loopback_trains_and_checkpoints(tiny_stores: Stores, tm
 
     checkpoints = sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))
     assert checkpoints, f"no checkpoint in {output_dir}:\n{outputs[0][-4000:]}"
-    state = load_checkpoint(checkpoints[-1])
-    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
-    assert state["global_step"] == 3
+    state = read_checkpoint(checkpoints[-1]).training
+    assert state.world_size == 2 and len(state.rng_per_rank) == 2
+    assert state.global_step == 3

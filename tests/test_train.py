@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conftest import Stores, subprocess_env, torchrun_command
-from stage_dist.checkpoint import load_checkpoint
+from stage_dist.checkpoint import read_checkpoint
 from stage_dist.distributed import init_distributed
+from stage_dist.errors import UserInputError
 from stage_dist.train import TrainConfig, Trainer, build_parser, effective_lr
 
 
@@ -43,7 +44,7 @@ def cli_args(config: TrainConfig) -> list[str]:
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     checkpoints = sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))
-    return load_checkpoint(checkpoints[-1])["model_state"]
+    return read_checkpoint(checkpoints[-1]).model_state
 
 
 def test_parser_accepts_every_config_field(tiny_stores, tmp_path):
@@ -157,8 +158,8 @@ def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode == 0, output
     assert "resumed from" in output, output
-    final = load_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1])
-    assert final["epoch"] == 8 and final["step"] == 0
+    final = read_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1]).training
+    assert final.epoch == 8 and final.step == 0
 
 
 def _children(pid: int) -> list[int]:
@@ -223,5 +224,5 @@ def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, ca
 def test_fresh_start_refuses_a_directory_with_checkpoints(tiny_stores, tmp_path):
     env = init_distributed("cpu")
     Trainer(make_config(tiny_stores, tmp_path, max_steps=2, val_store=None), env).fit()
-    with pytest.raises(ValueError, match="--resume auto"):
+    with pytest.raises(UserInputError, match="--resume auto"):
         Trainer(make_config(tiny_stores, tmp_path, resume="none", val_store=None), env).fit()
