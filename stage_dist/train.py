@@ -33,8 +33,8 @@ from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
 from stage_dist.data import open_train_data
-from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure_threads, gather_to_main,
-                                    init_distributed, setup_logging)
+from stage_dist.distributed import (DEFAULT_TIMEOUT_MINUTES, DistEnv, all_reduce_mean, cleanup, configure_threads,
+                                    gather_to_main, init_distributed, setup_logging)
 from stage_dist.evaluate import evaluate
 from stage_dist.errors import INPUT_ERRORS, UserInputError
 from stage_dist.infer import INFERENCE_WINDOW, KeyframeIndex, predict, write_predictions
@@ -84,6 +84,7 @@ class TrainConfig:
     resume: str = "auto"
     in_memory: bool = False
     memmap_dir: str | None = None
+    dist_timeout: float = DEFAULT_TIMEOUT_MINUTES
 
 
 @dataclass
@@ -527,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept besides best.pt")
     run.add_argument("--val-every", type=int, default=defaults.val_every, help="validate every N epochs (0: only at the end)")
     run.add_argument("--log-every", type=int, default=defaults.log_every, help="log loss, lr, keyframes/s every N steps")
+    run.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
+                     help="minutes a rank waits in a collective for the others before the run fails (rank 0's "
+                          "validation and a first --memmap-dir build happen while the others wait)")
     run.add_argument("--tensorboard-dir", help="TensorBoard log dir (default: OUTPUT_DIR/tensorboard)")
     run.add_argument("--resume", default=defaults.resume,
                      help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh (refused if OUTPUT_DIR "
@@ -538,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
-    env = init_distributed(config.device)
+    env = init_distributed(config.device, config.dist_timeout)
     setup_logging(env)
     configure_threads(config.threads, env, config.workers)
     try:

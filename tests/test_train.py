@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -76,10 +77,33 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
     summary = resumed.fit()
     assert summary.global_step == total_steps
 
-    expected, actual = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
+    assert_same_final_checkpoint(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_final_checkpoint(expected_dir: Path, actual_dir: Path) -> None:
+    """Model, optimizer and every rank's Python, NumPy and torch RNG states equal bit for bit."""
+    expected, actual = (read_checkpoint(sorted((d / "checkpoints").glob("ckpt_*.pt"))[-1])
+                        for d in (expected_dir, actual_dir))
+    assert_equal(expected.model_state, actual.model_state, "model_state")
+    assert_equal(expected.training.optimizer_state, actual.training.optimizer_state, "optimizer_state")
+    assert_equal(expected.training.rng_per_rank, actual.training.rng_per_rank, "rng_per_rank")
+    assert (expected.training.epoch, expected.training.global_step) == (actual.training.epoch,
+                                                                         actual.training.global_step)
+
+
+def assert_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def test_stage_beats_the_no_graph_baseline(learnable_stores, tmp_path):
@@ -136,11 +160,14 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     assert (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="uses /proc to find the worker processes")
-def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
-    """torchrun --max-restarts=1: SIGKILL one worker after the first checkpoint; the run completes."""
+def test_killed_worker_is_restarted_and_resumes_exactly(tiny_stores, tmp_path):
+    """torchrun --max-restarts=1: SIGKILL one worker after the first checkpoint; the run completes,
+    and its final checkpoint (model, optimizer, every rank's Python/NumPy/torch RNG state) equals
+    an uninterrupted run's bit for bit."""
     output_dir = tmp_path / "run"
-    config = make_config(tiny_stores, output_dir, epochs=8, checkpoint_every=3, val_store=None)
+    config = make_config(tiny_stores, output_dir, epochs=4, checkpoint_every=3, val_store=None)
     command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *cli_args(config))
     launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -159,7 +186,12 @@ def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
     assert launcher.returncode == 0, output
     assert "resumed from" in output, output
     final = read_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1]).training
-    assert final.epoch == 8 and final.step == 0
+    assert final.epoch == 4 and final.step == 0
+
+    uninterrupted = make_config(tiny_stores, tmp_path / "uninterrupted", epochs=4, checkpoint_every=3, val_store=None)
+    subprocess.run(torchrun_command(2, "-m", "stage_dist.train", *cli_args(uninterrupted)), check=True,
+                   env=subprocess_env(), capture_output=True, timeout=240)
+    assert_same_final_checkpoint(tmp_path / "uninterrupted", output_dir)
 
 
 def _children(pid: int) -> list[int]:
@@ -205,6 +237,24 @@ def test_mixed_precision_steps_stay_finite(tiny_stores, tmp_path, amp):
     weights = final_weights(tmp_path / amp)
     assert all(value.isfinite().all() for value in weights.values())
     assert not torch.equal(weights["logits.weight"], Trainer(config, init_distributed("cpu")).model.logits.weight)
+
+
+def test_fp16_resumes_a_checkpoint_without_scaler_state(tiny_stores, tmp_path, caplog):
+    """A checkpoint saved with --amp off (no GradScaler state) resumed with --amp fp16 continues with a
+    fresh scaler (logged) instead of failing in GradScaler.load_state_dict; and back."""
+    env = init_distributed("cpu")
+    Trainer(make_config(tiny_stores, tmp_path, amp="off", max_steps=2, val_store=None), env).fit()
+    assert read_checkpoint(sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))[-1]).training.scaler_state is None
+    resumed = Trainer(make_config(tiny_stores, tmp_path, amp="fp16", max_steps=4, val_store=None), env)
+    with caplog.at_level(logging.WARNING, logger="stage_dist.train"):
+        summary = resumed.fit()
+    assert "holds no GradScaler state" in caplog.text and "fresh scaler" in caplog.text
+    assert summary.global_step == 4 and resumed.scaler.is_enabled()
+    saved = read_checkpoint(sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))[-1]).training
+    assert saved.scaler_state is not None and saved.scaler_state["scale"] == resumed.scaler.get_scale()
+    assert all(value.isfinite().all() for value in final_weights(tmp_path).values())
+    back = Trainer(make_config(tiny_stores, tmp_path, amp="off", max_steps=6, val_store=None), env)
+    assert back.fit().global_step == 6
 
 
 def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, capsys):
