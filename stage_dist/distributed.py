@@ -194,6 +194,15 @@ def all_reduce_mean(value: float, env: DistEnv) -> float:
     return tensor.item() / env.world_size
 
 
+def all_reduce_min(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The element-wise minimum of ``tensor`` over all ranks (``tensor`` itself at world size 1)."""
+    if not env.distributed:
+        return tensor
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+    return reduced
+
+
 def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:
     """Root logging to stderr with a ``[rank r]`` prefix: rank 0 at ``level``, others at
     WARNING (or ``level`` if higher). Replaces handlers set up before."""

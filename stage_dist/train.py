@@ -33,11 +33,11 @@ from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
 from stage_dist.data import open_train_data
-from stage_dist.distributed import (DEFAULT_TIMEOUT_MINUTES, DistEnv, all_reduce_mean, cleanup, configure_threads,
-                                    gather_to_main, init_distributed, setup_logging)
-from stage_dist.evaluate import evaluate
+from stage_dist.distributed import (DEFAULT_TIMEOUT_MINUTES, DistEnv, all_reduce_mean, all_reduce_min, cleanup,
+                                    configure_threads, gather_to_main, init_distributed, setup_logging)
+from stage_dist.evaluate import EvalResult, evaluate
 from stage_dist.errors import INPUT_ERRORS, UserInputError
-from stage_dist.infer import INFERENCE_WINDOW, KeyframeIndex, predict, write_predictions
+from stage_dist.infer import INFERENCE_WINDOW, KeyframeIndex, Predictions, non_finite_scores, predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
@@ -87,18 +87,27 @@ class TrainConfig:
     dist_timeout: float = DEFAULT_TIMEOUT_MINUTES
 
 
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or non-finite weights: the run stops (exit code 3) without
+    writing them to a checkpoint; the message names the step and its window."""
+
+
+EXIT_NON_FINITE = 3  # train/infer exit code for NaN/Inf (2 is a bad input, 1 a crash)
+
+
 @dataclass
 class StepStats:
-    """Running totals between two log lines."""
+    """Running totals between two log lines. ``loss`` stays on the device (a sum of the steps'
+    losses) so that it is read back once per log line, not once per step."""
 
-    loss: float = 0.0
+    loss: torch.Tensor | float = 0.0
     steps: int = 0
     keyframes: int = 0
     data_wait: float = 0.0
     seconds: float = 0.0
 
-    def add(self, loss: float, keyframes: int, data_wait: float, seconds: float) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor, keyframes: int, data_wait: float, seconds: float) -> None:
+        self.loss = self.loss + loss
         self.steps += 1
         self.keyframes += keyframes
         self.data_wait += data_wait
@@ -114,7 +123,7 @@ class TrainSummary:
     epochs_completed: int
     val_map: float | None
     best_map: float | None
-    checkpoint_dir: Path
+    checkpoint_dir: Path | None  # None: this run wrote no checkpoint (nothing left to train)
     history: list[dict] = field(default_factory=list)
 
 
@@ -135,6 +144,35 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
         return 1.0
 
     return factor
+
+
+@dataclass(frozen=True)
+class KeyframeNamer:
+    """Names global keyframe rows for messages: the clip (and, from a store, its video id and
+    timestamps) they belong to."""
+
+    clip_ptr: np.ndarray  # (clips + 1,) first keyframe row of every clip
+    video_ids: list[str] | None = None
+    timestamps: np.ndarray | None = None
+
+    @classmethod
+    def for_data(cls, data) -> "KeyframeNamer":
+        store = getattr(data.loader.dataset, "store", None)
+        if isinstance(store, FeatureStore):
+            return cls(np.asarray(store.clip_ptr), list(store.video_ids), np.asarray(store.timestamps))
+        lengths = getattr(data.steps, "manifest", {}).get("clip_lengths", [])
+        return cls(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+    def describe(self, first: int, last: int) -> str:
+        if first < 0:
+            return "a window without actors"
+        clip = int(np.searchsorted(self.clip_ptr, first, side="right")) - 1
+        rows = f"keyframe rows {first}-{last}"
+        if self.video_ids is None or not 0 <= clip < len(self.video_ids):
+            return f"clip {clip}, {rows}" if clip >= 0 else rows
+        stamps = self.timestamps
+        return (f"clip {clip} (video {self.video_ids[clip]}, timestamps {int(stamps[first]):04d}-"
+                f"{int(stamps[last]):04d}), {rows}")
 
 
 class Trainer:
@@ -196,6 +234,11 @@ class Trainer:
         self.best_map: float | None = None
         self.history: list[dict] = []
         self._pending_rng: dict | None = None  # a resumed rank's generators, restored by _restore_rng
+        # Non-finite detection without a per-step host sync: the first bad step since the last check
+        # (-1: none) accumulates on the device and is read at log steps and before any checkpoint.
+        self._first_bad_step = torch.tensor(-1, dtype=torch.int64, device=env.device)
+        self._unchecked: dict[int, tuple[int, int]] = {}  # step -> its window's first/last keyframe row
+        self._keyframe_names = KeyframeNamer.for_data(self.data)
         # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
         # the RNG states a checkpoint saves are the same in any run of this config.
         torch.manual_seed(config.seed + env.rank)
@@ -275,6 +318,7 @@ class Trainer:
             self._pending_rng = None
 
     def save_checkpoint(self, metric: float | None = None) -> None:
+        self.check_finite()  # never write non-finite weights over the last good checkpoint
         state = self.state_dict()  # collective: every rank takes part
         if self.env.is_main:
             path = self.checkpoints.save(state, epoch=self.epoch, step=self.step_in_epoch, metric=metric)
@@ -331,25 +375,29 @@ class Trainer:
                    disable=not self.env.is_main, dynamic_ncols=True)
         self._restore_rng()
         val_map: float | None = None
+        saved_any = False
         finished = self.epoch >= self.config.epochs or self._reached_max_steps()
-        while not finished:
-            self.train_epoch(writer, bar)
-            epoch_done = self.step_in_epoch == len(self.sampler)
-            if epoch_done:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.sampler.set_epoch(self.epoch)
-            finished = self.epoch >= self.config.epochs or self._reached_max_steps()
-            scheduled = epoch_done and self.config.val_every and self.epoch % self.config.val_every == 0
-            metric = None
-            if self.val_store is not None and (finished or scheduled):
-                metric = val_map = self.validate(writer)
-            self.save_checkpoint(metric=metric)
-        bar.close()
-        self._log_per_class(writer)
-        if writer:
-            writer.close()
+        try:
+            while not finished:
+                self.train_epoch(writer, bar)
+                epoch_done = self.step_in_epoch == len(self.sampler)
+                if epoch_done:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    self.sampler.set_epoch(self.epoch)
+                finished = self.epoch >= self.config.epochs or self._reached_max_steps()
+                scheduled = epoch_done and self.config.val_every and self.epoch % self.config.val_every == 0
+                metric = None
+                self.check_finite()
+                if self.val_store is not None and (finished or scheduled):
+                    metric = val_map = self.validate(writer)
+                self.save_checkpoint(metric=metric)
+                saved_any = True
+        finally:
+            bar.close()  # ends the progress line before any error message
+            if writer:
+                writer.close()
         return TrainSummary(self.global_step, self.epoch, val_map, self.best_map,
-                            self.checkpoints.directory, self.history)
+                            self.checkpoints.directory if saved_any else None, self.history)
 
     def train_epoch(self, writer: SummaryWriter | None, bar: tqdm) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
@@ -359,9 +407,12 @@ class Trainer:
         step_started = time.perf_counter()
         for batch in self.loader:
             data_ready = time.perf_counter()
+            rows = batch.actor_keyframe  # on the host: which keyframes this step trains on
+            window = (int(rows.min()), int(rows.max())) if len(rows) else (-1, -1)
             loss = self.train_step(batch)
             self.global_step += 1
             self.step_in_epoch += 1
+            self._unchecked[self.global_step] = window
             step_done = time.perf_counter()
             stats.add(loss, batch.num_keyframes * self.env.world_size, data_ready - step_started,
                       step_done - step_started)
@@ -374,20 +425,60 @@ class Trainer:
             if self._reached_max_steps():
                 break
 
-    def train_step(self, batch) -> float:
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step; returns the loss, detached and left on the device (no host sync)."""
         batch = batch.to(self.env.device, non_blocking=True)
         with self.precision.autocast():
             logits = self.ddp_model(batch)
         loss = self.loss(action_logits(logits).float(), batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        bad = ~torch.isfinite(loss.detach())
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if not self.scaler.is_enabled():  # under fp16 the scaler skips steps with inf gradients
+                bad |= ~torch.isfinite(norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.item()
+        step = self.global_step + 1
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step, self._first_bad_step)
+        return loss.detach()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a step since the last check had a non-finite loss (or
+        clipped gradient norm), or the weights are no longer finite. One host read of two flags
+        (a collective under DDP: every rank calls it at the same steps)."""
+        if not self._unchecked:
+            return
+        weights_bad = ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        never = torch.iinfo(torch.int64).max
+        local_first = torch.where(self._first_bad_step < 0, never, self._first_bad_step)
+        flags = all_reduce_min(torch.stack([local_first, -weights_bad.to(torch.int64)]), self.env).tolist()
+        first_bad, any_weights_bad = int(flags[0]), flags[1] < 0
+        checked = sorted(self._unchecked)
+        windows, self._unchecked = self._unchecked, {}
+        if first_bad == never and not any_weights_bad:
+            return
+        # Which rank's window went bad first (gathered only now, on failure).
+        mine = None if int(local_first) != first_bad else windows.get(first_bad)
+        reports = gather_to_main((self.env.rank, mine), self.env)
+        last_good = self.checkpoints.latest()
+        kept = f"; the last good checkpoint is kept: {last_good}" if last_good else "; no checkpoint was written"
+        if first_bad == never:
+            message = (f"the weights became non-finite between steps {checked[0]} and {checked[-1]} with a finite "
+                       f"loss (non-finite gradients?){kept}; lower --lr or set --grad-clip")
+        else:
+            where = ""
+            for rank, window in reports or []:
+                if window is not None:
+                    where = f" in the window of {self._keyframe_names.describe(*window)}"
+                    where += f" (rank {rank})" if self.env.world_size > 1 else ""
+                    break
+            message = (f"non-finite loss or gradient at step {first_bad}{where}{kept}; check that window's "
+                       "features for NaN/Inf, or lower --lr")
+        raise NonFiniteError(message)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -396,21 +487,27 @@ class Trainer:
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
     def validate(self, writer: SummaryWriter | None) -> float | None:
-        """Distributed inference over the val store; rank 0 writes results.csv and evaluates it."""
+        """Distributed inference over the val store; rank 0 writes results.csv and evaluates it.
+        Non-finite scores (a NaN/Inf in the val store) stop the run on every rank."""
         assert self.val_store is not None
         predictions = predict(self.model, self.val_store, self.env, window=INFERENCE_WINDOW,
                               precision=self.precision, num_workers=0)
+        keyframes = KeyframeIndex.from_store(self.val_store) if self.env.is_main else None
+        problem = non_finite_scores(predictions, keyframes) if self.env.is_main else None
+        flag = torch.tensor(-1 if problem else 0, dtype=torch.int64, device=self.env.device)
+        if int(all_reduce_min(flag, self.env)) < 0:
+            raise NonFiniteError(f"validation on {self.val_store.path}: {problem or 'non-finite scores (rank 0)'}")
         if not self.env.is_main:
             return None
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
         class_ids = set(self.val_labelmap) if self.val_labelmap else None
-        write_predictions(results_csv, predictions, KeyframeIndex.from_store(self.val_store), class_ids=class_ids)
+        write_predictions(results_csv, predictions, keyframes, class_ids=class_ids)
         if self.val_groundtruth is None or self.val_labelmap is None:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
             return None
-        result = evaluate(self.val_groundtruth, results_csv, self.val_labelmap)
+        result = self._evaluate(predictions, results_csv)
         if self.best_map is None or result.mean_ap > self.best_map:
             self.best_map = result.mean_ap
         self.history.append({"epoch": self.epoch, "global_step": self.global_step,
@@ -419,7 +516,17 @@ class Trainer:
                  self.epoch, self.global_step, result.mean_ap, self.best_map)
         if writer:
             writer.add_scalar("val/mAP", result.mean_ap, self.global_step)
+            for name, ap in result.per_class.items():  # at every validation, not only at the end
+                if not math.isnan(ap):
+                    writer.add_scalar(f"val_per_class_AP/{name}", ap, self.global_step)
         return result.mean_ap
+
+    def _evaluate(self, predictions: Predictions, results_csv: Path) -> EvalResult:
+        """Frame-mAP@0.5 of the val predictions: the one place validation evaluates. Today it reads
+        back the results.csv just written; the in-memory evaluation (evaluate.py) replaces it here,
+        from ``predictions`` and the val store's keyframe index, without the CSV round trip."""
+        del predictions  # used by the in-memory evaluation
+        return evaluate(self.val_groundtruth, results_csv, self.val_labelmap)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -443,7 +550,8 @@ class Trainer:
         )
 
     def _log_train(self, stats: StepStats, writer: SummaryWriter | None, bar: tqdm) -> None:
-        loss = all_reduce_mean(stats.loss / stats.steps, self.env)
+        self.check_finite()
+        loss = all_reduce_mean(float(stats.loss) / stats.steps, self.env)  # the loss's one read per log line
         keyframes_per_s = stats.keyframes / stats.seconds
         wait_fraction = stats.data_wait / stats.seconds
         lr = self.optimizer.param_groups[0]["lr"]
@@ -456,13 +564,6 @@ class Trainer:
         log.debug("step %d epoch %d loss %.4f lr %.3g %.0f keyframes/s data wait %.1f%%",
                   self.global_step, self.epoch, loss, lr, keyframes_per_s, 100 * wait_fraction)
         stats.reset()
-
-    def _log_per_class(self, writer: SummaryWriter | None) -> None:
-        if not (writer and self.history):
-            return
-        for name, ap in self.history[-1]["per_class"].items():
-            if not math.isnan(ap):
-                writer.add_scalar(f"val_per_class_AP/{name}", ap, self.global_step)
 
     def _reached_max_steps(self) -> bool:
         return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
@@ -555,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"error: training stopped: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
     finally:
         cleanup(env)
     return 0
