@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -27,10 +28,10 @@ from tqdm import tqdm
 
 from stage_dist.ava import read_labelmap, write_results_csv
 from stage_dist.checkpoint import CheckpointError, read_latest_or_file
-from stage_dist.batch import Batch, Window
+from stage_dist.batch import NUM_ACTIONS, Batch, Window
 from stage_dist.data import InferenceCollate, inference_loader
 from stage_dist.distributed import DistEnv, cleanup, configure_threads, gather_to_main, init_distributed, setup_logging
-from stage_dist.errors import INPUT_ERRORS
+from stage_dist.errors import INPUT_ERRORS, UserInputError
 from stage_dist.model import action_logits
 from stage_dist.precision import AMP_MODES, Precision, resolve_precision
 from stage_dist.sampler import InferenceWindow, plan_inference_windows, shard_for_rank
@@ -274,14 +275,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class InferArgumentError(UserInputError):
+    """A flag, label map or output path of the inference CLI that cannot work; found before any work."""
+
+
+EXIT_NON_FINITE = 3  # as stage_dist.train: NaN/Inf numbers (2 is a bad input)
+
+
+# -- output safety (a minimal form of the project's output rules; see stage_dist/outputs.py when merged) --
+
+
+def _looks_like_results_csv(path: Path) -> bool:
+    """An empty file, or text whose first line has the 8 columns of an AVA results row."""
+    with open(path, "rb") as handle:
+        head = handle.read(65536)
+    if not head:
+        return True
+    try:
+        first = head.decode("utf-8-sig").splitlines()[0]
+    except (UnicodeDecodeError, IndexError):
+        return False
+    return first.count(",") == 7
+
+
+def check_results_path(out: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse, before any work, an ``--out`` that is (or lies inside) one of the run's ``inputs``
+    (checkpoint, store, shards, label map), a directory, an existing file that is not a results
+    CSV (a checkpoint, a user's file), or whose directory cannot be written."""
+    target = Path(out)
+    resolved = target.resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if resolved == source_path or source_path in resolved.parents:
+            raise InferArgumentError(f"{out}: --out would overwrite the input {source}; give another path")
+    if target.is_dir():
+        raise InferArgumentError(f"{out}: --out is a directory; give the path of a results .csv file")
+    if target.exists() and not _looks_like_results_csv(target):
+        raise InferArgumentError(f"{out}: exists and is not an AVA results CSV; refusing to replace it "
+                                 "(remove it or give another --out)")
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InferArgumentError(f"{out}: cannot create it: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InferArgumentError(f"{out}: cannot write there: {parent} is not writable")
+
+
+def check_arguments(args: argparse.Namespace) -> dict[int, str] | None:
+    """Every flag that can be checked without the data, before any process group or model; returns
+    the label map (if given)."""
+    for flag, value, low in (("--window", args.window, 1), ("--windows-per-batch", args.windows_per_batch, 1),
+                             ("--workers", args.workers, 0), ("--threads", args.threads, 0)):
+        if value < low:
+            raise InferArgumentError(f"{flag} must be >= {low}, got {value}")
+    if args.topk is not None and not 1 <= args.topk <= NUM_ACTIONS:
+        raise InferArgumentError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {args.topk}")
+    if not 0.0 <= args.min_score <= 1.0:
+        raise InferArgumentError(f"--min-score must be in [0, 1] (scores are sigmoids), got {args.min_score}")
+    labelmap = read_labelmap(args.labelmap) if args.labelmap else None
+    if labelmap is not None:
+        outside = sorted(i for i in labelmap if not 1 <= i <= NUM_ACTIONS)
+        if outside:
+            raise InferArgumentError(f"{args.labelmap}: action id(s) {', '.join(map(str, outside[:5]))} outside "
+                                     f"1..{NUM_ACTIONS}, the actions the model predicts")
+        if not labelmap:
+            raise InferArgumentError(f"{args.labelmap}: the label map holds no classes; nothing would be written")
+    inputs = [args.checkpoint, *([args.labelmap] if args.labelmap else [])]
+    if args.store:
+        inputs.append(args.store)
+    else:
+        local = [url for url in expand_urls(args.shards) if "://" not in url and not url.startswith("pipe:")]
+        inputs += local + [manifest_location(url) for url in local[:1]]
+    check_results_path(args.out, inputs)
+    return labelmap
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    env = init_distributed(args.device)
-    setup_logging(env)
-    configure_threads(args.threads, env, args.workers)
+    env: DistEnv | None = None
     try:
+        labelmap = check_arguments(args)  # fail before the process group and the compute
+        class_ids = set(labelmap) if labelmap else None
+        env = init_distributed(args.device)
+        setup_logging(env)
+        configure_threads(args.threads, env, args.workers)
         started = time.perf_counter()
-        class_ids = set(read_labelmap(args.labelmap)) if args.labelmap else None  # fail before the compute
         precision = resolve_precision(args.amp, env.device)
         if args.store:
             store = FeatureStore.open(args.store)
@@ -296,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
                                     windows_per_batch=args.windows_per_batch, precision=precision)
             predictions, keyframes = (None, None) if result is None else result
         if predictions is not None:
+            problem = non_finite_scores(predictions, keyframes)
+            if problem:
+                print(f"error: {args.store or args.shards}: {problem}; {args.out} not written", file=sys.stderr)
+                return EXIT_NON_FINITE
             rows = write_predictions(args.out, predictions, keyframes, class_ids=class_ids, topk=args.topk,
                                      min_score=args.min_score)
             seconds = time.perf_counter() - started
@@ -309,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        cleanup(env)
+        if env is not None:
+            cleanup(env)
     return 0
 
 

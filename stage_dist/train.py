@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -181,6 +182,7 @@ class Trainer:
     to continue it."""
 
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+        check_config(config)
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
         self.data = open_train_data(
@@ -569,6 +571,70 @@ class Trainer:
         return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
 
 
+class TrainConfigError(UserInputError):
+    """A setting of the run that cannot work (a flag out of range, an output directory that would
+    overwrite an input or another program's files); found before any work starts."""
+
+
+_AT_LEAST = {"window": 1, "windows_per_step": 1, "epochs": 0, "max_steps": 0, "keep_last": 1, "log_every": 1,
+             "val_every": 0, "checkpoint_every": 0, "workers": 0, "threads": 0, "warmup_steps": 0,
+             "shuffle_buffer": 1, "num_heads": 1}
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that would fail later (or write where they must not), naming the flag or path."""
+    for name, low in _AT_LEAST.items():
+        if getattr(config, name) < low:
+            raise TrainConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(config, name)}")
+    for name in ("lr", "dist_timeout"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
+            raise TrainConfigError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(config, name)}")
+    if not (math.isfinite(config.grad_clip) and config.grad_clip >= 0):
+        raise TrainConfigError(f"--grad-clip must be >= 0, got {config.grad_clip}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise TrainConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise TrainConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
+    check_output_dir(config)
+
+
+# -- output safety (a minimal form of the project's output rules; see stage_dist/outputs.py when merged) --
+
+RUN_ENTRIES = {"config.json", "checkpoints", "tensorboard", "val"}  # what the trainer writes in OUTPUT_DIR
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """``--output-dir`` must not be or lie inside an input (stores, shards, groundtruth, label
+    map, --resume checkpoint), must be a directory if it exists, may hold another program's files
+    only beside the run's (its config.json must be a run's), and its parent must be writable."""
+    out = Path(config.output_dir)
+    resolved = out.resolve()
+    inputs = [config.train_store, config.val_store, config.val_groundtruth, config.labelmap,
+              config.resume if config.resume not in ("auto", "none") else None]
+    if config.train_shards:
+        inputs.append(str(Path(config.train_shards.split("::")[0]).parent))
+    for source in filter(None, inputs):
+        source_path = Path(source).resolve()
+        if resolved == source_path or source_path in resolved.parents:
+            raise TrainConfigError(f"{out}: --output-dir is or lies inside the input {source}; give another directory")
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"{out}: --output-dir exists and is not a directory")
+    saved_config = out / "config.json"
+    if saved_config.exists():
+        try:
+            is_run = {"output_dir", "train_store", "epochs"} <= set(json.loads(saved_config.read_text()))
+        except (OSError, ValueError, TypeError):
+            is_run = False
+        if not is_run:
+            raise TrainConfigError(f"{saved_config}: not a stage_dist run's config.json; refusing to replace it "
+                                   "(give another --output-dir)")
+    parent = resolved
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"{out}: cannot write there: {parent} is not a writable directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig(output_dir="")
     parser = argparse.ArgumentParser(
@@ -643,24 +709,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
-    env = init_distributed(config.device, config.dist_timeout)
-    setup_logging(env)
-    configure_threads(config.threads, env, config.workers)
+    env: DistEnv | None = None
     try:
+        check_config(config)  # before the process group: every rank fails the same way, at once
+        env = init_distributed(config.device, config.dist_timeout)
+        setup_logging(env)
+        configure_threads(config.threads, env, config.workers)
         summary = Trainer(config, env).fit()
         if env.is_main:
             val = "n/a" if summary.val_map is None else f"{summary.val_map:.4f}"
             best = "n/a" if summary.best_map is None else f"{summary.best_map:.4f}"
+            saved = (f"checkpoints in {summary.checkpoint_dir}" if summary.checkpoint_dir is not None else
+                     f"nothing to train (epoch {summary.epochs_completed} of --epochs {config.epochs}): "
+                     "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
-                  f"val mAP {val} (best {best}); checkpoints in {summary.checkpoint_dir}")
+                  f"val mAP {val} (best {best}); {saved}")
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"error: training stopped: {error}", file=sys.stderr)
+        if env is None or env.is_main:
+            print(f"error: training stopped: {error}", file=sys.stderr)
         return EXIT_NON_FINITE
     finally:
-        cleanup(env)
+        if env is not None:
+            cleanup(env)
     return 0
 
 
