@@ -220,16 +220,19 @@ def write_predictions(
 
 
 def non_finite_scores(predictions: Predictions, keyframes: KeyframeIndex) -> str | None:
-    """``None`` if every score is finite, else a message naming the first keyframe (video id,
-    timestamp, row) and actor whose scores are NaN or infinite."""
+    """``None`` if every score is finite, else a message naming the first video whose scores are NaN
+    or infinite and its affected keyframes (a bad feature spreads to the keyframes within the
+    model's receptive field)."""
     bad = ~np.isfinite(predictions.scores).all(axis=1)
     if not bad.any():
         return None
-    first = int(np.argmax(bad))
-    row = int(predictions.keyframe[first])
-    return (f"{int(bad.sum())} of {len(bad)} actors have non-finite scores, the first in the window of keyframe "
-            f"{keyframes.video_ids[row]},{int(keyframes.timestamps[row]):04d} (keyframe row {row}, actor row "
-            f"{int(predictions.actor_index[first])}); check its features (and the checkpoint's weights) for NaN/Inf")
+    rows = np.unique(predictions.keyframe[bad])
+    video = keyframes.video_ids[rows[0]]
+    rows = rows[keyframes.video_ids[rows] == video]
+    first, last = int(rows[0]), int(rows[-1])
+    return (f"{int(bad.sum())} of {len(bad)} actors have non-finite scores, first in video {video} keyframes "
+            f"{int(keyframes.timestamps[first]):04d}-{int(keyframes.timestamps[last]):04d} (keyframe rows "
+            f"{first}-{last}); check their features (and the checkpoint's weights) for NaN/Inf")
 
 
 def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:

@@ -370,8 +370,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> TrainSummary:
+        self.maybe_resume()  # before writing anything: a bad --resume leaves OUTPUT_DIR untouched
         writer = self._writer()
-        self.maybe_resume()
         self._log_start()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
                    disable=not self.env.is_main, dynamic_ncols=True)

@@ -131,3 +131,181 @@ def test_nan_in_shards_stops_training(tiny_stores, nan_store, tmp_path, capsys):
     for checkpoint in (output_dir / "checkpoints").glob("ckpt_*.pt"):
         assert all(value.isfinite().all() for value in read_checkpoint(checkpoint).model_state.values())
     assert digest(shards) == before
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
+    store = FeatureStore.open(tiny_stores.val)
+    torch.manual_seed(0)
+    config = ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save({"model_state": build_model("stage", config).state_dict(), "model_kind": "stage",
+                "model_config": asdict(config)}, path)
+    return path
+
+
+def infer_args(store: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["--store", str(store), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
+            "--workers", "0", *extra]
+
+
+def _notes(tmp: Path) -> Path:
+    path = tmp / "notes.txt"
+    path.write_text("my notes, not a results file\n")
+    return path
+
+
+def _labelmap_with_id_99(tmp: Path) -> Path:
+    path = tmp / "labels.pbtxt"
+    path.write_text('item {\n  name: "bend/bow (at the waist)"\n  id: 1\n}\nitem {\n  name: "x"\n  id: 99\n}\n')
+    return path
+
+
+# (name, how to build the argv from (val store, checkpoint, tmp), the path the message must name)
+INFER_CASES = {
+    "out is the checkpoint": lambda v, c, t: (infer_args(v, c, c), c),
+    "out is the store": lambda v, c, t: (infer_args(v, c, v), v),
+    "out inside the store": lambda v, c, t: (infer_args(v, c, v / "results.csv"), v / "results.csv"),
+    "out is a user's file": lambda v, c, t: (infer_args(v, c, _notes(t)), t / "notes.txt"),
+    "out is a directory": lambda v, c, t: (infer_args(v, c, t), t),
+    "out under a file": lambda v, c, t: (infer_args(v, c, _notes(t) / "r.csv"), t / "notes.txt"),
+    "out is the label map": lambda v, c, t: (
+        infer_args(v, c, _labelmap_with_id_99(t), "--labelmap", str(t / "labels.pbtxt")), t / "labels.pbtxt"),
+    "topk 0": lambda v, c, t: (infer_args(v, c, t / "r.csv", "--topk", "0"), "--topk"),
+    "topk 81": lambda v, c, t: (infer_args(v, c, t / "r.csv", "--topk", "81"), "--topk"),
+    "min-score 2": lambda v, c, t: (infer_args(v, c, t / "r.csv", "--min-score", "2"), "--min-score"),
+    "window 0": lambda v, c, t: (infer_args(v, c, t / "r.csv", "--window", "0"), "--window"),
+    "label id 99": lambda v, c, t: (
+        infer_args(v, c, t / "r.csv", "--labelmap", str(_labelmap_with_id_99(t))), t / "labels.pbtxt"),
+    "checkpoint is a CSV": lambda v, c, t: (infer_args(v, _notes(t), t / "r.csv"), t / "notes.txt"),
+    "checkpoint missing": lambda v, c, t: (infer_args(v, t / "absent.pt", t / "r.csv"), t / "absent.pt"),
+    "store missing": lambda v, c, t: (infer_args(t / "absent.zarr", c, t / "r.csv"), t / "absent.zarr"),
+    "checkpoint of other dims": lambda v, c, t: (infer_args(v, _other_dims(t), t / "r.csv"), t / "other.pt"),
+    "device tpu": lambda v, c, t: (infer_args(v, c, t / "r.csv", "--device", "tpu"), "tpu"),
+}
+
+
+def _other_dims(tmp: Path) -> Path:
+    config = ModelConfig(actor_dim=16, object_dim=16, num_heads=1)
+    path = tmp / "other.pt"
+    torch.save({"model_state": build_model("stage", config).state_dict(), "model_kind": "stage",
+                "model_config": asdict(config)}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(INFER_CASES))
+def test_infer_refuses_before_work(tiny_stores, model_checkpoint, tmp_path, capsys, case):
+    store = tmp_path / "val.zarr"
+    shutil.copytree(tiny_stores.val, store)
+    checkpoint = tmp_path / "model.pt"
+    shutil.copyfile(model_checkpoint, checkpoint)
+    work = tmp_path / "work"
+    work.mkdir()
+    argv, named = INFER_CASES[case](store, checkpoint, work)
+    before = digest(tmp_path)
+    assert infer_main(argv) == 2
+    error = error_line(capsys.readouterr().err)
+    assert str(named) in error, error
+    assert "weights_only" not in error
+    assert digest(tmp_path) == before, "an input or an unrelated file changed"
+    assert not (work / "r.csv").exists()
+
+
+def test_infer_out_equal_to_a_shard_is_refused(tiny_stores, model_checkpoint, tmp_path, capsys):
+    from stage_dist.shards import shard_pattern, write_shards
+
+    manifest = write_shards(FeatureStore.open(tiny_stores.val), tmp_path / "shards", max_shard_bytes=20_000)
+    shard = sorted((tmp_path / "shards").glob("*.tar"))[0]
+    before = digest(tmp_path)
+    for out in (shard, tmp_path / "shards" / "manifest.json"):
+        argv = ["--shards", shard_pattern(manifest, tmp_path / "shards"), "--checkpoint", str(model_checkpoint),
+                "--out", str(out), "--device", "cpu"]
+        assert infer_main(argv) == 2
+        assert str(out) in error_line(capsys.readouterr().err)
+    assert digest(tmp_path) == before
+
+
+def test_infer_replaces_its_own_results_csv(tiny_stores, model_checkpoint, tmp_path, capsys):
+    """Positive control: an existing results CSV (the previous run's) is replaced as before."""
+    out = tmp_path / "results.csv"
+    out.write_text("old,0902,0.1,0.1,0.5,0.5,1,0.5\n")
+    assert infer_main(infer_args(tiny_stores.val, model_checkpoint, out)) == 0
+    assert len(out.read_text().splitlines()) == FeatureStore.open(tiny_stores.val).num_actors * 80
+
+
+def test_infer_names_the_keyframe_with_non_finite_scores(tiny_stores, model_checkpoint, tmp_path, capsys):
+    path = tmp_path / "nan.zarr"
+    shutil.copytree(tiny_stores.val, path)
+    store = FeatureStore.open(path)
+    keyframe = int(store.clip_ptr[1]) + 2
+    features = zarr.open_group(path, mode="r+")["actors/features"]
+    row = features[int(store.actor_ptr[keyframe])]
+    row[0] = np.inf
+    features[int(store.actor_ptr[keyframe])] = row
+    out = tmp_path / "results.csv"
+    before = digest(path, model_checkpoint)
+    assert infer_main(infer_args(path, model_checkpoint, out)) == 3
+    error = error_line(capsys.readouterr().err)
+    assert str(path) in error and "non-finite scores" in error
+    assert f"video {store.video_ids[1]} keyframes" in error, error
+    first, last = map(int, error.split("(keyframe rows ")[1].split(")")[0].split("-"))
+    assert first <= keyframe <= last and last - first <= 4, "the poisoned keyframe and its receptive field"
+    assert not out.exists()
+    assert digest(path, model_checkpoint) == before
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def _foreign_config(tmp: Path) -> Path:
+    run = tmp / "mine"
+    run.mkdir()
+    (run / "config.json").write_text('{"theme": "dark"}\n')
+    return run
+
+
+TRAIN_CASES = {
+    "output is the train store": lambda s, t: (train_args(s, s.train), s.train),
+    "output inside the val store": lambda s, t: (train_args(s, s.val / "run", "--val-store", str(s.val)), s.val),
+    "output is a file": lambda s, t: (train_args(s, _notes(t)), t / "notes.txt"),
+    "output holds another config.json": lambda s, t: (train_args(s, _foreign_config(t)), t / "mine" / "config.json"),
+    "resume from a CSV": lambda s, t: (train_args(s, t / "run", "--resume", str(_notes(t))), t / "notes.txt"),
+    "resume from a missing file": lambda s, t: (train_args(s, t / "run", "--resume", str(t / "x.pt")), t / "x.pt"),
+    "log-every 0": lambda s, t: (train_args(s, t / "run", "--log-every", "0"), "--log-every"),
+    "keep-last 0": lambda s, t: (train_args(s, t / "run", "--keep-last", "0"), "--keep-last"),
+    "window 0": lambda s, t: (train_args(s, t / "run", "--window", "0"), "--window"),
+    "lr nan": lambda s, t: (train_args(s, t / "run", "--lr", "nan"), "--lr"),
+    "dist-timeout 0": lambda s, t: (train_args(s, t / "run", "--dist-timeout", "0"), "--dist-timeout"),
+    "3 heads": lambda s, t: (train_args(s, t / "run", "--num-heads", "3"), "num_heads=3"),
+    "device tpu": lambda s, t: (train_args(s, t / "run", "--device", "tpu"), "tpu"),
+    "labelmap id 99 garbage": lambda s, t: (
+        train_args(s, t / "run", "--labelmap", str(_garbage(t))), t / "garbage.pbtxt"),
+}
+
+
+def _garbage(tmp: Path) -> Path:
+    path = tmp / "garbage.pbtxt"
+    path.write_bytes(b"\x00\x01 not a label map {{{")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train_refuses_before_work(tiny_stores, tmp_path, capsys, case):
+    argv, named = TRAIN_CASES[case](tiny_stores, tmp_path)
+    before = digest(tiny_stores.train, tiny_stores.val, tmp_path)
+    assert train_main(argv) == 2
+    error = error_line(capsys.readouterr().err)
+    assert str(named) in error, error
+    assert "weights_only" not in error
+    assert digest(tiny_stores.train, tiny_stores.val, tmp_path) == before, "an input or another file changed"
+    assert not list(tmp_path.rglob("ckpt_*.pt"))
+
+
+def test_epochs_0_claims_no_checkpoint(tiny_stores, tmp_path, capsys):
+    assert train_main(train_args(tiny_stores, tmp_path / "run", "--epochs", "0")) == 0
+    out = capsys.readouterr().out
+    assert "no checkpoint written" in out and "checkpoints in" not in out, out
+    assert not (tmp_path / "run" / "checkpoints").exists()
