@@ -258,6 +258,29 @@ def test_fp16_resumes_a_checkpoint_without_scaler_state(tiny_stores, tmp_path, c
     assert back.fit().global_step == 6
 
 
+def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch):
+    """No per-step device->host read of the loss (or the non-finite flag): reads happen at log steps."""
+    from tqdm import tqdm
+
+    config = make_config(tiny_stores, tmp_path, val_store=None, log_every=4, max_steps=12)
+    trainer = Trainer(config, init_distributed("cpu"))
+    reads = []
+    for name in ("item", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            reads.append((trainer.global_step, _name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    trainer.train_epoch(None, tqdm(disable=True))
+    monkeypatch.undo()
+    assert trainer.global_step == 12
+    assert reads.count((0, "item")) == 1, reads  # the DataLoader's seed, from its own CPU generator
+    assert {step for step, _ in reads} - {0} == {4, 8, 12}, reads
+    assert len(reads) <= 1 + 3 * 2, reads  # per log step: the finite flags and the loss
+
+
 def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, capsys):
     from stage_dist.train import main as train_main
 
