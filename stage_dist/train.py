@@ -7,7 +7,17 @@ The defaults are the published recipe (Adam, lr 6.25e-5 for one 6-keyframe windo
 4 heads). Everything a run needs to continue lives in :meth:`Trainer.state_dict`: model,
 optimizer, LR schedule, grad scaler, sampler position and every rank's RNG state, so a run
 stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
-checkpoint was taken.
+checkpoint was taken (the Python, NumPy and torch generators are seeded per rank and restored
+after all start-up code).
+
+Non-finite numbers stop the run with exit code 3 (2 is a bad input, given as one line naming the
+file or flag). Every step ORs ``~isfinite(loss)`` (and, with ``--grad-clip``, of the gradient norm
+it computes anyway, except under fp16 where the GradScaler skips such steps) into a flag on the
+device that keeps the first bad step; the flag and the finiteness of the weights are read back at
+log steps and before every checkpoint and validation, so there is no per-step host sync, the
+error names the first bad step and its window (clip, video, keyframes), and no checkpoint ever
+holds non-finite weights: the last good one stays the newest. A finite loss with non-finite
+gradients and no ``--grad-clip`` shows in the weights at the next check and is named as a step range.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ def restore_logging():
     """main() points the root logger at this test's stderr; give the next test a clean one."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # An earlier test's main() may have left a handler on a stream pytest has closed since.
+    root.handlers[:] = [h for h in handlers if not getattr(getattr(h, "stream", None), "closed", False)]
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
