@@ -614,15 +614,13 @@ RUN_ENTRIES = {"config.json", "checkpoints", "tensorboard", "val"}  # what the t
 
 
 def check_output_dir(config: TrainConfig) -> None:
-    """``--output-dir`` must not be or lie inside an input (stores, shards, groundtruth, label
-    map, --resume checkpoint), must be a directory if it exists, may hold another program's files
+    """``--output-dir`` must not be or lie inside an input (stores, groundtruth, label map, --resume
+    checkpoint; a shard file is refused as an existing file), must be a directory if it exists, may hold another program's files
     only beside the run's (its config.json must be a run's), and its parent must be writable."""
     out = Path(config.output_dir)
     resolved = out.resolve()
     inputs = [config.train_store, config.val_store, config.val_groundtruth, config.labelmap,
               config.resume if config.resume not in ("auto", "none") else None]
-    if config.train_shards:
-        inputs.append(str(Path(config.train_shards.split("::")[0]).parent))
     for source in filter(None, inputs):
         source_path = Path(source).resolve()
         if resolved == source_path or source_path in resolved.parents:

@@ -311,3 +311,23 @@ def test_epochs_0_claims_no_checkpoint(tiny_stores, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no checkpoint written" in out and "checkpoints in" not in out, out
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_nan_under_torchrun_stops_every_rank(tiny_stores, nan_store, tmp_path):
+    """2 gloo ranks: the rank that meets the NaN and the one that does not both stop (no rank left
+    waiting in a collective), rank 0 names the step and window, and no checkpoint is non-finite."""
+    import subprocess
+
+    from conftest import subprocess_env, torchrun_command
+
+    path, _ = nan_store
+    output_dir = tmp_path / "run"
+    command = torchrun_command(2, "-m", "stage_dist.train", *train_args(
+        tiny_stores, output_dir, "--epochs", "2", "--log-every", "3", "--checkpoint-every", "2", train_store=path))
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "error: training stopped: non-finite loss or gradient at step" in result.stderr, result.stderr[-3000:]
+    assert "(rank " in result.stderr and "keyframe rows" in result.stderr
+    for checkpoint in (output_dir / "checkpoints").glob("ckpt_*.pt"):
+        assert all(value.isfinite().all() for value in read_checkpoint(checkpoint).model_state.values())

@@ -281,6 +281,23 @@ def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch)
     assert len(reads) <= 1 + 3 * 2, reads  # per log step: the finite flags and the loss
 
 
+def test_non_finite_weights_are_never_checkpointed(tiny_stores, tmp_path):
+    """Weights gone non-finite with a finite loss (e.g. an inf gradient without --grad-clip) are caught
+    before the checkpoint, named as the steps since the last check; nothing is written."""
+    from tqdm import tqdm
+
+    from stage_dist.train import NonFiniteError
+
+    trainer = Trainer(make_config(tiny_stores, tmp_path, val_store=None, log_every=100, max_steps=3),
+                      init_distributed("cpu"))
+    trainer.train_epoch(None, tqdm(disable=True))
+    with torch.no_grad():
+        trainer.model.logits.bias[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="weights became non-finite between steps 1 and 3"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, capsys):
     from stage_dist.train import main as train_main
 
