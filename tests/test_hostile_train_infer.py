@@ -160,6 +160,11 @@ def _notes(tmp: Path) -> Path:
     return path
 
 
+def _link(tmp: Path, target: Path) -> Path:
+    (tmp / "link.csv").symlink_to(target)
+    return tmp / "link.csv"
+
+
 def _labelmap_with_id_99(tmp: Path) -> Path:
     path = tmp / "labels.pbtxt"
     path.write_text('item {\n  name: "bend/bow (at the waist)"\n  id: 1\n}\nitem {\n  name: "x"\n  id: 99\n}\n')
@@ -170,6 +175,7 @@ def _labelmap_with_id_99(tmp: Path) -> Path:
 INFER_CASES = {
     "out is the checkpoint": lambda v, c, t: (infer_args(v, c, c), c),
     "out is the store": lambda v, c, t: (infer_args(v, c, v), v),
+    "out is a symlink to the checkpoint": lambda v, c, t: (infer_args(v, c, _link(t, c)), t / "link.csv"),
     "out inside the store": lambda v, c, t: (infer_args(v, c, v / "results.csv"), v / "results.csv"),
     "out is a user's file": lambda v, c, t: (infer_args(v, c, _notes(t)), t / "notes.txt"),
     "out is a directory": lambda v, c, t: (infer_args(v, c, t), t),
