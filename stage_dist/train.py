@@ -610,8 +610,6 @@ def check_config(config: TrainConfig) -> None:
 
 # -- output safety (a minimal form of the project's output rules; see stage_dist/outputs.py when merged) --
 
-RUN_ENTRIES = {"config.json", "checkpoints", "tensorboard", "val"}  # what the trainer writes in OUTPUT_DIR
-
 
 def check_output_dir(config: TrainConfig) -> None:
     """``--output-dir`` must not be or lie inside an input (stores, groundtruth, label map, --resume
