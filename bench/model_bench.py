@@ -42,7 +42,8 @@ from reference_stage import (  # noqa: E402
     ReferenceStage, random_window, reference_adjacency, reference_logits,
 )
 from stage_dist.batch import Batch, collate  # noqa: E402
-from stage_dist.model import STAGE, ModelConfig, load_published_state  # noqa: E402
+from stage_dist.checkpoint import load_model_state  # noqa: E402
+from stage_dist.model import STAGE, ModelConfig  # noqa: E402
 
 KEYFRAMES = 6
 ACTORS_PER_KEYFRAME = 2
@@ -89,7 +90,7 @@ def _make_model(kind: str, config: ModelConfig) -> torch.nn.Module:
     if kind == "reference":
         return reference
     model = STAGE(config)
-    load_published_state(model, reference.state_dict())
+    load_model_state(model, reference.state_dict())
     return model
 
 

@@ -34,6 +34,7 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from stage_dist.errors import UserInputError
 from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ DETECTION_COLUMNS = (8,)  # video,ts,x1,y1,x2,y2,action,score
 EXCLUSION_COLUMNS = (2,)  # video,ts
 
 
-class AvaFormatError(ValueError):
+class AvaFormatError(UserInputError, ValueError):
     """A malformed AVA file; the message is ``"<file>:<line>: <what is wrong>"``."""
 
     def __init__(self, path: PathLike, line: int | None, what: str) -> None:

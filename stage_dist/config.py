@@ -23,6 +23,7 @@ import json
 import types
 import typing
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence, TypeVar
 
 C = TypeVar("C")
@@ -299,3 +300,32 @@ def _as_flag_message(cls: type, message: str) -> str:
         if message.startswith(dotted):
             return _flag(f) + ":" + message[len(dotted):]
     return message
+
+
+# -- sections shared by the jobs -----------------------------------------------------------------
+
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+DEFAULT_DIST_TIMEOUT_MINUTES = 60.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how a distributed job runs: device, precision, loader workers, threads."""
+
+    device: str = option("auto", help="auto (cuda when available), cpu, cuda")
+    amp: AmpMode = option("auto", help="autocast: bf16, fp16 (with a GradScaler when training) or off; auto = bf16 "
+                                       "on GPUs that support it, off on CPU")
+    workers: int = option(2, help="DataLoader worker processes per rank")
+    threads: int = option(0, help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share "
+                                  "of the cores less one per loader worker)")
+    dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_MINUTES,
+                                 help="minutes a collective waits for the slowest rank (rank 0's validation, a "
+                                      "first --memmap-dir build) before the job fails")
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stage_dist.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserInputError):
     """The launch environment or the requested device is unusable."""
 
 
@@ -77,7 +79,7 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _attempt_store(rank: int, world_size: int) -> dist.Store:
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
     """The rendezvous store of this launch attempt: MASTER_ADDR:MASTER_PORT, keys prefixed by
     torchrun's restart count.
 
@@ -92,16 +94,23 @@ def _attempt_store(rank: int, world_size: int) -> dist.Store:
     # torchrun's agent hosts the store; without torchrun (RANK etc. set by hand) rank 0 does.
     hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(master_addr, master_port, world_size, is_master=not hosted_by_agent and rank == 0,
-                          timeout=timedelta(minutes=10))
+                          timeout=timeout)
     return dist.PrefixStore(f"stage_dist/attempt_{attempt}", store)
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+DEFAULT_TIMEOUT_MINUTES = 60.0
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
     """Set up this process: torchrun's env gives rank and world size, else world size 1.
 
     ``device``: ``auto`` (CUDA when available), ``cuda`` or ``cpu``. On CUDA the process uses
-    GPU ``LOCAL_RANK`` and NCCL; on CPU, gloo.
+    GPU ``LOCAL_RANK`` and NCCL (bound to it with ``device_id``); on CPU, gloo.
+    ``timeout_minutes``: how long a collective (and the rendezvous) waits for the slowest rank
+    before failing; long enough for rank 0's validation or a first ``--memmap-dir`` build.
     """
+    if not timeout_minutes > 0:
+        raise DistributedError(f"the distributed timeout must be > 0 minutes, got {timeout_minutes}")
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = _env_int("RANK", 0) if launched else 0
     world_size = _env_int("WORLD_SIZE", 1) if launched else 1
@@ -111,13 +120,22 @@ def init_distributed(device: str = "auto") -> DistEnv:
     resolved = _resolve_device(device, local_rank)
     backend = None
     if launched:
-        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        options = process_group_options(resolved, timedelta(minutes=timeout_minutes))
+        backend = options["backend"]
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size),
-                                    rank=rank, world_size=world_size)
+            dist.init_process_group(store=_attempt_store(rank, world_size, options["timeout"]),
+                                    rank=rank, world_size=world_size, **options)
     env = DistEnv(rank, world_size, local_rank, resolved, backend)
     log.debug("initialised %s", env)
     return env
+
+
+def process_group_options(device: torch.device, timeout: timedelta) -> dict[str, Any]:
+    """``init_process_group`` arguments for a rank on ``device``: NCCL bound to its GPU (``device_id``
+    lets NCCL set up its communicator eagerly and skip guessing the device), gloo on CPU."""
+    if device.type == "cuda":
+        return {"backend": "nccl", "device_id": device, "timeout": timeout}
+    return {"backend": "gloo", "timeout": timeout}
 
 
 def configure_threads(requested: int, env: DistEnv, loader_workers: int) -> int:
@@ -174,6 +192,15 @@ def all_reduce_mean(value: float, env: DistEnv) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=env.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.item() / env.world_size
+
+
+def all_reduce_min(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The element-wise minimum of ``tensor`` over all ranks (``tensor`` itself at world size 1)."""
+    if not env.distributed:
+        return tensor
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+    return reduced
 
 
 def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:

@@ -1,8 +1,9 @@
 """The inference command: every (keyframe, actor) of a store or shards predicted exactly once, one results.csv.
 
 The library (windows, scoring, gathering, the exactly-once check, writing) is
-:mod:`stage_dist.inference`; this module is its command line and loads the model. Rank 0
-writes ``results.csv`` atomically.
+:mod:`stage_dist.inference`; this module is its command line: it checks every flag and path
+before any work, loads the model through :mod:`stage_dist.checkpoint`, and has rank 0 write
+``results.csv`` atomically (never over an input, never over a file that is not a results CSV).
 
     python -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     torchrun --nproc_per_node=8 -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
@@ -14,122 +15,159 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stage_dist.ava import AvaFormatError, read_labelmap
-from stage_dist.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from stage_dist.ava import read_labelmap
+from stage_dist.checkpoint import CheckpointError, read_latest_or_file
+from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
 from stage_dist.data import open_window_source
-from stage_dist.distributed import cleanup, configure_threads, init_distributed, setup_logging
-from stage_dist.inference import INFERENCE_WINDOW, predict, write_predictions
-from stage_dist.model import CheckpointError as ModelCheckpointError
-from stage_dist.model import ModelConfig, ModelConfigError, build_model, load_published_state
-from stage_dist.precision import AMP_MODES, resolve_precision
-from stage_dist.shard_format import ShardError
-from stage_dist.store import StoreError
+from stage_dist.distributed import DistEnv, cleanup, configure_threads, init_distributed, setup_logging
+from stage_dist.errors import INPUT_ERRORS, UserInputError
+from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
+                                  write_predictions)
+from stage_dist.outputs import check_output_file, lock_output
+from stage_dist.precision import resolve_precision
+from stage_dist.schema import NUM_ACTIONS
+from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
 
-# Bad input a user can fix: reported as one line naming the file, not a traceback.
-INPUT_ERRORS = (StoreError, ShardError, CheckpointError, ModelCheckpointError, ModelConfigError, AvaFormatError,
-                FileNotFoundError, ValueError)
+EXIT_NON_FINITE = 3  # as stage_dist.train: NaN/Inf numbers (2 is a bad input)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Every setting of ``python -m stage_dist.infer``."""
+
+    checkpoint: str = option(help="checkpoint file of stage_dist.train or of the published STAGE code, or a run's "
+                                  "checkpoints/ directory (its newest)")
+    out: str = option(help="results.csv to write (atomically)")
+    store: str | None = option(None, help="feature store (zarr) to predict")
+    shards: str | None = option(None, help="WebDataset shards to predict instead of a store: a brace pattern such as "
+                                           "'DIR/val-{000000..000007}.tar' (manifest.json beside them)")
+    window: int = option(INFERENCE_WINDOW, help="keyframes predicted per window (2 keyframes of context on each "
+                                                "side are added); the scores do not depend on it")
+    windows_per_batch: int = option(INFERENCE_WINDOWS_PER_BATCH, help="windows per forward pass")
+    labelmap: str | None = option(None, help="pbtxt label map: write only its classes")
+    topk: int | None = option(None, help="write only the K best actions per box")
+    min_score: float = option(0.0, help="write only scores >= this")
+    runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
+
+    def __post_init__(self) -> None:
+        if (self.store is None) == (self.shards is None):
+            raise ConfigError("give exactly one of --store and --shards")
+        for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if self.topk is not None and not 1 <= self.topk <= NUM_ACTIONS:
+            raise ConfigError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {self.topk}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
+
+
+class InferArgumentError(UserInputError):
+    """A label map or output path of the inference CLI that cannot work; found before any work."""
 
 
 def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:
-    """A model from a checkpoint of this project or of the published STAGE code.
+    """A model from a checkpoint of this project or of the published STAGE code, for data of
+    ``actor_dim``/``object_dim`` features.
 
     ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
     """
-    if Path(checkpoint).is_dir():
-        found = CheckpointManager(checkpoint).load_latest()
-        if found is None:
-            raise ValueError(f"{checkpoint}: no complete checkpoint in this directory")
-        state, checkpoint = found
-    else:
-        state = load_checkpoint(checkpoint)
-    if "model_state" not in state:
-        raise ValueError(f"{checkpoint}: no 'model_state' entry; not a STAGE checkpoint")
-    if "model_config" in state:
-        kind = state.get("model_kind", "stage")
-        config = ModelConfig(**state["model_config"])
-    else:  # published checkpoint: only the state dict; dims from the store, heads from the keys
-        kind = "stage"
-        weights = state["model_state"]
-        num_heads = sum(1 for key in weights if key.startswith("gat1.attention_") and key.endswith(".W"))
-        config = ModelConfig(
-            actor_dim=actor_dim,
-            object_dim=object_dim,
-            num_heads=num_heads,
-            num_outputs=weights["logits.weight"].shape[0] if "logits.weight" in weights else 81,
-        )  # a missing key is then named by the strict load below
+    found = read_latest_or_file(checkpoint)
+    config = found.model_config
     if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
-        raise ValueError(
-            f"{checkpoint}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
+        raise CheckpointError(
+            f"{found.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
             f"dims, the data has {actor_dim}/{object_dim}"
         )
-    model = build_model(kind, config)
-    load_published_state(model, state["model_state"])  # strict; names missing or unexpected keys
-    return model.to(device)
+    return found.build_model().to(device)
+
+
+def _looks_like_results_csv(path: Path) -> bool:
+    """An empty file, or text whose first line has the 8 columns of an AVA results row."""
+    with open(path, "rb") as handle:
+        head = handle.read(65536)
+    if not head:
+        return True
+    try:
+        first = head.decode("utf-8-sig").splitlines()[0]
+    except (UnicodeDecodeError, IndexError):
+        return False
+    return first.count(",") == 7
+
+
+def check_inputs(config: InferConfig) -> dict[int, str] | None:
+    """The label map and ``--out``, checked before any process group or model; returns the label map."""
+    labelmap = read_labelmap(config.labelmap) if config.labelmap else None
+    if labelmap is not None:
+        outside = sorted(i for i in labelmap if not 1 <= i <= NUM_ACTIONS)
+        if outside:
+            raise InferArgumentError(f"{config.labelmap}: action id(s) {', '.join(map(str, outside[:5]))} outside "
+                                     f"1..{NUM_ACTIONS}, the actions the model predicts")
+        if not labelmap:
+            raise InferArgumentError(f"{config.labelmap}: the label map holds no classes; nothing would be written")
+    inputs = [("--checkpoint", config.checkpoint), ("--labelmap", config.labelmap), ("--store", config.store)]
+    if config.shards:
+        local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
+        inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
+    out = check_output_file(config.out, inputs=inputs)
+    if out.exists() and not _looks_like_results_csv(out):
+        raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
+                                 "(remove it or give another --out)")
+    return labelmap
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stage_dist.infer",
-        description="Predict every actor of a feature store once (1..N ranks) and write one AVA results.csv.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--store", help="feature store (zarr) to predict")
-    source.add_argument("--shards", help="WebDataset shards to predict instead of a store: a brace pattern such as "
-                        "'DIR/val-{000000..000007}.tar' (manifest.json beside them)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file of stage_dist.train or of the published STAGE code, or a run's checkpoints/ directory (its newest)")
-    parser.add_argument("--out", required=True, help="results.csv to write (atomically)")
-    parser.add_argument("--window", type=int, default=INFERENCE_WINDOW,
-                        help="keyframes predicted per window (2 keyframes of context on each side are added); "
-                             "the scores do not depend on it")
-    parser.add_argument("--windows-per-batch", type=int, default=32, help="windows per forward pass")
-    parser.add_argument("--labelmap", help="pbtxt label map: write only its classes")
-    parser.add_argument("--topk", type=int, help="write only the K best actions per box")
-    parser.add_argument("--min-score", type=float, default=0.0, help="write only scores >= this")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype (auto: bf16 on GPUs that support it, off on CPU)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share of "
-                             "the cores less one per loader worker)")
-    return parser
+    return build_config_parser(
+        InferConfig, prog="python -m stage_dist.infer",
+        description="Predict every actor of a feature store (or its shards) once, on 1..N ranks, and write one "
+                    "AVA results.csv.\nExit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite scores.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    env = init_distributed(args.device)
-    setup_logging(env)
-    configure_threads(args.threads, env, args.workers)
+    config = parse_config(InferConfig, argv, build_parser())
+    runtime = config.runtime
+    env: DistEnv | None = None
     try:
+        labelmap = check_inputs(config)  # fail before the process group and the compute
+        class_ids = set(labelmap) if labelmap else None
+        env = init_distributed(runtime.device, runtime.dist_timeout)
+        setup_logging(env)
+        configure_threads(runtime.threads, env, runtime.workers)
         started = time.perf_counter()
-        class_ids = set(read_labelmap(args.labelmap)) if args.labelmap else None  # fail before the compute
-        precision = resolve_precision(args.amp, env.device)
-        source = open_window_source(store=args.store, shards=args.shards)
-        model = load_model(args.checkpoint, source.actor_dim, source.object_dim, env.device)
-        result = predict(model, source, env, window=args.window, windows_per_batch=args.windows_per_batch,
-                         precision=precision, num_workers=args.workers)
-        predictions, keyframes = (None, None) if result is None else (result.predictions, result.keyframes)
-        if predictions is not None:
-            rows = write_predictions(args.out, predictions, keyframes, class_ids=class_ids, topk=args.topk,
-                                     min_score=args.min_score)
+        precision = resolve_precision(runtime.amp, env.device)
+        source = open_window_source(store=config.store, shards=config.shards)
+        model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+        result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
+                         precision=precision, num_workers=runtime.workers)
+        if result is not None:
+            predictions, keyframes = result.predictions, result.keyframes
+            problem = non_finite_scores(predictions, keyframes)
+            if problem:
+                print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
+                return EXIT_NON_FINITE
+            with lock_output(config.out):
+                rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
+                                         min_score=config.min_score)
             seconds = time.perf_counter() - started
             num_keyframes = len(keyframes.timestamps)
             print(
                 f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows "
-                f"-> {args.out} in {seconds:.1f} s ({num_keyframes / seconds:.0f} keyframes/s, "
+                f"-> {config.out} in {seconds:.1f} s ({num_keyframes / seconds:.0f} keyframes/s, "
                 f"{env.world_size} rank(s))"
             )
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        cleanup(env)
+        if env is not None:
+            cleanup(env)
     return 0
 
 

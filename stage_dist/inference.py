@@ -33,6 +33,7 @@ RECEPTIVE_FIELD = 2  # keyframes on each side that reach a keyframe through two 
 # Keyframes predicted per window: each window also reads 2 x RECEPTIVE_FIELD context keyframes,
 # so 24 costs 1.17x the keyframes it predicts (6 would cost 1.67x). Scores do not depend on it.
 INFERENCE_WINDOW = 24
+INFERENCE_WINDOWS_PER_BATCH = 32  # windows per forward pass, for validation and stage_dist.infer alike
 
 
 @dataclass
@@ -122,7 +123,7 @@ def predict(
     env: DistEnv,
     *,
     window: int = INFERENCE_WINDOW,
-    windows_per_batch: int = 8,
+    windows_per_batch: int = INFERENCE_WINDOWS_PER_BATCH,
     precision: Precision | None = None,
     num_workers: int = 0,
     progress: bool = True,
@@ -181,3 +182,19 @@ def write_predictions(
         topk=topk,
         min_score=min_score,
     )
+
+
+def non_finite_scores(predictions: Predictions, keyframes: KeyframeIndex) -> str | None:
+    """``None`` if every score is finite, else a message naming the first video whose scores are NaN
+    or infinite and its affected keyframes (a bad feature spreads to the keyframes within the
+    model's receptive field)."""
+    bad = ~np.isfinite(predictions.scores).all(axis=1)
+    if not bad.any():
+        return None
+    rows = np.unique(predictions.keyframe[bad])
+    video = keyframes.video_ids[rows[0]]
+    rows = rows[keyframes.video_ids[rows] == video]
+    first, last = int(rows[0]), int(rows[-1])
+    return (f"{int(bad.sum())} of {len(bad)} actors have non-finite scores, first in video {video} keyframes "
+            f"{int(keyframes.timestamps[first]):04d}-{int(keyframes.timestamps[last]):04d} (keyframe rows "
+            f"{first}-{last}); check their features (and the checkpoint's weights) for NaN/Inf")

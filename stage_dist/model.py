@@ -1,4 +1,4 @@
-"""The STAGE graph-attention model, the no-graph baseline, and published-checkpoint loading.
+"""The STAGE graph-attention model and the no-graph baseline (checkpoints: :mod:`stage_dist.checkpoint`).
 
 Verified against the published code (aimagelab/STAGE_action_detection, commit 584ffe0c):
 
@@ -38,31 +38,25 @@ transcription of the files above.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stage_dist.batch import Batch
+from stage_dist.errors import UserInputError
 from stage_dist.graph import Graph, box_centres, build_batch_graph
 
 GEOMETRY_DIM = 4  # h, w, xc, yc
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserInputError, ValueError):
     """A model configuration the published architecture cannot support."""
 
 
 class ModelInputError(ValueError):
     """A batch whose feature sizes do not match the model."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the model (names the file or keys)."""
 
 
 @dataclass
@@ -287,57 +281,3 @@ def action_logits(logits: torch.Tensor) -> torch.Tensor:
             f"action_logits expects 81 columns (background + 80 actions), got {logits.shape[-1]}"
         )
     return logits[..., 1:]
-
-
-def load_published_state(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
-    """Load a published ``model_state`` strictly: any missing, unexpected or mis-shaped key
-    raises :class:`CheckpointError` naming it."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    for key in sorted(set(expected) & set(state_dict)):
-        value = state_dict[key]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
-        elif value.shape != expected[key].shape:
-            problems.append(
-                f"{key} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(expected[key].shape)}"
-            )
-    if problems:
-        raise CheckpointError("state dict does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
-
-
-def load_published_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load a checkpoint of the published code (``{"model_state", "optimizer_state", "epoch",
-    "iteration"}``) into ``model``; returns the entries other than ``model_state``.
-
-    Reads with ``torch.load(weights_only=True)``: a file whose pickle would build arbitrary
-    objects (run code) is refused with :class:`CheckpointError`.
-    """
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise CheckpointError(f"{path}: no such checkpoint file") from error
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"{path}: refused, not a plain weights file (its pickle references objects that "
-            f"could run code; torch.load(weights_only=True) said: {first_line})"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({error})") from error
-    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
-        raise CheckpointError(f"{path}: not a published checkpoint (no 'model_state' entry)")
-    try:
-        load_published_state(model, checkpoint["model_state"])
-    except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from error
-    return {key: value for key, value in checkpoint.items() if key != "model_state"}

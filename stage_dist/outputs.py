@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
+from stage_dist.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".stage_dist-output.json"  # inside a directory this project created: {"kind": ...}
@@ -45,7 +47,7 @@ LOCK_NAME = ".stage_dist.lock"  # inside a directory output whose parent is not 
 KEEP_WHEN_CLEARING = frozenset({LOCK_NAME})
 
 
-class OutputError(Exception):
+class OutputError(UserInputError):
     """An output that cannot be written as asked; the message names the path and why."""
 
 

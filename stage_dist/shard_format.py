@@ -33,6 +33,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from stage_dist.errors import UserInputError
 from stage_dist.outputs import claim_output_dir
 from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store,
                               finish_store, open_arrays, read_attrs)
@@ -56,7 +57,7 @@ _TAR_BLOCK = 512
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class ShardError(Exception):
+class ShardError(UserInputError):
     """A shard, sample or manifest that cannot be read or does not match what is asked."""
 
 

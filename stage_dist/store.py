@@ -39,19 +39,16 @@ import zarr
 from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
 
+from stage_dist.errors import UserInputError
 from stage_dist.outputs import empty_directory
 from stage_dist.schema import (  # the layout names are re-exported for the converter and the benches
     ACTOR_BOXES,
-    ACTOR_FEATURES,
-    ACTOR_LABELS,
     ATTRS_KEY,
     CLIP_PTR,
     KEYFRAME_ACTOR_PTR,
     KEYFRAME_CLIP,
     KEYFRAME_OBJECT_PTR,
     KEYFRAME_TIMESTAMP,
-    OBJECT_BOXES,
-    OBJECT_FEATURES,
     PROGRESS_DIR,
     ROW_TABLES,
     SCHEMA_VERSION,
@@ -78,7 +75,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_MB = 64
 
 
-class StoreError(Exception):
+class StoreError(UserInputError):
     """A store that cannot be used as asked; the message names the path and attribute."""
 
 

@@ -7,7 +7,17 @@ The defaults are the published recipe (Adam, lr 6.25e-5 for one 6-keyframe windo
 4 heads). Everything a run needs to continue lives in :meth:`Trainer.state_dict`: model,
 optimizer, LR schedule, grad scaler, sampler position and every rank's RNG state, so a run
 stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
-checkpoint was taken.
+checkpoint was taken (the Python, NumPy and torch generators are seeded per rank and restored
+after all start-up code).
+
+Non-finite numbers stop the run with exit code 3 (2 is a bad input, given as one line naming the
+file or flag). Every step ORs ``~isfinite(loss)`` (and, with ``--grad-clip``, of the gradient norm
+it computes anyway, except under fp16 where the GradScaler skips such steps) into a flag on the
+device that keeps the first bad step; the flag and the finiteness of the weights are read back at
+log steps and before every checkpoint and validation, so there is no per-step host sync, the
+error names the first bad step and its window (clip, video, keyframes), and no checkpoint ever
+holds non-finite weights: the last good one stays the newest. A finite loss with non-finite
+gradients and no ``--grad-clip`` shows in the weights at the next check and is named as a step range.
 """
 
 from __future__ import annotations
@@ -16,11 +26,14 @@ import argparse
 import json
 import logging
 import math
+import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -28,14 +41,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from stage_dist.ava import read_ava_csv, read_labelmap
-from stage_dist.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
+                                   rng_state, set_rng_state)
 from stage_dist.data import StoreWindowSource, open_train_data
-from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure_threads, gather_to_main,
-                                    init_distributed, setup_logging)
-from stage_dist.evaluate import evaluate
-from stage_dist.infer import INPUT_ERRORS
-from stage_dist.inference import INFERENCE_WINDOW, predict, write_predictions
-from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
+from stage_dist.distributed import (DEFAULT_TIMEOUT_MINUTES, DistEnv, all_reduce_mean, all_reduce_min, cleanup,
+                                    configure_threads, gather_to_main, init_distributed, setup_logging)
+from stage_dist.evaluate import EvalResult, evaluate_predictions
+from stage_dist.errors import INPUT_ERRORS, UserInputError
+from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
+from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
 
@@ -81,20 +95,30 @@ class TrainConfig:
     resume: str = "auto"
     in_memory: bool = False
     memmap_dir: str | None = None
+    dist_timeout: float = DEFAULT_TIMEOUT_MINUTES
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or non-finite weights: the run stops (exit code 3) without
+    writing them to a checkpoint; the message names the step and its window."""
+
+
+EXIT_NON_FINITE = 3  # train/infer exit code for NaN/Inf (2 is a bad input, 1 a crash)
 
 
 @dataclass
 class StepStats:
-    """Running totals between two log lines."""
+    """Running totals between two log lines. ``loss`` stays on the device (a sum of the steps'
+    losses) so that it is read back once per log line, not once per step."""
 
-    loss: float = 0.0
+    loss: torch.Tensor | float = 0.0
     steps: int = 0
     keyframes: int = 0
     data_wait: float = 0.0
     seconds: float = 0.0
 
-    def add(self, loss: float, keyframes: int, data_wait: float, seconds: float) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor, keyframes: int, data_wait: float, seconds: float) -> None:
+        self.loss = self.loss + loss
         self.steps += 1
         self.keyframes += keyframes
         self.data_wait += data_wait
@@ -110,7 +134,7 @@ class TrainSummary:
     epochs_completed: int
     val_map: float | None
     best_map: float | None
-    checkpoint_dir: Path
+    checkpoint_dir: Path | None  # None: this run wrote no checkpoint (nothing left to train)
     history: list[dict] = field(default_factory=list)
 
 
@@ -133,12 +157,42 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
     return factor
 
 
+@dataclass(frozen=True)
+class KeyframeNamer:
+    """Names global keyframe rows for messages: the clip (and, from a store, its video id and
+    timestamps) they belong to."""
+
+    clip_ptr: np.ndarray  # (clips + 1,) first keyframe row of every clip
+    video_ids: list[str] | None = None
+    timestamps: np.ndarray | None = None
+
+    @classmethod
+    def for_data(cls, data) -> "KeyframeNamer":
+        store = getattr(data.loader.dataset, "store", None)
+        if isinstance(store, FeatureStore):
+            return cls(np.asarray(store.clip_ptr), list(store.video_ids), np.asarray(store.timestamps))
+        lengths = getattr(data.steps, "manifest", {}).get("clip_lengths", [])
+        return cls(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+
+    def describe(self, first: int, last: int) -> str:
+        if first < 0:
+            return "a window without actors"
+        clip = int(np.searchsorted(self.clip_ptr, first, side="right")) - 1
+        rows = f"keyframe rows {first}-{last}"
+        if self.video_ids is None or not 0 <= clip < len(self.video_ids):
+            return f"clip {clip}, {rows}" if clip >= 0 else rows
+        stamps = self.timestamps
+        return (f"clip {clip} (video {self.video_ids[clip]}, timestamps {int(stamps[first]):04d}-"
+                f"{int(stamps[last]):04d}), {rows}")
+
+
 class Trainer:
     """One training run on one rank: data, model (DDP when world size > 1), Adam, LR schedule,
     precision and checkpoints. :meth:`fit` is the loop; :meth:`state_dict` is everything needed
     to continue it."""
 
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+        check_config(config)
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
         self.data = open_train_data(
@@ -191,7 +245,17 @@ class Trainer:
         self.global_step = 0
         self.best_map: float | None = None
         self.history: list[dict] = []
-        torch.manual_seed(config.seed + env.rank)  # dropout masks differ between ranks
+        self._pending_rng: dict | None = None  # a resumed rank's generators, restored by _restore_rng
+        # Non-finite detection without a per-step host sync: the first bad step since the last check
+        # (-1: none) accumulates on the device and is read at log steps and before any checkpoint.
+        self._first_bad_step = torch.tensor(-1, dtype=torch.int64, device=env.device)
+        self._unchecked: dict[int, tuple[int, int]] = {}  # step -> its window's first/last keyframe row
+        self._keyframe_names = KeyframeNamer.for_data(self.data)
+        # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
+        # the RNG states a checkpoint saves are the same in any run of this config.
+        torch.manual_seed(config.seed + env.rank)
+        random.seed(config.seed + env.rank)
+        np.random.seed(config.seed + env.rank)
 
     def _planned_steps(self) -> int:
         steps = sum(self.sampler.steps_for_epoch(epoch) for epoch in range(self.config.epochs))
@@ -219,29 +283,54 @@ class Trainer:
             "train_config": asdict(self.config),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model_state"])
-        self.optimizer.load_state_dict(state["optimizer_state"])
-        self.scheduler.load_state_dict(state["scheduler_state"])
-        self.scaler.load_state_dict(state["scaler_state"])
-        self.epoch = state["epoch"]
-        self.step_in_epoch = state["step"]
-        self.global_step = state["global_step"]
-        self.best_map = state["best_map"]
-        self.history = list(state["history"])
-        rng_states = state["rng_per_rank"]
-        if state["world_size"] == self.env.world_size:
-            set_rng_state(rng_states[self.env.rank])
+    def load_state_dict(self, checkpoint: Checkpoint) -> None:
+        """Continue the run saved in ``checkpoint`` (a :mod:`stage_dist.train` checkpoint with its
+        training state). The RNG states are restored later, by :meth:`_restore_rng`."""
+        state = checkpoint.training
+        assert state is not None
+        load_model_state(self.model, checkpoint.model_state)
+        self.optimizer.load_state_dict(state.optimizer_state)
+        self.scheduler.load_state_dict(state.scheduler_state)
+        self._load_scaler_state(state.scaler_state, checkpoint.path)
+        self.epoch = state.epoch
+        self.step_in_epoch = state.step
+        self.global_step = state.global_step
+        self.best_map = state.best_map
+        self.history = list(state.history)
+        if state.world_size == self.env.world_size:
+            self._pending_rng = state.rng_per_rank[self.env.rank]
         else:
             log.warning(
                 "checkpoint was written by %d ranks, this run has %d: RNG streams restart from the seed "
                 "(the run continues, but not bitwise as the original would have)",
-                state["world_size"],
+                state.world_size,
                 self.env.world_size,
             )
             torch.manual_seed(self.config.seed + self.env.rank + self.global_step)
 
+    def _load_scaler_state(self, saved: dict | None, path: Path) -> None:
+        """A checkpoint saved without an active GradScaler (--amp off or bf16) resumed under fp16
+        starts a fresh scaler; a scaler state resumed without fp16 is not needed."""
+        if saved is None:
+            if self.scaler.is_enabled():
+                log.warning("%s holds no GradScaler state (saved without --amp fp16): fp16 resumes with a "
+                            "fresh scaler (scale %g)", path, self.scaler.get_scale())
+            return
+        if not self.scaler.is_enabled():
+            log.info("%s holds a GradScaler state (saved with --amp fp16); amp %s does not use it",
+                     path, self.precision.mode)
+            return
+        self.scaler.load_state_dict(saved)
+
+    def _restore_rng(self) -> None:
+        """Set the generators to the resumed checkpoint's, after all start-up code that draws from
+        them (model init, data set-up, loggers), so the run continues bit for bit."""
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     def save_checkpoint(self, metric: float | None = None) -> None:
+        self.check_finite()  # never write non-finite weights over the last good checkpoint
         state = self.state_dict()  # collective: every rank takes part
         if self.env.is_main:
             path = self.checkpoints.save(state, epoch=self.epoch, step=self.step_in_epoch, metric=metric)
@@ -255,21 +344,28 @@ class Trainer:
         """
         found = self.checkpoints.load_latest()
         if found is not None and self.config.resume == "none":
-            raise ValueError(
+            raise UserInputError(
                 f"{self.checkpoints.directory} holds checkpoints of an earlier run: continue it with "
                 "--resume auto, or give a new --output-dir"
             )
         if found is None and self.config.resume in ("auto", "none"):
             return
-        state, path = found if found is not None else (load_checkpoint(self.config.resume), Path(self.config.resume))
-        if "rng_per_rank" not in state:  # a checkpoint of the published code: weights only
-            load_published_state(self.model, state["model_state"])
-            log.info("initialised the weights from %s (published format); training starts at epoch 0", path)
+        checkpoint = found if found is not None else read_checkpoint(self.config.resume)
+        if checkpoint.training is None:  # the published format, or a model-only file: weights only
+            try:
+                load_model_state(self.model, checkpoint.model_state)
+            except CheckpointError as err:
+                raise CheckpointError(f"{checkpoint.path}: {err}") from None
+            log.info("initialised the weights from %s (%s format, no training state); training starts at epoch 0",
+                     checkpoint.path, checkpoint.kind)
             return
-        self._warn_on_config_change(state.get("train_config", {}), path)
-        self.load_state_dict(state)
+        self._warn_on_config_change(checkpoint.training.train_config, checkpoint.path)
+        try:
+            self.load_state_dict(checkpoint)
+        except CheckpointError as err:
+            raise CheckpointError(f"{checkpoint.path}: {err}") from None
         log.info("resumed from %s (epoch %d, step %d of the epoch, global step %d)",
-                 path, self.epoch, state["step"], self.global_step)
+                 checkpoint.path, self.epoch, self.step_in_epoch, self.global_step)
 
     def _warn_on_config_change(self, saved: dict, path: Path) -> None:
         """A resumed run keeps the checkpoint's optimizer, LR schedule and position in the epoch;
@@ -284,31 +380,36 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> TrainSummary:
+        self.maybe_resume()  # before writing anything: a bad --resume leaves OUTPUT_DIR untouched
         writer = self._writer()
-        self.maybe_resume()
         self._log_start()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
                    disable=not self.env.is_main, dynamic_ncols=True)
+        self._restore_rng()
         val_map: float | None = None
+        saved_any = False
         finished = self.epoch >= self.config.epochs or self._reached_max_steps()
-        while not finished:
-            self.train_epoch(writer, bar)
-            epoch_done = self.step_in_epoch == len(self.sampler)
-            if epoch_done:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.sampler.set_epoch(self.epoch)
-            finished = self.epoch >= self.config.epochs or self._reached_max_steps()
-            scheduled = epoch_done and self.config.val_every and self.epoch % self.config.val_every == 0
-            metric = None
-            if self.val_store is not None and (finished or scheduled):
-                metric = val_map = self.validate(writer)
-            self.save_checkpoint(metric=metric)
-        bar.close()
-        self._log_per_class(writer)
-        if writer:
-            writer.close()
+        try:
+            while not finished:
+                self.train_epoch(writer, bar)
+                epoch_done = self.step_in_epoch == len(self.sampler)
+                if epoch_done:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    self.sampler.set_epoch(self.epoch)
+                finished = self.epoch >= self.config.epochs or self._reached_max_steps()
+                scheduled = epoch_done and self.config.val_every and self.epoch % self.config.val_every == 0
+                metric = None
+                self.check_finite()
+                if self.val_store is not None and (finished or scheduled):
+                    metric = val_map = self.validate(writer)
+                self.save_checkpoint(metric=metric)
+                saved_any = True
+        finally:
+            bar.close()  # ends the progress line before any error message
+            if writer:
+                writer.close()
         return TrainSummary(self.global_step, self.epoch, val_map, self.best_map,
-                            self.checkpoints.directory, self.history)
+                            self.checkpoints.directory if saved_any else None, self.history)
 
     def train_epoch(self, writer: SummaryWriter | None, bar: tqdm) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
@@ -318,9 +419,12 @@ class Trainer:
         step_started = time.perf_counter()
         for batch in self.loader:
             data_ready = time.perf_counter()
+            rows = batch.actor_keyframe  # on the host: which keyframes this step trains on
+            window = (int(rows.min()), int(rows.max())) if len(rows) else (-1, -1)
             loss = self.train_step(batch)
             self.global_step += 1
             self.step_in_epoch += 1
+            self._unchecked[self.global_step] = window
             step_done = time.perf_counter()
             stats.add(loss, batch.num_keyframes * self.env.world_size, data_ready - step_started,
                       step_done - step_started)
@@ -333,20 +437,60 @@ class Trainer:
             if self._reached_max_steps():
                 break
 
-    def train_step(self, batch) -> float:
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step; returns the loss, detached and left on the device (no host sync)."""
         batch = batch.to(self.env.device, non_blocking=True)
         with self.precision.autocast():
             logits = self.ddp_model(batch)
         loss = self.loss(action_logits(logits).float(), batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        bad = ~torch.isfinite(loss.detach())
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if not self.scaler.is_enabled():  # under fp16 the scaler skips steps with inf gradients
+                bad |= ~torch.isfinite(norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.item()
+        step = self.global_step + 1
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step, self._first_bad_step)
+        return loss.detach()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a step since the last check had a non-finite loss (or
+        clipped gradient norm), or the weights are no longer finite. One host read of two flags
+        (a collective under DDP: every rank calls it at the same steps)."""
+        if not self._unchecked:
+            return
+        weights_bad = ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        never = torch.iinfo(torch.int64).max
+        local_first = torch.where(self._first_bad_step < 0, never, self._first_bad_step)
+        flags = all_reduce_min(torch.stack([local_first, -weights_bad.to(torch.int64)]), self.env).tolist()
+        first_bad, any_weights_bad = int(flags[0]), flags[1] < 0
+        checked = sorted(self._unchecked)
+        windows, self._unchecked = self._unchecked, {}
+        if first_bad == never and not any_weights_bad:
+            return
+        # Which rank's window went bad first (gathered only now, on failure).
+        mine = None if int(local_first) != first_bad else windows.get(first_bad)
+        reports = gather_to_main((self.env.rank, mine), self.env)
+        last_good = self.checkpoints.latest()
+        kept = f"; the last good checkpoint is kept: {last_good}" if last_good else "; no checkpoint was written"
+        if first_bad == never:
+            message = (f"the weights became non-finite between steps {checked[0]} and {checked[-1]} with a finite "
+                       f"loss (non-finite gradients?){kept}; lower --lr or set --grad-clip")
+        else:
+            where = ""
+            for rank, window in reports or []:
+                if window is not None:
+                    where = f" in the window of {self._keyframe_names.describe(*window)}"
+                    where += f" (rank {rank})" if self.env.world_size > 1 else ""
+                    break
+            message = (f"non-finite loss or gradient at step {first_bad}{where}{kept}; check that window's "
+                       "features for NaN/Inf, or lower --lr")
+        raise NonFiniteError(message)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -355,21 +499,27 @@ class Trainer:
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
     def validate(self, writer: SummaryWriter | None) -> float | None:
-        """Distributed inference over the val store; rank 0 writes results.csv and evaluates it."""
+        """Distributed inference over the val store; rank 0 writes results.csv and evaluates it.
+        Non-finite scores (a NaN/Inf in the val store) stop the run on every rank."""
         assert self.val_store is not None
         result = predict(self.model, StoreWindowSource(self.val_store), self.env, window=INFERENCE_WINDOW,
                          precision=self.precision, num_workers=0)
+        problem = non_finite_scores(result.predictions, result.keyframes) if result is not None else None
+        flag = torch.tensor(-1 if problem else 0, dtype=torch.int64, device=self.env.device)
+        if int(all_reduce_min(flag, self.env)) < 0:
+            raise NonFiniteError(f"validation on {self.val_store.path}: {problem or 'non-finite scores (rank 0)'}")
         if not self.env.is_main:
             return None
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
         class_ids = set(self.val_labelmap) if self.val_labelmap else None
-        write_predictions(results_csv, result.predictions, result.keyframes, class_ids=class_ids)
+        predictions, keyframes = result.predictions, result.keyframes
+        write_predictions(results_csv, predictions, keyframes, class_ids=class_ids)
         if self.val_groundtruth is None or self.val_labelmap is None:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
             return None
-        result = evaluate(self.val_groundtruth, results_csv, self.val_labelmap)
+        result = self._evaluate(predictions, keyframes, class_ids)
         if self.best_map is None or result.mean_ap > self.best_map:
             self.best_map = result.mean_ap
         self.history.append({"epoch": self.epoch, "global_step": self.global_step,
@@ -378,7 +528,17 @@ class Trainer:
                  self.epoch, self.global_step, result.mean_ap, self.best_map)
         if writer:
             writer.add_scalar("val/mAP", result.mean_ap, self.global_step)
+            for name, ap in result.per_class.items():  # at every validation, not only at the end
+                if not math.isnan(ap):
+                    writer.add_scalar(f"val_per_class_AP/{name}", ap, self.global_step)
         return result.mean_ap
+
+    def _evaluate(self, predictions: Predictions, keyframes: KeyframeIndex, class_ids: set[int] | None) -> EvalResult:
+        """Frame-mAP@0.5 of the val predictions, in memory: the same numbers as evaluating the
+        results.csv just written (``evaluate_predictions`` applies the writer's row selection)."""
+        return evaluate_predictions(self.val_groundtruth, self.val_labelmap,
+                                    keyframes.video_ids[predictions.keyframe], keyframes.timestamps[predictions.keyframe],
+                                    predictions.boxes, predictions.scores, class_ids=class_ids)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -402,7 +562,8 @@ class Trainer:
         )
 
     def _log_train(self, stats: StepStats, writer: SummaryWriter | None, bar: tqdm) -> None:
-        loss = all_reduce_mean(stats.loss / stats.steps, self.env)
+        self.check_finite()
+        loss = all_reduce_mean(float(stats.loss) / stats.steps, self.env)  # the loss's one read per log line
         keyframes_per_s = stats.keyframes / stats.seconds
         wait_fraction = stats.data_wait / stats.seconds
         lr = self.optimizer.param_groups[0]["lr"]
@@ -416,15 +577,68 @@ class Trainer:
                   self.global_step, self.epoch, loss, lr, keyframes_per_s, 100 * wait_fraction)
         stats.reset()
 
-    def _log_per_class(self, writer: SummaryWriter | None) -> None:
-        if not (writer and self.history):
-            return
-        for name, ap in self.history[-1]["per_class"].items():
-            if not math.isnan(ap):
-                writer.add_scalar(f"val_per_class_AP/{name}", ap, self.global_step)
-
     def _reached_max_steps(self) -> bool:
         return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
+
+
+class TrainConfigError(UserInputError):
+    """A setting of the run that cannot work (a flag out of range, an output directory that would
+    overwrite an input or another program's files); found before any work starts."""
+
+
+_AT_LEAST = {"window": 1, "windows_per_step": 1, "epochs": 0, "max_steps": 0, "keep_last": 1, "log_every": 1,
+             "val_every": 0, "checkpoint_every": 0, "workers": 0, "threads": 0, "warmup_steps": 0,
+             "shuffle_buffer": 1, "num_heads": 1}
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that would fail later (or write where they must not), naming the flag or path."""
+    for name, low in _AT_LEAST.items():
+        if getattr(config, name) < low:
+            raise TrainConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(config, name)}")
+    for name in ("lr", "dist_timeout"):
+        if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
+            raise TrainConfigError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(config, name)}")
+    if not (math.isfinite(config.grad_clip) and config.grad_clip >= 0):
+        raise TrainConfigError(f"--grad-clip must be >= 0, got {config.grad_clip}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise TrainConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise TrainConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
+    check_output_dir(config)
+
+
+# -- output safety (a minimal form of the project's output rules; see stage_dist/outputs.py when merged) --
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """``--output-dir`` must not be or lie inside an input (stores, groundtruth, label map, --resume
+    checkpoint; a shard file is refused as an existing file), must be a directory if it exists, may hold another program's files
+    only beside the run's (its config.json must be a run's), and its parent must be writable."""
+    out = Path(config.output_dir)
+    resolved = out.resolve()
+    inputs = [config.train_store, config.val_store, config.val_groundtruth, config.labelmap,
+              config.resume if config.resume not in ("auto", "none") else None]
+    for source in filter(None, inputs):
+        source_path = Path(source).resolve()
+        if resolved == source_path or source_path in resolved.parents:
+            raise TrainConfigError(f"{out}: --output-dir is or lies inside the input {source}; give another directory")
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"{out}: --output-dir exists and is not a directory")
+    saved_config = out / "config.json"
+    if saved_config.exists():
+        try:
+            is_run = {"output_dir", "train_store", "epochs"} <= set(json.loads(saved_config.read_text()))
+        except (OSError, ValueError, TypeError):
+            is_run = False
+        if not is_run:
+            raise TrainConfigError(f"{saved_config}: not a stage_dist run's config.json; refusing to replace it "
+                                   "(give another --output-dir)")
+    parent = resolved
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"{out}: cannot write there: {parent} is not a writable directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept besides best.pt")
     run.add_argument("--val-every", type=int, default=defaults.val_every, help="validate every N epochs (0: only at the end)")
     run.add_argument("--log-every", type=int, default=defaults.log_every, help="log loss, lr, keyframes/s every N steps")
+    run.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
+                     help="minutes a rank waits in a collective for the others before the run fails (rank 0's "
+                          "validation and a first --memmap-dir build happen while the others wait)")
     run.add_argument("--tensorboard-dir", help="TensorBoard log dir (default: OUTPUT_DIR/tensorboard)")
     run.add_argument("--resume", default=defaults.resume,
                      help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh (refused if OUTPUT_DIR "
@@ -498,21 +715,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
-    env = init_distributed(config.device)
-    setup_logging(env)
-    configure_threads(config.threads, env, config.workers)
+    env: DistEnv | None = None
     try:
+        check_config(config)  # before the process group: every rank fails the same way, at once
+        env = init_distributed(config.device, config.dist_timeout)
+        setup_logging(env)
+        configure_threads(config.threads, env, config.workers)
         summary = Trainer(config, env).fit()
         if env.is_main:
             val = "n/a" if summary.val_map is None else f"{summary.val_map:.4f}"
             best = "n/a" if summary.best_map is None else f"{summary.best_map:.4f}"
+            saved = (f"checkpoints in {summary.checkpoint_dir}" if summary.checkpoint_dir is not None else
+                     f"nothing to train (epoch {summary.epochs_completed} of --epochs {config.epochs}): "
+                     "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
-                  f"val mAP {val} (best {best}); checkpoints in {summary.checkpoint_dir}")
+                  f"val mAP {val} (best {best}); {saved}")
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        if env is None or env.is_main:
+            print(f"error: training stopped: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
     finally:
-        cleanup(env)
+        if env is not None:
+            cleanup(env)
     return 0
 
 

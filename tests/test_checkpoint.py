@@ -1,26 +1,51 @@
-"""Checkpoint files: round trip, atomic writes under a crash, fallback, rotation, RNG state."""
+"""Checkpoints: round trip, atomic writes under a crash, fallback, rotation, RNG state, and reading
+every accepted format (the project's own, the published code's) into one typed result."""
 
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import signal
 import subprocess
 import sys
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from reference_stage import ReferenceStage, random_window, reference_logits
 from stage_dist import checkpoint as ckpt_module
+from stage_dist.batch import collate
 from stage_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    load_checkpoint,
+    load_model_state,
+    read_checkpoint,
+    read_latest_or_file,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from stage_dist.errors import UserInputError
+from stage_dist.model import STAGE, ModelConfig, build_model
+
+SMALL = ModelConfig(actor_dim=60, object_dim=124)
+TINY = ModelConfig(actor_dim=4, object_dim=8, num_heads=1)
+
+
+def model_only(tag: int = 0) -> dict:
+    """The smallest valid stage_dist checkpoint: weights and model description, no training state."""
+    torch.manual_seed(tag)
+    return {"model_state": build_model("stage", TINY).state_dict(), "model_kind": "stage",
+            "model_config": asdict(TINY), "tag": torch.tensor(tag)}
+
+
+def tag_of(path: Path) -> int:
+    return torch.load(path, weights_only=True)["tag"].item()
 
 
 def training_state(seed: int = 0) -> dict:
@@ -62,7 +87,6 @@ def test_round_trip_loads_with_weights_only(tmp_path):
     path = tmp_path / "sub" / "state.pt"
     save_checkpoint(path, state)
     assert_equal_states(torch.load(path, weights_only=True), state)
-    assert_equal_states(load_checkpoint(path), state)
     assert [p.name for p in path.parent.iterdir()] == ["state.pt"]
 
 
@@ -75,27 +99,169 @@ def test_round_trip_loads_with_weights_only(tmp_path):
     ],
 )
 def test_save_refuses_what_weights_only_cannot_load(tmp_path, bad, where):
-    with pytest.raises(CheckpointError, match="numpy") as err:
+    with pytest.raises(TypeError, match="numpy") as err:  # a programming error, not a user's
         save_checkpoint(tmp_path / "x.pt", bad)
     assert where in str(err.value)
     assert not list(tmp_path.iterdir())
 
 
-def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
-    path = tmp_path / "state.pt"
-    save_checkpoint(path, training_state())
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="state.pt.*truncated or corrupt"):
-        load_checkpoint(path)
-    path.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="state.pt"):
-        load_checkpoint(path)
-    torch.save([1, 2], path)
-    with pytest.raises(CheckpointError, match="expected a dict"):
-        load_checkpoint(path)
+def _not_torch_zip(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "a zip archive, but not torch's")
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "checkpoint not found"),
+    (lambda p: p.mkdir(), "not a file"),
+    (lambda p: p.write_bytes(b""), "not a torch checkpoint"),
+    (lambda p: p.write_text("video_id,timestamp\n-5KQ66BBWC4,0902\n"), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a torch checkpoint"),
+    (_not_torch_zip, "not a loadable torch checkpoint"),
+    (lambda p: p.write_bytes(_saved_bytes()[:200]), "truncated or corrupt"),
+    (lambda p: torch.save([1, 2], p), "expected a dict, found list"),
+    (lambda p: torch.save({"optimizer_state": {}}, p), "no 'model_state' dict"),
+    (lambda p: torch.save({"model_state": {"x": torch.zeros(1)}}, p), "no 2-D tensor gat1.attention_0.W"),
+])
+def test_every_bad_file_is_one_line_naming_it(tmp_path, make, message):
+    path = tmp_path / "model.pt"
+    make(path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        read_checkpoint(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text
+    assert "weights_only" not in text and "arbitrary code" not in text, "no advice to load unsafely"
+    assert isinstance(err.value, UserInputError)
+
+
+def _saved_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model_only(), buffer)
+    return buffer.getvalue()
+
+
+def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model_state": _RunsCode(marker)}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="evil.pth: refused") as err:
+        read_checkpoint(path)
+    assert not marker.exists()
+    assert "weights_only" not in str(err.value)
+
+
+def _published_checkpoint(path: Path, actor_dim: int = 1024, object_dim: int = 2048,
+                          heads: int = 4) -> ReferenceStage:
+    """Write a checkpoint the way the published utils/checkpoints.py does."""
+    torch.manual_seed(1)
+    reference = ReferenceStage(81, actor_dim, object_dim, heads)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=6.25e-5)
+    batch = collate([random_window(np.random.default_rng(1), 2, actor_dim, object_dim, max_actors=2,
+                                   max_objects=3)])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        reference_logits(reference, batch), torch.rand(batch.actor_features.shape[0], 81))
+    loss.backward()
+    optimizer.step()
+    torch.save({"model_state": reference.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "epoch": 3, "iteration": 1234}, path)
+    return reference
+
+
+def test_published_checkpoint_reads_into_the_typed_result(tmp_path):
+    path = tmp_path / "model_ep_003_iter_0001234.pth"
+    reference = _published_checkpoint(path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.kind == "published" and checkpoint.model_kind == "stage" and checkpoint.training is None
+    assert checkpoint.path == path
+    assert checkpoint.model_config == ModelConfig(actor_dim=1024, object_dim=2048, num_heads=4, num_outputs=81)
+    model = checkpoint.build_model().eval()
+    reference.eval()
+    batch = collate([random_window(np.random.default_rng(2), 4, 1024, 2048, max_actors=3, max_objects=6)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), reference_logits(reference, batch), atol=1e-5, rtol=0)
+    with pytest.raises(dataclasses_frozen_error()):
+        checkpoint.kind = "stage_dist"
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+@pytest.mark.parametrize("actor_dim, object_dim, heads", [(60, 124, 2), (60, 124, 1), (64, 64, 4)])
+def test_published_head_count_and_dims_come_from_the_weights(tmp_path, actor_dim, object_dim, heads):
+    path = tmp_path / "published.pth"
+    _published_checkpoint(path, actor_dim, object_dim, heads)
+    config = read_checkpoint(path).model_config
+    assert (config.actor_dim, config.object_dim, config.num_heads) == (actor_dim, object_dim, heads)
+
+
+def test_stage_dist_checkpoint_with_and_without_training_state(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model_only(3))
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.kind == "stage_dist" and checkpoint.model_config == TINY and checkpoint.training is None
+    training = {"optimizer_state": {"state": {}, "param_groups": []}, "scheduler_state": {}, "scaler_state": {},
+                "epoch": 2, "step": 5, "global_step": 17, "best_map": 0.25, "history": [], "world_size": 2,
+                "rng_per_rank": [rng_state(), rng_state()], "train_config": {"lr": 1e-3}}
+    save_checkpoint(path, {**model_only(3), **training})
+    checkpoint = read_checkpoint(path)
+    assert (checkpoint.training.epoch, checkpoint.training.step, checkpoint.training.global_step) == (2, 5, 17)
+    assert checkpoint.training.scaler_state is None, "a disabled GradScaler's {} reads as no scaler state"
+    assert len(checkpoint.training.rng_per_rank) == 2
+    del training["scheduler_state"], training["rng_per_rank"]
+    save_checkpoint(path, {**model_only(3), **training})
+    with pytest.raises(CheckpointError, match="model.pt: incomplete training state: missing scheduler_state, "
+                                              "rng_per_rank"):
+        read_checkpoint(path)
+    save_checkpoint(path, {**model_only(3), "model_kind": "transformer"})
+    with pytest.raises(CheckpointError, match="unknown model_kind 'transformer'"):
+        read_checkpoint(path)
+    save_checkpoint(path, {**model_only(3), "model_config": {"actor_dim": 4, "width": 9}})
+    with pytest.raises(CheckpointError, match="malformed model_config"):
+        read_checkpoint(path)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
+    state = STAGE(SMALL).state_dict()
+    missing = {k: v for k, v in state.items() if k != "gat_fc2.bias"}
+    with pytest.raises(CheckpointError, match=r"missing keys: gat_fc2\.bias"):
+        load_model_state(STAGE(SMALL), missing)
+    extra = dict(state, **{"gat1.attention_4.W": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys: gat1\.attention_4\.W"):
+        load_model_state(STAGE(SMALL), extra)
+    wrong = dict(state, **{"logits.weight": torch.zeros(80, 64)})
+    with pytest.raises(CheckpointError, match=r"logits\.weight has shape \(80, 64\)"):
+        load_model_state(STAGE(SMALL), wrong)
+    path = tmp_path / "published.pth"
+    torch.save({"model_state": missing}, path)
+    with pytest.raises(CheckpointError, match=r"published.pth: state dict does not match the model: missing keys: "
+                                              r"gat_fc2\.bias"):
+        read_checkpoint(path).build_model()
+
+
+def test_a_run_directory_reads_its_newest_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save(model_only(1), epoch=0, step=1)
+    newest = manager.save(model_only(2), epoch=0, step=2)
+    assert read_latest_or_file(tmp_path).path == newest
+    assert read_latest_or_file(newest).path == newest
+    with pytest.raises(CheckpointError, match="empty: checkpoint not found"):
+        read_latest_or_file(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty: no checkpoint"):
+        read_latest_or_file(tmp_path / "empty")
 
 
 def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -109,7 +275,7 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_module.torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"version": torch.tensor(2)})
-    assert load_checkpoint(path)["version"].item() == 1
+    assert torch.load(path, weights_only=True)["version"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"], "temporary file removed"
 
 
@@ -133,7 +299,7 @@ manager.save({"step": torch.tensor(2)}, epoch=0, step=2)
 def test_killed_writer_leaves_no_partial_checkpoint(tmp_path):
     """A real SIGKILL while writing: the older checkpoint stays the newest loadable one."""
     manager = CheckpointManager(tmp_path)
-    first = manager.save({"step": torch.tensor(1)}, epoch=0, step=1)
+    first = manager.save(model_only(1), epoch=0, step=1)
     writer = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
@@ -145,9 +311,8 @@ def test_killed_writer_leaves_no_partial_checkpoint(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p != first]
     assert leftovers and all(p.name.startswith(".tmp-") for p in leftovers)
     assert manager.latest() == first
-    state, path = manager.load_latest()
-    assert path == first and state["step"].item() == 1
-    second = manager.save({"step": torch.tensor(3)}, epoch=0, step=3)
+    assert manager.load_latest().path == first
+    second = manager.save(model_only(3), epoch=0, step=3)
     assert sorted(tmp_path.iterdir()) == [first, second], "stale temporary file cleaned up"
 
 
@@ -155,13 +320,13 @@ def test_truncated_newest_falls_back_with_a_warning(tmp_path, caplog):
     manager = CheckpointManager(tmp_path, keep_last=3)
     assert manager.latest() is None and manager.load_latest() is None
     for step in (10, 20, 30):
-        manager.save({"step": torch.tensor(step)}, epoch=1, step=step)
+        manager.save(model_only(step), epoch=1, step=step)
     newest = manager.latest()
     assert newest.name == "ckpt_e0001_s000030.pt"
     newest.write_bytes(newest.read_bytes()[:100])
     with caplog.at_level(logging.WARNING, logger="stage_dist.checkpoint"):
-        state, path = manager.load_latest()
-    assert path.name == "ckpt_e0001_s000020.pt" and state["step"].item() == 20
+        found = manager.load_latest()
+    assert found.path.name == "ckpt_e0001_s000020.pt" and tag_of(found.path) == 20
     assert "ckpt_e0001_s000030.pt" in caplog.text
     for path in manager.checkpoints():
         path.write_bytes(b"garbage")
@@ -177,16 +342,16 @@ def test_keep_last_and_best(tmp_path):
         assert path.name == f"ckpt_e{epoch:04d}_s{step:06d}.pt"
     assert [p.name for p in manager.checkpoints()] == ["ckpt_e0001_s000100.pt", "ckpt_e0002_s000000.pt"]
     assert manager.best_metric() == pytest.approx(0.30)
-    assert load_checkpoint(manager.best_path)["tag"].tolist() == [0, 200]  # its source is pruned
+    assert torch.load(manager.best_path, weights_only=True)["tag"].tolist() == [0, 200]  # its source is pruned
     assert {p.name for p in tmp_path.iterdir()} == {
         "ckpt_e0001_s000100.pt", "ckpt_e0002_s000000.pt", "best.pt", "best.json"
     }
 
     again = CheckpointManager(tmp_path, keep_last=2)  # a restarted run keeps the best so far
     again.save({"tag": torch.tensor([3, 0])}, epoch=3, step=0, metric=0.29)
-    assert load_checkpoint(again.best_path)["tag"].tolist() == [0, 200]
+    assert torch.load(again.best_path, weights_only=True)["tag"].tolist() == [0, 200]
     again.save({"tag": torch.tensor([4, 0])}, epoch=4, step=0, metric=0.31)
-    assert load_checkpoint(again.best_path)["tag"].tolist() == [4, 0]
+    assert torch.load(again.best_path, weights_only=True)["tag"].tolist() == [4, 0]
     again.save({"tag": torch.tensor([5, 0])}, epoch=5, step=0, metric=float("nan"))
     assert again.best_metric() == pytest.approx(0.31)
 
@@ -225,7 +390,7 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     save_checkpoint(tmp_path / "rng.pt", {"rng": state})
     expected = draw()
     draw()
-    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert draw() == expected
 
 

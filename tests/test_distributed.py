@@ -155,3 +155,35 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert "[rank 0] INFO worker: info from rank 0" in proc.stderr
     assert "[rank 1] WARNING worker: warning from rank 1" in proc.stderr
     assert "info from rank 1" not in proc.stderr
+
+
+def test_process_group_binds_the_gpu_and_takes_the_timeout():
+    from datetime import timedelta
+
+    from stage_dist.distributed import process_group_options
+
+    gpu = torch.device("cuda", 3)  # a device object needs no GPU
+    assert process_group_options(gpu, timedelta(minutes=60)) == {
+        "backend": "nccl", "device_id": gpu, "timeout": timedelta(minutes=60)}
+    assert process_group_options(torch.device("cpu"), timedelta(minutes=5)) == {
+        "backend": "gloo", "timeout": timedelta(minutes=5)}
+
+
+def test_dist_timeout_reaches_init_process_group(no_torchrun, monkeypatch):
+    from datetime import timedelta
+
+    from stage_dist import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "_attempt_store", lambda rank, world, timeout: ("store", timeout))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    env = init_distributed("cpu", timeout_minutes=90)
+    assert env.backend == "gloo"
+    [call] = calls
+    assert call["timeout"] == timedelta(minutes=90) and call["store"] == ("store", timedelta(minutes=90))
+    assert call["backend"] == "gloo" and "device_id" not in call
+    with pytest.raises(DistributedError, match="timeout must be > 0"):
+        init_distributed("cpu", timeout_minutes=0)

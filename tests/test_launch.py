@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ STUB_TORCHRUN = textwrap.dedent(
 FAKE_SRUN = textwrap.dedent(
     """\
     #!/usr/bin/env bash
+    printf '%s\n' "$@" > "$STUB_DIR/srun_args.txt"
     nodes=1
     while [[ "$1" == --* ]]; do
         [[ "$1" == --nodes=* ]] && nodes="${1#--nodes=}"
@@ -120,7 +122,9 @@ def test_multi_node_refuses_a_missing_or_bad_variable(stub, variables, message):
     assert calls() == []
 
 
-def test_slurm_runs_one_launcher_per_node_with_the_first_host_as_endpoint(stub, tmp_path):
+@pytest.fixture
+def slurm(stub, tmp_path):
+    """The stub environment inside a fake 2-node allocation (job 4242, 4 GPUs and 16 CPUs per task)."""
     env, calls = stub
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -128,8 +132,13 @@ def test_slurm_runs_one_launcher_per_node_with_the_first_host_as_endpoint(stub, 
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2",
-               SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="4")
+               SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="16")
     del env["NPROC_PER_NODE"]
+    return env, calls
+
+
+def test_slurm_runs_one_launcher_per_node_with_the_first_host_as_endpoint(slurm):
+    env, calls = slurm
     result = run("slurm.sbatch", ["--train-store", "/shared/train.zarr"], env)
     assert result.returncode == 0, result.stderr
     by_node = sorted(calls(), key=lambda call: call["env"]["SLURM_NODEID"])
@@ -137,9 +146,35 @@ def test_slurm_runs_one_launcher_per_node_with_the_first_host_as_endpoint(stub, 
     for node, call in enumerate(by_node):
         assert call["argv"] == [
             "--nnodes=2", "--nproc-per-node=4", f"--node-rank={node}", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=node-a:29500", "--rdzv-id=4242", "--max-restarts=0",
+            "--rdzv-endpoint=node-a:24242", "--rdzv-id=4242", "--max-restarts=0",
             "-m", "stage_dist.train", "--train-store", "/shared/train.zarr",
         ]
+
+
+def test_slurm_srun_gets_the_cpus_per_task(slurm):
+    """Slurm >= 22.05: srun does not inherit sbatch's --cpus-per-task; the script passes it on."""
+    env, _ = slurm
+    assert run("slurm.sbatch", [], env).returncode == 0
+    srun_args = (Path(env["STUB_DIR"]) / "srun_args.txt").read_text().split("\n")
+    assert "--cpus-per-task=16" in srun_args
+    del env["SLURM_CPUS_PER_TASK"]
+    assert run("slurm.sbatch", [], env).returncode == 0
+    assert not any(arg.startswith("--cpus-per-task") for arg in
+                   (Path(env["STUB_DIR"]) / "srun_args.txt").read_text().split("\n"))
+
+
+@pytest.mark.parametrize("job_id, port", [("4242", "24242"), ("123456", "23456"), ("20000", "20000")])
+def test_slurm_port_comes_from_the_job_id_unless_set(slurm, job_id, port):
+    """Two jobs on one node get different rendezvous ports; an exported MASTER_PORT wins."""
+    env, calls = slurm
+    env["SLURM_JOB_ID"] = job_id
+    assert run("slurm.sbatch", [], env).returncode == 0
+    assert {call["argv"][4] for call in calls()} == {f"--rdzv-endpoint=node-a:{port}"}
+    for path in Path(env["STUB_DIR"]).glob("*.json"):
+        path.unlink()
+    env["MASTER_PORT"] = "31000"
+    assert run("slurm.sbatch", [], env).returncode == 0
+    assert {call["argv"][4] for call in calls()} == {"--rdzv-endpoint=node-a:31000"}
 
 
 def test_slurm_outside_an_allocation_fails_clearly(stub):
@@ -153,7 +188,7 @@ def test_slurm_outside_an_allocation_fails_clearly(stub):
 def test_two_node_job_on_loopback_trains_and_checkpoints(tiny_stores: Stores, tmp_path):
     """Two torchrun launchers (--nnodes=2, one process each) meet at a c10d rendezvous on
     127.0.0.1, train 3 steps as one world of 2 ranks and write a checkpoint."""
-    from stage_dist.checkpoint import load_checkpoint
+    from stage_dist.checkpoint import read_checkpoint
 
     output_dir = tmp_path / "run"
     args = [
@@ -181,6 +216,6 @@ def test_two_node_job_on_loopback_trains_and_checkpoints(tiny_stores: Stores, tm
 
     checkpoints = sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))
     assert checkpoints, f"no checkpoint in {output_dir}:\n{outputs[0][-4000:]}"
-    state = load_checkpoint(checkpoints[-1])
-    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
-    assert state["global_step"] == 3
+    state = read_checkpoint(checkpoints[-1]).training
+    assert state.world_size == 2 and len(state.rng_per_rank) == 2
+    assert state.global_step == 3

@@ -1,4 +1,4 @@
-"""STAGE vs the published equations (tests/reference_stage.py): logits, gradients, checkpoints,
+"""STAGE vs the published equations (tests/reference_stage.py): logits, gradients,
 AMP, several windows per step, receptive field, baseline.
 
 AMP tolerances (CPU, small dims, eval mode, logits of magnitude ~2): bf16 autocast logits within
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import pickle
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,17 +18,15 @@ import torch
 
 from reference_stage import ReferenceStage, random_window, reference_logits
 from stage_dist.batch import collate
+from stage_dist.checkpoint import load_model_state
 from stage_dist.model import (
     STAGE,
-    CheckpointError,
     ModelConfig,
     ModelConfigError,
     ModelInputError,
     NoGraphBaseline,
     action_logits,
     build_model,
-    load_published_checkpoint,
-    load_published_state,
 )
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
@@ -42,7 +38,7 @@ def _pair(config: ModelConfig, seed: int = 0) -> tuple[STAGE, ReferenceStage]:
     reference = ReferenceStage(config.num_outputs, config.actor_dim, config.object_dim,
                                config.num_heads, dropout=config.dropout)
     model = STAGE(config)
-    load_published_state(model, reference.state_dict())
+    load_model_state(model, reference.state_dict())
     return model, reference
 
 
@@ -164,83 +160,6 @@ def test_published_parameter_names_and_shapes():
     assert shapes["obj_reducer.weight"] == (1024, 2048)
     reference = ReferenceStage(81, 1024, 2048, 4)
     assert shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-
-
-def _published_checkpoint(path: Path) -> ReferenceStage:
-    """Write a checkpoint the way the published utils/checkpoints.py does."""
-    torch.manual_seed(1)
-    reference = ReferenceStage(81, 1024, 2048, 4)
-    optimizer = torch.optim.Adam(reference.parameters(), lr=6.25e-5)
-    batch = collate([random_window(np.random.default_rng(1), 2, 1024, 2048, max_actors=2,
-                                   max_objects=3)])
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(
-        reference_logits(reference, batch), torch.rand(batch.actor_features.shape[0], 81))
-    loss.backward()
-    optimizer.step()
-    torch.save({"model_state": reference.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "epoch": 3, "iteration": 1234}, path)
-    return reference
-
-
-def test_published_checkpoint_loads_strictly(tmp_path):
-    path = tmp_path / "model_ep_003_iter_0001234.pth"
-    reference = _published_checkpoint(path)
-    model = STAGE(ModelConfig())
-    rest = load_published_checkpoint(path, model)
-    assert rest["epoch"] == 3 and rest["iteration"] == 1234
-    assert "state" in rest["optimizer_state"]
-    model.eval()
-    reference.eval()
-    batch = collate([random_window(np.random.default_rng(2), 4, 1024, 2048, max_actors=3,
-                                   max_objects=6)])
-    with torch.no_grad():
-        torch.testing.assert_close(model(batch), reference_logits(reference, batch),
-                                   atol=1e-5, rtol=0)
-    # The published optimizer state fits an Adam over our parameters (same order and shapes).
-    torch.optim.Adam(model.parameters()).load_state_dict(rest["optimizer_state"])
-
-
-def test_missing_unexpected_and_misshaped_keys_are_named():
-    state = STAGE(SMALL).state_dict()
-    missing = {k: v for k, v in state.items() if k != "gat_fc2.bias"}
-    with pytest.raises(CheckpointError, match=r"missing keys: gat_fc2\.bias"):
-        load_published_state(STAGE(SMALL), missing)
-    extra = dict(state, **{"gat1.attention_4.W": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match=r"unexpected keys: gat1\.attention_4\.W"):
-        load_published_state(STAGE(SMALL), extra)
-    wrong = dict(state, **{"logits.weight": torch.zeros(80, 64)})
-    with pytest.raises(CheckpointError, match=r"logits\.weight has shape \(80, 64\)"):
-        load_published_state(STAGE(SMALL), wrong)
-
-
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def test_pickle_that_runs_code_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"model_state": _RunsCode(marker)}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="evil.pth: refused"):
-        load_published_checkpoint(path, STAGE(SMALL))
-    assert not marker.exists()
-
-
-def test_checkpoint_file_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        load_published_checkpoint(tmp_path / "absent.pth", STAGE(SMALL))
-    path = tmp_path / "plain.pth"
-    torch.save(STAGE(SMALL).state_dict(), path)
-    with pytest.raises(CheckpointError, match="no 'model_state' entry"):
-        load_published_checkpoint(path, STAGE(SMALL))
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="plain.pth"):
-        load_published_checkpoint(path, STAGE(SMALL))
 
 
 def _run(model, batch, context=contextlib.nullcontext()):

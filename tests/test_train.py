@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from conftest import Stores, subprocess_env, torchrun_command
-from stage_dist.checkpoint import load_checkpoint
+from stage_dist.checkpoint import read_checkpoint
 from stage_dist.distributed import init_distributed
+from stage_dist.errors import UserInputError
 from stage_dist.train import TrainConfig, Trainer, build_parser, effective_lr
 
 
@@ -43,7 +45,7 @@ def cli_args(config: TrainConfig) -> list[str]:
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     checkpoints = sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))
-    return load_checkpoint(checkpoints[-1])["model_state"]
+    return read_checkpoint(checkpoints[-1]).model_state
 
 
 def test_parser_accepts_every_config_field(tiny_stores, tmp_path):
@@ -75,10 +77,33 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
     summary = resumed.fit()
     assert summary.global_step == total_steps
 
-    expected, actual = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
+    assert_same_final_checkpoint(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_final_checkpoint(expected_dir: Path, actual_dir: Path) -> None:
+    """Model, optimizer and every rank's Python, NumPy and torch RNG states equal bit for bit."""
+    expected, actual = (read_checkpoint(sorted((d / "checkpoints").glob("ckpt_*.pt"))[-1])
+                        for d in (expected_dir, actual_dir))
+    assert_equal(expected.model_state, actual.model_state, "model_state")
+    assert_equal(expected.training.optimizer_state, actual.training.optimizer_state, "optimizer_state")
+    assert_equal(expected.training.rng_per_rank, actual.training.rng_per_rank, "rng_per_rank")
+    assert (expected.training.epoch, expected.training.global_step) == (actual.training.epoch,
+                                                                         actual.training.global_step)
+
+
+def assert_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 @pytest.mark.slow
@@ -131,7 +156,8 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     losses = [event.value for event in events.Scalars("train/loss")]
     tags = events.Tags()["scalars"]
     assert {"train/lr", "train/keyframes_per_s", "train/data_wait_fraction", "val/mAP"} <= set(tags)
-    assert any(tag.startswith("val_per_class_AP/") for tag in tags)
+    per_class = [tag for tag in tags if tag.startswith("val_per_class_AP/")]
+    assert per_class and len(events.Scalars(per_class[0])) == len(val_maps), "per-class AP at every validation"
     third = max(1, len(losses) // 3)
     assert sum(losses[-third:]) / third < 0.8 * sum(losses[:third]) / third, losses
     assert (tmp_path / "run" / "config.json").exists()
@@ -139,10 +165,12 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="uses /proc to find the worker processes")
-def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
-    """torchrun --max-restarts=1: SIGKILL one worker after the first checkpoint; the run completes."""
+def test_killed_worker_is_restarted_and_resumes_exactly(tiny_stores, tmp_path):
+    """torchrun --max-restarts=1: SIGKILL one worker after the first checkpoint; the run completes,
+    and its final checkpoint (model, optimizer, every rank's Python/NumPy/torch RNG state) equals
+    an uninterrupted run's bit for bit."""
     output_dir = tmp_path / "run"
-    config = make_config(tiny_stores, output_dir, epochs=8, checkpoint_every=3, val_store=None)
+    config = make_config(tiny_stores, output_dir, epochs=4, checkpoint_every=3, val_store=None)
     command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *cli_args(config))
     launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -160,8 +188,13 @@ def test_killed_worker_is_restarted_and_resumes(tiny_stores, tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode == 0, output
     assert "resumed from" in output, output
-    final = load_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1])
-    assert final["epoch"] == 8 and final["step"] == 0
+    final = read_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1]).training
+    assert final.epoch == 4 and final.step == 0
+
+    uninterrupted = make_config(tiny_stores, tmp_path / "uninterrupted", epochs=4, checkpoint_every=3, val_store=None)
+    subprocess.run(torchrun_command(2, "-m", "stage_dist.train", *cli_args(uninterrupted)), check=True,
+                   env=subprocess_env(), capture_output=True, timeout=240)
+    assert_same_final_checkpoint(tmp_path / "uninterrupted", output_dir)
 
 
 def _children(pid: int) -> list[int]:
@@ -209,6 +242,64 @@ def test_mixed_precision_steps_stay_finite(tiny_stores, tmp_path, amp):
     assert not torch.equal(weights["logits.weight"], Trainer(config, init_distributed("cpu")).model.logits.weight)
 
 
+def test_fp16_resumes_a_checkpoint_without_scaler_state(tiny_stores, tmp_path, caplog):
+    """A checkpoint saved with --amp off (no GradScaler state) resumed with --amp fp16 continues with a
+    fresh scaler (logged) instead of failing in GradScaler.load_state_dict; and back."""
+    env = init_distributed("cpu")
+    Trainer(make_config(tiny_stores, tmp_path, amp="off", max_steps=2, val_store=None), env).fit()
+    assert read_checkpoint(sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))[-1]).training.scaler_state is None
+    resumed = Trainer(make_config(tiny_stores, tmp_path, amp="fp16", max_steps=4, val_store=None), env)
+    with caplog.at_level(logging.WARNING, logger="stage_dist.train"):
+        summary = resumed.fit()
+    assert "holds no GradScaler state" in caplog.text and "fresh scaler" in caplog.text
+    assert summary.global_step == 4 and resumed.scaler.is_enabled()
+    saved = read_checkpoint(sorted((tmp_path / "checkpoints").glob("ckpt_*.pt"))[-1]).training
+    assert saved.scaler_state is not None and saved.scaler_state["scale"] == resumed.scaler.get_scale()
+    assert all(value.isfinite().all() for value in final_weights(tmp_path).values())
+    back = Trainer(make_config(tiny_stores, tmp_path, amp="off", max_steps=6, val_store=None), env)
+    assert back.fit().global_step == 6
+
+
+def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch):
+    """No per-step device->host read of the loss (or the non-finite flag): reads happen at log steps."""
+    from tqdm import tqdm
+
+    config = make_config(tiny_stores, tmp_path, val_store=None, log_every=4, max_steps=12)
+    trainer = Trainer(config, init_distributed("cpu"))
+    reads = []
+    for name in ("item", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            reads.append((trainer.global_step, _name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    trainer.train_epoch(None, tqdm(disable=True))
+    monkeypatch.undo()
+    assert trainer.global_step == 12
+    assert reads.count((0, "item")) == 1, reads  # the DataLoader's seed, from its own CPU generator
+    assert {step for step, _ in reads} - {0} == {4, 8, 12}, reads
+    assert len(reads) <= 1 + 3 * 2, reads  # per log step: the finite flags and the loss
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_stores, tmp_path):
+    """Weights gone non-finite with a finite loss (e.g. an inf gradient without --grad-clip) are caught
+    before the checkpoint, named as the steps since the last check; nothing is written."""
+    from tqdm import tqdm
+
+    from stage_dist.train import NonFiniteError
+
+    trainer = Trainer(make_config(tiny_stores, tmp_path, val_store=None, log_every=100, max_steps=3),
+                      init_distributed("cpu"))
+    trainer.train_epoch(None, tqdm(disable=True))
+    with torch.no_grad():
+        trainer.model.logits.bias[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="weights became non-finite between steps 1 and 3"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, capsys):
     from stage_dist.train import main as train_main
 
@@ -226,5 +317,5 @@ def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, ca
 def test_fresh_start_refuses_a_directory_with_checkpoints(tiny_stores, tmp_path):
     env = init_distributed("cpu")
     Trainer(make_config(tiny_stores, tmp_path, max_steps=2, val_store=None), env).fit()
-    with pytest.raises(ValueError, match="--resume auto"):
+    with pytest.raises(UserInputError, match="--resume auto"):
         Trainer(make_config(tiny_stores, tmp_path, resume="none", val_store=None), env).fit()

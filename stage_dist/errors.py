@@ -1,0 +1,20 @@
+"""The base class of the errors a user can fix (a bad path, file, flag or value).
+
+Command-line tools catch :class:`UserInputError` (and the few project error classes that predate
+it, listed in each CLI's ``INPUT_ERRORS``) and print it as one line naming the file and what is
+wrong, with exit code 2. Nothing else is caught: a programming error (a bare ``ValueError``,
+``KeyError``, ``TypeError`` ...) keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserInputError(Exception):
+    """Bad input a user can fix; the message names the file, key or flag and what is wrong."""
+
+
+# What the command-line tools report as one line with exit code 2: the project's own user errors,
+# and the OS's verdict on a path the user gave (it names the path).
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    UserInputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+)
