@@ -964,8 +964,11 @@ def worker_profile(spec: dict) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     wait, warmup, active = spec["wait"], spec["warmup"], spec["active"]
     steps_done = [0]
+    options: dict[str, Any] = {"with_stack": True}
+    with contextlib.suppress(AttributeError):  # Python stacks on the events need the verbose config
+        options["experimental_config"] = torch._C._profiler._ExperimentalConfig(verbose=True)
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
-                 with_stack=True) as prof:
+                 **options) as prof:
         step = trainer.train_step
 
         def marked_step(*args, **kwargs):
@@ -1003,12 +1006,14 @@ def worker_profile(spec: dict) -> dict:
         )
     else:
         result["note"] = "CPU: no CUDA events; item_calls_per_step counts the host reads of tensor values"
-    # Where the host reads come from: the innermost frame of stage_dist (else of anything) per read.
+    # Where the host reads come from: the innermost Python frame, and the innermost in stage_dist.
     sources: dict[str, int] = {}
     for event in prof.events():
-        if event.name in ("aten::_local_scalar_dense", *syncs):
-            frames = [f for f in (event.stack or []) if "stage_dist" in f] or list(event.stack or []) or ["(no stack)"]
-            sources[frames[0]] = sources.get(frames[0], 0) + 1
+        if event.name == "aten::_local_scalar_dense":
+            frames = [f for f in (event.stack or []) if not f.startswith("<built-in")]
+            ours = [f for f in frames if "stage_dist" in f]
+            key = " <- ".join(dict.fromkeys(frames[:1] + ours[:1])) or "(no stack)"
+            sources[key] = sources.get(key, 0) + 1
     result["host_read_sources_per_step"] = {k: n / active for k, n in sorted(sources.items(), key=lambda kv: -kv[1])}
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:25]
     result["top_events_per_step"] = {key: n / active for key, n in top}
