@@ -11,26 +11,30 @@ Every end-to-end part runs the project's command lines as child processes
 profiler and the steady-state inference timing import the library (each in a child process of
 its own, ``--_worker``), and a changed API there fails that one section, not the run.
 
-Sections (each one is caught: an error is recorded in the JSON and the run goes on; the JSON is
-rewritten after every section, so a killed run still leaves what it measured):
+Sections, in this order (each one is caught: an error is recorded in the JSON and the run goes
+on; the JSON is rewritten after every section, so a killed run still leaves what it measured):
 
-- ``environment``: torch / CUDA / cuDNN / NCCL versions, device, bf16 support, package versions;
+- ``environment``: torch / CUDA / cuDNN / NCCL versions, device, bf16 support, package versions
+  (stops the run, every other section skipped, without CUDA or without zarr/numcodecs/webdataset);
 - ``data``: synthetic AVA-like data at the published sizes (1024-dim actors, 2048-dim objects,
   up to 3 actors and 30 objects per keyframe; the measured means are reported), converted
   (train from the I3D layout, val from the SlowFast layout);
-- ``throughput_recipe_eager`` / ``throughput_recipe_compiled`` / ``throughput_windows32``:
+- ``throughput_recipe_eager`` / ``throughput_windows32`` / ``throughput_recipe_compiled``:
   training keyframes/s and data-wait fraction (the trainer's TensorBoard scalars, median of the
   second half of the run) and peak GPU memory (``torch.cuda.max_memory_allocated`` of the trainer
-  process, read at exit by a small wrapper); ``--compile`` only where ``stage_dist.train --help``
-  lists it;
-- ``throughput_inference``: steady-state ``predict`` keyframes/s (passes after a warm-up, data
-  wait = time spent in the DataLoader's ``__next__``) and the CLI's own figure (start-up included);
+  process, read at exit by a small wrapper), all with ``--memmap-dir``; ``--compile`` only where
+  ``stage_dist.train --help`` lists it, and only with time to spare for the checks below;
+- ``throughput_inference``: steady-state ``predict`` keyframes/s over the train store (passes
+  after a warm-up; data wait = time spent in the DataLoader's ``__next__``) and the CLI's own
+  figure (start-up included);
 - ``profiler``: kernel launches and host syncs per training step from ``torch.profiler`` over
-  steps of the recipe that are not log steps (the real ``Trainer`` loop, each step marked);
+  steps of the recipe that are not log steps (the real ``Trainer.fit`` loop, each step marked),
+  and the source line of every host read (``.item()``);
 - ``train_resume``: bf16 recipe run A uninterrupted; run B SIGKILLed by itself while its second
   checkpoint is being written (mid-run; a wrapper patches ``os.replace``), then restarted with
   the same command; A's and B's final checkpoints compared tensor by tensor (bitwise, else the
-  largest absolute difference);
+  largest absolute difference). Without DataLoader workers, with the default 2, and on the GPU
+  also with ``--deterministic`` where the trainer has that flag;
 - ``train_fp16`` (fp16 + ``--grad-clip``) and ``train_amp_off``: 20 steps each, finite loss
   and weights;
 - ``cross_device``: a GPU-trained and a CPU-trained checkpoint each inferred on the GPU and on
@@ -40,6 +44,9 @@ rewritten after every section, so a killed run still leaves what it measured):
   extra ranks are emulated: every rank uses ``cuda:0`` and a gloo process group (NCCL refuses
   two ranks on one device, and ``init_distributed`` binds rank r to ``cuda:LOCAL_RANK``), set up
   by the same wrapper (``LOCAL_RANK=0``, backend forced to gloo).
+
+The correctness phases run their child processes side by side (``Sizes.parallel``); the
+throughput sections run alone.
 
 Targets (one H200, bf16; PASS/MISS in the table, ``n/a`` in ``--cpu-smoke``): recipe >= 2,000
 keyframes/s eager and >= 5,000 compiled; 32 windows/step >= 30,000 keyframes/s with data wait
@@ -62,6 +69,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -83,7 +91,8 @@ CHECKS = ("data", "train_resume", "train_fp16", "train_amp_off", "cross_device",
 # Resume is checked without DataLoader workers and with the trainer's default of 2 (the loader then
 # prefetches, and builds its iterator differently).
 RESUME_WORKERS = (0, 2)
-CSV_TOLERANCE = 1e-3  # largest |score difference| accepted between devices (scores are probabilities)
+CSV_TOLERANCE = 1e-3
+COMPILE_RESERVE_S = 110  # seconds of the budget the --compile section leaves to the correctness checks  # largest |score difference| accepted between devices (scores are probabilities)
 CHECKPOINT_NAME = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 
 
@@ -122,7 +131,7 @@ CUDA_SIZES = Sizes(
     mode="cuda", device="cuda", other_device="cpu", budget_s=450, parallel=4,
     synth=("--train-clips", "160", "--val-clips", "10", "--keyframes-per-clip", "100", "--max-actors", "3",
            "--max-objects", "30", "--actor-dim", "1024", "--object-dim", "2048", "--actor-thw", "1", "1", "1"),
-    train_amp="bf16", recipe_steps=2000, compiled_steps=3000, windows32=32, windows32_steps=300, log_every=50,
+    train_amp="bf16", recipe_steps=2000, compiled_steps=3000, windows32=32, windows32_steps=600, log_every=50,
     recipe_workers=4, windows32_workers=8, resume_steps=200, resume_every=50, short_steps=20,
     profile_steps=(5, 5, 10), infer_passes=5, infer_workers=4, threads=3, compile=True,
 )
@@ -498,12 +507,14 @@ class GpuCheck:
         self.train_store = workdir / "data" / "train.zarr"
         self.val_store = workdir / "data" / "val.zarr"
         self.train_keyframes = 0
-        shm = Path("/dev/shm")
-        self.memmap_dir = (shm if shm.is_dir() and os.access(shm, os.W_OK) else workdir) / f"gpu_check_memmap_{os.getpid()}"
+        # On the work directory's disk, not /dev/shm (a container's may hold 64 MB): the page cache
+        # makes it as fast once read.
+        self.memmap_dir = workdir / "memmap"
         self.train_help = ""
         self.gpu_checkpoint: Path | None = None  # the eager throughput run's (bf16, on the device)
         self.cpu_checkpoint: Path | None = None  # a short run on the CPU
         self.cpu_checkpoint_error = "not trained yet"
+        self.fatal = ""  # set when nothing after the environment can run
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -549,15 +560,19 @@ class GpuCheck:
     # -- sections -------------------------------------------------------------------------
 
     def run(self) -> None:
-        for name in ("environment", "data", "throughput_recipe_eager", "throughput_windows32",
-                     "throughput_inference", "profiler"):
+        with self.report.section("environment") as entry:
+            self.environment(entry)
+        if self.fatal:
+            for name in SECTIONS[1:]:
+                self.report.data["sections"][name] = {"status": "skipped", "reason": self.fatal}
+            self.report.data["checks"].update({name: False for name in CHECKS})
+            return
+        for name in ("data", "throughput_recipe_eager", "throughput_windows32", "throughput_inference",
+                     "profiler", "throughput_recipe_compiled"):
             with self.report.section(name) as entry:
                 getattr(self, name)(entry)
         self.training_checks()
         self.inference_checks()
-        with self.report.section("throughput_recipe_compiled") as entry:
-            self.throughput_recipe_compiled(entry)
-        shutil.rmtree(self.memmap_dir, ignore_errors=True)
 
     def environment(self, entry: dict) -> None:
         info = self.runner.worker("environment", "environment", {}, cap=120)
@@ -565,8 +580,13 @@ class GpuCheck:
         cuda = info.get("cuda_available")
         entry["summary"] = (f"{info.get('device_name', 'no CUDA device')}, torch {info.get('torch')}, "
                             f"CUDA {info.get('cuda')}, NCCL {info.get('nccl')}, bf16 {info.get('bf16_supported')}")
+        missing = [name for name in ("zarr", "numcodecs", "webdataset") if info["packages"].get(name) is None]
         if self.sizes.mode == "cuda" and not cuda:
-            raise RuntimeError("CUDA is not available here: run with --cpu-smoke on a machine without a GPU")
+            self.fatal = "CUDA is not available here: run with --cpu-smoke on a machine without a GPU"
+        elif missing:
+            self.fatal = f"not installed: {', '.join(missing)} (carry their wheels: README, GPU check)"
+        if self.fatal:
+            raise RuntimeError(self.fatal)
         help_proc = self.runner.run("train_help", [PYTHON, "-m", "stage_dist.train", "--help"], cap=60).check()
         self.train_help = help_proc.output
         entry["train_flags"] = {flag: self.has_train_flag(flag)
@@ -649,9 +669,12 @@ class GpuCheck:
             raise Skip("not run in --cpu-smoke (Inductor compiles for minutes on a small CPU)")
         if not self.has_train_flag("--compile"):
             raise Skip("not available: `python -m stage_dist.train --help` lists no --compile")
+        cap = self.budget.left() - COMPILE_RESERVE_S  # leave the correctness phases their time
+        if cap < 30:
+            raise Skip(f"time budget: {self.budget.left():.0f} s left, {COMPILE_RESERVE_S} s kept for the checks")
         self._throughput(entry, "throughput_recipe_compiled", steps=self.sizes.compiled_steps, windows_per_step=1,
-                         workers=self.sizes.recipe_workers, extra=["--compile"], cap=300)
-        if self.budget.left() > 90:
+                         workers=self.sizes.recipe_workers, extra=["--compile"], cap=min(cap, 240))
+        if self.budget.left() > COMPILE_RESERVE_S + 60:
             with contextlib.suppress(Exception):
                 entry["profile"] = self._profile("profiler_compiled", extra=["--compile"], cap=150)
 
@@ -703,8 +726,12 @@ class GpuCheck:
     def training_checks(self) -> None:
         s = self.sizes
         cpu_out = self.workdir / "train_cpu"
+        variants = {f"workers{w}": (w, ()) for w in RESUME_WORKERS}
+        if s.mode == "cuda" and self.has_train_flag("--deterministic"):
+            variants["workers2_deterministic"] = (2, ("--deterministic",))
         jobs = {
-            **{f"resume_workers{w}": (lambda w=w: self._train_resume(w)) for w in RESUME_WORKERS},
+            **{f"resume_{name}": (lambda name=name, w=w, x=x: self._train_resume(name, w, x))
+               for name, (w, x) in variants.items()},
             "train_fp16": lambda: self._short_run("train_fp16", "fp16", ["--grad-clip", "1.0"]),
             "train_amp_off": lambda: self._short_run("train_amp_off", "off", []),
             "cpu_checkpoint": lambda: self._short_run("train_cpu", "off", [], device=s.other_device, out=cpu_out),
@@ -716,16 +743,16 @@ class GpuCheck:
             results = {name: (skip, 0.0) for name in jobs}
         with self.report.section("train_resume") as entry:
             entry["variants"] = {}
-            for workers in RESUME_WORKERS:
-                value, seconds = results[f"resume_workers{workers}"]
+            for name in variants:
+                value, seconds = results[f"resume_{name}"]
                 try:
-                    entry["variants"][f"workers{workers}"] = {**_value(value), "seconds": round(seconds, 1)}
+                    entry["variants"][name] = {**_value(value), "seconds": round(seconds, 1)}
                 except Exception as error:  # noqa: BLE001 - one variant's failure is that variant's result
-                    entry["variants"][f"workers{workers}"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[-3000:]}
+                    entry["variants"][name] = {"passed": False, "error": f"{type(error).__name__}: {error}"[-3000:]}
             entry["passed"] = all(v["passed"] for v in entry["variants"].values())
             entry["summary"] = "; ".join(f"{k}: {v.get('summary') or v.get('error', '').splitlines()[0]}"
                                          for k, v in entry["variants"].items())
-            entry["_seconds"] = max(seconds for _, seconds in (results[f"resume_workers{w}"] for w in RESUME_WORKERS))
+            entry["_seconds"] = max(results[f"resume_{name}"][1] for name in variants)
         for name in ("train_fp16", "train_amp_off"):
             with self.report.section(name) as entry:
                 value, seconds = results[name]
@@ -736,17 +763,17 @@ class GpuCheck:
         else:
             self.cpu_checkpoint = newest_checkpoint(cpu_out / "checkpoints")
 
-    def _train_resume(self, workers: int) -> dict:
+    def _train_resume(self, variant: str, workers: int, extra: Sequence[str]) -> dict:
         """Uninterrupted run A; run B killed mid-run, then restarted; A's and B's final checkpoints."""
         s = self.sizes
-        a, b = self.workdir / f"resume_w{workers}_a", self.workdir / f"resume_w{workers}_b"
+        a, b = self.workdir / f"resume_{variant}_a", self.workdir / f"resume_{variant}_b"
         for out in (a, b):
             shutil.rmtree(out, ignore_errors=True)
 
         def run(name: str, out: Path, env: dict | None = None) -> Proc:
             args = self.train_args(out, steps=s.resume_steps, amp=s.train_amp, workers=workers,
-                                   checkpoint_every=s.resume_every, threads=s.threads)
-            return self.runner.module(f"resume_w{workers}_{name}", "stage_dist.train", args, cap=240, env=env)
+                                   checkpoint_every=s.resume_every, threads=s.threads, extra=extra)
+            return self.runner.module(f"resume_{variant}_{name}", "stage_dist.train", args, cap=240, env=env)
 
         uninterrupted = run("uninterrupted", a).check()
         killed = run("killed", b, {"GPU_CHECK_KILL_AT_CHECKPOINT": "2"})
@@ -768,6 +795,7 @@ class GpuCheck:
         bitwise = bool(model.get("equal")) and bool(optimizer.get("equal"))
         result = {
             "steps": s.resume_steps, "checkpoint_every": s.resume_every, "amp": s.train_amp, "workers": workers,
+            "flags": list(extra),
             "kill_landed": kill_landed, "killed_returncode": killed.returncode,
             "resumed_logged": "resumed from" in restarted.output,
             "final_checkpoints": [path_a.name, path_b.name],
@@ -820,7 +848,8 @@ class GpuCheck:
             out = self.workdir / "infer" / f"{name}.csv"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.unlink(missing_ok=True)
-            env = {"GPU_CHECK_EMULATE_RANKS": "1"} if nproc > 1 and kwargs["device"] == "cuda" else {}
+            # On the CPU the ranks use gloo anyway: the smoke run exercises the emulation hook too.
+            env = {"GPU_CHECK_EMULATE_RANKS": "1"} if nproc > 1 else {}
             runs[name] = (out, lambda: self.runner.module(
                 name, "stage_dist.infer", self.infer_args(checkpoint, out, **kwargs), cap=240, env=env,
                 nproc=nproc).check())
@@ -931,7 +960,8 @@ def worker_environment(spec: dict) -> dict:
                     memory_gib=round(properties.total_memory / 2**30, 1),
                     bf16_supported=torch.cuda.is_bf16_supported())
         with contextlib.suppress(Exception):
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            version = torch.cuda.nccl.version()
+            info["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         with contextlib.suppress(Exception):
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                             capture_output=True, text=True, timeout=20).stdout.strip()
@@ -1080,7 +1110,7 @@ def worker_inference(spec: dict) -> dict:
         seconds = time.perf_counter() - started
         if index:  # pass 0 is the warm-up
             passes.append({"seconds": seconds, "data_wait": waited[0]})
-    rows = len(predictions.actor_index) if predictions is not None else None
+    rows = len(getattr(predictions, "actor_index", ())) if predictions is not None else None
     seconds = sum(p["seconds"] for p in passes)
     return {
         "keyframes": store.num_keyframes, "actors_predicted": rows, "model": source, "amp": precision.mode,
@@ -1143,6 +1173,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "script from rotting between GPU loans")
     parser.add_argument("--out", type=Path, help="work directory (data, runs, logs); default: a new temporary one")
     parser.add_argument("--budget", type=float, help="total seconds (default 450 on the GPU, 170 in --cpu-smoke)")
+    parser.add_argument("--logs", type=Path, help="also write every child process's log into this .tar.gz")
     parser.add_argument("--reuse-data", action="store_true", help="keep the converted stores of an earlier run "
                         "in --out if they were made with the same sizes")
     parser.add_argument("--_worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -1171,10 +1202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check.run()
     finally:
-        shutil.rmtree(check.memmap_dir, ignore_errors=True)
+        shutil.rmtree(check.memmap_dir, ignore_errors=True)  # the decompressed store
         report.data["targets"] = evaluate_targets(report.data["sections"], smoke=args.cpu_smoke)
         report.data["meta"].update(finished=True, seconds=round(time.monotonic() - started, 1))
         report.write()
+        if args.logs:
+            with tarfile.open(args.logs, "w:gz") as archive:
+                archive.add(check.runner.logs, arcname="gpu_check_logs")
     print_table(report.data)
     return 0 if all(report.data["checks"].get(name) for name in CHECKS) else 1
 
