@@ -59,6 +59,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -1057,30 +1058,36 @@ def worker_inference(spec: dict) -> dict:
 
     from stage_dist.distributed import init_distributed
     from stage_dist.precision import resolve_precision
-    from stage_dist.store import FeatureStore
 
-    try:
-        from stage_dist.inference import predict  # the library home once inference leaves the CLI module
+    try:  # the library home of predict() since inference left the CLI module
+        from stage_dist.inference import predict
     except ImportError:
         from stage_dist.infer import predict
 
     env = init_distributed(spec["device"])
-    try:
-        store = FeatureStore.open(spec["store"], memmap_dir=spec["memmap_dir"]) if spec.get("memmap_dir") \
-            else FeatureStore.open(spec["store"])
-    except TypeError:
-        store = FeatureStore.open(spec["store"])
-    model, source = None, "random weights"
+    memmap = {"memmap_dir": spec["memmap_dir"]} if spec.get("memmap_dir") else {}
+    try:  # a WindowSource over the store (what predict() takes)
+        from stage_dist.data import open_window_source
+
+        source = open_window_source(store=spec["store"], **memmap)
+    except ImportError:  # before the WindowSource: predict() took the FeatureStore
+        from stage_dist.store import FeatureStore
+
+        source = FeatureStore.open(spec["store"], **memmap)
+    model, origin = None, "random weights"
     if spec.get("checkpoint"):
-        with contextlib.suppress(Exception):
+        try:
             from stage_dist.infer import load_model
 
-            model, source = load_model(spec["checkpoint"], store.actor_dim, store.object_dim, env.device), \
-                spec["checkpoint"]
+            model = load_model(spec["checkpoint"], source.actor_dim, source.object_dim, env.device)
+            origin = spec["checkpoint"]
+        except Exception as error:  # noqa: BLE001 - the speed does not depend on the weights
+            origin = f"random weights ({spec['checkpoint']} did not load: {type(error).__name__}: {error})"
     if model is None:
         from stage_dist.model import ModelConfig, build_model
 
-        model = build_model("stage", ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim)).to(env.device)
+        config = ModelConfig(actor_dim=source.actor_dim, object_dim=source.object_dim)
+        model = build_model("stage", config).to(env.device)
     precision = resolve_precision(spec["amp"], env.device)
     waited = [0.0]
     next_batch = dataloader._BaseDataLoaderIter.__next__
@@ -1095,28 +1102,28 @@ def worker_inference(spec: dict) -> dict:
     dataloader._BaseDataLoaderIter.__next__ = timed_next
     options = dict(window=spec["window"], windows_per_batch=spec["windows_per_batch"], precision=precision,
                    num_workers=spec["workers"])
+    if "progress" in inspect.signature(predict).parameters:
+        options["progress"] = False
     passes = []
     for index in range(spec["passes"] + 1):
         waited[0] = 0.0
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        try:
-            predictions = predict(model, store, env, progress=False, **options)
-        except TypeError:
-            predictions = predict(model, store, env, **options)
+        result = predict(model, source, env, **options)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         if index:  # pass 0 is the warm-up
             passes.append({"seconds": seconds, "data_wait": waited[0]})
+    predictions = getattr(result, "predictions", result)  # InferenceResult, or Predictions before it
     rows = len(getattr(predictions, "actor_index", ())) if predictions is not None else None
     seconds = sum(p["seconds"] for p in passes)
     return {
-        "keyframes": store.num_keyframes, "actors_predicted": rows, "model": source, "amp": precision.mode,
+        "keyframes": source.num_keyframes, "actors_predicted": rows, "model": origin, "amp": precision.mode,
         "window": spec["window"], "windows_per_batch": spec["windows_per_batch"], "workers": spec["workers"],
-        "passes": len(passes), "keyframes_per_s": store.num_keyframes * len(passes) / seconds,
-        "keyframes_per_s_per_pass": [store.num_keyframes / p["seconds"] for p in passes],
+        "passes": len(passes), "keyframes_per_s": source.num_keyframes * len(passes) / seconds,
+        "keyframes_per_s_per_pass": [source.num_keyframes / p["seconds"] for p in passes],
         "data_wait_fraction": sum(p["data_wait"] for p in passes) / seconds,
         "peak_gpu_memory_mb": _mb(torch.cuda.max_memory_allocated()) if env.device.type == "cuda" else None,
     }
