@@ -220,9 +220,11 @@ class ClipWindowSampler(EpochPosition):
         return grid[:, self.rank]
 
     def __iter__(self) -> Iterator[list[WindowSpec]]:
+        # A generator: the resume step is taken at the first ``next``, not by ``iter`` alone. A
+        # DataLoader with workers calls ``iter`` twice on its first epoch and draws from the second.
         steps = self._rank_steps()
-        start = self._take_resume_step()
-        return ([WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]] for step in range(start, len(steps)))
+        for step in range(self._take_resume_step(), len(steps)):
+            yield [WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]]
 
 
 @dataclass(frozen=True)

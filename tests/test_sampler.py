@@ -199,6 +199,27 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_steps(world_size):
             assert list(resumed) == reference, "only the first iteration resumes"
 
 
+class _SpecDataset(torch.utils.data.Dataset):
+    """A dataset indexed by WindowSpec that returns the spec itself."""
+
+    def __getitem__(self, spec: WindowSpec) -> WindowSpec:
+        return spec
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_resumed_dataloader_with_workers_starts_at_the_saved_step(workers):
+    """A DataLoader with workers calls ``iter(batch_sampler)`` twice on its first iteration: the
+    resume step must survive the first, unused iterator."""
+    full = ClipWindowSampler(CLIPS, seed=6)
+    full.set_epoch(2)
+    reference = list(full)
+    resumed = ClipWindowSampler(CLIPS, seed=6)
+    resumed.load_state_dict({"epoch": 2, "step": 5})
+    resumed.set_epoch(2)
+    loader = DataLoader(_SpecDataset(), batch_sampler=resumed, collate_fn=list, num_workers=workers)
+    assert list(loader) == reference[5:]
+
+
 def test_resume_state_for_another_epoch_is_cleared_by_set_epoch():
     sampler = ClipWindowSampler(CLIPS, seed=0)
     sampler.load_state_dict({"epoch": 1, "step": 5})
