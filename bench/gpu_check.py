@@ -944,13 +944,9 @@ def _train_config(argv: list[str]) -> Any:
     """A TrainConfig from command-line flags, the way ``stage_dist.train.main`` builds it."""
     import stage_dist.train as train
 
-    parser = train.build_parser()
-    try:
-        return train.TrainConfig(**vars(parser.parse_args(argv)))
-    except TypeError:
-        from stage_dist.config import parse_config
+    from stage_dist.config import parse_config
 
-        return parse_config(train.TrainConfig, argv, parser)
+    return parse_config(train.TrainConfig, argv, train.build_parser())
 
 
 def worker_environment(spec: dict) -> dict:

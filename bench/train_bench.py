@@ -70,6 +70,7 @@ from stage_dist.store import (
     FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
     open_arrays, storage_attrs,
 )
+from stage_dist.config import from_flat
 from stage_dist.train import Trainer, TrainConfig
 
 log = logging.getLogger("train_bench")
@@ -426,7 +427,7 @@ class TrainResult:
 def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_dir: Path | None = None
                      ) -> TrainResult:
     """Time ``case.steps`` steps of the Trainer after ``case.warmup``, as ``train_epoch`` does."""
-    config = TrainConfig(output_dir=str(out_dir), train_store=str(store_path),
+    config = from_flat(TrainConfig, output_dir=str(out_dir), train_store=str(store_path),
                          windows_per_step=case.windows_per_step, workers=case.workers,
                          amp=case.amp, device=case.device, epochs=1000,
                          max_steps=case.warmup + case.steps,
@@ -481,8 +482,8 @@ def in_fresh_process(function: Callable, *args: object) -> object:
 
 def profile_training(store_path: Path, out_dir: Path, steps: int, rows: int = 15) -> str:
     """torch.profiler table (self CPU time) of ``steps`` recipe steps with no workers."""
-    config = TrainConfig(output_dir=str(out_dir), train_store=str(store_path), workers=0, amp="off",
-                         device="cpu", max_steps=steps + 2)
+    config = from_flat(TrainConfig, output_dir=str(out_dir), train_store=str(store_path), workers=0, amp="off",
+                       device="cpu", max_steps=steps + 2)
     trainer = Trainer(config, DistEnv(0, 1, 0, torch.device("cpu"), None))
     trainer.ddp_model.train()
     batches = iter(trainer.loader)

@@ -147,6 +147,40 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
     return cls(**values)
 
 
+def flat_dict(config: Any) -> dict[str, Any]:
+    """``{leaf field name: value}`` of a config (names are unique across its sections)."""
+    return {path[-1]: value for path, value in _leaf_values(to_dict(config), type(config))}
+
+
+def from_flat(cls: type[C], **values: Any) -> C:
+    """``cls`` from leaf field names, as on the command line (``from_flat(TrainConfig, lr=1e-3, ...)``)."""
+    return from_dict(cls, _nest(cls, _known(cls, values)), cls.__name__)
+
+
+def replace_flat(config: C, **values: Any) -> C:
+    """A copy of ``config`` with some leaf fields changed, named as on the command line."""
+    cls = type(config)
+    return from_dict(cls, _merge(to_dict(config), _nest(cls, _known(cls, values))), cls.__name__)
+
+
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for _, f, _ in _leaves(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no setting {unknown[0]!r}")  # a programming error
+    return values
+
+
+def _leaf_values(data: dict[str, Any], cls: type) -> list[tuple[tuple[str, ...], Any]]:
+    out = []
+    for leaf_path, _, _ in _leaves(cls):
+        node: Any = data
+        for part in leaf_path:
+            node = node[part]
+        out.append((leaf_path, node))
+    return out
+
+
 def save_json(config: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
@@ -244,6 +278,24 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
 
     add(cls, parser)
     return parser
+
+
+def to_argv(config: Any) -> list[str]:
+    """The command line that :func:`parse_config` turns back into ``config`` (settings left at
+    ``None`` are omitted, booleans become ``--flag`` / ``--no-flag``)."""
+    argv: list[str] = []
+    values = dict(_leaf_values(to_dict(config), type(config)))
+    for path, f, _ in _leaves(type(config)):
+        value = values[path]
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(_flag(f) if value else "--no-" + _flag(f)[2:])
+        elif isinstance(value, list):
+            argv += [_flag(f), *map(str, value)]
+        else:
+            argv += [_flag(f), repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 def _nest(cls: type, flat: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stage_dist.config import DEFAULT_DIST_TIMEOUT_MINUTES
 from stage_dist.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,8 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store
     return dist.PrefixStore(f"stage_dist/attempt_{attempt}", store)
 
 
-DEFAULT_TIMEOUT_MINUTES = 60.0
 
-
-def init_distributed(device: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES) -> DistEnv:
     """Set up this process: torchrun's env gives rank and world size, else world size 1.
 
     ``device``: ``auto`` (CUDA when available), ``cuda`` or ``cpu``. On CUDA the process uses

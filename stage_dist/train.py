@@ -31,6 +31,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -44,58 +45,129 @@ from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
 from stage_dist.data import StoreWindowSource, open_train_data
-from stage_dist.distributed import (DEFAULT_TIMEOUT_MINUTES, DistEnv, all_reduce_mean, all_reduce_min, cleanup,
+from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup,
                                     configure_threads, gather_to_main, init_distributed, setup_logging)
 from stage_dist.evaluate import EvalResult, evaluate_predictions
+from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
+                               to_dict)
+from stage_dist.config import build_parser as build_config_parser
 from stage_dist.errors import INPUT_ERRORS, UserInputError
+from stage_dist.outputs import check_not_input
+from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.model import ModelConfig, action_logits, build_model
-from stage_dist.precision import AMP_MODES, resolve_precision
+from stage_dist.precision import resolve_precision
 from stage_dist.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 PUBLISHED_LR = 6.25e-5  # Adam, one 6-keyframe window per step, one GPU
+CONFIG_NAME = "config.json"  # the run's TrainConfig in OUTPUT_DIR (``--config`` reads it back)
 
 
-@dataclass
+@dataclass(frozen=True)
+class DataConfig:
+    """What the run reads."""
+
+    train_store: str | None = option(None, help="training feature store (zarr)")
+    train_shards: str | None = option(None, help="training WebDataset shards instead of a store: a brace pattern such "
+                                                 "as 'DIR/train-{000000..000031}.tar' (local paths or URLs webdataset "
+                                                 "reads; manifest.json beside them)")
+    shuffle_buffer: int = option(SHUFFLE_BUFFER, help="windows held for shuffling when streaming from --train-shards")
+    val_store: str | None = option(None, help="validation feature store; validated every --val-every epochs and at "
+                                              "the end")
+    val_groundtruth: str | None = option(None, help="AVA groundtruth CSV of the val split (for val mAP)")
+    labelmap: str | None = option(None, help="AVA pbtxt label map of the evaluated classes (for val mAP)")
+    window: int = option(6, help="keyframes per window (the paper's batch size); windows never cross clips")
+    in_memory: bool = option(False, help="load the stores' window arrays into RAM in each rank (forked loader "
+                                         "workers share the rank's copy); --memmap-dir shares one copy per node")
+    memmap_dir: str | None = option(None, help="decompress the stores once per node into .npy files in this "
+                                               "directory (a local disk or /dev/shm) and memory-map them: one copy "
+                                               "shared by all the node's ranks and loader workers")
+
+    def __post_init__(self) -> None:
+        if (self.train_store is None) == (self.train_shards is None):
+            raise ConfigError("give exactly one of --train-store and --train-shards")
+        _at_least(window=(self.window, 1), shuffle_buffer=(self.shuffle_buffer, 1))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which model and its shape (feature sizes come from the store)."""
+
+    kind: Literal["stage", "baseline"] = option("stage", flag="--model",
+                                                help="STAGE, or the no-graph baseline (actor features and geometry "
+                                                     "only) for ablations")
+    num_heads: int = option(4, help="attention heads per layer")
+    dropout: float = option(0.5, help="dropout of the graph-attention layers")
+
+    def __post_init__(self) -> None:
+        _at_least(num_heads=(self.num_heads, 1))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimisation: Adam with the published LR for one window per step, scaled with the batch."""
+
+    epochs: int = option(50, help="epochs to train (the published train.py default)")
+    max_steps: int = option(0, help="stop after this many optimizer steps in total (0: no limit)")
+    windows_per_step: int = option(1, help="windows per optimizer step on each rank")
+    lr: float = option(PUBLISHED_LR, help="Adam learning rate for ONE window per step (the published recipe)")
+    lr_scaling: Literal["none", "linear", "sqrt"] = option("sqrt", help="how the LR grows with the effective batch "
+                                                                        "(windows per step x ranks)")
+    warmup_steps: int = option(0, help="linear LR warmup steps")
+    schedule: Literal["constant", "cosine"] = option("constant", help="LR schedule after warmup")
+    weight_decay: float = option(0.0, help="Adam weight decay")
+    grad_clip: float = option(0.0, help="clip the gradient norm to this (0: off)")
+    seed: int = option(0, help="seed of weights, window sampling and dropout")
+
+    def __post_init__(self) -> None:
+        _at_least(epochs=(self.epochs, 0), max_steps=(self.max_steps, 0), windows_per_step=(self.windows_per_step, 1),
+                  warmup_steps=(self.warmup_steps, 0))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{flag} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Checkpoints, validation and logging."""
+
+    checkpoint_every: int = option(0, help="also checkpoint every N steps (0: only at the end of each epoch)")
+    keep_last: int = option(3, help="checkpoints kept besides best.pt")
+    val_every: int = option(1, help="validate every N epochs (0: only at the end)")
+    log_every: int = option(10, help="log loss, lr, keyframes/s every N steps (the loss is read back only then)")
+    tensorboard_dir: str | None = option(None, help="TensorBoard log dir (default: OUTPUT_DIR/tensorboard)")
+    resume: str = option("auto", help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh "
+                                      "(refused if OUTPUT_DIR has checkpoints); or a checkpoint to start from when "
+                                      "OUTPUT_DIR has none (one of the published code initialises the weights only)")
+
+    def __post_init__(self) -> None:
+        _at_least(checkpoint_every=(self.checkpoint_every, 0), keep_last=(self.keep_last, 1),
+                  val_every=(self.val_every, 0), log_every=(self.log_every, 1))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a run (the command-line flags; saved as OUTPUT_DIR/config.json)."""
+    """Every setting of a run: the command-line flags, saved as OUTPUT_DIR/config.json, which
+    ``--config`` reads back to repeat the run exactly."""
 
-    output_dir: str
-    train_store: str | None = None
-    train_shards: str | None = None
-    shuffle_buffer: int = 1000
-    val_store: str | None = None
-    val_groundtruth: str | None = None
-    labelmap: str | None = None
-    model: str = "stage"
-    num_heads: int = 4
-    dropout: float = 0.5
-    epochs: int = 50  # the published train.py default
-    max_steps: int = 0
-    window: int = 6
-    windows_per_step: int = 1
-    lr: float = PUBLISHED_LR
-    lr_scaling: str = "sqrt"
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
-    amp: str = "auto"
-    seed: int = 0
-    workers: int = 2
-    threads: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 0
-    keep_last: int = 3
-    val_every: int = 1
-    log_every: int = 10
-    tensorboard_dir: str | None = None
-    resume: str = "auto"
-    in_memory: bool = False
-    memmap_dir: str | None = None
-    dist_timeout: float = DEFAULT_TIMEOUT_MINUTES
+    output_dir: str = option(help="checkpoints, config.json, val results and TensorBoard logs go here")
+    data: DataConfig = section(DataConfig, help="data")
+    model: ModelSection = section(ModelSection, help="model")
+    optim: OptimConfig = section(OptimConfig, help="optimisation")
+    runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
+    run: RunConfig = section(RunConfig, help="checkpoints, validation and logging")
+
+
+def _at_least(**values: tuple[float, float]) -> None:
+    for name, (value, low) in values.items():
+        if value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 class NonFiniteError(RuntimeError):
@@ -138,11 +210,11 @@ class TrainSummary:
     history: list[dict] = field(default_factory=list)
 
 
-def effective_lr(config: TrainConfig, world_size: int) -> tuple[int, float]:
+def effective_lr(optim: OptimConfig, world_size: int) -> tuple[int, float]:
     """The effective batch (windows per optimizer step, all ranks) and the LR it gets."""
-    effective_batch = config.windows_per_step * world_size
-    factor = {"none": 1.0, "linear": effective_batch, "sqrt": math.sqrt(effective_batch)}[config.lr_scaling]
-    return effective_batch, config.lr * factor
+    effective_batch = optim.windows_per_step * world_size
+    factor = {"none": 1.0, "linear": effective_batch, "sqrt": math.sqrt(effective_batch)}[optim.lr_scaling]
+    return effective_batch, optim.lr * factor
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
@@ -192,54 +264,57 @@ class Trainer:
     to continue it."""
 
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
-        check_config(config)
+        check_output_dir(config)
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
         self.data = open_train_data(
-            store=config.train_store, shards=config.train_shards, window=config.window,
-            windows_per_step=config.windows_per_step, rank=env.rank, world_size=env.world_size,
-            seed=config.seed, num_workers=config.workers, pin_memory=env.device.type == "cuda",
-            in_memory=config.in_memory, memmap_dir=config.memmap_dir, shuffle_buffer=config.shuffle_buffer,
+            store=config.data.train_store, shards=config.data.train_shards, window=config.data.window,
+            windows_per_step=config.optim.windows_per_step, rank=env.rank, world_size=env.world_size,
+            seed=config.optim.seed, num_workers=config.runtime.workers, pin_memory=env.device.type == "cuda",
+            in_memory=config.data.in_memory, memmap_dir=config.data.memmap_dir, shuffle_buffer=config.data.shuffle_buffer,
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
             FeatureStore.open(
-                config.val_store,
+                config.data.val_store,
                 expect_actor_dim=self.data.actor_dim,
                 expect_object_dim=self.data.object_dim,
-                in_memory=config.in_memory,
-                memmap_dir=config.memmap_dir,
+                in_memory=config.data.in_memory,
+                memmap_dir=config.data.memmap_dir,
             )
-            if config.val_store
+            if config.data.val_store
             else None
         )
         # Read on every rank before training: a bad file stops all ranks now, not after an epoch.
-        self.val_labelmap = read_labelmap(config.labelmap) if config.labelmap else None
-        self.val_groundtruth = read_ava_csv(config.val_groundtruth) if config.val_groundtruth else None
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.val_labelmap = read_labelmap(config.data.labelmap) if config.data.labelmap else None
+        self.val_groundtruth = read_ava_csv(config.data.val_groundtruth) if config.data.val_groundtruth else None
+        if self.val_store is not None and (self.val_groundtruth is None or self.val_labelmap is None):
+            log.warning("--val-store without both --val-groundtruth and --labelmap: validation writes results.csv "
+                        "but computes no mAP, and best.pt is not chosen")
+        torch.manual_seed(config.optim.seed)  # identical initial weights on every rank
         self.model_config = ModelConfig(
             actor_dim=self.data.actor_dim,
             object_dim=self.data.object_dim,
-            num_heads=config.num_heads,
-            dropout=config.dropout,
+            num_heads=config.model.num_heads,
+            dropout=config.model.dropout,
         )
-        self.model = build_model(config.model, self.model_config).to(env.device)
+        self.model = build_model(config.model.kind, self.model_config).to(env.device)
         self.ddp_model: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
             if env.world_size > 1
             else self.model
         )
-        self.effective_batch, lr = effective_lr(config, env.world_size)
+        self.effective_batch, lr = effective_lr(config.optim, env.world_size)
         # fused: one kernel for all parameters (on CPU 2-6x faster than the per-tensor loop)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.weight_decay,
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay,
                                           fused=True)
         self.total_steps = self._planned_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(config.warmup_steps, self.total_steps, config.schedule)
+            self.optimizer, lr_lambda(config.optim.warmup_steps, self.total_steps, config.optim.schedule)
         )
-        self.precision = resolve_precision(config.amp, env.device)
+        self.precision = resolve_precision(config.runtime.amp, env.device)
         self.scaler = self.precision.grad_scaler()
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep_last=config.keep_last)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep_last=config.run.keep_last)
         self.epoch = 0
         self.step_in_epoch = 0  # steps consumed, not the loader's prefetch position
         self.global_step = 0
@@ -253,13 +328,13 @@ class Trainer:
         self._keyframe_names = KeyframeNamer.for_data(self.data)
         # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
         # the RNG states a checkpoint saves are the same in any run of this config.
-        torch.manual_seed(config.seed + env.rank)
-        random.seed(config.seed + env.rank)
-        np.random.seed(config.seed + env.rank)
+        torch.manual_seed(config.optim.seed + env.rank)
+        random.seed(config.optim.seed + env.rank)
+        np.random.seed(config.optim.seed + env.rank)
 
     def _planned_steps(self) -> int:
-        steps = sum(self.sampler.steps_for_epoch(epoch) for epoch in range(self.config.epochs))
-        return min(steps, self.config.max_steps) if self.config.max_steps else steps
+        steps = sum(self.sampler.steps_for_epoch(epoch) for epoch in range(self.config.optim.epochs))
+        return min(steps, self.config.optim.max_steps) if self.config.optim.max_steps else steps
 
     # -- state -----------------------------------------------------------------------------
 
@@ -268,7 +343,7 @@ class Trainer:
         rng_per_rank = gather_to_main(rng_state(), self.env)
         return {
             "model_state": self.model.state_dict(),
-            "model_kind": self.config.model,
+            "model_kind": self.config.model.kind,
             "model_config": asdict(self.model_config),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
@@ -280,7 +355,7 @@ class Trainer:
             "history": self.history,
             "world_size": self.env.world_size,
             "rng_per_rank": rng_per_rank,
-            "train_config": asdict(self.config),
+            "train_config": to_dict(self.config),
         }
 
     def load_state_dict(self, checkpoint: Checkpoint) -> None:
@@ -306,7 +381,7 @@ class Trainer:
                 state.world_size,
                 self.env.world_size,
             )
-            torch.manual_seed(self.config.seed + self.env.rank + self.global_step)
+            torch.manual_seed(self.config.optim.seed + self.env.rank + self.global_step)
 
     def _load_scaler_state(self, saved: dict | None, path: Path) -> None:
         """A checkpoint saved without an active GradScaler (--amp off or bf16) resumed under fp16
@@ -343,14 +418,14 @@ class Trainer:
         ``torchrun --max-restarts`` continues where it stopped instead of starting over.
         """
         found = self.checkpoints.load_latest()
-        if found is not None and self.config.resume == "none":
+        if found is not None and self.config.run.resume == "none":
             raise UserInputError(
                 f"{self.checkpoints.directory} holds checkpoints of an earlier run: continue it with "
                 "--resume auto, or give a new --output-dir"
             )
-        if found is None and self.config.resume in ("auto", "none"):
+        if found is None and self.config.run.resume in ("auto", "none"):
             return
-        checkpoint = found if found is not None else read_checkpoint(self.config.resume)
+        checkpoint = found if found is not None else read_checkpoint(self.config.run.resume)
         if checkpoint.training is None:  # the published format, or a model-only file: weights only
             try:
                 load_model_state(self.model, checkpoint.model_state)
@@ -371,8 +446,9 @@ class Trainer:
         """A resumed run keeps the checkpoint's optimizer, LR schedule and position in the epoch;
         changing what a step means makes that position (and the LR) wrong."""
         keys = ("window", "windows_per_step", "seed", "lr", "lr_scaling", "schedule", "warmup_steps")
-        changed = [f"{key} {saved[key]} -> {getattr(self.config, key)}" for key in keys
-                   if key in saved and saved[key] != getattr(self.config, key)]
+        saved = {k: v for part in saved.values() if isinstance(part, dict) for k, v in part.items()} or saved
+        now = flat_dict(self.config)
+        changed = [f"{key} {saved[key]} -> {now[key]}" for key in keys if key in saved and saved[key] != now[key]]
         if changed:
             log.warning("resuming %s with changed settings (%s): the optimizer state, LR schedule and position "
                         "in the epoch come from the checkpoint", path, ", ".join(changed))
@@ -388,7 +464,7 @@ class Trainer:
         self._restore_rng()
         val_map: float | None = None
         saved_any = False
-        finished = self.epoch >= self.config.epochs or self._reached_max_steps()
+        finished = self.epoch >= self.config.optim.epochs or self._reached_max_steps()
         try:
             while not finished:
                 self.train_epoch(writer, bar)
@@ -396,8 +472,8 @@ class Trainer:
                 if epoch_done:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     self.sampler.set_epoch(self.epoch)
-                finished = self.epoch >= self.config.epochs or self._reached_max_steps()
-                scheduled = epoch_done and self.config.val_every and self.epoch % self.config.val_every == 0
+                finished = self.epoch >= self.config.optim.epochs or self._reached_max_steps()
+                scheduled = epoch_done and self.config.run.val_every and self.epoch % self.config.run.val_every == 0
                 metric = None
                 self.check_finite()
                 if self.val_store is not None and (finished or scheduled):
@@ -430,9 +506,9 @@ class Trainer:
                       step_done - step_started)
             step_started = step_done
             bar.update(1)
-            if self.global_step % self.config.log_every == 0:
+            if self.global_step % self.config.run.log_every == 0:
                 self._log_train(stats, writer, bar)
-            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0:
+            if self.config.run.checkpoint_every and self.global_step % self.config.run.checkpoint_every == 0:
                 self.save_checkpoint()
             if self._reached_max_steps():
                 break
@@ -446,9 +522,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         bad = ~torch.isfinite(loss.detach())
-        if self.config.grad_clip:
+        if self.config.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
             if not self.scaler.is_enabled():  # under fp16 the scaler skips steps with inf gradients
                 bad |= ~torch.isfinite(norm)
         self.scaler.step(self.optimizer)
@@ -546,18 +622,18 @@ class Trainer:
         if not self.env.is_main:
             return None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        return SummaryWriter(self.config.tensorboard_dir or str(self.output_dir / "tensorboard"))
+        save_json(self.config, self.output_dir / CONFIG_NAME)
+        return SummaryWriter(self.config.run.tensorboard_dir or str(self.output_dir / "tensorboard"))
 
     def _log_start(self) -> None:
         log.info(
             "training %s on %s: %d keyframes in %d clips, %d steps per epoch x %d epochs; "
             "%d rank(s) x %d window(s) of %d keyframes = effective batch %d windows; "
             "lr %.3g (base %.3g, %s scaling), amp %s, device %s",
-            self.config.model, self.data.source, self.data.num_keyframes,
-            self.data.num_clips, len(self.sampler), self.config.epochs, self.env.world_size,
-            self.config.windows_per_step, self.config.window, self.effective_batch,
-            self.optimizer.param_groups[0]["initial_lr"], self.config.lr, self.config.lr_scaling,
+            self.config.model.kind, self.data.source, self.data.num_keyframes,
+            self.data.num_clips, len(self.sampler), self.config.optim.epochs, self.env.world_size,
+            self.config.optim.windows_per_step, self.config.data.window, self.effective_batch,
+            self.optimizer.param_groups[0]["initial_lr"], self.config.optim.lr, self.config.optim.lr_scaling,
             self.precision.mode, self.env.device,
         )
 
@@ -578,155 +654,66 @@ class Trainer:
         stats.reset()
 
     def _reached_max_steps(self) -> bool:
-        return bool(self.config.max_steps) and self.global_step >= self.config.max_steps
+        return bool(self.config.optim.max_steps) and self.global_step >= self.config.optim.max_steps
 
 
 class TrainConfigError(UserInputError):
-    """A setting of the run that cannot work (a flag out of range, an output directory that would
-    overwrite an input or another program's files); found before any work starts."""
-
-
-_AT_LEAST = {"window": 1, "windows_per_step": 1, "epochs": 0, "max_steps": 0, "keep_last": 1, "log_every": 1,
-             "val_every": 0, "checkpoint_every": 0, "workers": 0, "threads": 0, "warmup_steps": 0,
-             "shuffle_buffer": 1, "num_heads": 1}
-
-
-def check_config(config: TrainConfig) -> None:
-    """Refuse settings that would fail later (or write where they must not), naming the flag or path."""
-    for name, low in _AT_LEAST.items():
-        if getattr(config, name) < low:
-            raise TrainConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(config, name)}")
-    for name in ("lr", "dist_timeout"):
-        if not (math.isfinite(getattr(config, name)) and getattr(config, name) > 0):
-            raise TrainConfigError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(config, name)}")
-    if not (math.isfinite(config.grad_clip) and config.grad_clip >= 0):
-        raise TrainConfigError(f"--grad-clip must be >= 0, got {config.grad_clip}")
-    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise TrainConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise TrainConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
-    check_output_dir(config)
-
-
-# -- output safety (a minimal form of the project's output rules; see stage_dist/outputs.py when merged) --
+    """An output directory that would overwrite an input or another program's files; found before
+    any work starts."""
 
 
 def check_output_dir(config: TrainConfig) -> None:
-    """``--output-dir`` must not be or lie inside an input (stores, groundtruth, label map, --resume
-    checkpoint; a shard file is refused as an existing file), must be a directory if it exists, may hold another program's files
-    only beside the run's (its config.json must be a run's), and its parent must be writable."""
+    """``--output-dir`` must not be, contain or lie inside an input (stores, groundtruth, label map,
+    --resume checkpoint), must be a directory if it exists, may hold another program's files only
+    beside the run's (its config.json must be a run's), and must be writable."""
     out = Path(config.output_dir)
-    resolved = out.resolve()
-    inputs = [config.train_store, config.val_store, config.val_groundtruth, config.labelmap,
-              config.resume if config.resume not in ("auto", "none") else None]
-    for source in filter(None, inputs):
-        source_path = Path(source).resolve()
-        if resolved == source_path or source_path in resolved.parents:
-            raise TrainConfigError(f"{out}: --output-dir is or lies inside the input {source}; give another directory")
+    data, resume = config.data, config.run.resume
+    check_not_input(out, [("--train-store", data.train_store), ("--val-store", data.val_store),
+                          ("--val-groundtruth", data.val_groundtruth), ("--labelmap", data.labelmap),
+                          ("--resume", resume if resume not in ("auto", "none") else None)], "--output-dir")
     if out.exists() and not out.is_dir():
         raise TrainConfigError(f"{out}: --output-dir exists and is not a directory")
-    saved_config = out / "config.json"
-    if saved_config.exists():
-        try:
-            is_run = {"output_dir", "train_store", "epochs"} <= set(json.loads(saved_config.read_text()))
-        except (OSError, ValueError, TypeError):
-            is_run = False
-        if not is_run:
-            raise TrainConfigError(f"{saved_config}: not a stage_dist run's config.json; refusing to replace it "
-                                   "(give another --output-dir)")
-    parent = resolved
+    saved_config = out / CONFIG_NAME
+    if saved_config.exists() and not _is_run_config(saved_config):
+        raise TrainConfigError(f"{saved_config}: not a stage_dist run's config.json; refusing to replace it "
+                               "(give another --output-dir)")
+    parent = out.resolve()
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise TrainConfigError(f"{out}: cannot write there: {parent} is not a writable directory")
 
 
+def _is_run_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "output_dir" in saved and ("data" in saved or "train_store" in saved)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig(output_dir="")
-    parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node=N -m stage_dist.train",
-        description="Train STAGE (or the no-graph baseline) on a feature store with DDP. "
-        "A plain `python -m stage_dist.train` runs with world size 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = parser.add_argument_group("data")
-    source = data.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train-store", help="training feature store (zarr)")
-    source.add_argument("--train-shards", help="training WebDataset shards instead of a store: a brace pattern "
-                        "such as 'DIR/train-{000000..000031}.tar' (local paths or URLs webdataset reads; "
-                        "manifest.json beside them)")
-    data.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer,
-                      help="windows held for shuffling when streaming from --train-shards")
-    data.add_argument("--val-store", help="validation feature store; validated every --val-every epochs and at the end")
-    data.add_argument("--val-groundtruth", help="AVA groundtruth CSV of the val split (for val mAP)")
-    data.add_argument("--labelmap", help="AVA pbtxt label map of the evaluated classes (for val mAP)")
-    data.add_argument("--window", type=int, default=defaults.window, help="keyframes per window (the paper's batch size)")
-    data.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader worker processes per rank")
-    data.add_argument("--in-memory", action="store_true",
-                      help="load the stores' features into RAM: one copy in every process (each rank and each "
-                           "loader worker); --memmap-dir shares one copy per node")
-    data.add_argument("--memmap-dir", help="decompress the stores once per node into .npy files in this directory "
-                      "(a local disk or /dev/shm) and memory-map them: one copy shared by all the node's ranks "
-                      "and loader workers; the fastest reads when the split fits the page cache")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=("stage", "baseline"), default=defaults.model,
-                       help="STAGE, or the no-graph baseline (actor features and geometry only) for ablations")
-    model.add_argument("--num-heads", type=int, default=defaults.num_heads, help="attention heads per layer")
-    model.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout of the graph-attention layers")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs to train")
-    optim.add_argument("--max-steps", type=int, default=defaults.max_steps, help="stop after this many optimizer steps in total (0: no limit)")
-    optim.add_argument("--windows-per-step", type=int, default=defaults.windows_per_step, help="windows per optimizer step on each rank")
-    optim.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate for ONE window per step (the published recipe)")
-    optim.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default=defaults.lr_scaling,
-                       help="how the LR grows with the effective batch (windows per step x ranks)")
-    optim.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear LR warmup steps")
-    optim.add_argument("--schedule", choices=("constant", "cosine"), default=defaults.schedule, help="LR schedule after warmup")
-    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="Adam weight decay")
-    optim.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="clip the gradient norm to this (0: off)")
-    optim.add_argument("--amp", choices=AMP_MODES, default=defaults.amp,
-                       help="autocast: bf16, fp16 (with a GradScaler) or off; auto = bf16 on GPUs that support it, off on CPU")
-    optim.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, window sampling and dropout")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", required=True, help="checkpoints, config.json, val results and TensorBoard logs go here")
-    run.add_argument("--device", default=defaults.device, help="auto (cuda when available), cpu or cuda")
-    run.add_argument("--threads", type=int, default=defaults.threads,
-                     help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share of the "
-                          "cores less one per loader worker)")
-    run.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                     help="also checkpoint every N steps (0: only at the end of each epoch)")
-    run.add_argument("--keep-last", type=int, default=defaults.keep_last, help="checkpoints kept besides best.pt")
-    run.add_argument("--val-every", type=int, default=defaults.val_every, help="validate every N epochs (0: only at the end)")
-    run.add_argument("--log-every", type=int, default=defaults.log_every, help="log loss, lr, keyframes/s every N steps")
-    run.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
-                     help="minutes a rank waits in a collective for the others before the run fails (rank 0's "
-                          "validation and a first --memmap-dir build happen while the others wait)")
-    run.add_argument("--tensorboard-dir", help="TensorBoard log dir (default: OUTPUT_DIR/tensorboard)")
-    run.add_argument("--resume", default=defaults.resume,
-                     help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh (refused if OUTPUT_DIR "
-                     "has checkpoints); or a checkpoint to start from when OUTPUT_DIR has none (one of the "
-                     "published code initialises the weights only)")
-    return parser
+    return build_config_parser(
+        TrainConfig, prog="torchrun --nproc_per_node=N -m stage_dist.train",
+        description="Train STAGE (or the no-graph baseline) on a feature store with DDP. A plain `python -m "
+                    "stage_dist.train` runs with world size 1. `--config OUTPUT_DIR/config.json` repeats a run.\n"
+                    "Exit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite loss or weights.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
+    config = parse_config(TrainConfig, argv, build_parser())
     env: DistEnv | None = None
     try:
-        check_config(config)  # before the process group: every rank fails the same way, at once
-        env = init_distributed(config.device, config.dist_timeout)
+        check_output_dir(config)  # before the process group: every rank fails the same way, at once
+        env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
         setup_logging(env)
-        configure_threads(config.threads, env, config.workers)
+        configure_threads(config.runtime.threads, env, config.runtime.workers)
         summary = Trainer(config, env).fit()
         if env.is_main:
             val = "n/a" if summary.val_map is None else f"{summary.val_map:.4f}"
             best = "n/a" if summary.best_map is None else f"{summary.best_map:.4f}"
             saved = (f"checkpoints in {summary.checkpoint_dir}" if summary.checkpoint_dir is not None else
-                     f"nothing to train (epoch {summary.epochs_completed} of --epochs {config.epochs}): "
+                     f"nothing to train (epoch {summary.epochs_completed} of --epochs {config.optim.epochs}): "
                      "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
                   f"val mAP {val} (best {best}); {saved}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from conftest import Stores, subprocess_env, torchrun_command
 from stage_dist.checkpoint import read_checkpoint
 from stage_dist.distributed import init_distributed
 from stage_dist.errors import UserInputError
-from stage_dist.train import TrainConfig, Trainer, build_parser, effective_lr
+from stage_dist.config import from_flat, parse_config, replace_flat, save_json, to_argv
+from stage_dist.train import OptimConfig, TrainConfig, Trainer, effective_lr
 
 
 def make_config(stores: Stores, output_dir: Path, **overrides) -> TrainConfig:
@@ -30,17 +32,7 @@ def make_config(stores: Stores, output_dir: Path, **overrides) -> TrainConfig:
         lr=1e-3, epochs=2, workers=0, device="cpu", log_every=2, val_every=0,
     )
     defaults.update(overrides)
-    return TrainConfig(**defaults)
-
-
-def cli_args(config: TrainConfig) -> list[str]:
-    args = []
-    for name, value in vars(config).items():
-        if value is None or value is False:
-            continue
-        flag = "--" + name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return args
+    return from_flat(TrainConfig, **defaults)
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -49,17 +41,25 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_parser_accepts_every_config_field(tiny_stores, tmp_path):
-    config = make_config(tiny_stores, tmp_path, model="baseline", amp="off", in_memory=True,
-                         memmap_dir=str(tmp_path / "shm"), threads=1)
-    parsed = TrainConfig(**vars(build_parser().parse_args(cli_args(config))))
-    assert parsed == config
+    config = make_config(tiny_stores, tmp_path, kind="baseline", amp="off", in_memory=True,
+                         memmap_dir=str(tmp_path / "shm"), threads=1, lr=1 / 3, schedule="cosine")
+    assert parse_config(TrainConfig, to_argv(config)) == config
+    assert "--model" in to_argv(config) and "--in-memory" in to_argv(config)
+
+
+def test_config_json_repeats_the_run_and_flags_override_it(tiny_stores, tmp_path):
+    config = make_config(tiny_stores, tmp_path / "run", epochs=1, val_store=None, lr=1 / 3)
+    save_json(config, tmp_path / "config.json")
+    assert parse_config(TrainConfig, ["--config", str(tmp_path / "config.json")]) == config
+    changed = parse_config(TrainConfig, ["--config", str(tmp_path / "config.json"), "--epochs", "3", "--model", "baseline"])
+    assert changed == replace_flat(config, epochs=3, kind="baseline")
 
 
 def test_effective_lr_rules():
-    config = TrainConfig(train_store="", output_dir="", windows_per_step=2, lr=1e-4)
-    assert effective_lr(TrainConfig(**{**vars(config), "lr_scaling": "none"}), 4) == (8, 1e-4)
-    assert effective_lr(TrainConfig(**{**vars(config), "lr_scaling": "linear"}), 4) == (8, pytest.approx(8e-4))
-    assert effective_lr(TrainConfig(**{**vars(config), "lr_scaling": "sqrt"}), 4)[1] == pytest.approx(1e-4 * 8**0.5)
+    optim = OptimConfig(windows_per_step=2, lr=1e-4)
+    assert effective_lr(replace(optim, lr_scaling="none"), 4) == (8, 1e-4)
+    assert effective_lr(replace(optim, lr_scaling="linear"), 4) == (8, pytest.approx(8e-4))
+    assert effective_lr(replace(optim, lr_scaling="sqrt"), 4)[1] == pytest.approx(1e-4 * 8**0.5)
 
 
 def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
@@ -115,7 +115,7 @@ def test_stage_beats_the_no_graph_baseline(learnable_stores, tmp_path):
     env = init_distributed("cpu")
     val_map = {}
     for model in ("stage", "baseline"):
-        config = make_config(learnable_stores, tmp_path / model, model=model, epochs=20, lr=2e-3, log_every=50)
+        config = make_config(learnable_stores, tmp_path / model, kind=model, epochs=20, lr=2e-3, log_every=50)
         val_map[model] = Trainer(config, env).fit().val_map
     assert val_map["stage"] > val_map["baseline"] + 0.05, val_map
 
@@ -125,14 +125,15 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     """torchrun, 2 gloo ranks: loss falls, val mAP rises, both ranks end with identical weights."""
     config = make_config(learnable_stores, tmp_path / "run", epochs=8, lr=2e-3, val_every=1, log_every=5,
                          memmap_dir=str(tmp_path / "shm"))  # both ranks share one decompressed copy
-    (tmp_path / "config.json").write_text(json.dumps(vars(config)))
+    save_json(config, tmp_path / "config.json")
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import json, torch
+        from stage_dist.config import load_json
         from stage_dist.distributed import cleanup, init_distributed
         from stage_dist.train import TrainConfig, Trainer
         env = init_distributed("cpu")
-        trainer = Trainer(TrainConfig(**json.load(open("{tmp_path}/config.json"))), env)
+        trainer = Trainer(load_json(TrainConfig, "{tmp_path}/config.json"), env)
         summary = trainer.fit()
         torch.save(trainer.model.state_dict(), "{tmp_path}/rank%d.pt" % env.rank)
         if env.is_main:
@@ -171,7 +172,7 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tiny_stores, tmp_path):
     an uninterrupted run's bit for bit."""
     output_dir = tmp_path / "run"
     config = make_config(tiny_stores, output_dir, epochs=4, checkpoint_every=3, val_store=None)
-    command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *cli_args(config))
+    command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *to_argv(config))
     launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -192,7 +193,7 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tiny_stores, tmp_path):
     assert final.epoch == 4 and final.step == 0
 
     uninterrupted = make_config(tiny_stores, tmp_path / "uninterrupted", epochs=4, checkpoint_every=3, val_store=None)
-    subprocess.run(torchrun_command(2, "-m", "stage_dist.train", *cli_args(uninterrupted)), check=True,
+    subprocess.run(torchrun_command(2, "-m", "stage_dist.train", *to_argv(uninterrupted)), check=True,
                    env=subprocess_env(), capture_output=True, timeout=240)
     assert_same_final_checkpoint(tmp_path / "uninterrupted", output_dir)
 
@@ -304,13 +305,13 @@ def test_bad_input_stops_before_training_with_one_line(tiny_stores, tmp_path, ca
     from stage_dist.train import main as train_main
 
     config = make_config(tiny_stores, tmp_path / "run", val_groundtruth=str(tmp_path / "missing.csv"))
-    assert train_main(cli_args(config)) == 2
+    assert train_main(to_argv(config)) == 2
     error = capsys.readouterr().err
     assert "missing.csv" in error and "Traceback" not in error
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
     config = make_config(tiny_stores, tmp_path / "run", train_store=str(tmp_path / "nope.zarr"))
-    assert train_main(cli_args(config)) == 2
+    assert train_main(to_argv(config)) == 2
     assert "nope.zarr" in capsys.readouterr().err
 
 
