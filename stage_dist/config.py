@@ -232,12 +232,18 @@ def _default_text(f: dataclasses.Field) -> str:
     return str(f.default)
 
 
+def _help_text(f: dataclasses.Field) -> str:
+    """The field's help, with its default unless the help already says what it is."""
+    text = f.metadata.get("help", "")
+    return text if "(default" in text else f"{text} (default: {_default_text(f)})"
+
+
 def _add_argument(group: Any, f: dataclasses.Field, tp: Any) -> None:
     inner, _ = _strip_optional(tp)
     kwargs: dict[str, Any] = {
         "dest": f.name,
         "default": argparse.SUPPRESS,  # only flags actually given reach the namespace
-        "help": f"{f.metadata.get('help', '')} (default: {_default_text(f)})",
+        "help": _help_text(f),
     }
     if f.metadata.get("metavar"):
         kwargs["metavar"] = f.metadata["metavar"]

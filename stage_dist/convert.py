@@ -53,6 +53,8 @@ import zarr
 from tqdm import tqdm
 
 from stage_dist import __version__
+from stage_dist.config import ConfigError, option, parse_config, section
+from stage_dist.config import build_parser as build_config_parser
 from stage_dist.outputs import (
     OutputDir,
     OutputError,
@@ -103,31 +105,78 @@ class ConvertError(Exception):
     """The conversion cannot go on (e.g. the output holds another store); message says why."""
 
 
+Format = Literal["zarr", "zarr,webdataset", "webdataset"]
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """The WebDataset (tar shard) form, written from the finished store."""
+
+    format: Format = option("zarr", metavar="FORMAT",
+                            help="zarr: the store at --out; zarr,webdataset: the store at --out and tar shards; "
+                                 "webdataset: tar shards only, at --out (the store is written first to "
+                                 "OUT.store-tmp, then removed)")
+    shards_out: Path | None = option(None, help="directory of the tar shards and manifest.json (default: --out with "
+                                                "--format webdataset, else --out with suffix .shards)")
+    tar_shard_mb: float = option(256.0, help="target size of one tar shard in MB")
+    tar_window: int | None = option(None, help="one sample per window of this many keyframes (default: one sample "
+                                               "per clip)")
+
+    def __post_init__(self) -> None:
+        if self.tar_shard_mb <= 0 or (self.tar_window is not None and self.tar_window < 1):
+            raise ConfigError(f"--tar-shard-mb must be > 0 and --tar-window >= 1, got {self.tar_shard_mb}, "
+                              f"{self.tar_window}")
+
+
 @dataclass(frozen=True)
 class ConvertConfig:
-    """Everything a conversion needs. ``store_arguments`` are the ones that shape the store."""
+    """Everything a conversion needs (the flags of ``tools/convert_features.py``). The store is
+    written to ``out``; ``store_arguments`` are the settings that shape it."""
 
-    out: Path
-    split: str
-    actors_dir: Path | None = None  # I3D layout
-    objects_file: Path | None = None  # I3D layout (required) or SlowFast (optional)
-    slowfast_file: Path | None = None  # SlowFast layout
-    video_list: Path | None = None  # SlowFast layout
-    missing_objects: MissingObjects = "error"
-    box_tolerance: float = DEFAULT_BOX_TOLERANCE
-    keep_spatial: bool = False
-    cls_prob: bool = True
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    workers: int = 1
-    overwrite: bool = False
-    verify: bool = False
-    verify_sample: int | None = None
-    progress: bool = True
+    out: Path = option(help="the store directory to write (one per split)")
+    actors_dir: Path | None = option(None, help="I3D layout: directory of <video_id>/<timestamp>.h5 actor files")
+    objects_file: Path | None = option(None, help="objects .h5 (<video_id>_<ts>_features|_boxes|_cls_prob); required "
+                                                  "for I3D, optional for SlowFast (without it every keyframe has "
+                                                  "zero objects)")
+    slowfast_file: Path | None = option(None, help="SlowFast layout: the split's .h5 of <clip_number>_<ts> groups")
+    video_list: Path | None = option(None, help="SlowFast layout: video ids, one a line; clip numbers index it")
+    missing_objects: MissingObjects = option("error", help="a keyframe absent from the objects file is an error or "
+                                                           "has zero objects (empty)")
+    box_tolerance: float = option(DEFAULT_BOX_TOLERANCE, metavar="EPS",
+                                  help="box coordinates at most EPS outside [0, 1] are clipped (and counted in the "
+                                       "summary); further out they are an error")
+    split: str | None = option(None, help="split name recorded in the store (default: --out's name without suffix)")
+    keep_spatial: bool = option(False, help="also keep the full (C, t, h, w) actor tensor in actors/spatial (I3D "
+                                            "only; large)")
+    cls_prob: bool = option(True, help="store the objects' cls_prob")
+    overwrite: bool = option(False, help="replace the store at --out (only a store this converter wrote; never "
+                                         "other files)")
+    storage: StorageConfig = section(StorageConfig, help="store layout")
+    streaming: StreamingConfig = section(StreamingConfig, help="streaming form (WebDataset tar shards, written "
+                                                               "from the store)")
+    workers: int = option(os.cpu_count() or 1, help="worker processes (all cores)")
+    verify: bool = option(False, help="re-read the sources and check every keyframe against the store")
+    verify_sample: int | None = option(None, metavar="N", help="like --verify, but check N keyframes chosen at "
+                                                               "random")
+    progress: bool = option(True, help="show a progress bar")
+    log_level: str = option("INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.verify_sample is not None and self.verify_sample < 1:
+            raise ConfigError(f"--verify-sample must be >= 1, got {self.verify_sample}")
+        if not 0 <= self.box_tolerance < 0.5:
+            raise ConfigError(f"--box-tolerance must be in [0, 0.5), got {self.box_tolerance}")
+
+    @property
+    def split_name(self) -> str:
+        return self.split or self.out.name.split(".")[0]
 
     def store_arguments(self) -> dict[str, Any]:
         """The arguments recorded in the store: a rerun must give the same ones to resume."""
         return {
-            "split": self.split,
+            "split": self.split_name,
             "missing_objects": self.missing_objects,
             "box_tolerance": self.box_tolerance,
             "keep_spatial": self.keep_spatial,
@@ -263,7 +312,7 @@ def store_attrs(plan: Plan, source: Source, cfg: ConvertConfig, fingerprint: str
                 inputs: dict[str, Any]) -> dict[str, Any]:
     return {
         **storage_attrs(plan.layout),
-        "split": cfg.split,
+        "split": cfg.split_name,
         "video_ids": plan.tables.video_ids,
         "source": {**source.describe(), "label_width": plan.dims.label_width,
                    "actor_thw": list(plan.dims.actor_thw) if plan.dims.actor_thw else None},
@@ -899,143 +948,66 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
 # --------------------------------------------------------------------------- CLI
 
 
-FORMATS = ("zarr", "zarr,webdataset", "webdataset")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="convert_features",
-        description="Convert published STAGE features (I3D or SlowFast HDF5 layout) into a sharded, "
-                    "clip-ordered zarr v3 feature store. Resumable: rerun the same command after an "
-                    "interruption. Exit codes: 0 ok, 1 --verify found mismatches, 2 bad input or output.",
-    )
-    src = p.add_argument_group("source (I3D: --actors-dir + --objects-file; SlowFast: --slowfast-file + --video-list)")
-    src.add_argument("--actors-dir", type=Path, help="I3D layout: directory of <video_id>/<timestamp>.h5 actor files")
-    src.add_argument("--objects-file", type=Path,
-                     help="objects .h5 (<video_id>_<ts>_features|_boxes|_cls_prob); required for I3D, "
-                          "optional for SlowFast (without it every keyframe has zero objects)")
-    src.add_argument("--slowfast-file", type=Path, help="SlowFast layout: the split's .h5 of <clip_number>_<ts> groups")
-    src.add_argument("--video-list", type=Path, help="SlowFast layout: video ids, one a line; clip numbers index it")
-    src.add_argument("--missing-objects", choices=("error", "empty"), default="error",
-                     help="a keyframe absent from the objects file is an error (default) or has zero objects")
-    src.add_argument("--box-tolerance", type=float, default=DEFAULT_BOX_TOLERANCE, metavar="EPS",
-                     help="box coordinates at most EPS outside [0, 1] are clipped (and counted in the summary); "
-                          "further out they are an error (default %(default)s)")
-    out = p.add_argument_group("store")
-    out.add_argument("--out", type=Path, required=True, help="the store directory to write (one per split)")
-    out.add_argument("--split", help="split name recorded in the store (default: --out's name without suffix)")
-    out.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature dtype on disk")
-    out.add_argument("--keep-spatial", action="store_true",
-                     help="also keep the full (C, t, h, w) actor tensor in actors/spatial (I3D only; large)")
-    out.add_argument("--no-cls-prob", action="store_true", help="do not store the objects' cls_prob")
-    out.add_argument("--chunk-kb", type=float, default=StorageConfig.chunk_kb,
-                     help="target chunk size of the feature arrays in KB (the unit one read decodes)")
-    out.add_argument("--shard-mb", type=float, default=StorageConfig.shard_mb, help="target shard file size in MB")
-    out.add_argument("--min-shards", type=int, default=StorageConfig.min_shards,
-                     help="split each row group into at least this many shards when it is small (parallelism)")
-    out.add_argument("--compression", choices=("zstd", "none"), default="zstd", help="chunk compression")
-    out.add_argument("--overwrite", action="store_true",
-                     help="replace the store at --out (only a store this converter wrote; never other files)")
-    stream = p.add_argument_group("streaming form (WebDataset tar shards, written from the store)")
-    stream.add_argument("--format", choices=FORMATS, default="zarr", metavar="FORMAT",
-                        help="zarr (default): the store at --out; zarr,webdataset: the store at --out and tar "
-                             "shards; webdataset: tar shards only, at --out (the store is written first to "
-                             "OUT.store-tmp, then removed)")
-    stream.add_argument("--shards-out", type=Path,
-                        help="directory of the tar shards and manifest.json (default: --out with --format "
-                             "webdataset, else --out with suffix .shards)")
-    stream.add_argument("--tar-shard-mb", type=float, default=256, help="target size of one tar shard in MB")
-    stream.add_argument("--tar-window", type=int,
-                        help="one sample per window of this many keyframes (default: one sample per clip)")
-    run = p.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
-    run.add_argument("--verify", action="store_true", help="re-read the sources and check every keyframe against the store")
-    run.add_argument("--verify-sample", type=int, metavar="N", help="like --verify, but check N keyframes chosen at random")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
-    return p
+    return build_config_parser(
+        ConvertConfig, prog="convert_features",
+        description="Convert published STAGE features (I3D layout: --actors-dir + --objects-file; SlowFast: "
+                    "--slowfast-file + --video-list) into a sharded, clip-ordered zarr v3 feature store.\nResumable: "
+                    "rerun the same command after an interruption. Exit codes: 0 ok, 1 --verify found mismatches, "
+                    "2 bad input or output.")
 
 
-def store_out(args: argparse.Namespace) -> Path:
+def store_out(cfg: ConvertConfig) -> Path:
     """Where the store is written: --out, or beside it when only shards are asked for."""
-    return args.out if "zarr" in args.format.split(",") else args.out.with_name(args.out.name + ".store-tmp")
+    formats = cfg.streaming.format.split(",")
+    return cfg.out if "zarr" in formats else cfg.out.with_name(cfg.out.name + ".store-tmp")
 
 
-def shards_out(args: argparse.Namespace) -> Path:
+def shards_out(cfg: ConvertConfig) -> Path:
     """Where the tar shards are written: --shards-out, else --out (webdataset only) or OUT.shards."""
-    if args.shards_out:
-        return args.shards_out
-    return args.out.with_suffix(".shards") if "zarr" in args.format.split(",") else args.out
-
-
-def config_from_args(args: argparse.Namespace) -> ConvertConfig:
-    return ConvertConfig(
-        out=store_out(args),
-        split=args.split or args.out.name.split(".")[0],
-        actors_dir=args.actors_dir,
-        objects_file=args.objects_file,
-        slowfast_file=args.slowfast_file,
-        video_list=args.video_list,
-        missing_objects=args.missing_objects,
-        box_tolerance=args.box_tolerance,
-        keep_spatial=args.keep_spatial,
-        cls_prob=not args.no_cls_prob,
-        storage=StorageConfig(dtype=args.dtype, chunk_kb=args.chunk_kb, shard_mb=args.shard_mb,
-                              min_shards=args.min_shards, compression=args.compression),
-        workers=args.workers,
-        overwrite=args.overwrite,
-        verify=args.verify,
-        verify_sample=args.verify_sample,
-        progress=not args.no_progress,
-    )
-
-
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Numbers the parser's types do not bound (argparse exits 2 naming the flag)."""
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.verify_sample is not None and args.verify_sample < 1:
-        parser.error(f"--verify-sample must be >= 1, got {args.verify_sample}")
-    if not 0 <= args.box_tolerance < 0.5:
-        parser.error(f"--box-tolerance must be in [0, 0.5), got {args.box_tolerance}")
+    if cfg.streaming.shards_out:
+        return cfg.streaming.shards_out
+    return cfg.out.with_suffix(".shards") if "zarr" in cfg.streaming.format.split(",") else cfg.out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = parse_config(ConvertConfig, argv, build_parser())
+    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    streaming = "webdataset" in config.streaming.format
     try:
-        if "webdataset" in args.format:  # refuse a bad --shards-out before converting
-            check_not_input(shards_out(args), [*config_inputs(config_from_args(args)), ("the store", store_out(args))],
+        store_config = replace(config, out=store_out(config), split=config.split_name)
+        if streaming:  # refuse a bad --shards-out before converting
+            check_not_input(shards_out(config), [*config_inputs(config), ("the store", store_config.out)],
                             "--shards-out")
-        summary = convert(config_from_args(args))
+        summary = convert(store_config)
         for line in summary.lines():
             print(line)
         if summary.mismatches:
             return EXIT_VERIFY_FAILED
-        if "webdataset" in args.format:
-            print(write_streaming_form(args))
+        if streaming:
+            print(write_streaming_form(config))
     except (SourceError, StoreError, ConvertError, OutputError) as e:
         print(f"convert_features: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
-        print(f"convert_features: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        print(f"convert_features: error: {e.filename or config.out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
 
-def write_streaming_form(args: argparse.Namespace) -> str:
+def write_streaming_form(cfg: ConvertConfig) -> str:
     """Write the finished store as tar shards (:func:`shards_out`); drop the store unless kept."""
     from stage_dist.shard_format import ShardError, shard_pattern, write_shards  # imports torch: only when asked
 
-    store, target = store_out(args), shards_out(args)
+    store, target = store_out(cfg), shards_out(cfg)
     try:
-        manifest = write_shards(FeatureStore.open(store), target,
-                                max_shard_bytes=int(args.tar_shard_mb * (1 << 20)), window=args.tar_window)
+        manifest = write_shards(FeatureStore.open(store), target, max_shard_bytes=int(cfg.streaming.tar_shard_mb * (1 << 20)),
+                                window=cfg.streaming.tar_window)
     except ShardError as e:
         raise ConvertError(str(e)) from e
-    if store != args.out:  # the temporary store of --format webdataset, written by this run
+    if store != cfg.out:  # the temporary store of --format webdataset, written by this run
         with lock_output(resolve_output(store)):
             shutil.rmtree(store)
     return (f"webdataset: {manifest['num_shards']} shards, {manifest['num_samples']} samples -> "

@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stage_dist.config import ConfigError, option
+
 SCHEMA_VERSION = 1
 ATTRS_KEY = "stage_dist"  # the root group's attribute holding the store's description
 PROGRESS_DIR = "_progress"  # finished-shard records of a conversion in progress
@@ -85,11 +87,18 @@ Compression = Literal["zstd", "none"]
 class StorageConfig:
     """How rows are laid out on disk (store-affecting converter options)."""
 
-    dtype: Literal["float16", "float32"] = "float16"  # of every feature array
-    chunk_kb: float = DEFAULT_CHUNK_KB  # target chunk size of a features array (the unit a read decodes)
-    shard_mb: float = DEFAULT_SHARD_MB  # target shard (file) size
-    min_shards: int = DEFAULT_MIN_SHARDS  # split smaller groups into at least this many shards (parallelism)
-    compression: Compression = "zstd"
+    dtype: Literal["float16", "float32"] = option("float16", help="feature dtype on disk")
+    chunk_kb: float = option(DEFAULT_CHUNK_KB, help="target chunk size of the feature arrays in KB (the unit one "
+                                                    "read decodes)")
+    shard_mb: float = option(DEFAULT_SHARD_MB, help="target shard file size in MB")
+    min_shards: int = option(DEFAULT_MIN_SHARDS, help="split each row group into at least this many shards when it "
+                                                      "is small (parallelism)")
+    compression: Compression = option("zstd", help="chunk compression")
+
+    def __post_init__(self) -> None:
+        if not (self.chunk_kb > 0 and self.shard_mb > 0 and self.min_shards >= 1):
+            raise ConfigError(f"--chunk-kb and --shard-mb must be > 0 and --min-shards >= 1, got {self.chunk_kb}, "
+                              f"{self.shard_mb}, {self.min_shards}")
 
 
 @dataclass(frozen=True)
