@@ -35,11 +35,11 @@ class ConfigError(Exception):
     """A setting that is missing, of the wrong type or out of range; the message names it."""
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
-           metavar: str | None = None) -> Any:
-    """A config field: its default, its ``--help`` text and, rarely, a flag name other than
-    ``--field-name`` (e.g. a published spelling)."""
-    metadata = {"help": help, "flag": flag, "metavar": metavar}
+def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | tuple[str, ...] | None = None,
+           metavar: str | None = None, positional: bool = False) -> Any:
+    """A config field: its default, its ``--help`` text and, rarely, flags other than
+    ``--field-name`` (a published spelling, or a short form: ``flag=("-g", "--groundtruth")``)."""
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "positional": positional}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults: use a tuple")
     return dataclasses.field(default=default, metadata=metadata)
@@ -218,8 +218,16 @@ def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...]
     return out
 
 
+def _flags(f: dataclasses.Field) -> tuple[str, ...]:
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return (flag,) if isinstance(flag, str) else tuple(flag)
+
+
 def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    """The field's long flag (the one messages name), or a positional argument's name."""
+    if f.metadata.get("positional"):
+        return f.name.upper()
+    return next((flag for flag in _flags(f) if flag.startswith("--")), _flags(f)[0])
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -258,7 +266,12 @@ def _add_argument(group: Any, f: dataclasses.Field, tp: Any) -> None:
         kwargs.update(nargs="+", type=typing.get_args(inner)[0])
     else:
         kwargs["type"] = inner
-    group.add_argument(_flag(f), **kwargs)
+    if f.metadata.get("positional"):  # a required positional argument, named by its field
+        kwargs.pop("dest")
+        kwargs.update(default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        group.add_argument(f.name, **kwargs)
+        return
+    group.add_argument(*_flags(f), **kwargs)
 
 
 def build_parser(cls: type, *, prog: str | None = None, description: str | None = None,
@@ -341,7 +354,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, parser: argparse.Argu
         data = _merge(base, _nest(cls, flags))
         required = [f for _, f, _ in _leaves(cls) if f.default is dataclasses.MISSING and f.name not in data]
         if required:
-            raise ConfigError("the following arguments are required: " + ", ".join(_flag(f) for f in required))
+            raise ConfigError("the following arguments are required: " + ", ".join("/".join(_flags(f)) for f in required))
         try:
             return from_dict(cls, data, where)
         except ConfigError as err:

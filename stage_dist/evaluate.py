@@ -32,7 +32,6 @@ CLI: ``python -m stage_dist.evaluate -g GT.csv -d results.csv -l LABELMAP.pbtxt 
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import logging
@@ -58,6 +57,8 @@ from stage_dist.ava import (
     results_as_read,
     results_rows,
 )
+from stage_dist.config import build_parser as build_config_parser
+from stage_dist.config import option, parse_config
 from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -459,28 +460,24 @@ def plot_per_class_ap(result: EvalResult, path: PathLike) -> None:
         plt.close(fig)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stage_dist.evaluate",
-        description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020).",
-    )
-    parser.add_argument("-g", "--groundtruth", required=True,
-                        help="groundtruth CSV: video,ts,x1,y1,x2,y2,action,person (or video,ts)")
-    parser.add_argument("-d", "--detections", required=True,
-                        help="detections CSV (results.csv): video,ts,x1,y1,x2,y2,action,score")
-    parser.add_argument("-l", "--labelmap", required=True,
-                        help="label map pbtxt (item {name id} or label {name label_id} form)")
-    parser.add_argument("-e", "--exclusions", default=None,
-                        help="optional CSV of video,ts keyframes to drop (pre-2020 protocol)")
-    parser.add_argument("--json", default=None,
-                        help="write the metrics with the official key names to this JSON file")
-    parser.add_argument("--plot", default=None, help="write a per-class AP bar chart (PNG)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="print only the mAP line, not the per-class table")
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The flags of ``python -m stage_dist.evaluate`` (the official evaluator's short forms kept)."""
+
+    groundtruth: str = option(flag=("-g", "--groundtruth"),
+                              help="groundtruth CSV: video,ts,x1,y1,x2,y2,action,person (or video,ts)")
+    detections: str = option(flag=("-d", "--detections"),
+                             help="detections CSV (results.csv): video,ts,x1,y1,x2,y2,action,score")
+    labelmap: str = option(flag=("-l", "--labelmap"),
+                           help="label map pbtxt (item {name id} or label {name label_id} form)")
+    exclusions: str | None = option(None, flag=("-e", "--exclusions"),
+                                    help="CSV of video,ts keyframes to drop (pre-2020 protocol)")
+    json: str | None = option(None, help="write the metrics with the official key names to this JSON file")
+    plot: str | None = option(None, help="write a per-class AP bar chart (PNG)")
+    quiet: bool = option(False, flag=("-q", "--quiet"), help="print only the mAP line, not the per-class table")
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def _check_outputs(args: EvaluateConfig) -> None:
     """Refuse, before any work, an output that is a directory or would replace an input."""
     inputs = {flag: getattr(args, name) for flag, name in (("-g", "groundtruth"), ("-d", "detections"),
                                                            ("-l", "labelmap"), ("-e", "exclusions"))}
@@ -506,7 +503,9 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for malformed or unreadable input)."""
-    args = _parse_args(argv)
+    args = parse_config(EvaluateConfig, argv, build_config_parser(
+        EvaluateConfig, prog="python -m stage_dist.evaluate",
+        description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020)."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_outputs(args)

@@ -13,35 +13,43 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
+from stage_dist.config import build_parser as build_config_parser
+from stage_dist.config import option, parse_config
 from stage_dist.outputs import OutputError
 from stage_dist.shard_format import ShardError, shard_pattern, shards_to_store, write_shards
 from stage_dist.store import FeatureStore, StoreError
 
 
+@dataclass(frozen=True)
+class ShardsConfig:
+    """The arguments of ``python -m stage_dist.shards``."""
+
+    store: str = option(positional=True, help="feature store (zarr group of one split) to write as shards; with "
+                                              "--to-store, the shards to read (a brace pattern such as "
+                                              "'DIR/train-{000000..000007}.tar')")
+    out_dir: str = option(positional=True, help="directory for the .tar shards and manifest.json; with --to-store, "
+                                                "the store to write (absent or empty; see --overwrite)")
+    to_store: bool = option(False, help="the other way: rebuild a store (every array, attributes included) from "
+                                        "shards")
+    overwrite: bool = option(False, help="with --to-store: replace a feature store at OUT_DIR")
+    prefix: str | None = option(None, help="shard name prefix (default: the store's split)")
+    max_shard_mb: float = option(256.0, help="shard size limit in MiB")
+    window: int | None = option(None, help="one sample per window of this many keyframes (default: one sample per "
+                                           "clip)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stage_dist.shards",
+    return build_config_parser(
+        ShardsConfig, prog="python -m stage_dist.shards",
         description="Write a feature store as WebDataset tar shards plus manifest.json (one split per directory); "
-                    "with --to-store, rebuild the store from its shards.",
-    )
-    parser.add_argument("store", help="feature store (zarr group of one split) to write as shards; with --to-store, "
-                                      "the shards to read (a brace pattern such as 'DIR/train-{000000..000007}.tar')")
-    parser.add_argument("out_dir", help="directory for the .tar shards and manifest.json; with --to-store, the store "
-                                        "to write (absent or empty; see --overwrite)")
-    parser.add_argument("--to-store", action="store_true",
-                        help="the other way: rebuild a store (every array, attributes included) from shards")
-    parser.add_argument("--overwrite", action="store_true", help="with --to-store: replace a feature store at OUT")
-    parser.add_argument("--prefix", default=None, help="shard name prefix (default: the store's split)")
-    parser.add_argument("--max-shard-mb", type=float, default=256.0, help="shard size limit in MiB (default 256)")
-    parser.add_argument("--window", type=int, default=None,
-                        help="one sample per window of this many keyframes (default: one sample per clip)")
-    return parser
+                    "with --to-store, rebuild the store from its shards.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_config(ShardsConfig, argv, build_parser())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.to_store:
