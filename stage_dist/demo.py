@@ -7,15 +7,18 @@ then prints the two val mAPs side by side and where every artefact is.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from stage_dist.config import build_parser as build_config_parser
+from stage_dist.config import option, parse_config
+from stage_dist.outputs import OutputError, claim_output_dir
 
 PY = sys.executable
 
@@ -31,18 +34,34 @@ def torchrun(nproc: int) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stage_dist.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="working directory (recreated)")
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes for training and inference")
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs for each model")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset and of training")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class DemoConfig:
+    """The flags of ``python -m stage_dist.demo``."""
 
+    out: str = option("demo_out", help="working directory: new, empty, or an earlier demo's (emptied first)")
+    nproc: int = option(2, help="torchrun processes for training and inference")
+    epochs: int = option(40, help="training epochs for each model")
+    seed: int = option(0, help="seed of the synthetic dataset and of training")
+
+
+def _earlier_demo(directory: Path) -> bool:
+    """A demo directory written before outputs were marked: exactly the demo's own folders."""
+    return {p.name for p in directory.iterdir()} <= {"data", "stores", "runs"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(DemoConfig, argv, build_config_parser(DemoConfig, prog="python -m stage_dist.demo",
+                                                             description=__doc__))
     started = time.perf_counter()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)  # the demo's own working directory, recreated each run
+    try:
+        with claim_output_dir(args.out, "stage_dist demo", overwrite=True, recognise=_earlier_demo) as claimed:
+            return _run_demo(args, claimed.path, started)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_demo(args: DemoConfig, out: Path, started: float) -> int:
     data, stores, runs = out / "data", out / "stores", out / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks on 2 cores: no oversubscription
 
