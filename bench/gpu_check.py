@@ -1029,7 +1029,7 @@ def worker_profile(spec: dict) -> dict:
     syncs = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
     result = {
         "device": str(env.device), "profiled_steps": active, "schedule": [wait, warmup, active],
-        "log_every": config.log_every,
+        "log_every": config.run.log_every,
         "item_calls_per_step": per_step(("aten::_local_scalar_dense",)),
         "nonzero_calls_per_step": per_step(("aten::nonzero",)),
     }
