@@ -4,19 +4,21 @@ Training reads either a zarr store (random access) or WebDataset shards (streami
 the model the same windows. A training step is the list of
 :class:`~stage_dist.batch.WindowSpec` that the clip-aware sampler yields; a DataLoader worker
 reads each window with one slice read per array and collates them into one block-diagonal
-:class:`~stage_dist.batch.Batch`. The graph itself is built on the device by the model.
+:class:`~stage_dist.batch.Batch`, graph included (built there, on the host; see
+:class:`~stage_dist.batch.Padding` for the batch shapes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stage_dist.batch import Batch, Window, WindowSpec, collate
+from stage_dist.batch import Batch, Padding, Window, WindowSpec, collate
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow
 from stage_dist.shards import ShardWindowStream
 from stage_dist.store import FeatureStore
@@ -35,14 +37,14 @@ class WindowDataset(Dataset):
 
 
 class InferenceCollate:
-    """Collate inference windows with a pinned graph layout; also return which actors each
-    window owns (predicts)."""
+    """Collate inference windows with the inference's :class:`Padding`; also return which actors
+    each window owns (predicts)."""
 
-    def __init__(self, slots_per_keyframe: int) -> None:
-        self.slots_per_keyframe = slots_per_keyframe
+    def __init__(self, padding: Padding) -> None:
+        self.padding = padding
 
     def __call__(self, items: Sequence[tuple[Window, InferenceWindow]]) -> tuple[Batch, torch.Tensor]:
-        batch = collate([window for window, _ in items], self.slots_per_keyframe)
+        batch = collate([window for window, _ in items], self.padding)
         return batch, owned_actors(batch, [plan for _, plan in items])
 
 
@@ -65,7 +67,8 @@ def _loader_options(num_workers: int, pin_memory: bool) -> dict:
 
 
 def train_loader(
-    store: FeatureStore, sampler: ClipWindowSampler, *, num_workers: int, pin_memory: bool
+    store: FeatureStore, sampler: ClipWindowSampler, *, num_workers: int, pin_memory: bool,
+    padding: Padding = Padding(),
 ) -> DataLoader:
     """One batch per optimizer step, in the sampler's order.
 
@@ -76,7 +79,7 @@ def train_loader(
     return DataLoader(
         WindowDataset(store),
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=partial(collate, padding=padding),
         generator=torch.Generator(),
         **_loader_options(num_workers, pin_memory),
     )
@@ -89,14 +92,15 @@ def inference_loader(
     windows_per_batch: int,
     num_workers: int,
     pin_memory: bool,
+    padding: Padding,
 ) -> DataLoader:
-    """Batches of ``windows_per_batch`` inference windows, in the given order, every keyframe's
-    graph padded to the store's most nodes per keyframe (see :class:`InferenceCollate`)."""
+    """Batches of ``windows_per_batch`` inference windows, in the given order, collated with
+    ``padding`` (see :class:`InferenceCollate`)."""
     batches = [list(plans[i : i + windows_per_batch]) for i in range(0, len(plans), windows_per_batch)]
     return DataLoader(
         WindowDataset(store),
         batch_sampler=batches,
-        collate_fn=InferenceCollate(max_nodes_per_keyframe(store)),
+        collate_fn=InferenceCollate(padding),
         generator=torch.Generator(),
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -135,6 +139,7 @@ def open_train_data(
     in_memory: bool = False,
     memmap_dir: str | None = None,
     shuffle_buffer: int = 1000,
+    padding: Padding = Padding(),
 ) -> TrainData:
     if (store is None) == (shards is None):
         raise ValueError("give exactly one of a training store (--train-store) or shards (--train-shards)")
@@ -142,7 +147,7 @@ def open_train_data(
         stream = ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
                                    world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
         # Workers are not persistent: each epoch's iterator must see the stream's new epoch.
-        loader = DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=num_workers,
+        loader = DataLoader(stream, batch_size=None, collate_fn=partial(collate, padding=padding), num_workers=num_workers,
                             pin_memory=pin_memory, generator=torch.Generator())
         manifest = stream.manifest
         return TrainData(stream, loader, manifest["actor_dim"], manifest["object_dim"],
@@ -150,6 +155,6 @@ def open_train_data(
     feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
     sampler = ClipWindowSampler(feature_store.clip_lengths, window=window, windows_per_step=windows_per_step,
                                 rank=rank, world_size=world_size, seed=seed)
-    loader = train_loader(feature_store, sampler, num_workers=num_workers, pin_memory=pin_memory)
+    loader = train_loader(feature_store, sampler, num_workers=num_workers, pin_memory=pin_memory, padding=padding)
     return TrainData(sampler, loader, feature_store.actor_dim, feature_store.object_dim,
                      feature_store.num_keyframes, feature_store.num_clips, str(feature_store.path))

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from stage_dist.ava import AvaFormatError, read_labelmap, write_results_csv
 from stage_dist.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from stage_dist.batch import Batch, Window
-from stage_dist.data import InferenceCollate, inference_loader
+from stage_dist.batch import Batch, Padding, Window
+from stage_dist.data import InferenceCollate, inference_loader, max_nodes_per_keyframe
 from stage_dist.distributed import DistEnv, cleanup, configure_threads, gather_to_main, init_distributed, setup_logging
 from stage_dist.model import CheckpointError as ModelCheckpointError
 from stage_dist.model import ModelConfig, ModelConfigError, action_logits, build_model, load_published_state
@@ -88,9 +88,8 @@ def score_batches(
     precision: Precision,
 ) -> Predictions:
     """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
-    was_training, was_invariant = model.training, model.batch_invariant
+    was_training = model.training
     model.eval()
-    model.batch_invariant = True  # scores independent of batch-mates (see model.rowwise)
     parts: list[Predictions] = []
     try:
         with torch.inference_mode():
@@ -101,12 +100,11 @@ def score_batches(
                 parts.append(Predictions(
                     actor_index=batch.actor_index[owned].numpy(),
                     keyframe=batch.actor_keyframe[owned].numpy(),
-                    boxes=batch.actor_boxes[owned].numpy(),
+                    boxes=batch.actor_boxes[: batch.num_actors][owned].numpy(),
                     scores=scores[owned].numpy(),
                 ))
     finally:
         model.train(was_training)
-        model.batch_invariant = was_invariant
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
                            np.zeros((0, 80), np.float32))
@@ -133,6 +131,7 @@ def predict(
         windows_per_batch=windows_per_batch,
         num_workers=num_workers,
         pin_memory=env.device.type == "cuda",
+        padding=Padding.batch_invariant(max_nodes_per_keyframe(store)),
     )
     bar = tqdm(loader, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
     local = score_batches(model, bar, env, precision or resolve_precision("off", env.device))
@@ -158,7 +157,7 @@ def predict_shards(
     if missing:
         raise ShardError(f"inference must read every shard of the split; not given: {', '.join(missing[:5])}"
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    collate_windows = InferenceCollate(manifest["max_nodes_per_keyframe"])
+    collate_windows = InferenceCollate(Padding.batch_invariant(manifest["max_nodes_per_keyframe"]))
     local_keyframes: list[tuple[int, str, np.ndarray]] = []  # (first keyframe row, video id, timestamps)
 
     def batches() -> Iterator[tuple[Batch, torch.Tensor]]:
