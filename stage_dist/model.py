@@ -350,7 +350,8 @@ def load_published_checkpoint(path: str | Path, model: nn.Module) -> dict[str, A
     return {key: value for key, value in checkpoint.items() if key != "model_state"}
 
 
-# Recompilations allowed per compiled function: one per padded shape (see batch.Padding).
+# Recompilations allowed per compiled function (dynamo's default, 8, is close to what an
+# epoch of bucketed shapes can need before its sizes turn symbolic).
 COMPILE_RECOMPILE_LIMIT = 64
 
 
@@ -359,23 +360,24 @@ def compile_model(model: nn.Module, device: torch.device | str, *, backend: Any 
     """Compile ``model``'s shape-static core (:meth:`STAGE.padded_logits`) in place; returns it.
 
     The forward compiles as one graph (``fullgraph=True``: no ``.item()``, no data-dependent
-    shape, no host read) with static shapes (``dynamic=False``): feed it batches collated with
-    ``Padding(bucketed=True)`` and it compiles once per bucketed shape, a handful per run. The
-    state dict, checkpoints and ``forward(batch)`` are unchanged.
+    shape, no host read). Shapes: dynamo's default (static at first; a size seen to change is
+    recompiled once as symbolic), so an epoch costs a few compilations. Feed it batches collated
+    with ``Padding(bucketed=True)``: on CUDA, ``mode="reduce-overhead"`` records one CUDA graph
+    per distinct input shape, and bucketing keeps those to a handful per run. The state dict,
+    checkpoints and ``forward(batch)`` are unchanged.
 
-    On CUDA: Inductor with ``mode="reduce-overhead"`` (CUDA graphs). On CPU: Inductor with its
-    C++ vectorisation off (``cpp.simdlen=1``): with torch 2.13 the vectorised C++ kernel that
-    fuses the masked softmax of :meth:`Graph.logits` fails to build (g++: "operands to '?:' have
-    different types VecMask<long int, 2> and VecMask<float, 1>"). ``backend``/``mode`` override.
+    On CPU: Inductor (C++). With torch 2.13 it used to fail to build a kernel of the on-device
+    graph construction (g++: "operands to '?:' have different types VecMask<long int, 2> and
+    VecMask<float, 1>": the padded load of the bool slot-occupancy grid ``arange(P) < counts``
+    fused with its int64 comparison); that construction now runs in numpy in the collate
+    (:func:`stage_dist.graph.build_graph`), and the forward and backward build vectorised
+    (float32 and bf16). ``backend``/``mode`` override the defaults (tests count compilations
+    with a counting backend).
     """
     device = torch.device(device)
-    options: dict[str, Any] = {}
-    if mode is None and backend is None:
-        if device.type == "cuda":
-            mode = "reduce-overhead"
-        else:
-            options["options"] = {"cpp.simdlen": 1}
+    if mode is None and backend is None and device.type == "cuda":
+        mode = "reduce-overhead"
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-    model.padded_logits = torch.compile(model.padded_logits, fullgraph=True, dynamic=False,
-                                        backend=backend or "inductor", mode=mode, **options)
+    model.padded_logits = torch.compile(model.padded_logits, fullgraph=True, backend=backend or "inductor",
+                                        mode=mode)
     return model
