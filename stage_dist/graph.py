@@ -41,7 +41,7 @@ def box_centres(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack((xc, yc), dim=1)
 
 
-@dataclass
+@dataclass(eq=False)
 class Graph:
     """Banded per-keyframe form of a block-diagonal window graph (tensors only).
 
@@ -58,6 +58,12 @@ class Graph:
     key_node: torch.Tensor  # (G, 3P) int64
     query_ok: torch.Tensor  # (G, P) bool
     key_ok: torch.Tensor  # (G, 3P) bool
+
+    def __eq__(self, other: object) -> bool:
+        """Same layout: every tensor equal (shape, dtype and values)."""
+        if not isinstance(other, Graph):
+            return NotImplemented
+        return all(torch.equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
     @property
     def num_nodes(self) -> int:
