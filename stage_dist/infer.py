@@ -31,7 +31,8 @@ from stage_dist.batch import Batch, Padding, Window
 from stage_dist.data import InferenceCollate, inference_loader, max_nodes_per_keyframe
 from stage_dist.distributed import DistEnv, cleanup, configure_threads, gather_to_main, init_distributed, setup_logging
 from stage_dist.model import CheckpointError as ModelCheckpointError
-from stage_dist.model import ModelConfig, ModelConfigError, action_logits, build_model, load_published_state
+from stage_dist.model import (ModelConfig, ModelConfigError, action_logits, build_model, compile_model,
+                              load_published_state)
 from stage_dist.precision import AMP_MODES, Precision, resolve_precision
 from stage_dist.sampler import InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.shards import (ShardError, cut_window, expand_urls, load_manifest, manifest_location,
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topk", type=int, help="write only the K best actions per box")
     parser.add_argument("--min-score", type=float, default=0.0, help="write only scores >= this")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile_model)")
     parser.add_argument("--amp", choices=AMP_MODES, default="auto", help="autocast dtype (auto: bf16 on GPUs that support it, off on CPU)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     parser.add_argument("--threads", type=int, default=0,
@@ -297,12 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.store:
             store = FeatureStore.open(args.store)
             model = load_model(args.checkpoint, store.actor_dim, store.object_dim, env.device)
+            if args.compile:
+                compile_model(model, env.device)
             predictions = predict(model, store, env, window=args.window, windows_per_batch=args.windows_per_batch,
                                   precision=precision, num_workers=args.workers)
             keyframes = None if predictions is None else KeyframeIndex.from_store(store)
         else:
             manifest = load_manifest(manifest_location(expand_urls(args.shards)[0]))
             model = load_model(args.checkpoint, manifest["actor_dim"], manifest["object_dim"], env.device)
+            if args.compile:
+                compile_model(model, env.device)
             result = predict_shards(model, args.shards, env, window=args.window,
                                     windows_per_batch=args.windows_per_batch, precision=precision)
             predictions, keyframes = (None, None) if result is None else result

@@ -34,7 +34,8 @@ from stage_dist.distributed import (DistEnv, all_reduce_mean, cleanup, configure
                                     init_distributed, setup_logging)
 from stage_dist.evaluate import evaluate
 from stage_dist.infer import INFERENCE_WINDOW, INPUT_ERRORS, KeyframeIndex, predict, write_predictions
-from stage_dist.model import ModelConfig, action_logits, build_model, load_published_state
+from stage_dist.batch import Padding
+from stage_dist.model import ModelConfig, action_logits, build_model, compile_model, load_published_state
 from stage_dist.precision import AMP_MODES, resolve_precision
 from stage_dist.store import FeatureStore
 
@@ -80,6 +81,7 @@ class TrainConfig:
     resume: str = "auto"
     in_memory: bool = False
     memmap_dir: str | None = None
+    compile: bool = False
 
 
 @dataclass
@@ -145,6 +147,7 @@ class Trainer:
             windows_per_step=config.windows_per_step, rank=env.rank, world_size=env.world_size,
             seed=config.seed, num_workers=config.workers, pin_memory=env.device.type == "cuda",
             in_memory=config.in_memory, memmap_dir=config.memmap_dir, shuffle_buffer=config.shuffle_buffer,
+            padding=Padding(bucketed=config.compile),
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
@@ -169,6 +172,8 @@ class Trainer:
             dropout=config.dropout,
         )
         self.model = build_model(config.model, self.model_config).to(env.device)
+        if config.compile:
+            compile_model(self.model, env.device)
         self.ddp_model: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
             if env.world_size > 1
@@ -478,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", required=True, help="checkpoints, config.json, val results and TensorBoard logs go here")
     run.add_argument("--device", default=defaults.device, help="auto (cuda when available), cpu or cuda")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (CUDA graphs on GPU) and bucket batch shapes (model.compile_model)")
     run.add_argument("--threads", type=int, default=defaults.threads,
                      help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share of the "
                           "cores less one per loader worker)")
