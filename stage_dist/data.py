@@ -147,8 +147,8 @@ def open_train_data(
         stream = ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
                                    world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
         # Workers are not persistent: each epoch's iterator must see the stream's new epoch.
-        loader = DataLoader(stream, batch_size=None, collate_fn=partial(collate, padding=padding), num_workers=num_workers,
-                            pin_memory=pin_memory, generator=torch.Generator())
+        loader = DataLoader(stream, batch_size=None, collate_fn=partial(collate, padding=padding),
+                            num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator())
         manifest = stream.manifest
         return TrainData(stream, loader, manifest["actor_dim"], manifest["object_dim"],
                          manifest["num_keyframes"], manifest["num_clips"], shards)
