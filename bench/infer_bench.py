@@ -10,9 +10,14 @@ process on ``--device``:
    ``--workers``; each run opens the store afresh (empty chunk cache, warm page cache).
 2. The results.csv writing time (:func:`stage_dist.inference.write_predictions`, all 80 actions per
    box) measured separately, and end-to-end keyframes/s (predict + CSV).
-3. The cost of batch-invariant mode (``model.rowwise`` pads every row-wise matmul to blocks of
-   128 rows; ``predict`` always turns it on): the model alone on the same pre-collated batches
-   with ``batch_invariant`` off and on, and the largest score difference between the two.
+3. The cost of batch invariance (:meth:`stage_dist.batch.Padding.batch_invariant`, what
+   ``predict`` collates with: slots pinned to the split's most nodes per keyframe, actor and
+   object rows padded to multiples of 128 and every row-wise matmul run in 128-row blocks, group
+   counts to multiples of 32) against exact shapes (``Padding()``, what training uses), on the
+   same windows: keyframes/s of read + collate + model and of the model alone on pre-collated
+   batches, and the largest score difference. Measured on the bench store and on a second store
+   of keyframes of uneven size (``--uneven-actors``/``--uneven-objects``, uniform per keyframe):
+   pinned slots cost the most when most keyframes are far smaller than the fullest one.
 
 Target (2-core CPU): >= 500 keyframes/s; the published ``test.py`` does ~115 here.
 
@@ -30,18 +35,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench import StoreSpec, write_store  # noqa: E402
+from train_bench import FIRST_TIMESTAMP, StoreSpec, _features, _random_boxes, write_store  # noqa: E402
 
+from stage_dist.batch import Padding  # noqa: E402
 from stage_dist.data import StoreWindowSource, inference_loader  # noqa: E402
 from stage_dist.distributed import DistEnv, configure_threads  # noqa: E402
 from stage_dist.inference import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402
 from stage_dist.sampler import plan_inference_windows  # noqa: E402
-from stage_dist.store import FeatureStore  # noqa: E402
+from stage_dist.schema import NUM_ACTIONS  # noqa: E402
+from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables,  # noqa: E402
+                              create_store, finish_store, open_arrays, storage_attrs)
 
 TARGET_KF_S = 500.0
 PUBLISHED_TEST_KF_S = 115.0  # the published test.py on this 2-core CPU (issue 5)
@@ -58,34 +67,92 @@ def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
     return time.perf_counter() - started, result.predictions
 
 
+def write_uneven_store(path: Path, spec: StoreSpec, actors: tuple[int, int], objects: tuple[int, int]
+                       ) -> FeatureStore:
+    """Like ``train_bench.write_store`` but with ``actors``/``objects`` per keyframe drawn uniformly
+    from the inclusive ranges (keyframes of uneven size)."""
+    rng = np.random.default_rng(spec.seed + 1)
+    k = spec.num_keyframes
+    actor_counts = rng.integers(actors[0], actors[1] + 1, k)
+    object_counts = rng.integers(objects[0], objects[1] + 1, k)
+    a, o = int(actor_counts.sum()), int(object_counts.sum())
+    tables = Tables(
+        video_ids=[f"-uneven{c:04d}_x" for c in range(spec.clips)],
+        clip_ptr=np.arange(spec.clips + 1, dtype=np.int64) * spec.keyframes_per_clip,
+        keyframe_clip=np.repeat(np.arange(spec.clips, dtype=np.int32), spec.keyframes_per_clip),
+        timestamps=np.tile(np.arange(FIRST_TIMESTAMP, FIRST_TIMESTAMP + spec.keyframes_per_clip,
+                                     dtype=np.int32), spec.clips),
+        actor_ptr=np.concatenate(([0], np.cumsum(actor_counts))).astype(np.int64),
+        object_ptr=np.concatenate(([0], np.cumsum(object_counts))).astype(np.int64),
+    )
+    shape = StoreShape(spec.clips, k, a, o, spec.actor_dim, spec.object_dim)
+    layout = StoreLayout.build(shape, StorageConfig(dtype=spec.dtype))  # type: ignore[arg-type]
+    create_store(path, layout, tables, {**storage_attrs(layout), "split": "val",
+                                        "video_ids": tables.video_ids, "source": {"kind": "bench"}})
+    rows = {
+        "actors/features": _features(rng, a, spec.actor_dim, spec.dtype),
+        "actors/boxes": _random_boxes(rng, a),
+        "actors/labels": (rng.random((a, NUM_ACTIONS)) < 0.03).astype(np.uint8),
+        "objects/features": _features(rng, o, spec.object_dim, spec.dtype),
+        "objects/boxes": _random_boxes(rng, o),
+    }
+    for name, array in open_arrays(path, list(rows)).items():
+        array[:] = rows[name]
+    finish_store(path)
+    return FeatureStore.open(path)
+
+
 def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_batch: int,
                     device: torch.device, repeats: int) -> dict[str, float]:
-    """Model-only seconds per pass over pre-collated inference batches, batch-invariant off/on,
-    and the largest absolute sigmoid-score difference between the two modes."""
+    """Seconds per pass over the store's inference windows with exact shapes ("off") and
+    batch-invariant ones ("on"): read + collate + model (``*_full``) and the model alone on
+    pre-collated batches; and the largest absolute sigmoid-score difference between the two.
+    The two modes alternate within every repeat (the fastest pass of each is kept), so a load
+    change on a shared machine hits both alike."""
     plans = plan_inference_windows(store.clip_lengths, window, context=RECEPTIVE_FIELD)
-    loader = inference_loader(store, plans, windows_per_batch=windows_per_batch, num_workers=0,
-                              pin_memory=False)
-    batches = [batch.to(device) for batch, _, _ in loader]
-    was_invariant = model.batch_invariant
-    seconds: dict[str, float] = {}
-    scores: dict[str, list[torch.Tensor]] = {}
+    paddings = {"off": Padding(), "on": Padding.batch_invariant(StoreWindowSource(store).max_nodes_per_keyframe)}
+    loaders = {name: inference_loader(store, plans, windows_per_batch=windows_per_batch, num_workers=0,
+                                      pin_memory=False, padding=padding) for name, padding in paddings.items()}
+    seconds = {key: float("inf") for name in paddings for key in (name, f"{name}_full")}
     model.eval()
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
-        for name, invariant in (("off", False), ("on", True)):
-            model.batch_invariant = invariant
-            scores[name] = [torch.sigmoid(action_logits(model(b)).float()) for b in batches]  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
+        batches = {name: [batch.to(device) for batch, *_ in loader] for name, loader in loaders.items()}
+        scores = {name: [torch.sigmoid(action_logits(model(b)).float()) for b in batches[name]]  # warm-up
+                  for name in paddings}
+        for _ in range(repeats):
+            for name in paddings:
                 started = time.perf_counter()
-                for b in batches:
+                for b in batches[name]:
                     model(b)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - started)
-            seconds[name] = best
-    model.batch_invariant = was_invariant
+                synchronize()
+                seconds[name] = min(seconds[name], time.perf_counter() - started)
+                started = time.perf_counter()
+                for batch, *_ in loaders[name]:
+                    model(batch.to(device))
+                synchronize()
+                seconds[f"{name}_full"] = min(seconds[f"{name}_full"], time.perf_counter() - started)
     diff = max((a - b).abs().max().item() for a, b in zip(scores["off"], scores["on"]))
     return {**seconds, "max_score_diff": diff}
+
+
+def print_invariance(model: STAGE, store: FeatureStore, args: argparse.Namespace, device: torch.device,
+                     title: str) -> None:
+    counts = np.diff(store.actor_ptr) + np.diff(store.object_ptr)
+    print(f"\nbatch invariance on {title}: nodes per keyframe mean {counts.mean():.1f}, max {counts.max()} "
+          f"(best of {args.repeats}; 'full' = read + collate + model, workers 0)")
+    print(f"{'windows/batch':>13} {'off kf/s':>9} {'on kf/s':>9} {'cost':>6} {'off full':>9} {'on full':>9} "
+          f"{'cost':>6} {'max |score diff|':>17}")
+    keyframes = store.num_keyframes
+    for windows_per_batch in args.windows_per_batch:
+        r = time_invariance(model, store, args.window, windows_per_batch, device, args.repeats)
+        print(f"{windows_per_batch:>13} {keyframes / r['off']:>9.1f} {keyframes / r['on']:>9.1f} "
+              f"{r['on'] / r['off'] - 1:>+6.0%} {keyframes / r['off_full']:>9.1f} {keyframes / r['on_full']:>9.1f} "
+              f"{r['on_full'] / r['off_full'] - 1:>+6.0%} {r['max_score_diff']:>17.2e}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="windows per forward pass to measure")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader worker counts to measure")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--uneven-actors", type=int, nargs=2, default=(1, 6), metavar=("MIN", "MAX"),
+                        help="actors per keyframe of the uneven store (uniform, inclusive)")
+    parser.add_argument("--uneven-objects", type=int, nargs=2, default=(0, 25), metavar=("MIN", "MAX"),
+                        help="objects per keyframe of the uneven store (uniform, inclusive)")
+    parser.add_argument("--invariance-only", action="store_true",
+                        help="measure only the cost of batch invariance (part 3)")
+    parser.add_argument("--repeats", type=int, default=4,
                         help="passes per batch-invariance timing (the fastest is kept)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and weights")
@@ -128,43 +201,41 @@ def main(argv: list[str] | None = None) -> int:
         model = STAGE(ModelConfig(actor_dim=spec.actor_dim, object_dim=spec.object_dim)).to(device)
         keyframes = store.num_keyframes
 
-        rows: list[tuple[int, int, float]] = []
-        predictions = None
-        time_predict(model, store_path, env, args.window, args.windows_per_batch[0], 0)  # warm-up
-        for windows_per_batch in args.windows_per_batch:
-            for workers in args.workers:
-                seconds, predictions = time_predict(model, store_path, env, args.window,
-                                                    windows_per_batch, workers)
-                rows.append((windows_per_batch, workers, seconds))
+        if not args.invariance_only:
+            rows: list[tuple[int, int, float]] = []
+            predictions = None
+            time_predict(model, store_path, env, args.window, args.windows_per_batch[0], 0)  # warm-up
+            for windows_per_batch in args.windows_per_batch:
+                for workers in args.workers:
+                    seconds, predictions = time_predict(model, store_path, env, args.window,
+                                                        windows_per_batch, workers)
+                    rows.append((windows_per_batch, workers, seconds))
 
-        csv_path = root / "results.csv"
-        started = time.perf_counter()
-        csv_rows = write_predictions(csv_path, predictions, KeyframeIndex.from_store(store))
-        csv_seconds = time.perf_counter() - started
+            csv_path = root / "results.csv"
+            started = time.perf_counter()
+            csv_rows = write_predictions(csv_path, predictions, KeyframeIndex.from_store(store))
+            csv_seconds = time.perf_counter() - started
 
-        print(f"\npredict (model + data, batch-invariant on), {keyframes} keyframes, "
-              f"{store.num_actors} actors")
-        print(f"{'windows/batch':>13} {'workers':>7} {'seconds':>8} {'keyframes/s':>12} "
-              f"{'+ CSV kf/s':>11} {'vs published':>13}  target >= {TARGET_KF_S:.0f}")
-        for windows_per_batch, workers, seconds in rows:
-            rate = keyframes / seconds
-            end_to_end = keyframes / (seconds + csv_seconds)
-            print(f"{windows_per_batch:>13} {workers:>7} {seconds:>8.2f} {rate:>12.1f} "
-                  f"{end_to_end:>11.1f} {rate / PUBLISHED_TEST_KF_S:>12.1f}x  "
-                  f"{'PASS' if rate >= TARGET_KF_S else 'MISS'} ({rate / TARGET_KF_S:.2f}x)")
-        print(f"\nresults.csv: {csv_rows} rows ({csv_path.stat().st_size / 1e6:.1f} MB) written in "
-              f"{csv_seconds:.2f} s ({keyframes / csv_seconds:.0f} keyframes/s, "
-              f"{csv_rows / csv_seconds / 1e6:.2f} M rows/s)")
+            print(f"\npredict (model + data, batch-invariant on), {keyframes} keyframes, "
+                  f"{store.num_actors} actors")
+            print(f"{'windows/batch':>13} {'workers':>7} {'seconds':>8} {'keyframes/s':>12} "
+                  f"{'+ CSV kf/s':>11} {'vs published':>13}  target >= {TARGET_KF_S:.0f}")
+            for windows_per_batch, workers, seconds in rows:
+                rate = keyframes / seconds
+                end_to_end = keyframes / (seconds + csv_seconds)
+                print(f"{windows_per_batch:>13} {workers:>7} {seconds:>8.2f} {rate:>12.1f} "
+                      f"{end_to_end:>11.1f} {rate / PUBLISHED_TEST_KF_S:>12.1f}x  "
+                      f"{'PASS' if rate >= TARGET_KF_S else 'MISS'} ({rate / TARGET_KF_S:.2f}x)")
+            print(f"\nresults.csv: {csv_rows} rows ({csv_path.stat().st_size / 1e6:.1f} MB) written in "
+                  f"{csv_seconds:.2f} s ({keyframes / csv_seconds:.0f} keyframes/s, "
+                  f"{csv_rows / csv_seconds / 1e6:.2f} M rows/s)")
 
-        print("\nbatch-invariant mode, model only on the same pre-collated batches "
-              f"(best of {args.repeats})")
-        print(f"{'windows/batch':>13} {'off s':>7} {'on s':>7} {'off kf/s':>9} {'on kf/s':>9} "
-              f"{'cost':>7} {'max |score diff|':>17}")
-        for windows_per_batch in args.windows_per_batch:
-            result = time_invariance(model, store, args.window, windows_per_batch, device, args.repeats)
-            off, on = result["off"], result["on"]
-            print(f"{windows_per_batch:>13} {off:>7.2f} {on:>7.2f} {keyframes / off:>9.1f} "
-                  f"{keyframes / on:>9.1f} {on / off - 1:>+6.0%} {result['max_score_diff']:>17.2e}")
+        print_invariance(model, store, args, device,
+                         f"the bench store ({spec.actors} actors + {spec.objects} objects per keyframe)")
+        uneven = write_uneven_store(root / "uneven.zarr", spec, tuple(args.uneven_actors), tuple(args.uneven_objects))
+        print_invariance(model, uneven, args, device,
+                         f"keyframes of uneven size ({args.uneven_actors[0]}-{args.uneven_actors[1]} actors, "
+                         f"{args.uneven_objects[0]}-{args.uneven_objects[1]} objects)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")

@@ -8,7 +8,8 @@ Two tables:
 2. Project model throughput, keyframes/s, for 6-keyframe windows of 2 actors + 8 objects and
    2 actors + 36 objects per keyframe, at 1, 8 and 32 windows per step.
 
-Time: median over ``--steps`` timed steps after ``--warmup`` steps (graph building included).
+Time: median over ``--steps`` timed steps after ``--warmup`` steps (both models get their graph
+from outside the step: the project's ``collate`` builds it, as the published loader does).
 Peak memory: on CUDA, ``max_memory_allocated`` during the timed steps minus the memory
 allocated before them. On CPU a second fresh subprocess per configuration runs with
 ``MALLOC_MMAP_THRESHOLD_`` fixed (freed buffers go back to the OS), resets the kernel's
@@ -104,7 +105,7 @@ def measure(case: Case) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=6.25e-5)
     cuda = device.type == "cuda"
     # The published code builds its adjacency in the data loader, outside the step: so does
-    # the reference here. The project model builds its graph inside forward, on the device.
+    # the reference here, and so does the project's collate (the batch carries its graph).
     adj = reference_adjacency(batch) if case.kind == "reference" else None
 
     def step() -> None:

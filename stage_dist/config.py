@@ -389,6 +389,8 @@ class RuntimeConfig:
     workers: int = option(2, help="DataLoader worker processes per rank")
     threads: int = option(0, help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share "
                                   "of the cores less one per loader worker)")
+    compile: bool = option(False, help="torch.compile the model (CUDA graphs on GPUs) and, in training, bucket "
+                                       "batch shapes so that a run compiles a handful of graphs")
     dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_MINUTES,
                                  help="minutes a collective waits for the slowest rank (rank 0's validation, a "
                                       "first --memmap-dir build) before the job fails")

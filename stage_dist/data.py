@@ -6,18 +6,19 @@ shards (streaming: :class:`~stage_dist.shard_stream.ShardWindowStream`); both ar
 store, a training step is the list of :class:`~stage_dist.batch.WindowSpec` that the
 clip-aware sampler yields; a DataLoader worker reads each window with one slice read per array
 and collates them into one block-diagonal :class:`~stage_dist.batch.Batch`. The graph itself is
-built on the device by the model.
+built there too, on the host (see :class:`~stage_dist.batch.Padding` for the batch shapes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stage_dist.batch import Batch, Window, WindowSpec, collate
+from stage_dist.batch import Batch, Padding, Window, WindowSpec, collate
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, WindowSource, max_nodes_per_keyframe
@@ -36,14 +37,14 @@ class WindowDataset(Dataset):
 
 
 class InferenceCollate:
-    """Collate inference windows with a pinned graph layout; also return which actors each
-    window owns (predicts)."""
+    """Collate inference windows with the inference's :class:`~stage_dist.batch.Padding`; also
+    return which actors each window owns (predicts)."""
 
-    def __init__(self, slots_per_keyframe: int) -> None:
-        self.slots_per_keyframe = slots_per_keyframe
+    def __init__(self, padding: Padding) -> None:
+        self.padding = padding
 
     def __call__(self, items: Sequence[tuple[Window, InferenceWindow]]) -> tuple[Batch, torch.Tensor]:
-        batch = collate([window for window, _ in items], self.slots_per_keyframe)
+        batch = collate([window for window, _ in items], self.padding)
         return batch, owned_actors(batch, [plan for _, plan in items])
 
 
@@ -59,8 +60,8 @@ class KeyframeCollate:
     """:class:`InferenceCollate` whose batches also name the keyframes they read
     (an :data:`~stage_dist.window_source.InferenceBatch`)."""
 
-    def __init__(self, slots_per_keyframe: int) -> None:
-        self.collate = InferenceCollate(slots_per_keyframe)
+    def __init__(self, padding: Padding) -> None:
+        self.collate = InferenceCollate(padding)
 
     def __call__(self, items: Sequence[tuple[Window, InferenceWindow]]) -> InferenceBatch:
         batch, owned = self.collate(items)
@@ -75,7 +76,7 @@ def _loader_options(num_workers: int, pin_memory: bool) -> dict:
 
 
 def train_loader(
-    store: FeatureStore, sampler: ClipWindowSampler, *, num_workers: int, pin_memory: bool
+    store: FeatureStore, sampler: ClipWindowSampler, *, num_workers: int, pin_memory: bool, padding: Padding
 ) -> DataLoader:
     """One batch per optimizer step, in the sampler's order.
 
@@ -86,7 +87,7 @@ def train_loader(
     return DataLoader(
         WindowDataset(store),
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=partial(collate, padding=padding),
         generator=torch.Generator(),
         **_loader_options(num_workers, pin_memory),
     )
@@ -99,15 +100,15 @@ def inference_loader(
     windows_per_batch: int,
     num_workers: int,
     pin_memory: bool,
+    padding: Padding,
 ) -> DataLoader:
     """Batches (:data:`~stage_dist.window_source.InferenceBatch`) of ``windows_per_batch``
-    inference windows, in the given order, every keyframe's graph padded to the store's most
-    nodes per keyframe (see :class:`InferenceCollate`)."""
+    inference windows, in the given order, collated with ``padding``."""
     batches = [list(plans[i : i + windows_per_batch]) for i in range(0, len(plans), windows_per_batch)]
     return DataLoader(
         WindowDataset(store),
         batch_sampler=batches,
-        collate_fn=KeyframeCollate(max_nodes_per_keyframe(store.actor_ptr, store.object_ptr)),
+        collate_fn=KeyframeCollate(padding),
         generator=torch.Generator(),
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -147,14 +148,14 @@ class StoreWindowSource:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
 
-    def train_loader(self, *, num_workers: int, pin_memory: bool) -> DataLoader:
-        return train_loader(self.store, self.sampler, num_workers=num_workers, pin_memory=pin_memory)
+    def train_loader(self, *, num_workers: int, pin_memory: bool, padding: Padding = Padding()) -> DataLoader:
+        return train_loader(self.store, self.sampler, num_workers=num_workers, pin_memory=pin_memory, padding=padding)
 
     def inference_batches(self, rank: int, world_size: int, *, window: int, context: int, windows_per_batch: int,
-                          num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                          padding: Padding, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
         plans = plan_inference_windows(self.store.clip_lengths, window, context=context)
-        return inference_loader(self.store, shard_for_rank(plans, rank, world_size),
-                                windows_per_batch=windows_per_batch, num_workers=num_workers, pin_memory=pin_memory)
+        return inference_loader(self.store, shard_for_rank(plans, rank, world_size), windows_per_batch=windows_per_batch,
+                                num_workers=num_workers, pin_memory=pin_memory, padding=padding)
 
 
 def open_window_source(
@@ -212,12 +213,13 @@ def open_train_data(
     in_memory: bool = False,
     memmap_dir: str | None = None,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    padding: Padding = Padding(),
 ) -> TrainData:
     if (store is None) == (shards is None):
         raise ValueError("give exactly one of a training store (--train-store) or shards (--train-shards)")
     source = open_window_source(store=store, shards=shards, window=window, windows_per_step=windows_per_step,
                                 rank=rank, world_size=world_size, seed=seed, in_memory=in_memory,
                                 memmap_dir=memmap_dir, shuffle_buffer=shuffle_buffer)
-    loader = source.train_loader(num_workers=num_workers, pin_memory=pin_memory)
+    loader = source.train_loader(num_workers=num_workers, pin_memory=pin_memory, padding=padding)
     return TrainData(source, loader, source.actor_dim, source.object_dim, source.num_keyframes, source.num_clips,
                      source.location)

@@ -29,6 +29,7 @@ from stage_dist.distributed import DistEnv, cleanup, configure_threads, init_dis
 from stage_dist.errors import INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
+from stage_dist.model import compile_model
 from stage_dist.outputs import check_output_file, lock_output
 from stage_dist.precision import resolve_precision
 from stage_dist.schema import NUM_ACTIONS
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         precision = resolve_precision(runtime.amp, env.device)
         source = open_window_source(store=config.store, shards=config.shards)
         model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+        if runtime.compile:
+            compile_model(model, env.device)
         result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
                          precision=precision, num_workers=runtime.workers)
         if result is not None:

@@ -5,7 +5,10 @@ Each rank scores its share of the inference windows: a window reads its owned ke
 to :data:`RECEPTIVE_FIELD` keyframes of context on each side (the receptive field of two one-hop
 layers) and keeps only the owned predictions, so a keyframe's scores depend neither on the
 window size nor on the number of ranks. Rank 0 gathers the predictions and the keyframes they
-belong to, checks that every actor was predicted exactly once, and gets them in store order;
+belong to, checks that every actor was predicted exactly once, and gets them in store order.
+Inference owns the batch-invariant mode (:meth:`~stage_dist.batch.Padding.batch_invariant`): it
+is how :func:`predict` asks the source to collate, so results.csv is byte-identical for any
+window size, batch size and number of ranks (same threads per rank).
 :func:`write_predictions` writes them as an AVA results.csv. Used by ``stage_dist.infer`` (the
 command line) and by the trainer's validation.
 """
@@ -22,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stage_dist.ava import write_results_csv
-from stage_dist.batch import Batch
+from stage_dist.batch import Batch, Padding
 from stage_dist.distributed import DistEnv, gather_to_main
 from stage_dist.model import action_logits
 from stage_dist.precision import Precision, resolve_precision
@@ -92,9 +95,8 @@ def score_batches(
     precision: Precision,
 ) -> Predictions:
     """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
-    was_training, was_invariant = model.training, model.batch_invariant
+    was_training = model.training
     model.eval()
-    model.batch_invariant = True  # scores independent of batch-mates (see model.rowwise)
     parts: list[Predictions] = []
     try:
         with torch.inference_mode():
@@ -105,12 +107,11 @@ def score_batches(
                 parts.append(Predictions(
                     actor_index=batch.actor_index[owned].numpy(),
                     keyframe=batch.actor_keyframe[owned].numpy(),
-                    boxes=batch.actor_boxes[owned].numpy(),
+                    boxes=batch.actor_boxes[: batch.num_actors][owned].numpy(),
                     scores=scores[owned].numpy(),
                 ))
     finally:
         model.train(was_training)
-        model.batch_invariant = was_invariant
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
                            np.zeros((0, 80), np.float32))
@@ -129,9 +130,11 @@ def predict(
     progress: bool = True,
 ) -> InferenceResult | None:
     """Score every actor of ``source`` once across all ranks; the result on rank 0, None elsewhere."""
+    # The inference mode: every keyframe's scores are bitwise independent of its batch-mates.
+    padding = Padding.batch_invariant(source.max_nodes_per_keyframe)
     batches = source.inference_batches(env.rank, env.world_size, window=window, context=RECEPTIVE_FIELD,
-                                       windows_per_batch=windows_per_batch, num_workers=num_workers,
-                                       pin_memory=env.device.type == "cuda")
+                                       windows_per_batch=windows_per_batch, padding=padding,
+                                       num_workers=num_workers, pin_memory=env.device.type == "cuda")
     read: list[tuple[int, str, np.ndarray]] = []
 
     def scored(items: Iterable[InferenceBatch]) -> Iterator[tuple[Batch, torch.Tensor]]:

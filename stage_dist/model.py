@@ -39,6 +39,7 @@ transcription of the files above.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from torch import nn
 
 from stage_dist.batch import Batch
 from stage_dist.errors import UserInputError
-from stage_dist.graph import Graph, box_centres, build_batch_graph
+from stage_dist.graph import Graph, box_centres
 
 GEOMETRY_DIM = 4  # h, w, xc, yc
 
@@ -117,26 +118,22 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep * (1.0 / (1.0 - p))
 
 
-INVARIANT_ROWS = 128
+def rows(op, x: torch.Tensor, block: int) -> torch.Tensor:
+    """Apply a row-wise op (a Linear, a projection) to the rows of ``x``, ``block`` rows at a time.
 
-
-def rowwise(op, x: torch.Tensor, invariant: bool) -> torch.Tensor:
-    """Apply a row-wise op (a Linear, a projection) to the rows of ``x``.
-
-    CPU and GPU matmul kernels pick their blocking from the matrix shape, so a row's result can
-    change in the last bit with the number of rows beside it. In batch-invariant mode the rows go
-    through in zero-padded blocks of exactly ``INVARIANT_ROWS``: every call has one shape, and a
-    row's result no longer depends on its batch-mates (inference uses this so that results.csv
-    is byte-identical for any window size and rank count).
+    ``block`` 0: one call. Otherwise every call gets exactly ``block`` rows (a short tail is
+    zero-padded), so a row's result does not depend on the rows beside it: batch-invariant
+    inference (:meth:`stage_dist.batch.Padding.batch_invariant`, whose batches already hold a
+    multiple of ``block`` rows) relies on it.
     """
-    if not invariant or x.shape[0] == 0:
+    if not block or x.shape[0] == 0:
         return op(x)
-    rows = x.shape[0]
-    full = rows - rows % INVARIANT_ROWS
-    outputs = [op(block) for block in x[:full].split(INVARIANT_ROWS)]
-    if full < rows:
-        tail = torch.cat((x[full:], x.new_zeros((INVARIANT_ROWS - (rows - full), *x.shape[1:]))))
-        outputs.append(op(tail)[: rows - full])
+    count = x.shape[0]
+    full = count - count % block
+    outputs = [op(part) for part in x[:full].split(block)]
+    if full < count:
+        tail = torch.cat((x[full:], x.new_zeros((block - (count - full), *x.shape[1:]))))
+        outputs.append(op(tail)[: count - full])
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -165,16 +162,17 @@ class GraphAttention(nn.Module):
     def heads(self) -> list[GraphAttentionHead]:
         return [getattr(self, f"attention_{i}") for i in range(self.num_heads)]
 
-    def forward(self, x: torch.Tensor, graph: Graph, invariant: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, graph: Graph, weights: torch.Tensor, row_block: int = 0) -> torch.Tensor:
+        """``x``: (N, in) nodes; ``weights``: the graph's edge weights (:meth:`Graph.weights`)."""
         heads = self.heads()
         x = dropout(x, self.dropout, self.training)
         weight = torch.cat([head.W for head in heads], dim=1)  # (in, H * F)
-        h = rowwise(lambda rows: rows @ weight, x, invariant)
+        h = rows(lambda part: part @ weight, x, row_block)
         h = h.view(-1, self.num_heads, self.head_features)  # (N, H, F)
         a = torch.stack([head.a.view(2, self.head_features) for head in heads])  # (H, 2, F)
         a = a.to(h.dtype)
-        halves = rowwise(lambda rows: torch.einsum("nhf,hkf->nhk", rows, a), h, invariant)  # (N, H, 2)
-        out = graph.attend(h, halves[..., 0], halves[..., 1])
+        halves = rows(lambda part: torch.einsum("nhf,hkf->nhk", part, a), h, row_block)  # (N, H, 2)
+        out = graph.attend(h, halves[..., 0], halves[..., 1], weights)
         out = F.elu(dropout(out, self.dropout, self.training))
         return out.reshape(-1, self.num_heads * self.head_features)
 
@@ -193,21 +191,17 @@ def _check_inputs(batch: Batch, config: ModelConfig, with_objects: bool) -> None
         )
 
 
-def _actor_nodes(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
-    geometry = box_geometry(batch.actor_boxes, dtype)
-    return torch.cat((batch.actor_features.to(dtype), geometry), dim=1)
-
-
 class STAGE(nn.Module):
     """Two graph-attention layers over actors and objects, then a linear classifier on actors.
 
-    ``batch_invariant`` (off by default; inference turns it on) runs every row-wise matmul in
-    fixed-shape blocks (:func:`rowwise`); with the batch's pinned graph layout
-    (``Batch.slots_per_keyframe``) a keyframe's logits are then bitwise independent of the
+    :meth:`forward` takes a :class:`Batch` (built by :func:`~stage_dist.batch.collate`, graph
+    included) and returns the logits of its real actors. The work is in :meth:`padded_logits`,
+    which sees only tensors of the batch's (possibly padded) shapes and reads nothing back from
+    the device: :func:`compile_model` compiles it as one graph. A batch built with a
+    batch-invariant :class:`~stage_dist.batch.Padding` (inference) has its row-wise ops run in
+    fixed-size row blocks (:func:`rows`), so a keyframe's logits are bitwise independent of the
     other windows in its batch.
     """
-
-    batch_invariant: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -227,19 +221,26 @@ class STAGE(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits ``(A, num_outputs)`` for the batch's actors, in batch order."""
         _check_inputs(batch, self.config, with_objects=True)
-        invariant = self.batch_invariant
+        logits = self.padded_logits(batch.actor_features, batch.actor_boxes, batch.object_features,
+                                    batch.object_boxes, batch.graph, batch.row_block)
+        return logits[: batch.num_actors]
+
+    def padded_logits(self, actor_features: torch.Tensor, actor_boxes: torch.Tensor,
+                      object_features: torch.Tensor, object_boxes: torch.Tensor, graph: Graph,
+                      row_block: int = 0) -> torch.Tensor:
+        """Logits of every actor row, padding rows included (shape-static, no host reads)."""
         dtype = self.logits.weight.dtype
-        actors = _actor_nodes(batch, dtype)
-        objects = batch.object_features.to(dtype)
+        actors = torch.cat((actor_features.to(dtype), box_geometry(actor_boxes, dtype)), dim=1)
+        objects = object_features.to(dtype)
         if self.config.object_dim > self.config.actor_dim:
-            objects = rowwise(self.obj_reducer, objects, invariant)
+            objects = rows(self.obj_reducer, objects, row_block)
             objects = F.relu(objects).to(dtype)  # residual stream stays in dtype
-        objects = torch.cat((objects, box_geometry(batch.object_boxes, dtype)), dim=1)
+        objects = torch.cat((objects, box_geometry(object_boxes, dtype)), dim=1)
         x = torch.cat((actors, objects), dim=0)
-        graph = build_batch_graph(batch, tau=self.config.tau)
-        x = self.l_norm(x + rowwise(self.gat_fc, self.gat1(x, graph, invariant), invariant))
-        x = self.l_norm2(x + rowwise(self.gat_fc2, self.gat2(x, graph, invariant), invariant))
-        return rowwise(self.logits, x[: actors.shape[0]], invariant)
+        weights = graph.weights(torch.cat((actor_boxes, object_boxes)), self.config.tau)
+        x = self.l_norm(x + rows(self.gat_fc, self.gat1(x, graph, weights, row_block), row_block))
+        x = self.l_norm2(x + rows(self.gat_fc2, self.gat2(x, graph, weights, row_block), row_block))
+        return rows(self.logits, x[: actors.shape[0]], row_block)
 
 
 class NoGraphBaseline(nn.Module):
@@ -249,8 +250,6 @@ class NoGraphBaseline(nn.Module):
     node, then ``logits``), so the two differ only by the graph-attention layers.
     """
 
-    batch_invariant: bool = False  # as in STAGE
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
@@ -259,9 +258,18 @@ class NoGraphBaseline(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         _check_inputs(batch, self.config, with_objects=False)
-        actors = _actor_nodes(batch, self.logits.weight.dtype)
+        logits = self.padded_logits(batch.actor_features, batch.actor_boxes, batch.object_features,
+                                    batch.object_boxes, batch.graph, batch.row_block)
+        return logits[: batch.num_actors]
+
+    def padded_logits(self, actor_features: torch.Tensor, actor_boxes: torch.Tensor,
+                      object_features: torch.Tensor, object_boxes: torch.Tensor, graph: Graph,
+                      row_block: int = 0) -> torch.Tensor:
+        """As :meth:`STAGE.padded_logits` (objects and graph unused)."""
+        dtype = self.logits.weight.dtype
+        actors = torch.cat((actor_features.to(dtype), box_geometry(actor_boxes, dtype)), dim=1)
         actors = dropout(actors, self.config.dropout, self.training)
-        return rowwise(self.logits, actors, self.batch_invariant)
+        return rows(self.logits, actors, row_block)
 
 
 _MODELS = {"stage": STAGE, "baseline": NoGraphBaseline}
@@ -281,3 +289,36 @@ def action_logits(logits: torch.Tensor) -> torch.Tensor:
             f"action_logits expects 81 columns (background + 80 actions), got {logits.shape[-1]}"
         )
     return logits[..., 1:]
+
+
+# Recompilations allowed per compiled function (dynamo's default, 8, is close to what an
+# epoch of bucketed shapes can need before its sizes turn symbolic).
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_model(model: nn.Module, device: torch.device | str, *, backend: Any = None,
+                  mode: str | None = None) -> nn.Module:
+    """Compile ``model``'s shape-static core (:meth:`STAGE.padded_logits`) in place; returns it.
+
+    The forward compiles as one graph (``fullgraph=True``: no ``.item()``, no data-dependent
+    shape, no host read). Shapes: dynamo's default (static at first; a size seen to change is
+    recompiled once as symbolic), so an epoch costs a few compilations. Feed it batches collated
+    with ``Padding(bucketed=True)``: on CUDA, ``mode="reduce-overhead"`` records one CUDA graph
+    per distinct input shape, and bucketing keeps those to a handful per run. The state dict,
+    checkpoints and ``forward(batch)`` are unchanged.
+
+    On CPU: Inductor (C++). With torch 2.13 it used to fail to build a kernel of the on-device
+    graph construction (g++: "operands to '?:' have different types VecMask<long int, 2> and
+    VecMask<float, 1>": the padded load of the bool slot-occupancy grid ``arange(P) < counts``
+    fused with its int64 comparison); that construction now runs in numpy in the collate
+    (:func:`stage_dist.graph.build_graph`), and the forward and backward build vectorised
+    (float32 and bf16). ``backend``/``mode`` override the defaults (tests count compilations
+    with a counting backend).
+    """
+    device = torch.device(device)
+    if mode is None and backend is None and device.type == "cuda":
+        mode = "reduce-overhead"
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    model.padded_logits = torch.compile(model.padded_logits, fullgraph=True, backend=backend or "inductor",
+                                        mode=mode)
+    return model

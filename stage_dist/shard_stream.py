@@ -20,13 +20,14 @@ windows of the sequence). Inference reads whole clips (:func:`~stage_dist.shard_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stage_dist.batch import Window, collate
+from stage_dist.batch import Padding, Window, collate
 from stage_dist.data import KeyframeCollate
 from stage_dist.sampler import EpochPosition, clip_windows, epoch_generator, plan_inference_windows, window_offsets
 from stage_dist.shard_format import (ShardError, check_complete, clip_groups, cut_clip, decode_clip, decode_sample,
@@ -261,23 +262,23 @@ class ShardWindowStream(EpochPosition, IterableDataset):
         finally:
             windows.close()
 
-    def train_loader(self, *, num_workers: int, pin_memory: bool) -> DataLoader:
+    def train_loader(self, *, num_workers: int, pin_memory: bool, padding: Padding = Padding()) -> DataLoader:
         """This rank's steps as collated batches. Workers are not persistent: each epoch's
         iterator must see the stream's new epoch."""
-        return DataLoader(self, batch_size=None, collate_fn=collate, num_workers=num_workers,
+        return DataLoader(self, batch_size=None, collate_fn=partial(collate, padding=padding), num_workers=num_workers,
                           pin_memory=pin_memory, generator=torch.Generator())
 
     # ---- inference
 
     def inference_batches(
         self, rank: int, world_size: int, *, window: int, context: int, windows_per_batch: int,
-        num_workers: int = 0, pin_memory: bool = False,
+        padding: Padding, num_workers: int = 0, pin_memory: bool = False,
     ) -> Iterable[InferenceBatch]:
         """Rank ``rank``'s inference batches: whole clips of its shards (each clip once over the
         ranks, read in this process: ``num_workers`` and ``pin_memory`` are not used), cut into
         the windows of :func:`~stage_dist.sampler.plan_inference_windows`."""
         check_complete(self.urls, self.manifest, "inference")
-        collate_windows = KeyframeCollate(self.max_nodes_per_keyframe)
+        collate_windows = KeyframeCollate(padding)
 
         def windows() -> Iterator[tuple[Window, object]]:
             for clip in read_clip_samples(self.urls, rank=rank, world_size=world_size):

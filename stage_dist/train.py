@@ -55,7 +55,8 @@ from stage_dist.errors import INPUT_ERRORS, UserInputError
 from stage_dist.outputs import check_not_input
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
-from stage_dist.model import ModelConfig, action_logits, build_model
+from stage_dist.batch import Padding
+from stage_dist.model import ModelConfig, action_logits, build_model, compile_model
 from stage_dist.precision import resolve_precision
 from stage_dist.store import FeatureStore
 
@@ -272,6 +273,7 @@ class Trainer:
             windows_per_step=config.optim.windows_per_step, rank=env.rank, world_size=env.world_size,
             seed=config.optim.seed, num_workers=config.runtime.workers, pin_memory=env.device.type == "cuda",
             in_memory=config.data.in_memory, memmap_dir=config.data.memmap_dir, shuffle_buffer=config.data.shuffle_buffer,
+            padding=Padding(bucketed=config.runtime.compile),
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
@@ -299,6 +301,8 @@ class Trainer:
             dropout=config.model.dropout,
         )
         self.model = build_model(config.model.kind, self.model_config).to(env.device)
+        if config.runtime.compile:
+            compile_model(self.model, env.device)
         self.ddp_model: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
             if env.world_size > 1

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # batch imports torch; the shard writer and converter only ne
     import torch
     from torch.utils.data import DataLoader
 
-    from stage_dist.batch import Batch, Window
+    from stage_dist.batch import Batch, Padding, Window
 
 # Store row arrays that make a Window, by Window field.
 WINDOW_ROW_ARRAYS = {
@@ -79,14 +79,16 @@ class WindowSource(Protocol):
     def load_state_dict(self, state: dict) -> None:
         """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
 
-    def train_loader(self, *, num_workers: int, pin_memory: bool) -> "DataLoader":
-        """A DataLoader of this rank's steps of the current epoch, one collated Batch per step."""
+    def train_loader(self, *, num_workers: int, pin_memory: bool, padding: "Padding") -> "DataLoader":
+        """A DataLoader of this rank's steps of the current epoch, one Batch (graph included,
+        shaped by ``padding``) per step."""
 
     def inference_batches(
         self, rank: int, world_size: int, *, window: int, context: int, windows_per_batch: int,
-        num_workers: int, pin_memory: bool,
+        padding: "Padding", num_workers: int, pin_memory: bool,
     ) -> Iterable[InferenceBatch]:
-        """Rank ``rank``'s inference batches (see :data:`InferenceBatch`)."""
+        """Rank ``rank``'s inference batches (see :data:`InferenceBatch`), collated with the
+        inference's ``padding`` (its batch-invariant mode)."""
 
 
 def cut_window(

@@ -13,6 +13,7 @@ import pytest
 
 from stage_dist.shard_format import ShardError, expand_urls, shard_pattern, shards_to_store, write_shards
 from stage_dist.shard_stream import ShardWindowStream
+from stage_dist.batch import Padding
 from stage_dist.shards import main
 from stage_dist.store import FeatureStore, StoreError
 from test_shards import LENGTHS, build_store
@@ -119,7 +120,8 @@ def test_partial_shard_list_cannot_rebuild_or_infer(shards, tmp_path, capsys):
     assert main(["--to-store", urls[0], str(tmp_path / "o.zarr")]) == 2
     one_line_error(capsys, "must read every shard", "train-000001.tar")
     with pytest.raises(ShardError, match="inference must read every shard"):
-        next(iter(ShardWindowStream(urls[:2]).inference_batches(0, 1, window=4, context=2, windows_per_batch=2)))
+        next(iter(ShardWindowStream(urls[:2]).inference_batches(0, 1, window=4, context=2, windows_per_batch=2,
+                                                                  padding=Padding())))
 
 
 def test_shard_that_disagrees_with_its_manifest_is_named(shards, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from reference_stage import ReferenceStage, random_window, reference_logits
-from stage_dist.batch import collate
+from stage_dist.batch import Padding, collate
 from stage_dist.checkpoint import load_model_state
 from stage_dist.model import (
     STAGE,
@@ -27,6 +27,7 @@ from stage_dist.model import (
     NoGraphBaseline,
     action_logits,
     build_model,
+    compile_model,
 )
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
@@ -277,3 +278,74 @@ def test_train_mode_applies_dropout():
         assert not torch.equal(model(batch), model(batch))
         model.eval()
         torch.testing.assert_close(model(batch), model(batch), atol=0, rtol=0)
+
+
+# -- torch.compile (issue 10.2): one graph, bucketed shapes, compiled == eager ---------------
+
+
+def test_forward_and_backward_trace_as_one_graph_without_host_reads():
+    """fullgraph=True fails on any graph break: an .item(), a bincount/nonzero (data-dependent
+    shape) or any other host read inside the forward."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    model = compile_model(STAGE(SMALL).train(), "cpu", backend=counter)
+    rng = np.random.default_rng(30)
+    batch = collate(_windows(rng, 3), Padding(bucketed=True))
+    model(batch).sum().backward()
+    assert counter.frame_count == 1
+    assert all(p.grad is not None for p in model.parameters())
+    # Same shapes, other values and other real sizes (one actor fewer): no recompilation.
+    again = copy.copy(batch)
+    again.actor_features = torch.randn_like(batch.actor_features)
+    again.actor_index = batch.actor_index[:-1]
+    assert model(again).shape[0] == batch.num_actors - 1
+    assert counter.frame_count == 1
+
+
+def test_an_epoch_compiles_once_per_bucketed_shape(tiny_stores):
+    from torch._dynamo.testing import CompileCounter
+
+    from stage_dist.data import open_train_data
+
+    torch._dynamo.reset()
+    data = open_train_data(store=str(tiny_stores.train), shards=None, window=4, windows_per_step=2, rank=0,
+                           world_size=1, seed=0, num_workers=0, pin_memory=False,
+                           padding=Padding(bucketed=True))
+    exact = open_train_data(store=str(tiny_stores.train), shards=None, window=4, windows_per_step=2, rank=0,
+                            world_size=1, seed=0, num_workers=0, pin_memory=False)
+    config = ModelConfig(actor_dim=data.actor_dim, object_dim=data.object_dim)
+    counter = CompileCounter()  # counts dynamo compilations, runs the traced graph eagerly
+    model = compile_model(STAGE(config).train(), "cpu", backend=counter)
+    shapes, raw_shapes = set(), set()
+    for batch, unpadded in zip(data.loader, exact.loader):
+        model(batch).sum().backward()
+        shapes.add(batch.shape_key())
+        raw_shapes.add(unpadded.shape_key())
+    # At most one compilation per bucketed shape, none per step (dynamo's automatic dynamic
+    # shapes make it fewer: a dimension seen at two sizes is compiled symbolically after that).
+    assert 1 <= counter.frame_count <= len(shapes) < len(raw_shapes)
+
+
+@pytest.mark.slow
+def test_inductor_logits_and_gradients_equal_eager():
+    """Inductor (the CPU default of compile_model) against eager, float32, within 1e-5, with
+    the training loss (BCE mean) for the gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = STAGE(SMALL).eval()
+    compiled = compile_model(copy.deepcopy(eager), "cpu")
+    batch = collate(_windows(np.random.default_rng(31), 3), Padding(bucketed=True))
+    labels = batch.labels.float()
+
+    def run(model):
+        model.zero_grad()
+        logits = model(batch)
+        torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], labels).backward()
+        return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    expected, expected_grads = run(eager)
+    got, got_grads = run(compiled)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_grads, expected_grads, atol=1e-5, rtol=0)

@@ -16,7 +16,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from stage_dist.batch import Window, WindowSpec, collate
+from stage_dist.batch import Padding, Window, WindowSpec, collate
 from stage_dist.outputs import MARKER_NAME
 from stage_dist.sampler import ClipWindowSampler
 from stage_dist.shard_format import (
@@ -457,8 +457,9 @@ def test_store_and_shards_are_one_kind_of_window_source(store, seven):
         assert source.state_dict(3) == {"epoch": 0, "step": 3}
         owned, named = [], {}
         for rank in range(2):
+            padding = Padding.batch_invariant(source.max_nodes_per_keyframe)
             for batch, mine, keyframes in source.inference_batches(rank, 2, window=4, context=2, windows_per_batch=3,
-                                                                   num_workers=0, pin_memory=False):
+                                                                   padding=padding, num_workers=0, pin_memory=False):
                 owned += batch.actor_index[mine].tolist()
                 for start, video_id, timestamps in keyframes:
                     for k, t in enumerate(timestamps.tolist(), start):
