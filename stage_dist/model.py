@@ -177,21 +177,33 @@ class GraphAttention(nn.Module):
         return out.reshape(-1, self.num_heads * self.head_features)
 
 
-def _check_inputs(batch: Batch, config: ModelConfig, with_objects: bool) -> None:
-    actor_cols = batch.actor_features.shape[1]
-    if actor_cols != config.actor_dim:
-        raise ModelInputError(
-            f"batch actor_features have {actor_cols} columns, the model expects {config.actor_dim}"
-        )
-    object_cols = batch.object_features.shape[1]
-    if with_objects and object_cols != config.object_dim:
-        raise ModelInputError(
-            f"batch object_features have {object_cols} columns, "
-            f"the model expects {config.object_dim}"
-        )
+class _BatchModel(nn.Module):
+    """``forward(batch)``: checks the batch's feature sizes, then :meth:`padded_logits` on its
+    tensors, trimmed to the real actors. Subclasses set ``config`` and ``uses_objects``."""
+
+    config: ModelConfig
+    uses_objects: bool
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits ``(A, num_outputs)`` for the batch's actors, in batch order."""
+        actor_cols, object_cols = batch.actor_features.shape[1], batch.object_features.shape[1]
+        if actor_cols != self.config.actor_dim:
+            raise ModelInputError(f"batch actor_features have {actor_cols} columns, the model expects "
+                                  f"{self.config.actor_dim}")
+        if self.uses_objects and object_cols != self.config.object_dim:
+            raise ModelInputError(f"batch object_features have {object_cols} columns, the model expects "
+                                  f"{self.config.object_dim}")
+        logits = self.padded_logits(batch.actor_features, batch.actor_boxes, batch.object_features,
+                                    batch.object_boxes, batch.graph, batch.row_block)
+        return logits[: batch.num_actors]
+
+    def padded_logits(self, actor_features: torch.Tensor, actor_boxes: torch.Tensor,
+                      object_features: torch.Tensor, object_boxes: torch.Tensor, graph: Graph,
+                      row_block: int = 0) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class STAGE(nn.Module):
+class STAGE(_BatchModel):
     """Two graph-attention layers over actors and objects, then a linear classifier on actors.
 
     :meth:`forward` takes a :class:`Batch` (built by :func:`~stage_dist.batch.collate`, graph
@@ -202,6 +214,8 @@ class STAGE(nn.Module):
     fixed-size row blocks (:func:`rows`), so a keyframe's logits are bitwise independent of the
     other windows in its batch.
     """
+
+    uses_objects = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -217,13 +231,6 @@ class STAGE(nn.Module):
         self.gat_fc2 = nn.Linear(node, node)
         self.l_norm2 = nn.LayerNorm(node)
         self.logits = nn.Linear(node, config.num_outputs)
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits ``(A, num_outputs)`` for the batch's actors, in batch order."""
-        _check_inputs(batch, self.config, with_objects=True)
-        logits = self.padded_logits(batch.actor_features, batch.actor_boxes, batch.object_features,
-                                    batch.object_boxes, batch.graph, batch.row_block)
-        return logits[: batch.num_actors]
 
     def padded_logits(self, actor_features: torch.Tensor, actor_boxes: torch.Tensor,
                       object_features: torch.Tensor, object_boxes: torch.Tensor, graph: Graph,
@@ -243,24 +250,20 @@ class STAGE(nn.Module):
         return rows(self.logits, x[: actors.shape[0]], row_block)
 
 
-class NoGraphBaseline(nn.Module):
+class NoGraphBaseline(_BatchModel):
     """Ablation: the classifier on actor feature + geometry, no objects and no graph.
 
     Same inputs and the same classifier as :class:`STAGE` (``dropout`` on the 1028-dim actor
     node, then ``logits``), so the two differ only by the graph-attention layers.
     """
 
+    uses_objects = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
         self.config = config
         self.logits = nn.Linear(config.node_dim, config.num_outputs)
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        _check_inputs(batch, self.config, with_objects=False)
-        logits = self.padded_logits(batch.actor_features, batch.actor_boxes, batch.object_features,
-                                    batch.object_boxes, batch.graph, batch.row_block)
-        return logits[: batch.num_actors]
 
     def padded_logits(self, actor_features: torch.Tensor, actor_boxes: torch.Tensor,
                       object_features: torch.Tensor, object_boxes: torch.Tensor, graph: Graph,
