@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 
 from stage_dist.config import (ConfigError, build_parser, from_dict, load_json, option, parse_config, save_json,
                                section, to_dict)
@@ -101,3 +102,21 @@ def test_to_dict_is_json_and_from_dict_inverts_it() -> None:
     data = to_dict(job)
     assert json.loads(json.dumps(data)) == data
     assert from_dict(Job, data) == job
+
+
+def test_a_run_repeated_from_its_config_json_is_bitwise_identical(tiny_stores, tmp_path: Path) -> None:
+    """``--config OUTPUT_DIR/config.json`` (with only --output-dir changed) repeats a run exactly on CPU."""
+    from stage_dist.checkpoint import CheckpointManager
+    from stage_dist.train import main as train_main
+
+    first = tmp_path / "first"
+    assert train_main(["--train-store", str(tiny_stores.train), "--output-dir", str(first), "--epochs", "1",
+                       "--lr", "1e-3", "--workers", "0", "--device", "cpu", "--seed", "3", "--window", "4"]) == 0
+    second = tmp_path / "second"
+    assert train_main(["--config", str(first / "config.json"), "--output-dir", str(second)]) == 0
+    saved = json.loads((second / "config.json").read_text())
+    assert saved == {**json.loads((first / "config.json").read_text()), "output_dir": str(second)}
+    weights = [CheckpointManager(run / "checkpoints").load_latest().model_state for run in (first, second)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
