@@ -14,9 +14,8 @@ holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``).
    the next batch; step time = data wait + ``Trainer.train_step`` (forward, loss, backward,
    Adam; the loss stays on the device, so on a GPU the timed span ends with a synchronisation
    after the last step). The first ``--warmup`` steps (worker start-up) are not counted.
-   ``--deterministic`` runs every case a second time, right after, with the trainer's
-   ``--deterministic`` (:func:`~stage_dist.distributed.configure_determinism`), and prints the
-   ratio of the two.
+   ``--deterministic`` runs every case a second time, right after (each case runs in a fresh
+   process), with the trainer's ``--deterministic``, and prints the ratio of the two.
 2. **Data only**, single process, the same shuffled windows read (a) the way the published
    ``AVADataset`` does (per keyframe: open the actor h5 and read features/labels/boxes, open
    ``objects.h5`` and read that keyframe's features/boxes; then concatenate the window like
@@ -68,7 +67,7 @@ import torch
 from tqdm import tqdm
 
 from stage_dist.batch import Batch, WindowSpec, collate
-from stage_dist.distributed import DistEnv, configure_determinism, configure_threads
+from stage_dist.distributed import DistEnv, configure_threads
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.store import (
     FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
@@ -437,7 +436,6 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_di
                          amp=case.amp, device=case.device, epochs=1000,
                          max_steps=case.warmup + case.steps, deterministic=case.deterministic,
                          memmap_dir=None if memmap_dir is None else str(memmap_dir))
-    configure_determinism(case.deterministic)  # as `python -m stage_dist.train` does (a fresh process)
     device = torch.device(case.device)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
     configure_threads(0, env, case.workers)  # as `python -m stage_dist.train` does

@@ -184,8 +184,8 @@ def configure_determinism(enabled: bool) -> None:
     """``--deterministic``: make every kernel deterministic or fail loudly.
 
     Sets ``CUBLAS_WORKSPACE_CONFIG`` (a value already in the environment is kept) in this process's
-    environment, which cuBLAS reads when it creates its first handle, so call this before any CUDA
-    work (before :func:`init_distributed`); then ``torch.use_deterministic_algorithms(True)`` (an
+    environment, which cuBLAS reads when it creates a handle (at the first matmul on a device), so
+    call this before any CUDA work (the entry points call it before :func:`init_distributed`); then ``torch.use_deterministic_algorithms(True)`` (an
     op with no deterministic kernel raises instead of running) and cuDNN without autotuning.
     What that buys on a GPU: two runs of the same config (and a run resumed from its checkpoint)
     give bitwise identical weights on the same GPU model, driver, CUDA/cuDNN/NCCL and torch
@@ -197,8 +197,6 @@ def configure_determinism(enabled: bool) -> None:
     if not enabled:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        log.warning("--deterministic was set up after CUDA started: CUBLAS_WORKSPACE_CONFIG may not apply")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True

@@ -18,6 +18,20 @@ log steps and before every checkpoint and validation, so there is no per-step ho
 error names the first bad step and its window (clip, video, keyframes), and no checkpoint ever
 holds non-finite weights: the last good one stays the newest. A finite loss with non-finite
 gradients and no ``--grad-clip`` shows in the weights at the next check and is named as a step range.
+
+A training step reads nothing back from the device: the loss, the non-finite flag and the
+finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
+the step's window is named from the batch's host bookkeeping. Under DDP the gradients live in the
+all-reduce buckets (``gradient_as_bucket_view``) and the graph is static: every step gives every
+parameter a gradient, a step without actors included (:meth:`Trainer.loss`). ``--workers`` defaults
+to the rank's share of its cores (:func:`~stage_dist.distributed.loader_workers`).
+
+``--deterministic`` (:func:`~stage_dist.distributed.configure_determinism`): on a GPU, two runs of
+the same config, and a run resumed from its checkpoint, end with bitwise identical weights on the
+same GPU model and software (driver, CUDA, cuDNN, NCCL, torch) at the same world size; it does not
+make runs match across GPU models, software versions, world sizes or CPU vs GPU, and ``--compile``
+is not covered. On CPU the kernels are deterministic without it (exact resume is tested there);
+measured cost of the flag on CPU: none beyond noise (bench/train_bench.py --deterministic).
 """
 
 from __future__ import annotations
@@ -269,6 +283,7 @@ class Trainer:
         check_output_dir(config)
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
+        configure_determinism(config.runtime.deterministic)  # main did it before CUDA; here for library use
         self.workers = loader_workers(config.runtime.workers, env)
         self.data = open_train_data(
             store=config.data.train_store, shards=config.data.train_shards, window=config.data.window,
