@@ -12,7 +12,10 @@ holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``).
    ``--workers`` DataLoader workers each. Steps are timed exactly as ``Trainer.train_epoch``
    times them: data wait = time from the end of the previous step until the loader hands over
    the next batch; step time = data wait + ``Trainer.train_step`` (forward, loss, backward,
-   Adam, ``loss.item()``). The first ``--warmup`` steps (worker start-up) are not counted.
+   Adam; the loss stays on the device, so on a GPU the timed span ends with a synchronisation
+   after the last step). The first ``--warmup`` steps (worker start-up) are not counted.
+   ``--deterministic`` runs every case a second time, right after (each case runs in a fresh
+   process), with the trainer's ``--deterministic``, and prints the ratio of the two.
 2. **Data only**, single process, the same shuffled windows read (a) the way the published
    ``AVADataset`` does (per keyframe: open the actor h5 and read features/labels/boxes, open
    ``objects.h5`` and read that keyframe's features/boxes; then concatenate the window like
@@ -54,7 +57,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -412,6 +415,7 @@ class TrainCase:
     amp: str
     steps: int
     warmup: int
+    deterministic: bool = False
 
 
 @dataclass
@@ -430,7 +434,7 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_di
     config = from_flat(TrainConfig, output_dir=str(out_dir), train_store=str(store_path),
                          windows_per_step=case.windows_per_step, workers=case.workers,
                          amp=case.amp, device=case.device, epochs=1000,
-                         max_steps=case.warmup + case.steps,
+                         max_steps=case.warmup + case.steps, deterministic=case.deterministic,
                          memmap_dir=None if memmap_dir is None else str(memmap_dir))
     device = torch.device(case.device)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
@@ -450,19 +454,26 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_di
         step_started = time.perf_counter()
         for batch in trainer.loader:
             data_ready = time.perf_counter()
-            trainer.train_step(batch)  # ends with loss.item(): synchronises a GPU
+            trainer.train_step(batch)  # no host sync: a GPU may still be running this step
             step_done = time.perf_counter()
             waits.append(data_ready - step_started)
             steps.append(step_done - step_started)
             if len(steps) > case.warmup:
                 keyframes += batch.num_keyframes
-            if len(steps) == case.warmup and utilisation is not None:
-                utilisation.__enter__()
+            if len(steps) == case.warmup and cuda:
+                torch.cuda.synchronize()  # the timed steps start with an idle GPU
+                step_done = time.perf_counter()
+                if utilisation is not None:
+                    utilisation.__enter__()
             step_started = step_done
             bar.update(1)
             if len(steps) == case.warmup + case.steps:
                 break
         epoch += 1
+    if cuda:  # the last steps' GPU work counts
+        synchronising = time.perf_counter()
+        torch.cuda.synchronize()
+        steps[-1] += time.perf_counter() - synchronising
     bar.close()
     if utilisation is not None:
         utilisation.__exit__()
@@ -518,12 +529,19 @@ def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
 
 def print_training(results: Sequence[TrainResult], title: str) -> None:
     print(f"\n{title}")
-    print(f"{'windows/step':>12} {'workers':>7} {'amp':>5} {'step ms':>8} {'keyframes/s':>12} "
+    print(f"{'windows/step':>12} {'workers':>7} {'amp':>5} {'determ.':>7} {'step ms':>8} {'keyframes/s':>12} "
           f"{'data wait':>10} {'GPU util':>9} {'load avg':>9}")
     for r in results:
         util = "-" if r.gpu_utilisation is None else f"{r.gpu_utilisation:.0f}%"
-        print(f"{r.case.windows_per_step:>12} {r.case.workers:>7} {r.case.amp:>5} {r.step_ms:>8.1f} "
+        determ = "on" if r.case.deterministic else "off"
+        print(f"{r.case.windows_per_step:>12} {r.case.workers:>7} {r.case.amp:>5} {determ:>7} {r.step_ms:>8.1f} "
               f"{r.keyframes_per_s:>12.1f} {r.wait_fraction:>9.1%} {util:>9} {r.load_average:>9.2f}")
+    plain = {replace(r.case, deterministic=False): r for r in results if not r.case.deterministic}
+    for r in results:
+        base = plain.get(replace(r.case, deterministic=False))
+        if r.case.deterministic and base is not None:
+            print(f"--deterministic, {r.case.windows_per_step} window(s)/step, {r.case.workers} workers: "
+                  f"{r.keyframes_per_s / base.keyframes_per_s:.3f} x the keyframes/s without it")
 
 
 def print_targets(rows: Sequence[tuple[str, float, float, bool, str]]) -> None:
@@ -568,6 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the start-up measurement on a store with full AVA train counts")
     parser.add_argument("--startup-scale", type=float, default=1.0,
                         help="clips, actors and objects of the start-up store as a fraction of AVA train's")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="run every training case again, right after, with --deterministic (its cost)")
     parser.add_argument("--memmap", action="store_true",
                         help="train with --memmap-dir (node-shared decompressed copy) instead of zarr reads")
     parser.add_argument("--profile", action="store_true",
@@ -642,11 +662,13 @@ def main(argv: list[str] | None = None) -> int:
                 for workers in args.workers:
                     steps = max(1, args.keyframes // (windows_per_step * args.window))
                     case = TrainCase(windows_per_step, workers, "cpu", "off", steps, args.warmup)
-                    results.append(in_fresh_process(measure_training, store_path, root / "run", case,
-                                                    root / "memmap" if args.memmap else None))
+                    for deterministic in (False, True) if args.deterministic else (False,):
+                        results.append(in_fresh_process(measure_training, store_path, root / "run",
+                                                        replace(case, deterministic=deterministic),
+                                                        root / "memmap" if args.memmap else None))
             reads = "--memmap-dir" if args.memmap else "zarr, 64 MB chunk cache"
             print_training(results, f"training on CPU (Trainer in-process, world size 1, amp off, reads: {reads})")
-            for r in results:
+            for r in (r for r in results if not r.case.deterministic):
                 w, k = r.case.windows_per_step, r.case.workers
                 key = "cpu_recipe_kf_s" if w == PUBLISHED_WINDOWS_PER_STEP else "cpu_8_windows_kf_s"
                 if w in (1, 8):
@@ -661,9 +683,11 @@ def main(argv: list[str] | None = None) -> int:
             for windows_per_step in args.gpu_windows_per_step:
                 steps = max(1, args.gpu_keyframes // (windows_per_step * args.window))
                 case = TrainCase(windows_per_step, args.gpu_workers, "cuda", "bf16", steps, args.warmup)
-                results.append(in_fresh_process(measure_training, store_path, root / "run", case))
+                for deterministic in (False, True) if args.deterministic else (False,):
+                    results.append(in_fresh_process(measure_training, store_path, root / "run",
+                                                    replace(case, deterministic=deterministic)))
             print_training(results, "training on one GPU (bf16)")
-            for r in results:
+            for r in (r for r in results if not r.case.deterministic):
                 key = {1: "gpu_1_window_kf_s", 32: "gpu_32_windows_kf_s"}.get(r.case.windows_per_step)
                 if key:
                     targets.append((f"GPU keyframes/s, {r.case.windows_per_step} window(s)/step (aim)",

@@ -386,9 +386,15 @@ class RuntimeConfig:
     device: str = option("auto", help="auto (cuda when available), cpu, cuda")
     amp: AmpMode = option("auto", help="autocast: bf16, fp16 (with a GradScaler when training) or off; auto = bf16 "
                                        "on GPUs that support it, off on CPU")
-    workers: int = option(2, help="DataLoader worker processes per rank")
+    workers: int | None = option(None, help="DataLoader worker processes per rank (default: auto = the rank's share "
+                                            "of its CPU affinity cores, split by LOCAL_WORLD_SIZE, less one for the "
+                                            "rank, between 0 and 4)")
     threads: int = option(0, help="intra-op CPU threads per rank (0: OMP_NUM_THREADS if set, else the rank's share "
                                   "of the cores less one per loader worker)")
+    deterministic: bool = option(False, help="deterministic kernels (torch.use_deterministic_algorithms, "
+                                             "CUBLAS_WORKSPACE_CONFIG=:4096:8, no cuDNN autotuning): on one GPU "
+                                             "model and software stack, runs and resumes repeat bit for bit; an "
+                                             "op without a deterministic kernel stops the run")
     compile: bool = option(False, help="torch.compile the model (CUDA graphs on GPUs) and, in training, bucket "
                                        "batch shapes so that a run compiles a handful of graphs")
     dist_timeout: float = option(DEFAULT_DIST_TIMEOUT_MINUTES,
@@ -396,7 +402,7 @@ class RuntimeConfig:
                                       "first --memmap-dir build) before the job fails")
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if self.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")

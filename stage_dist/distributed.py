@@ -137,22 +137,69 @@ def process_group_options(device: torch.device, timeout: timedelta) -> dict[str,
     return {"backend": "gloo", "timeout": timeout}
 
 
-def configure_threads(requested: int, env: DistEnv, loader_workers: int) -> int:
+MAX_AUTO_WORKERS = 4  # loader workers per rank that ``--workers`` auto gives at most
+CUBLAS_WORKSPACE = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG that makes cuBLAS deterministic (CUDA >= 10.2)
+
+
+def rank_cores(env: DistEnv) -> int:
+    """This rank's share of the cores it may run on: ``os.sched_getaffinity`` (which honours a
+    Slurm ``--cpus-per-task`` or ``taskset`` binding; ``os.cpu_count`` where it does not exist)
+    split between the node's ranks (torchrun's ``LOCAL_WORLD_SIZE``); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    ranks_on_node = max(1, _env_int("LOCAL_WORLD_SIZE", 1)) if env.distributed else 1
+    return max(1, cores // ranks_on_node)
+
+
+def loader_workers(requested: int | None, env: DistEnv) -> int:
+    """DataLoader workers per rank: ``requested`` when given (``--workers N``), else (auto,
+    ``None``) the rank's share of the cores less one for the rank itself, at most
+    :data:`MAX_AUTO_WORKERS`; 0 (batches built in the rank's own process) when it has one core."""
+    if requested is not None:
+        return requested
+    return max(0, min(MAX_AUTO_WORKERS, rank_cores(env) - 1))
+
+
+def configure_threads(requested: int, env: DistEnv, workers: int | None) -> int:
     """Set this rank's intra-op threads; returns the count.
 
     ``requested`` > 0 is taken as is. 0 (auto) keeps ``OMP_NUM_THREADS`` when it is set (torchrun
-    sets 1), else gives each local rank its share of the cores less one per DataLoader worker:
-    oversubscribed CPU kernels run many times slower than they should.
+    sets 1), else gives the rank its share of the cores (:func:`rank_cores`) less one per
+    DataLoader worker (``workers`` as :func:`loader_workers` resolves it): oversubscribed CPU
+    kernels run many times slower than they should.
     """
     if requested > 0:
         threads = requested
     elif "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     else:
-        local_ranks = _env_int("LOCAL_WORLD_SIZE", 1) if env.distributed else 1
-        threads = max(1, (os.cpu_count() or 1) // local_ranks - loader_workers)
+        threads = max(1, rank_cores(env) - loader_workers(workers, env))
     torch.set_num_threads(threads)
     return threads
+
+
+def configure_determinism(enabled: bool) -> None:
+    """``--deterministic``: make every kernel deterministic or fail loudly.
+
+    Sets ``CUBLAS_WORKSPACE_CONFIG`` (a value already in the environment is kept) in this process's
+    environment, which cuBLAS reads when it creates a handle (at the first matmul on a device), so
+    call this before any CUDA work (the entry points call it before :func:`init_distributed`); then ``torch.use_deterministic_algorithms(True)`` (an
+    op with no deterministic kernel raises instead of running) and cuDNN without autotuning.
+    What that buys on a GPU: two runs of the same config (and a run resumed from its checkpoint)
+    give bitwise identical weights on the same GPU model, driver, CUDA/cuDNN/NCCL and torch
+    versions and the same world size. Not across GPU models or software versions, not between
+    CPU and GPU, and not across world sizes (the all-reduce sums in another order); ``--compile``
+    is not covered (Inductor generates and autotunes its own kernels). On CPU the kernels are
+    deterministic already: the flag changes no number there.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def cleanup(env: DistEnv) -> None:

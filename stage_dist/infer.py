@@ -25,7 +25,8 @@ from stage_dist.ava import read_labelmap
 from stage_dist.checkpoint import CheckpointError, read_latest_or_file
 from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
 from stage_dist.data import open_window_source
-from stage_dist.distributed import DistEnv, cleanup, configure_threads, init_distributed, setup_logging
+from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
+                                    loader_workers, setup_logging)
 from stage_dist.errors import INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         labelmap = check_inputs(config)  # fail before the process group and the compute
         class_ids = set(labelmap) if labelmap else None
+        configure_determinism(runtime.deterministic)  # before CUDA starts (cuBLAS reads its env)
         env = init_distributed(runtime.device, runtime.dist_timeout)
         setup_logging(env)
         configure_threads(runtime.threads, env, runtime.workers)
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if runtime.compile:
             compile_model(model, env.device)
         result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
-                         precision=precision, num_workers=runtime.workers)
+                         precision=precision, num_workers=loader_workers(runtime.workers, env))
         if result is not None:
             predictions, keyframes = result.predictions, result.keyframes
             problem = non_finite_scores(predictions, keyframes)

@@ -18,6 +18,20 @@ log steps and before every checkpoint and validation, so there is no per-step ho
 error names the first bad step and its window (clip, video, keyframes), and no checkpoint ever
 holds non-finite weights: the last good one stays the newest. A finite loss with non-finite
 gradients and no ``--grad-clip`` shows in the weights at the next check and is named as a step range.
+
+A training step reads nothing back from the device: the loss, the non-finite flag and the
+finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
+the step's window is named from the batch's host bookkeeping. Under DDP the gradients live in the
+all-reduce buckets (``gradient_as_bucket_view``) and the graph is static: every step gives every
+parameter a gradient, a step without actors included (:meth:`Trainer.loss`). ``--workers`` defaults
+to the rank's share of its cores (:func:`~stage_dist.distributed.loader_workers`).
+
+``--deterministic`` (:func:`~stage_dist.distributed.configure_determinism`): on a GPU, two runs of
+the same config, and a run resumed from its checkpoint, end with bitwise identical weights on the
+same GPU model and software (driver, CUDA, cuDNN, NCCL, torch) at the same world size; it does not
+make runs match across GPU models, software versions, world sizes or CPU vs GPU, and ``--compile``
+is not covered. On CPU the kernels are deterministic without it (exact resume is tested there);
+measured cost of the flag on CPU: none beyond noise (bench/train_bench.py --deterministic).
 """
 
 from __future__ import annotations
@@ -45,8 +59,9 @@ from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
 from stage_dist.data import StoreWindowSource, open_train_data
-from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup,
-                                    configure_threads, gather_to_main, init_distributed, setup_logging)
+from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup, configure_determinism,
+                                    configure_threads, gather_to_main, init_distributed, loader_workers,
+                                    setup_logging)
 from stage_dist.evaluate import EvalResult, evaluate_predictions
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
@@ -268,10 +283,12 @@ class Trainer:
         check_output_dir(config)
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
+        configure_determinism(config.runtime.deterministic)  # main did it before CUDA; here for library use
+        self.workers = loader_workers(config.runtime.workers, env)
         self.data = open_train_data(
             store=config.data.train_store, shards=config.data.train_shards, window=config.data.window,
             windows_per_step=config.optim.windows_per_step, rank=env.rank, world_size=env.world_size,
-            seed=config.optim.seed, num_workers=config.runtime.workers, pin_memory=env.device.type == "cuda",
+            seed=config.optim.seed, num_workers=self.workers, pin_memory=env.device.type == "cuda",
             in_memory=config.data.in_memory, memmap_dir=config.data.memmap_dir, shuffle_buffer=config.data.shuffle_buffer,
             padding=Padding(bucketed=config.runtime.compile),
         )
@@ -303,10 +320,12 @@ class Trainer:
         self.model = build_model(config.model.kind, self.model_config).to(env.device)
         if config.runtime.compile:
             compile_model(self.model, env.device)
-        self.ddp_model: nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-            if env.world_size > 1
-            else self.model
+        self.ddp_model: nn.Module = self.model if env.world_size == 1 else DistributedDataParallel(
+            self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            # Gradients live in DDP's all-reduce buckets (no copy in or out, one gradient-sized buffer
+            # less); static graph: every step uses every parameter (a step without actors too, see
+            # `loss`), so DDP skips its per-step search for unused parameters and can overlap more.
+            gradient_as_bucket_view=True, static_graph=True,
         )
         self.effective_batch, lr = effective_lr(config.optim, env.world_size)
         # fused: one kernel for all parameters (on CPU 2-6x faster than the per-tensor loop)
@@ -499,7 +518,7 @@ class Trainer:
         step_started = time.perf_counter()
         for batch in self.loader:
             data_ready = time.perf_counter()
-            rows = batch.actor_keyframe  # on the host: which keyframes this step trains on
+            rows = batch.actor_keyframe.numpy()  # host bookkeeping (numpy() refuses a device tensor)
             window = (int(rows.min()), int(rows.max())) if len(rows) else (-1, -1)
             loss = self.train_step(batch)
             self.global_step += 1
@@ -574,7 +593,10 @@ class Trainer:
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if logits.numel() == 0:  # a step without actors still joins DDP's gradient all-reduce
+        """Mean binary cross-entropy over the actors' 80 actions. A step without actors returns
+        ``logits.sum()`` (0, through the whole model), so every parameter still gets a (zero)
+        gradient: DDP's all-reduce and its static graph are the same on every step."""
+        if logits.numel() == 0:
             return logits.sum()
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
@@ -709,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     env: DistEnv | None = None
     try:
         check_output_dir(config)  # before the process group: every rank fails the same way, at once
+        configure_determinism(config.runtime.deterministic)  # before CUDA starts (cuBLAS reads its env)
         env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
         setup_logging(env)
         configure_threads(config.runtime.threads, env, config.runtime.workers)

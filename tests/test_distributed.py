@@ -187,3 +187,70 @@ def test_dist_timeout_reaches_init_process_group(no_torchrun, monkeypatch):
     assert call["backend"] == "gloo" and "device_id" not in call
     with pytest.raises(DistributedError, match="timeout must be > 0"):
         init_distributed("cpu", timeout_minutes=0)
+
+
+@pytest.mark.parametrize(
+    "cores,local_world,distributed,workers,expected",
+    [
+        # (affinity cores, LOCAL_WORLD_SIZE, in a process group, --workers, (workers, threads))
+        (16, 8, True, None, (1, 1)),  # 8 GPUs on a 16-core node: 2 cores a rank
+        (16, 1, True, None, (4, 12)),  # one rank owns the node: at most 4 workers
+        (64, 8, True, None, (4, 4)),
+        (2, 1, False, None, (1, 1)),
+        (1, 1, False, None, (0, 1)),  # one core: batches built in the rank itself
+        (16, 8, False, None, (4, 12)),  # LOCAL_WORLD_SIZE without a process group is not a share
+        (16, 8, True, 3, (3, 1)),  # --workers N is taken as given; threads never below 1
+        (16, 1, True, 0, (0, 16)),
+    ],
+)
+def test_loader_workers_and_threads_are_the_ranks_share_of_its_cores(monkeypatch, cores, local_world,
+                                                                     distributed, workers, expected):
+    from stage_dist import distributed as dist_module
+    from stage_dist.distributed import configure_threads, loader_workers
+
+    monkeypatch.setattr(dist_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_set = []
+    monkeypatch.setattr(dist_module.torch, "set_num_threads", threads_set.append)
+    env = DistEnv(0, 8 if distributed else 1, 0, torch.device("cpu"), "gloo" if distributed else None)
+    resolved = loader_workers(workers, env)
+    assert (resolved, configure_threads(0, env, workers)) == expected
+    assert threads_set == [expected[1]]
+    assert configure_threads(5, env, workers) == 5  # --threads N wins
+
+
+def test_runtime_workers_default_is_auto_and_explicit_counts_stay():
+    from stage_dist.config import ConfigError, RuntimeConfig, build_parser, parse_config
+
+    assert RuntimeConfig().workers is None
+    assert parse_config(RuntimeConfig, ["--workers", "3"]).workers == 3
+    assert parse_config(RuntimeConfig, ["--workers", "0"]).workers == 0
+    with pytest.raises(ConfigError, match="--workers must be >= 0"):
+        RuntimeConfig(workers=-1)
+    assert "auto" in build_parser(RuntimeConfig).format_help()
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
+
+
+def test_deterministic_sets_cublas_workspace_and_deterministic_kernels(restore_determinism, monkeypatch):
+    from stage_dist.distributed import configure_determinism
+
+    configure_determinism(False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+    torch.backends.cudnn.benchmark = True
+    configure_determinism(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other valid setting is the user's to choose
+    configure_determinism(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

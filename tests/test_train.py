@@ -134,6 +134,8 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
         from stage_dist.train import TrainConfig, Trainer
         env = init_distributed("cpu")
         trainer = Trainer(load_json(TrainConfig, "{tmp_path}/config.json"), env)
+        ddp = trainer.ddp_model
+        assert ddp.gradient_as_bucket_view and ddp.static_graph, "DDP options"
         summary = trainer.fit()
         torch.save(trainer.model.state_dict(), "{tmp_path}/rank%d.pt" % env.rank)
         if env.is_main:
@@ -261,27 +263,36 @@ def test_fp16_resumes_a_checkpoint_without_scaler_state(tiny_stores, tmp_path, c
     assert back.fit().global_step == 6
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")  # what reads a device tensor back
+
+
 def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch):
-    """No per-step device->host read of the loss (or the non-finite flag): reads happen at log steps."""
+    """No device->host read inside a training step: the loss and the non-finite flag are read at log
+    steps only, and a step reads no tensor value back at all (the window's keyframe rows come from
+    the batch's host bookkeeping as numpy). On CPU every tensor is a host tensor, so every call of a
+    method that would synchronise a GPU (item, tolist, bool/int/float/index conversion) counts."""
     from tqdm import tqdm
 
     config = make_config(tiny_stores, tmp_path, val_store=None, log_every=4, max_steps=12)
     trainer = Trainer(config, init_distributed("cpu"))
     reads = []
-    for name in ("item", "__float__", "tolist"):
+    for name in HOST_READS:
         original = getattr(torch.Tensor, name)
 
         def counting(self, *args, _original=original, _name=name, **kwargs):
-            reads.append((trainer.global_step, _name))
+            caller = sys._getframe(1).f_code.co_filename
+            reads.append((trainer.global_step, _name, Path(caller).parent.name))
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     trainer.train_epoch(None, tqdm(disable=True))
     monkeypatch.undo()
     assert trainer.global_step == 12
-    assert reads.count((0, "item")) == 1, reads  # the DataLoader's seed, from its own CPU generator
-    assert {step for step, _ in reads} - {0} == {4, 8, 12}, reads
-    assert len(reads) <= 1 + 3 * 2, reads  # per log step: the finite flags and the loss
+    at_log_steps = [(step, name, "stage_dist") for step in (4, 8, 12) for name in ("tolist", "__float__")]
+    # Before the first step: the DataLoader's seed, from its own CPU generator (torch/utils/data).
+    # Then one read of the non-finite flags (tolist) and one of the summed loss (float) per log step;
+    # steps 1-3, 5-7 and 9-11 read nothing back.
+    assert reads == [(0, "item", "data"), *at_log_steps], reads
 
 
 def test_non_finite_weights_are_never_checkpointed(tiny_stores, tmp_path):
@@ -320,3 +331,61 @@ def test_fresh_start_refuses_a_directory_with_checkpoints(tiny_stores, tmp_path)
     Trainer(make_config(tiny_stores, tmp_path, max_steps=2, val_store=None), env).fit()
     with pytest.raises(UserInputError, match="--resume auto"):
         Trainer(make_config(tiny_stores, tmp_path, resume="none", val_store=None), env).fit()
+
+
+def _window_without_actors(actor_dim: int, object_dim: int, objects: int, length: int = 6):
+    import numpy as np
+
+    from stage_dist.batch import Window
+
+    boxes = np.tile(np.array([[0.1, 0.2, 0.5, 0.6]], dtype=np.float32), (objects, 1))
+    return Window(clip=0, video_id="v", keyframe_start=0, actor_start=0, timestamps=np.arange(length),
+                  actor_ptr=np.zeros(length + 1, dtype=np.int64),
+                  actor_features=np.zeros((0, actor_dim), dtype=np.float16),
+                  actor_boxes=np.zeros((0, 4), dtype=np.float32), actor_labels=np.zeros((0, 80), dtype=np.uint8),
+                  object_ptr=np.minimum(np.arange(length + 1), objects).astype(np.int64),
+                  object_features=np.ones((objects, object_dim), dtype=np.float16), object_boxes=boxes)
+
+
+@pytest.mark.parametrize("kind", ["stage", "baseline"])
+def test_every_parameter_gets_a_gradient_at_every_step(tiny_stores, tmp_path, kind):
+    """What DDP's ``static_graph=True`` relies on: every step, including one whose batch has no
+    actor (a rank can draw such a window), gives every parameter a gradient, so the set of
+    gradients (and DDP's all-reduce buckets) is the same at every step."""
+    from stage_dist.batch import collate
+
+    trainer = Trainer(make_config(tiny_stores, tmp_path, kind=kind, val_store=None), init_distributed("cpu"))
+    trainer.ddp_model.train()
+    batches = iter(trainer.loader)
+    empty = [collate([_window_without_actors(trainer.data.actor_dim, trainer.data.object_dim, objects)])
+             for objects in (0, 3)]
+    for batch in [next(batches), *empty, next(batches)]:
+        loss = trainer.train_step(batch)
+        missing = [name for name, p in trainer.model.named_parameters() if p.grad is None]
+        assert not missing, f"{batch.num_actors} actors: no gradient for {missing}"
+        if batch.num_actors == 0:
+            assert float(loss) == 0.0
+            assert all(not p.grad.any() for p in trainer.model.parameters()), "a zero gradient"
+
+
+def test_deterministic_training_runs_and_changes_no_number_on_cpu(tiny_stores, tmp_path, monkeypatch):
+    """``--deterministic`` through ``main``: it sets deterministic kernels and CUBLAS_WORKSPACE_CONFIG,
+    training runs under them, and on CPU (whose kernels are deterministic already) the final
+    checkpoint equals a run without it bit for bit."""
+    from stage_dist.train import main as train_main
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
+    threads = torch.get_num_threads()
+    try:
+        for name, deterministic in (("plain", False), ("deterministic", True)):
+            config = make_config(tiny_stores, tmp_path / name, val_store=None, max_steps=6, threads=threads,
+                                 deterministic=deterministic)
+            assert train_main(to_argv(config)) == 0
+            assert torch.are_deterministic_algorithms_enabled() == deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
+    assert_same_final_checkpoint(tmp_path / "plain", tmp_path / "deterministic")
