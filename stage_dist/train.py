@@ -37,6 +37,7 @@ measured cost of the flag on CPU: none beyond noise (bench/train_bench.py --dete
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -67,7 +68,7 @@ from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, pa
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.errors import INPUT_ERRORS, UserInputError
-from stage_dist.outputs import check_not_input
+from stage_dist.outputs import check_not_input, lock_output
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -718,6 +719,19 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(saved, dict) and "output_dir" in saved and ("data" in saved or "train_store" in saved)
 
 
+def run_lock(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """The output directory's one-writer lock, held by the launch's rank 0 for the whole run: a
+    second training on the same ``--output-dir`` stops at once naming the holder (a run killed
+    by ``torchrun --max-restarts`` leaves a stale lock that its restart takes over)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    try:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainConfigError(f"{config.output_dir}: cannot create --output-dir: {err.strerror or err}") from None
+    return lock_output(config.output_dir, "--output-dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
     return build_config_parser(
         TrainConfig, prog="torchrun --nproc_per_node=N -m stage_dist.train",
@@ -732,10 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_output_dir(config)  # before the process group: every rank fails the same way, at once
         configure_determinism(config.runtime.deterministic)  # before CUDA starts (cuBLAS reads its env)
-        env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
-        setup_logging(env)
-        configure_threads(config.runtime.threads, env, config.runtime.workers)
-        summary = Trainer(config, env).fit()
+        with run_lock(config):  # rank 0: one training run per output directory
+            env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
+            setup_logging(env)
+            configure_threads(config.runtime.threads, env, config.runtime.workers)
+            summary = Trainer(config, env).fit()
         if env.is_main:
             val = "n/a" if summary.val_map is None else f"{summary.val_map:.4f}"
             best = "n/a" if summary.best_map is None else f"{summary.best_map:.4f}"

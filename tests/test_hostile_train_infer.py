@@ -346,3 +346,16 @@ def test_nan_under_torchrun_stops_every_rank(tiny_stores, nan_store, tmp_path):
     assert "(rank " in result.stderr and "keyframe rows" in result.stderr
     for checkpoint in (output_dir / "checkpoints").glob("ckpt_*.pt"):
         assert all(value.isfinite().all() for value in read_checkpoint(checkpoint).model_state.values())
+
+
+def test_second_training_on_the_same_output_dir_stops_at_once(tiny_stores, tmp_path, capsys):
+    """One writer per output directory: while a run holds it, another run exits 2 naming the holder."""
+    from stage_dist.outputs import lock_output
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    with lock_output(output_dir, "--output-dir"):
+        assert train_main(train_args(tiny_stores, output_dir)) == 2
+    error = error_line(capsys.readouterr().err)
+    assert str(output_dir) in error and "another process is writing it" in error, error
+    assert not (output_dir / "checkpoints").exists()
