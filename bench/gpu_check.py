@@ -259,10 +259,11 @@ if stats_file:
                              max_reserved=torch.cuda.max_memory_reserved())
             if "torch._dynamo" in sys.modules:
                 from torch._dynamo import utils
-                graphs = utils.counters["stats"]["unique_graphs"]
-                if graphs:
+                compiled = {"graphs": utils.counters["stats"]["unique_graphs"]}
+                if compiled["graphs"]:
+                    stats["compile"] = compiled
                     spent = utils.calculate_time_spent()
-                    stats["compile"] = {"seconds": spent.get("total_wall_time"), "graphs": graphs, "phases": spent}
+                    compiled.update(seconds=spent.get("total_wall_time"), phases=spent)
         except Exception as error:
             stats["error"] = f"{type(error).__name__}: {error}"
         with open(f"{stats_file}.rank{os.environ.get('RANK', '0')}", "w") as handle:
@@ -884,8 +885,8 @@ class GpuCheck:
             state["train_config"].pop("output_dir")
         by_key = {key: compare_states(state_a.get(key), state_b.get(key), key)
                   for key in sorted(set(state_a) | set(state_b))}
-        model, optimizer = by_key.get("model_state", {}), by_key.get("optimizer_state", {})
-        bitwise = bool(model.get("equal")) and bool(optimizer.get("equal"))
+        model, optimizer = by_key["model_state"], by_key["optimizer_state"]
+        bitwise = model["equal"] and optimizer["equal"]
         result = {
             "steps": s.resume_steps, "checkpoint_every": s.resume_every, "amp": s.train_amp, "workers": workers,
             "flags": list(extra),
@@ -893,9 +894,9 @@ class GpuCheck:
             "resumed_logged": "resumed from" in restarted.output,
             "final_checkpoints": [path_a.name, path_b.name],
             "model_optimizer_bitwise": bitwise,
-            "max_abs_diff": max(model.get("max_abs_diff", math.nan), optimizer.get("max_abs_diff", math.nan)),
+            "max_abs_diff": max(model["max_abs_diff"], optimizer["max_abs_diff"]),
             "differing_keys": sorted(k for k, v in by_key.items() if not v["equal"]),
-            "rng_equal": by_key.get("rng_per_rank", {}).get("equal"),
+            "rng_equal": by_key["rng_per_rank"]["equal"],
             "details": {k: v for k, v in by_key.items() if not v["equal"]},
             "seconds_per_run": [round(p.seconds, 1) for p in (uninterrupted, killed, restarted)],
         }
@@ -924,13 +925,13 @@ class GpuCheck:
         state = torch.load(newest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=True)
         weights = state["model_state"]
         finite_weights = all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
-        scaler = state.get("scaler_state") or {}
+        scaler = state["scaler_state"]
         result = {"amp": amp, "device": device or self.sizes.device, "flags": extra, "steps": steps,
-                  "global_step": state.get("global_step"), "losses": losses,
+                  "global_step": state["global_step"], "losses": losses,
                   "finite_loss": bool(losses) and all(math.isfinite(v) for v in losses),
                   "finite_weights": finite_weights, "scaler_scale": scaler.get("scale"),
                   "process_seconds": round(proc.seconds, 1)}
-        result["passed"] = result["finite_loss"] and finite_weights and state.get("global_step") == steps
+        result["passed"] = result["finite_loss"] and finite_weights and state["global_step"] == steps
         result["summary"] = (f"{steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss logged")
         return result
 
