@@ -7,9 +7,10 @@ It needs only the repository (``stage_dist`` is found through ``PYTHONPATH``, se
 child process) and torch, h5py, zarr, numcodecs, webdataset, tensorboard, tqdm: no network.
 Every end-to-end part runs the project's command lines as child processes
 (``python -m stage_dist.synth``, ``tools/convert_features.py``, ``python -m stage_dist.train``,
-``torchrun ... stage_dist.infer``), so refactors inside the library do not break it; only the
-profiler and the steady-state inference timing import the library (each in a child process of
-its own, ``--_worker``), and a changed API there fails that one section, not the run.
+``torchrun ... stage_dist.infer``); the profiler and the steady-state inference timing import
+the library (``stage_dist.train.Trainer``; ``stage_dist.inference.predict`` over the
+``WindowSource`` of ``stage_dist.data.open_window_source``), each in a child process of its own
+(``--_worker``).
 
 Sections, in this order (each one is caught: an error is recorded in the JSON and the run goes
 on; the JSON is rewritten after every section, so a killed run still leaves what it measured):
@@ -19,22 +20,39 @@ on; the JSON is rewritten after every section, so a killed run still leaves what
 - ``data``: synthetic AVA-like data at the published sizes (1024-dim actors, 2048-dim objects,
   up to 3 actors and 30 objects per keyframe; the measured means are reported), converted
   (train from the I3D layout, val from the SlowFast layout);
-- ``throughput_recipe_eager`` / ``throughput_windows32`` / ``throughput_recipe_compiled``:
-  training keyframes/s and data-wait fraction (the trainer's TensorBoard scalars, median of the
-  second half of the run) and peak GPU memory (``torch.cuda.max_memory_allocated`` of the trainer
-  process, read at exit by a small wrapper), all with ``--memmap-dir``; ``--compile`` only where
-  ``stage_dist.train --help`` lists it, and only with time to spare for the checks below;
+- ``throughput_recipe_eager`` / ``throughput_windows32``: training keyframes/s and data-wait
+  fraction (the trainer's TensorBoard scalars, median of the second half of the run), peak GPU
+  memory (``torch.cuda.max_memory_allocated`` of the trainer process, read at exit by a small
+  wrapper) and the seconds from start to the first logged step. Both read the node-shared
+  decompressed store (``--memmap-dir``, built by the first run and mapped by every later one);
+  a run whose config.json does not name it, or that leaves no ``.npy`` there, is an error;
 - ``throughput_inference``: steady-state ``predict`` keyframes/s over the train store (passes
-  after a warm-up; data wait = time spent in the DataLoader's ``__next__``) and the CLI's own
-  figure (start-up included);
-- ``profiler``: kernel launches and host syncs per training step from ``torch.profiler`` over
-  steps of the recipe that are not log steps (the real ``Trainer.fit`` loop, each step marked),
-  and the source line of every host read (``.item()``);
+  after a warm-up, through ``--memmap-dir``; data wait = time spent in the DataLoader's
+  ``__next__``) and the CLI's own figure (start-up included);
+- ``profiler``: the real ``Trainer.fit`` loop with ``Trainer.train_step`` wrapped so that each
+  step is marked for ``torch.profiler`` (no step of the profiled window is a log step):
+  kernel launches, CUDA graph launches and host syncs (``cudaStreamSynchronize``,
+  ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, ``cudaMemcpy``) per step on the GPU;
+  on every device the host reads of tensor values (``aten::_local_scalar_dense``: ``.item()``,
+  ``int()``, ``bool()``) with the source line of each. Passes when the profiled steps ran, the
+  step received a ``stage_dist.batch.Batch`` whose ``Graph`` was built in collate (on the host,
+  before ``Batch.to``), and no host read is issued by stage_dist code inside ``train_step``
+  (on the CPU, fused Adam reads its step counters on the host inside the kernel: torch's own
+  reads, listed, not counted; they live on the device on the GPU);
+- ``throughput_recipe_compiled``: the recipe with ``--compile``: steady-state keyframes/s (as
+  above, compilation excluded), and compilation on its own: seconds spent compiling
+  (``torch._dynamo.utils.calculate_time_spent``: frames and backward graphs; CUDA graph
+  recording is not in it), graphs compiled, and seconds to the first logged step against the
+  eager run's; then a profile of compiled steps. In ``--cpu-smoke`` the wrapper sets
+  ``torch.compile``'s backend to ``aot_eager`` (dynamo's full-graph capture and AOT autograd
+  without Inductor's C++ build, which takes minutes on a small CPU);
 - ``train_resume``: bf16 recipe run A uninterrupted; run B SIGKILLed by itself while its second
   checkpoint is being written (mid-run; a wrapper patches ``os.replace``), then restarted with
-  the same command; A's and B's final checkpoints compared tensor by tensor (bitwise, else the
-  largest absolute difference). Without DataLoader workers, with the default 2, and on the GPU
-  also with ``--deterministic`` where the trainer has that flag;
+  the same command; A's and B's final checkpoints compared tensor by tensor: model and optimizer
+  bitwise (else the largest absolute difference) and every rank's RNG states equal. Without
+  DataLoader workers and with 2; on the GPU also with ``--deterministic`` when the trainer has
+  that flag, and then only the deterministic variants must be bitwise (the others are reported:
+  the backward of CUDA's gather/index ops accumulates with atomic adds, in no fixed order);
 - ``train_fp16`` (fp16 + ``--grad-clip``) and ``train_amp_off``: 20 steps each, finite loss
   and weights;
 - ``cross_device``: a GPU-trained and a CPU-trained checkpoint each inferred on the GPU and on
@@ -59,7 +77,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -74,7 +91,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -93,7 +110,6 @@ CHECKS = ("data", "train_resume", "train_fp16", "train_amp_off", "cross_device",
 # prefetches, and builds its iterator differently).
 RESUME_WORKERS = (0, 2)
 CSV_TOLERANCE = 1e-3  # largest |score difference| accepted between devices (scores are probabilities)
-COMPILE_RESERVE_S = 110  # seconds of the budget the --compile section leaves to the correctness checks
 CHECKPOINT_NAME = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 
 
@@ -125,7 +141,8 @@ class Sizes:
     infer_passes: int
     infer_workers: int
     threads: int  # intra-op threads of each correctness child (they run side by side)
-    compile: bool  # run the --compile sections
+    compile_backend: str  # torch.compile backend forced by the wrapper ("": the trainer's own choice)
+    checks_reserve_s: float  # seconds of the budget the --compile section leaves to the correctness checks
 
 
 CUDA_SIZES = Sizes(
@@ -134,15 +151,17 @@ CUDA_SIZES = Sizes(
            "--max-objects", "30", "--actor-dim", "1024", "--object-dim", "2048", "--actor-thw", "1", "1", "1"),
     train_amp="bf16", recipe_steps=2000, compiled_steps=3000, windows32=32, windows32_steps=600, log_every=50,
     recipe_workers=4, windows32_workers=8, resume_steps=200, resume_every=50, short_steps=20,
-    profile_steps=(5, 5, 10), infer_passes=5, infer_workers=4, threads=3, compile=True,
+    profile_steps=(5, 5, 10), infer_passes=5, infer_workers=4, threads=3, compile_backend="",
+    checks_reserve_s=110,
 )
 SMOKE_SIZES = Sizes(
     mode="cpu-smoke", device="cpu", other_device="cpu", budget_s=170, parallel=2,
     synth=("--train-clips", "4", "--val-clips", "2", "--keyframes-per-clip", "24", "--max-actors", "3",
            "--max-objects", "8", "--actor-dim", "32", "--object-dim", "64", "--actor-thw", "1", "1", "1"),
-    train_amp="bf16", recipe_steps=30, compiled_steps=0, windows32=4, windows32_steps=12, log_every=5,
+    train_amp="bf16", recipe_steps=30, compiled_steps=30, windows32=4, windows32_steps=12, log_every=5,
     recipe_workers=0, windows32_workers=0, resume_steps=12, resume_every=3, short_steps=20,
-    profile_steps=(1, 1, 4), infer_passes=2, infer_workers=0, threads=1, compile=False,
+    profile_steps=(1, 1, 4), infer_passes=2, infer_workers=0, threads=1, compile_backend="aot_eager",
+    checks_reserve_s=60,
 )
 
 
@@ -215,28 +234,49 @@ class Budget:
 
 # ----------------------------------------------------------------------------- child processes
 
-# Runs a module like ``python -m`` with three optional hooks set through the environment:
-# GPU_CHECK_PEAK_FILE: write torch.cuda.max_memory_allocated (and reserved) at exit, one file per rank;
+# Runs a module like ``python -m`` with optional hooks set through the environment:
+# GPU_CHECK_STATS_FILE: at exit write, one file per rank, the process's start time, its
+#   torch.cuda.max_memory_allocated (and reserved) and, if it compiled, the seconds dynamo and the
+#   backend spent compiling and the number of graphs;
+# GPU_CHECK_COMPILE_BACKEND=name: torch.compile with this backend (and no mode) whatever it is asked;
 # GPU_CHECK_EMULATE_RANKS=1: every rank on cuda:0 with a gloo process group (several ranks, one GPU);
 # GPU_CHECK_KILL_AT_CHECKPOINT=k: SIGKILL this process when its k-th checkpoint is about to be renamed
 # into place (the checkpoint writer's atomic os.replace), i.e. mid-run and mid-write.
 WRAPPER = r'''
-import atexit, json, os, re, runpy, signal, sys
+import atexit, json, os, re, runpy, signal, sys, time
 
 module = sys.argv[1]
 sys.argv = [module] + sys.argv[2:]
-peak_file = os.environ.get("GPU_CHECK_PEAK_FILE")
-if peak_file:
-    def _write_peak():
+started = time.time()
+stats_file = os.environ.get("GPU_CHECK_STATS_FILE")
+if stats_file:
+    def _write_stats():
+        stats = {"started": started}
         try:
             import torch
             if torch.cuda.is_available() and torch.cuda.is_initialized():
-                with open(f"{peak_file}.rank{os.environ.get('RANK', '0')}", "w") as handle:
-                    json.dump({"max_allocated": torch.cuda.max_memory_allocated(),
-                               "max_reserved": torch.cuda.max_memory_reserved()}, handle)
+                stats.update(max_allocated=torch.cuda.max_memory_allocated(),
+                             max_reserved=torch.cuda.max_memory_reserved())
+            if "torch._dynamo" in sys.modules:
+                from torch._dynamo import utils
+                compiled = {"graphs": utils.counters["stats"]["unique_graphs"]}
+                if compiled["graphs"]:
+                    stats["compile"] = compiled
+                    spent = utils.calculate_time_spent()
+                    compiled.update(seconds=spent.get("total_wall_time"), phases=spent)
         except Exception as error:
-            print(f"gpu_check wrapper: no peak memory: {error}", file=sys.stderr)
-    atexit.register(_write_peak)
+            stats["error"] = f"{type(error).__name__}: {error}"
+        with open(f"{stats_file}.rank{os.environ.get('RANK', '0')}", "w") as handle:
+            json.dump(stats, handle)
+    atexit.register(_write_stats)
+compile_backend = os.environ.get("GPU_CHECK_COMPILE_BACKEND")
+if compile_backend:
+    import torch
+    _compile = torch.compile
+    def _compile_with_backend(*args, **kwargs):
+        kwargs.update(backend=compile_backend, mode=None)
+        return _compile(*args, **kwargs)
+    torch.compile = _compile_with_backend
 if os.environ.get("GPU_CHECK_EMULATE_RANKS") == "1":
     os.environ["LOCAL_RANK"] = "0"
     import torch.distributed as dist
@@ -412,13 +452,13 @@ def steady(values: Sequence[float]) -> float | None:
     return statistics.median(values[len(values) // 2:])
 
 
-def read_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the TensorBoard event files under ``directory``: tag -> [(step, value)]."""
+def read_scalars(directory: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of the TensorBoard event files under ``directory``: tag -> [(step, value, wall time)]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value, e.wall_time) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def newest_checkpoint(directory: Path) -> Path:
@@ -537,7 +577,7 @@ class GpuCheck:
                 "--checkpoint-every", checkpoint_every, "--seed", 0]
         if threads:
             args += ["--threads", threads]
-        if memmap and self.has_train_flag("--memmap-dir"):
+        if memmap:
             args += ["--memmap-dir", self.memmap_dir]
         return [str(a) for a in [*args, *extra]]
 
@@ -549,14 +589,33 @@ class GpuCheck:
                                  "--windows-per-batch", windows_per_batch, "--workers", workers,
                                  "--threads", threads or self.sizes.threads]]
 
-    def peak_env(self, name: str) -> tuple[dict[str, str], Path]:
-        peak = self.runner.logs / f"{name}.peak"
-        return {"GPU_CHECK_PEAK_FILE": str(peak)}, peak
+    def stats_env(self, name: str, compiled: bool = False) -> tuple[dict[str, str], Path]:
+        """The wrapper's environment for a run whose exit statistics are read by :meth:`read_stats`."""
+        stats = self.runner.logs / f"{name}.stats"
+        env = {"GPU_CHECK_STATS_FILE": str(stats)}
+        if compiled and self.sizes.compile_backend:
+            env["GPU_CHECK_COMPILE_BACKEND"] = self.sizes.compile_backend
+        return env, stats
 
     @staticmethod
-    def read_peak(peak: Path) -> int | None:
-        values = [json.loads(p.read_text())["max_allocated"] for p in peak.parent.glob(peak.name + ".rank*")]
-        return max(values) if values else None
+    def read_stats(stats: Path) -> dict:
+        """Rank 0's exit statistics, with the largest peak GPU memory of all ranks."""
+        ranks = {p.name: json.loads(p.read_text()) for p in stats.parent.glob(stats.name + ".rank*")}
+        if not ranks:
+            raise RuntimeError(f"the run left no {stats.name}.rank* (did it exit through Python?)")
+        result = ranks.get(f"{stats.name}.rank0", next(iter(ranks.values())))
+        peaks = [r["max_allocated"] for r in ranks.values() if "max_allocated" in r]
+        return {**result, "max_allocated": max(peaks) if peaks else None}
+
+    def check_memmap(self, out: Path) -> dict:
+        """The run at ``out`` read the node-shared decompressed store: its config.json names
+        ``--memmap-dir`` and the train store's arrays are there as .npy files."""
+        configured = json.loads((out / "config.json").read_text())["data"]["memmap_dir"]
+        arrays = sorted(p.name for p in self.memmap_dir.glob(f"{self.train_store.name}-*/*.npy"))
+        if configured != str(self.memmap_dir) or not arrays:
+            raise RuntimeError(f"{out.name} did not read the decompressed store: config memmap_dir {configured!r}, "
+                               f".npy files in {self.memmap_dir}: {arrays}")
+        return {"dir": configured, "arrays": arrays, "mb": round(_du(self.memmap_dir) / 1e6, 1)}
 
     # -- sections -------------------------------------------------------------------------
 
@@ -590,8 +649,7 @@ class GpuCheck:
             raise RuntimeError(self.fatal)
         help_proc = self.runner.run("train_help", [PYTHON, "-m", "stage_dist.train", "--help"], cap=60).check()
         self.train_help = help_proc.output
-        entry["train_flags"] = {flag: self.has_train_flag(flag)
-                                for flag in ("--compile", "--memmap-dir", "--deterministic", "--dist-timeout")}
+        entry["train_flags"] = {"--deterministic": self.has_train_flag("--deterministic")}
 
     def data(self, entry: dict) -> None:
         root = self.workdir / "data"
@@ -637,24 +695,37 @@ class GpuCheck:
                             f"{entry['objects_per_keyframe']} objects per keyframe), val {counts['val']['keyframes']}")
 
     def _throughput(self, entry: dict, name: str, *, steps: int, windows_per_step: int, workers: int,
-                    extra: Sequence[str] = (), cap: float = 240) -> Path:
+                    compiled: bool = False, cap: float = 240) -> Path:
         out = self.workdir / name
         shutil.rmtree(out, ignore_errors=True)
-        env, peak = self.peak_env(name)
+        env, stats_file = self.stats_env(name, compiled)
         log_every = self.sizes.log_every if windows_per_step == 1 else max(2, self.sizes.log_every // 5)
         args = self.train_args(out, steps=steps, amp=self.sizes.train_amp, windows_per_step=windows_per_step,
-                               workers=workers, log_every=log_every, memmap=True, extra=extra)
+                               workers=workers, log_every=log_every, memmap=True,
+                               extra=["--compile"] if compiled else [])
         proc = self.runner.module(name, "stage_dist.train", args, cap=cap, env=env).check()
+        stats = self.read_stats(stats_file)
         scalars = read_scalars(out / "tensorboard")
-        rates = [v for _, v in scalars.get("train/keyframes_per_s", [])]
-        waits = [v for _, v in scalars.get("train/data_wait_fraction", [])]
+        rates = scalars.get("train/keyframes_per_s", [])
+        waits = [v for _, v, _ in scalars.get("train/data_wait_fraction", [])]
         entry.update(
             steps=steps, windows_per_step=windows_per_step, workers=workers, log_every=log_every,
-            keyframes_per_s=steady(rates), data_wait_fraction=steady(waits), keyframes_per_s_logged=rates,
-            peak_gpu_memory_mb=_mb(self.read_peak(peak)), process_seconds=round(proc.seconds, 1),
+            keyframes_per_s=steady([v for _, v, _ in rates]), data_wait_fraction=steady(waits),
+            keyframes_per_s_logged=[v for _, v, _ in rates],
+            seconds_to_first_log=round(rates[0][2] - stats["started"], 1) if rates else None,
+            peak_gpu_memory_mb=_mb(stats["max_allocated"]), process_seconds=round(proc.seconds, 1),
+            memmap=self.check_memmap(out),
         )
+        if compiled:
+            compile_stats = stats.get("compile") or {}
+            entry.update(compile_backend=self.sizes.compile_backend or "the trainer's (compile_model)",
+                         compile_seconds=compile_stats.get("seconds"), graphs_compiled=compile_stats.get("graphs"),
+                         compile_phases=compile_stats.get("phases"))
+            if not compile_stats.get("graphs"):
+                raise RuntimeError(f"{name}: --compile compiled no graph ({stats.get('error', 'no dynamo counters')})")
         entry["summary"] = (f"{_fmt(entry['keyframes_per_s'])} keyframes/s, data wait "
-                            f"{_pct(entry['data_wait_fraction'])}, peak GPU {_fmt(entry['peak_gpu_memory_mb'])} MB")
+                            f"{_pct(entry['data_wait_fraction'])}, peak GPU {_fmt(entry['peak_gpu_memory_mb'])} MB, "
+                            f"first log after {_fmt(entry['seconds_to_first_log'])} s")
         return out
 
     def throughput_recipe_eager(self, entry: dict) -> None:
@@ -667,27 +738,35 @@ class GpuCheck:
                          windows_per_step=self.sizes.windows32, workers=self.sizes.windows32_workers)
 
     def throughput_recipe_compiled(self, entry: dict) -> None:
-        if not self.sizes.compile:
-            raise Skip("not run in --cpu-smoke (Inductor compiles for minutes on a small CPU)")
-        if not self.has_train_flag("--compile"):
-            raise Skip("not available: `python -m stage_dist.train --help` lists no --compile")
-        cap = self.budget.left() - COMPILE_RESERVE_S  # leave the correctness phases their time
+        reserve = self.sizes.checks_reserve_s  # leave the correctness phases their time
+        cap = self.budget.left() - reserve
         if cap < 30:
-            raise Skip(f"time budget: {self.budget.left():.0f} s left, {COMPILE_RESERVE_S} s kept for the checks")
+            raise Skip(f"time budget: {self.budget.left():.0f} s left, {reserve:.0f} s kept for the checks")
         self._throughput(entry, "throughput_recipe_compiled", steps=self.sizes.compiled_steps, windows_per_step=1,
-                         workers=self.sizes.recipe_workers, extra=["--compile"], cap=min(cap, 240))
-        if self.budget.left() > COMPILE_RESERVE_S + 60:  # launches and syncs per compiled step
+                         workers=self.sizes.recipe_workers, compiled=True, cap=min(cap, 300))
+        eager = self.report.data["sections"].get("throughput_recipe_eager", {})
+        if eager.get("keyframes_per_s") and entry.get("keyframes_per_s"):
+            entry["speedup_vs_eager"] = round(entry["keyframes_per_s"] / eager["keyframes_per_s"], 2)
+        entry["eager_seconds_to_first_log"] = eager.get("seconds_to_first_log")
+        entry["summary"] = (f"{_fmt(entry['keyframes_per_s'])} keyframes/s steady "
+                            f"(x{_fmt(entry.get('speedup_vs_eager'))} eager), compiling "
+                            f"{_fmt(entry['compile_seconds'])} s for {entry['graphs_compiled']} graphs, first log "
+                            f"after {_fmt(entry['seconds_to_first_log'])} s (eager "
+                            f"{_fmt(entry['eager_seconds_to_first_log'])} s), data wait "
+                            f"{_pct(entry['data_wait_fraction'])}, peak GPU {_fmt(entry['peak_gpu_memory_mb'])} MB")
+        if self.budget.left() > reserve + 45:  # launches and syncs per compiled step
             try:
-                entry["profile"] = self._profile("profiler_compiled", extra=["--compile"],
-                                                 cap=self.budget.left() - COMPILE_RESERVE_S)
+                entry["profile"] = self._profile("profiler_compiled", compiled=True, cap=self.budget.left() - reserve)
             except Exception as error:  # noqa: BLE001 - the throughput above stands
                 entry["profile"] = {"error": f"{type(error).__name__}: {error}"[-2000:]}
+        else:
+            entry["profile"] = {"skipped": f"time budget: {self.budget.left():.0f} s left"}
 
     def throughput_inference(self, entry: dict) -> None:
         spec = {"store": str(self.train_store), "checkpoint": str(self.gpu_checkpoint or ""),
                 "device": self.sizes.device, "amp": self.sizes.train_amp, "window": 24, "windows_per_batch": 32,
                 "workers": self.sizes.infer_workers, "passes": self.sizes.infer_passes,
-                "memmap_dir": str(self.memmap_dir) if self.has_train_flag("--memmap-dir") else None}
+                "memmap_dir": str(self.memmap_dir)}
         try:
             steady_result = self.runner.worker("throughput_inference", "inference", spec, cap=180)
             entry.update(steady_result)
@@ -711,22 +790,26 @@ class GpuCheck:
                             f"{_pct(entry.get('data_wait_fraction'))}, "
                             f"peak GPU {_fmt(entry.get('peak_gpu_memory_mb'))} MB")
 
-    def _profile(self, name: str, *, extra: Sequence[str] = (), cap: float = 180) -> dict:
+    def _profile(self, name: str, *, compiled: bool = False, cap: float = 180) -> dict:
         wait, warmup, active = self.sizes.profile_steps
         steps = wait + warmup + active + 2
         out = self.workdir / name
         shutil.rmtree(out, ignore_errors=True)
         args = self.train_args(out, steps=steps, amp=self.sizes.train_amp, workers=self.sizes.recipe_workers,
-                               log_every=10**6, memmap=True, extra=extra)
-        return self.runner.worker(name, "profile", {"argv": args, "device": self.sizes.device, "wait": wait,
-                                                    "warmup": warmup, "active": active}, cap=cap)
+                               log_every=10**6, memmap=True, extra=["--compile"] if compiled else [])
+        return self.runner.worker(name, "profile", {
+            "argv": args, "device": self.sizes.device, "wait": wait, "warmup": warmup, "active": active,
+            "compile_backend": self.sizes.compile_backend if compiled else ""}, cap=cap)
 
     def profiler(self, entry: dict) -> None:
         entry.update(self._profile("profiler"))
-        entry["passed"] = entry.get("profiled_steps", 0) > 0
+        entry["passed"] = (entry["profiled_steps"] == self.sizes.profile_steps[2] and entry["graph_built_in_collate"]
+                           and entry["labels_uint8_on_host"] and entry["stage_dist_reads_in_train_step_per_step"] == 0)
         entry["summary"] = (f"{_fmt(entry.get('kernel_launches_per_step'))} kernel launches, "
                             f"{_fmt(entry.get('host_syncs_per_step'))} host syncs, "
-                            f"{_fmt(entry.get('item_calls_per_step'))} .item() per step")
+                            f"{_fmt(entry['stage_dist_reads_in_train_step_per_step'])} host reads by stage_dist in "
+                            f"train_step ({_fmt(entry['host_reads_per_step'])} in all) per step; graph built in "
+                            f"collate: {entry['graph_built_in_collate']}")
 
     # -- correctness: training ------------------------------------------------------------
 
@@ -734,8 +817,11 @@ class GpuCheck:
         s = self.sizes
         cpu_out = self.workdir / "train_cpu"
         variants = {f"workers{w}": (w, ()) for w in RESUME_WORKERS}
+        required = list(variants)
         if s.mode == "cuda" and self.has_train_flag("--deterministic"):
+            # CUDA's default kernels need not repeat bit for bit; --deterministic is what must.
             variants["workers2_deterministic"] = (2, ("--deterministic",))
+            required = ["workers2_deterministic"]
         jobs = {
             **{f"resume_{name}": (lambda name=name, w=w, x=x: self._train_resume(name, w, x))
                for name, (w, x) in variants.items()},
@@ -756,9 +842,11 @@ class GpuCheck:
                     entry["variants"][name] = {**_value(value), "seconds": round(seconds, 1)}
                 except Exception as error:  # noqa: BLE001 - one variant's failure is that variant's result
                     entry["variants"][name] = {"passed": False, "error": f"{type(error).__name__}: {error}"[-3000:]}
-            entry["passed"] = all(v["passed"] for v in entry["variants"].values())
-            entry["summary"] = "; ".join(f"{k}: {v.get('summary') or v.get('error', '').splitlines()[0]}"
-                                         for k, v in entry["variants"].items())
+            entry["required"] = required
+            entry["passed"] = all(entry["variants"][name]["passed"] for name in required)
+            entry["summary"] = "; ".join(
+                f"{k}{'' if k in required else ' (reported, not required)'}: "
+                f"{v.get('summary') or v.get('error', '').splitlines()[0]}" for k, v in entry["variants"].items())
             entry["_seconds"] = max(results[f"resume_{name}"][1] for name in variants)
         for name in ("train_fp16", "train_amp_off"):
             with self.report.section(name) as entry:
@@ -794,12 +882,11 @@ class GpuCheck:
         state_a = torch.load(path_a, map_location="cpu", weights_only=True)
         state_b = torch.load(path_b, map_location="cpu", weights_only=True)
         for state in (state_a, state_b):  # the runs differ in their output directory only
-            for key in ("output_dir", "tensorboard_dir"):
-                (state.get("train_config") or {}).pop(key, None)
+            state["train_config"].pop("output_dir")
         by_key = {key: compare_states(state_a.get(key), state_b.get(key), key)
                   for key in sorted(set(state_a) | set(state_b))}
-        model, optimizer = by_key.get("model_state", {}), by_key.get("optimizer_state", {})
-        bitwise = bool(model.get("equal")) and bool(optimizer.get("equal"))
+        model, optimizer = by_key["model_state"], by_key["optimizer_state"]
+        bitwise = model["equal"] and optimizer["equal"]
         result = {
             "steps": s.resume_steps, "checkpoint_every": s.resume_every, "amp": s.train_amp, "workers": workers,
             "flags": list(extra),
@@ -807,16 +894,21 @@ class GpuCheck:
             "resumed_logged": "resumed from" in restarted.output,
             "final_checkpoints": [path_a.name, path_b.name],
             "model_optimizer_bitwise": bitwise,
-            "max_abs_diff": max(model.get("max_abs_diff", math.nan), optimizer.get("max_abs_diff", math.nan)),
+            "max_abs_diff": max(model["max_abs_diff"], optimizer["max_abs_diff"]),
             "differing_keys": sorted(k for k, v in by_key.items() if not v["equal"]),
-            "rng_equal": by_key.get("rng_per_rank", {}).get("equal"),
+            "rng_equal": by_key["rng_per_rank"]["equal"],
             "details": {k: v for k, v in by_key.items() if not v["equal"]},
             "seconds_per_run": [round(p.seconds, 1) for p in (uninterrupted, killed, restarted)],
         }
-        result["passed"] = kill_landed and result["resumed_logged"] and path_a.name == path_b.name and bitwise
+        # Everything the checkpoint holds (model, optimizer, schedule, scaler, position, every RNG) equal.
+        result["passed"] = (kill_landed and result["resumed_logged"] and path_a.name == path_b.name
+                            and not result["differing_keys"])
         result["summary"] = (f"kill {'landed' if kill_landed else 'did NOT land'}, model+optimizer "
                              + ("bitwise equal" if bitwise else f"differ (max |diff| {result['max_abs_diff']:.3g})")
-                             + f", RNG states {'equal' if result['rng_equal'] else 'differ'}")
+                             + f", RNG states {'equal' if result['rng_equal'] else 'differ'}"
+                             + (f", also differ: {', '.join(result['differing_keys'])}"
+                                if set(result["differing_keys"]) - {"model_state", "optimizer_state", "rng_per_rank"}
+                                else ""))
         return result
 
     def _short_run(self, name: str, amp: str, extra: list[str], device: str | None = None,
@@ -829,17 +921,17 @@ class GpuCheck:
         proc = self.runner.module(name, "stage_dist.train", self.train_args(
             out, steps=steps, amp=amp, workers=1, device=device, log_every=5, threads=self.sizes.threads,
             extra=extra), cap=240).check()
-        losses = [v for _, v in read_scalars(out / "tensorboard").get("train/loss", [])]
+        losses = [v for _, v, _ in read_scalars(out / "tensorboard").get("train/loss", [])]
         state = torch.load(newest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=True)
         weights = state["model_state"]
         finite_weights = all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
-        scaler = state.get("scaler_state") or {}
+        scaler = state["scaler_state"]
         result = {"amp": amp, "device": device or self.sizes.device, "flags": extra, "steps": steps,
-                  "global_step": state.get("global_step"), "losses": losses,
+                  "global_step": state["global_step"], "losses": losses,
                   "finite_loss": bool(losses) and all(math.isfinite(v) for v in losses),
                   "finite_weights": finite_weights, "scaler_scale": scaler.get("scale"),
                   "process_seconds": round(proc.seconds, 1)}
-        result["passed"] = result["finite_loss"] and finite_weights and state.get("global_step") == steps
+        result["passed"] = result["finite_loss"] and finite_weights and state["global_step"] == steps
         result["summary"] = (f"{steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss logged")
         return result
 
@@ -940,15 +1032,6 @@ class GpuCheck:
 # ----------------------------------------------------------------------------- library workers
 
 
-def _train_config(argv: list[str]) -> Any:
-    """A TrainConfig from command-line flags, the way ``stage_dist.train.main`` builds it."""
-    import stage_dist.train as train
-
-    from stage_dist.config import parse_config
-
-    return parse_config(train.TrainConfig, argv, train.build_parser())
-
-
 def worker_environment(spec: dict) -> dict:
     import importlib.metadata
 
@@ -984,22 +1067,80 @@ def worker_environment(spec: dict) -> dict:
     return info
 
 
+def _force_compile_backend(backend: str) -> None:
+    """What the wrapper's GPU_CHECK_COMPILE_BACKEND does, for a worker that builds the Trainer itself."""
+    import torch
+
+    compile_ = torch.compile
+
+    def compile_with_backend(*args: Any, **kwargs: Any) -> Any:
+        kwargs.update(backend=backend, mode=None)
+        return compile_(*args, **kwargs)
+
+    torch.compile = compile_with_backend
+
+
+def describe_loader_batch(batch: Any) -> dict:
+    """What the training loop hands ``Trainer.train_step``: a Batch whose Graph was built in
+    collate (on the host, one node per feature row) and uint8 labels on the host."""
+    from stage_dist.batch import Batch
+    from stage_dist.graph import Graph
+
+    graph = getattr(batch, "graph", None)
+    is_graph = isinstance(graph, Graph)
+    graph_devices = sorted({getattr(graph, f.name).device.type for f in fields(graph)}) if is_graph else []
+    rows = batch.actor_features.shape[0] + batch.object_features.shape[0] if isinstance(batch, Batch) else None
+    info = {"batch_type": f"{type(batch).__module__}.{type(batch).__qualname__}",
+            "graph_type": f"{type(graph).__module__}.{type(graph).__qualname__}",
+            "graph_devices": graph_devices, "graph_nodes": graph.num_nodes if is_graph else None, "feature_rows": rows,
+            "labels": f"{batch.labels.dtype} on {batch.labels.device.type}" if isinstance(batch, Batch) else None}
+    info["graph_built_in_collate"] = (isinstance(batch, Batch) and is_graph and graph_devices == ["cpu"]
+                                      and graph.num_nodes == rows)
+    info["labels_uint8_on_host"] = isinstance(batch, Batch) and info["labels"] == "torch.uint8 on cpu"
+    return info
+
+
+def classify_host_reads(stacks: Sequence[Sequence[str]], steps: int) -> dict:
+    """Host reads of tensor values (one Python stack per ``aten::_local_scalar_dense``), per step:
+    all of them, by source (innermost frame <- innermost stage_dist frame), and those inside
+    ``Trainer.train_step`` that are not torch's fused optimizer kernels (on the CPU those read
+    their step counters, host tensors there, on the host; on the GPU they stay on the device)."""
+    sources: dict[str, int] = {}
+    in_step = 0
+    for stack in stacks:
+        frames = [f for f in stack if not f.startswith("<built-in")]
+        ours = [f for f in frames if "stage_dist" in f]
+        key = " <- ".join(dict.fromkeys(frames[:1] + ours[:1])) or "(no stack)"
+        sources[key] = sources.get(key, 0) + 1
+        inside = any("stage_dist/train.py" in f and f.endswith(": train_step") for f in frames)
+        if inside and not (frames and "torch/optim/" in frames[0]):
+            in_step += 1
+    return {"host_reads_per_step": len(stacks) / steps,
+            "stage_dist_reads_in_train_step_per_step": in_step / steps,
+            "host_read_sources_per_step": {k: n / steps for k, n in sorted(sources.items(), key=lambda kv: -kv[1])}}
+
+
 def worker_profile(spec: dict) -> dict:
-    """Kernel launches and host syncs per step of the real training loop (``Trainer.fit``), each
-    step marked for ``torch.profiler``'s schedule; no step of the profiled window is a log step."""
+    """Kernel launches, host syncs and host reads per step of the real training loop
+    (``Trainer.fit``; ``train_step`` wrapped so that each step is marked for ``torch.profiler``'s
+    schedule), and what the loader handed the step; no step of the profiled window is a log step."""
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from stage_dist.config import parse_config
     from stage_dist.distributed import init_distributed
-    from stage_dist.train import Trainer
+    from stage_dist.train import Trainer, TrainConfig, build_parser
 
-    config = _train_config(spec["argv"])
-    env = init_distributed(spec["device"])
+    if spec["compile_backend"]:
+        _force_compile_backend(spec["compile_backend"])
+    config = parse_config(TrainConfig, spec["argv"], build_parser())
+    env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
     trainer = Trainer(config, env)
     cuda = env.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     wait, warmup, active = spec["wait"], spec["warmup"], spec["active"]
     steps_done = [0]
+    loader_batch: dict = {}
     options: dict[str, Any] = {"with_stack": True}
     with contextlib.suppress(AttributeError):  # Python stacks on the events need the verbose config
         options["experimental_config"] = torch._C._profiler._ExperimentalConfig(verbose=True)
@@ -1007,8 +1148,10 @@ def worker_profile(spec: dict) -> dict:
                  **options) as prof:
         step = trainer.train_step
 
-        def marked_step(*args, **kwargs):
-            result = step(*args, **kwargs)
+        def marked_step(batch: Any) -> torch.Tensor:
+            if not loader_batch:
+                loader_batch.update(describe_loader_batch(batch))
+            result = step(batch)
             steps_done[0] += 1
             prof.step()
             return result
@@ -1029,8 +1172,8 @@ def worker_profile(spec: dict) -> dict:
     syncs = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
     result = {
         "device": str(env.device), "profiled_steps": active, "schedule": [wait, warmup, active],
-        "log_every": config.run.log_every,
-        "item_calls_per_step": per_step(("aten::_local_scalar_dense",)),
+        "log_every": config.run.log_every, "compiled": config.runtime.compile,
+        "compile_backend": spec["compile_backend"] or None, **loader_batch,
         "nonzero_calls_per_step": per_step(("aten::nonzero",)),
     }
     if cuda:
@@ -1041,16 +1184,10 @@ def worker_profile(spec: dict) -> dict:
             peak_gpu_memory_mb=_mb(torch.cuda.max_memory_allocated()),
         )
     else:
-        result["note"] = "CPU: no CUDA events; item_calls_per_step counts the host reads of tensor values"
-    # Where the host reads come from: the innermost Python frame, and the innermost in stage_dist.
-    sources: dict[str, int] = {}
-    for event in prof.events():
-        if event.name == "aten::_local_scalar_dense":
-            frames = [f for f in (event.stack or []) if not f.startswith("<built-in")]
-            ours = [f for f in frames if "stage_dist" in f]
-            key = " <- ".join(dict.fromkeys(frames[:1] + ours[:1])) or "(no stack)"
-            sources[key] = sources.get(key, 0) + 1
-    result["host_read_sources_per_step"] = {k: n / active for k, n in sorted(sources.items(), key=lambda kv: -kv[1])}
+        result["note"] = ("CPU: no CUDA events, so no launch or sync counts; host reads of tensor values are "
+                          "counted (on the GPU, a read of a device tensor is a sync)")
+    result.update(classify_host_reads(
+        [event.stack or [] for event in prof.events() if event.name == "aten::_local_scalar_dense"], active))
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:25]
     result["top_events_per_step"] = {key: n / active for key, n in top}
     return result
@@ -1061,43 +1198,26 @@ def worker_inference(spec: dict) -> dict:
     import torch
     import torch.utils.data.dataloader as dataloader
 
+    from stage_dist.data import open_window_source
     from stage_dist.distributed import init_distributed
+    from stage_dist.infer import load_model
+    from stage_dist.inference import predict
+    from stage_dist.model import ModelConfig, build_model
     from stage_dist.precision import resolve_precision
 
-    try:  # the library home of predict() since inference left the CLI module
-        from stage_dist.inference import predict
-    except ImportError:
-        from stage_dist.infer import predict
-
     env = init_distributed(spec["device"])
-    memmap = {"memmap_dir": spec["memmap_dir"]} if spec.get("memmap_dir") else {}
-    try:  # a WindowSource over the store (what predict() takes)
-        from stage_dist.data import open_window_source
-
-        source = open_window_source(store=spec["store"], **memmap)
-    except ImportError:  # before the WindowSource: predict() took the FeatureStore
-        from stage_dist.store import FeatureStore
-
-        source = FeatureStore.open(spec["store"], **memmap)
-    model, origin = None, "random weights"
-    if spec.get("checkpoint"):
-        try:
-            from stage_dist.infer import load_model
-
-            model = load_model(spec["checkpoint"], source.actor_dim, source.object_dim, env.device)
-            origin = spec["checkpoint"]
-        except Exception as error:  # noqa: BLE001 - the speed does not depend on the weights
-            origin = f"random weights ({spec['checkpoint']} did not load: {type(error).__name__}: {error})"
-    if model is None:
-        from stage_dist.model import ModelConfig, build_model
-
-        config = ModelConfig(actor_dim=source.actor_dim, object_dim=source.object_dim)
-        model = build_model("stage", config).to(env.device)
+    source = open_window_source(store=spec["store"], memmap_dir=spec["memmap_dir"])
+    if spec["checkpoint"]:
+        model, origin = load_model(spec["checkpoint"], source.actor_dim, source.object_dim, env.device), \
+            spec["checkpoint"]
+    else:  # the eager training run failed (its own error is in its section); the speed does not need its weights
+        model = build_model("stage", ModelConfig(actor_dim=source.actor_dim, object_dim=source.object_dim))
+        model, origin = model.to(env.device), "random weights (no checkpoint: see throughput_recipe_eager)"
     precision = resolve_precision(spec["amp"], env.device)
     waited = [0.0]
     next_batch = dataloader._BaseDataLoaderIter.__next__
 
-    def timed_next(self):  # time the loop spends waiting for the loader
+    def timed_next(self: Any) -> Any:  # time the loop spends waiting for the loader
         started = time.perf_counter()
         try:
             return next_batch(self)
@@ -1105,29 +1225,25 @@ def worker_inference(spec: dict) -> dict:
             waited[0] += time.perf_counter() - started
 
     dataloader._BaseDataLoaderIter.__next__ = timed_next
-    options = dict(window=spec["window"], windows_per_batch=spec["windows_per_batch"], precision=precision,
-                   num_workers=spec["workers"])
-    if "progress" in inspect.signature(predict).parameters:
-        options["progress"] = False
     passes = []
     for index in range(spec["passes"] + 1):
         waited[0] = 0.0
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        result = predict(model, source, env, **options)
+        result = predict(model, source, env, window=spec["window"], windows_per_batch=spec["windows_per_batch"],
+                         precision=precision, num_workers=spec["workers"], progress=False)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         if index:  # pass 0 is the warm-up
             passes.append({"seconds": seconds, "data_wait": waited[0]})
-    predictions = getattr(result, "predictions", result)  # InferenceResult, or Predictions before it
-    rows = len(getattr(predictions, "actor_index", ())) if predictions is not None else None
     seconds = sum(p["seconds"] for p in passes)
     return {
-        "keyframes": source.num_keyframes, "actors_predicted": rows, "model": origin, "amp": precision.mode,
-        "window": spec["window"], "windows_per_batch": spec["windows_per_batch"], "workers": spec["workers"],
-        "passes": len(passes), "keyframes_per_s": source.num_keyframes * len(passes) / seconds,
+        "keyframes": source.num_keyframes, "actors_predicted": len(result.predictions.actor_index),
+        "model": origin, "amp": precision.mode, "window": spec["window"],
+        "windows_per_batch": spec["windows_per_batch"], "workers": spec["workers"], "passes": len(passes),
+        "keyframes_per_s": source.num_keyframes * len(passes) / seconds,
         "keyframes_per_s_per_pass": [source.num_keyframes / p["seconds"] for p in passes],
         "data_wait_fraction": sum(p["data_wait"] for p in passes) / seconds,
         "peak_gpu_memory_mb": _mb(torch.cuda.max_memory_allocated()) if env.device.type == "cuda" else None,
