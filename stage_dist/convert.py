@@ -93,6 +93,7 @@ from stage_dist.store import (
     storage_attrs,
 )
 from stage_dist.store import _record_path as record_path
+from stage_dist.zarr_io import row_writer
 
 log = logging.getLogger(__name__)
 
@@ -478,136 +479,6 @@ def make_tasks(ctx: TaskContext, skip_done: bool = True) -> list[ShardTask]:
     return sorted(tasks, key=lambda t: (-t.input_bytes, t.group, t.index))
 
 
-class _BufferedRowWriter:
-    """Buffers rows of one array and writes each of its shards in one zarr call (for arrays the
-    streaming writer does not handle, e.g. unsharded ones)."""
-
-    def __init__(self, array: Any, start: int, stop: int, shard_rows: int) -> None:
-        self.array, self.stop, self.shard_rows = array, stop, shard_rows
-        self.block_start, self.fill = start, 0
-        self.buffer = np.empty((min(shard_rows, stop - start), *array.shape[1:]), dtype=array.dtype)
-
-    def append(self, rows: np.ndarray) -> None:
-        while len(rows):
-            take = min(len(rows), len(self.buffer) - self.fill)
-            self.buffer[self.fill: self.fill + take] = rows[:take]
-            self.fill, rows = self.fill + take, rows[take:]
-            if self.fill == len(self.buffer):
-                self._flush()
-
-    def _flush(self) -> None:
-        self.array[self.block_start: self.block_start + self.fill] = self.buffer[: self.fill]
-        self.block_start += self.fill
-        self.fill = 0
-        remaining = min(self.shard_rows, self.stop - self.block_start)
-        if 0 < remaining < len(self.buffer):
-            self.buffer = self.buffer[:remaining]
-
-    def close(self, where: str) -> None:
-        if self.fill or self.block_start != self.stop:
-            raise RuntimeError(f"{where}: wrote rows up to {self.block_start + self.fill}, expected {self.stop}")
-
-
-_EMPTY = np.uint64(2**64 - 1)  # offset and size of an absent chunk in a shard index
-
-
-class _ShardStreamWriter:
-    """Writes rows ``start:stop`` (whole shards) of one sharded zarr v3 array, a chunk at a time.
-
-    Each chunk is encoded (bytes, little endian, then zstd if the array has it) as soon as its
-    rows are in and appended to its shard's file; the shard index (offset, size per chunk) and
-    its crc32c go last, then the file is renamed into place: the layout zarr's
-    ``sharding_indexed`` codec reads. Memory is one chunk per array, not one shard (a full-AVA
-    objects shard at 2048 dims is 256 MB raw).
-    """
-
-    def __init__(self, array: Any, root: Path, start: int, stop: int) -> None:
-        codec = array.metadata.codecs[0]
-        self.array, self.root, self.stop = array, Path(root), stop
-        self.chunk_rows, self.shard_rows = codec.chunk_shape[0], array.shards[0]
-        self.chunks_per_shard = self.shard_rows // self.chunk_rows
-        self.buffer = np.zeros((self.chunk_rows, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
-        self.fill, self.chunk_start = 0, start
-        zstd = [c for c in codec.codecs if type(c).__name__ == "ZstdCodec"]
-        if zstd:
-            from numcodecs import Zstd
-
-            self._compress = Zstd(level=zstd[0].level, checksum=zstd[0].checksum).encode
-        else:
-            self._compress = bytes
-        self._file: Any = None
-
-    @staticmethod
-    def supports(array: Any) -> bool:
-        """Whether ``array`` is sharded along rows only with the codecs this writer produces."""
-        codecs = array.metadata.codecs
-        if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec" or array.shards is None:
-            return False
-        codec = codecs[0]
-        inner = [type(c).__name__ for c in codec.codecs]
-        index = [type(c).__name__ for c in codec.index_codecs]
-        return (tuple(codec.chunk_shape[1:]) == tuple(array.shape[1:]) == tuple(array.shards[1:])
-                and inner in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
-                and all(str(getattr(c.endian, "value", c.endian)) in ("little", "None")
-                        for c in codec.codecs if type(c).__name__ == "BytesCodec")
-                and index == ["BytesCodec", "Crc32cCodec"] and str(codec.index_location.value) == "end")
-
-    def append(self, rows: np.ndarray) -> None:
-        while len(rows):
-            take = min(len(rows), self.chunk_rows - self.fill)
-            self.buffer[self.fill: self.fill + take] = rows[:take]
-            self.fill, rows = self.fill + take, rows[take:]
-            if self.fill == self.chunk_rows:
-                self._emit()
-
-    def _emit(self) -> None:
-        """Encode the buffered chunk (zero-padded past the array's end) into its shard's file."""
-        shard, position = divmod(self.chunk_start // self.chunk_rows, self.chunks_per_shard)
-        if self._file is None:
-            key = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
-            self._path = self.root / self.array.path / key
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in self._path.parent.glob(f".{self._path.name}.tmp*"):  # left by a killed writer
-                stale.unlink(missing_ok=True)
-            self._tmp = self._path.with_name(f".{self._path.name}.tmp{os.getpid()}")
-            self._file = open(self._tmp, "wb")
-            self._index = np.full((self.chunks_per_shard, 2), _EMPTY, dtype="<u8")
-            self._offset = 0
-        self.buffer[self.fill:] = 0
-        encoded = self._compress(self.buffer.tobytes())
-        self._file.write(encoded)
-        self._index[position] = (self._offset, len(encoded))
-        self._offset += len(encoded)
-        self.chunk_start += self.chunk_rows
-        self.fill = 0
-        if position + 1 == self.chunks_per_shard or self.chunk_start >= self.array.shape[0]:
-            self._finish_shard()
-
-    def _finish_shard(self) -> None:
-        import google_crc32c
-
-        index = self._index.tobytes()
-        self._file.write(index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes())
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self._path)
-
-    def close(self, where: str) -> None:
-        if self.fill:
-            if self.chunk_start + self.fill != self.array.shape[0]:
-                raise RuntimeError(f"{where}: a partial chunk at row {self.chunk_start} before the array's end")
-            self._emit()
-        if self._file is not None or self.chunk_start < min(self.stop, self.array.shape[0]):
-            raise RuntimeError(f"{where}: wrote rows up to {self.chunk_start}, expected {self.stop}")
-
-
-def _row_writer(array: Any, root: Path, start: int, stop: int, shard_rows: int) -> Any:
-    """The streaming writer where the array's layout allows it, else the buffered one."""
-    if _ShardStreamWriter.supports(array):
-        return _ShardStreamWriter(array, root, start, stop)
-    return _BufferedRowWriter(array, start, stop, shard_rows)
-
-
 def keyframe_rows(source: Source, group: str, video_id: str, timestamp: int,
                   keep_spatial: bool) -> tuple[dict[str, np.ndarray], int]:
     """One keyframe's rows of ``group`` by array key, as the store holds them before the dtype
@@ -638,7 +509,7 @@ def run_task(ctx: TaskContext, task: ShardTask, report: Callable[[int, int], Non
     """
     group = ctx.layout.group(task.group)
     arrays = open_arrays(ctx.out, [spec.name for spec in group.arrays])
-    writers = {spec.name.split("/", 1)[1]: _row_writer(arrays[spec.name], ctx.out, task.row_start, task.row_stop,
+    writers = {spec.name.split("/", 1)[1]: row_writer(arrays[spec.name], ctx.out, task.row_start, task.row_stop,
                                                        spec.shard_rows)
                for spec in group.arrays}
     ptr, sizes = ctx.ptrs[task.group], ctx.keyframe_bytes[task.group]

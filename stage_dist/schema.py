@@ -42,6 +42,11 @@ from typing import Any, Literal
 import numpy as np
 
 from stage_dist.config import ConfigError, option
+from stage_dist.errors import UserInputError
+
+
+class StoreError(UserInputError):
+    """A store that cannot be used as asked; the message names the path and attribute."""
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "stage_dist"  # the root group's attribute holding the store's description

@@ -9,7 +9,7 @@ recorded in ``_progress/`` so an interrupted conversion resumes, and ``complete`
 
 Reading: :meth:`FeatureStore.open` refuses an incomplete store, another schema version or
 unexpected dims, and reads the clip and keyframe tables (one chunk each) and nothing else.
-Rows are read by :class:`ArrayReader` straight from the shard files (the shard index of the
+Rows are read by :class:`~stage_dist.zarr_io.ArrayReader` straight from the shard files (the shard index of the
 zarr v3 ``sharding_indexed`` codec, then the chunk's bytes decoded with numcodecs): a window costs
 the decoding of the chunks it touches, not a zarr-python call (~1.5 ms) per array, and returns
 what zarr returns (arrays whose layout it does not know are read through zarr). The per-row tables
@@ -28,20 +28,17 @@ import logging
 import math
 import os
 import shutil
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import google_crc32c  # zarr's own dependency (its crc32c codec) since zarr 3.1
 import numpy as np
 import zarr
-from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
 
-from stage_dist.errors import UserInputError
 from stage_dist.outputs import empty_directory
 from stage_dist.schema import (  # the layout names are re-exported for the converter and the benches
+    StoreError,
     ACTOR_BOXES,
     ATTRS_KEY,
     CLIP_PTR,
@@ -60,6 +57,7 @@ from stage_dist.schema import (  # the layout names are re-exported for the conv
     row_arrays,
     storage_attrs,
 )
+from stage_dist.zarr_io import ArrayReader, ChunkCache, ZarrRows, open_reader
 
 if TYPE_CHECKING:  # batch imports torch, which the converter does not need
     from stage_dist.batch import Window, WindowSpec
@@ -73,10 +71,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_MB = 64
-
-
-class StoreError(UserInputError):
-    """A store that cannot be used as asked; the message names the path and attribute."""
 
 
 @dataclass
@@ -174,248 +168,6 @@ def finish_store(path: Path) -> None:
 # --------------------------------------------------------------------------- direct array reads
 
 
-class UnknownLayout(Exception):
-    """An array whose zarr metadata :class:`ArrayReader` does not read (zarr reads it instead)."""
-
-
-MAX_OPEN_FILES = 64  # per array and process
-_NO_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written (all fill value)
-
-
-def _codec_name(codec: Any) -> str:
-    return codec if isinstance(codec, str) else codec.get("name", "")
-
-
-def _parse_codecs(codecs: list[Any], dtype: np.dtype) -> tuple[np.dtype, bool]:
-    """(dtype with byte order, zstd or not) of a ``bytes`` [+ ``zstd``] codec chain."""
-    if not codecs or _codec_name(codecs[0]) != "bytes":
-        raise UnknownLayout(f"codecs {codecs}")
-    config = codecs[0].get("configuration", {}) if isinstance(codecs[0], dict) else {}
-    endian = config.get("endian", "little")
-    if endian not in ("little", "big"):
-        raise UnknownLayout(f"endian {endian}")
-    dtype = dtype.newbyteorder("<" if endian == "little" else ">")
-    rest = [_codec_name(c) for c in codecs[1:]]
-    if rest not in ([], ["zstd"]):
-        raise UnknownLayout(f"codecs {codecs}")
-    return dtype, rest == ["zstd"]
-
-
-class ArrayReader:
-    """Rows of one zarr v3 array of a local store, read from its files without zarr-python.
-
-    Reads regular-grid arrays whose chunks span whole rows, with the ``bytes`` codec and
-    optionally ``zstd``, plain or inside ``sharding_indexed`` shards (index at the end or the
-    start, ``bytes`` + ``crc32c``, checked), with the default chunk key encoding; chunks never
-    written read as the fill value, as in zarr. Anything else raises :class:`UnknownLayout`.
-    A reader holds open file descriptors: one per process (see :class:`FeatureStore`).
-    """
-
-    def __init__(self, root: Path, name: str, meta: dict[str, Any]) -> None:
-        self.name = name
-        self.dir = Path(root) / name
-        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
-            raise UnknownLayout("not a plain zarr v3 array")
-        self.shape: tuple[int, ...] = tuple(int(n) for n in meta["shape"])
-        data_type = meta["data_type"]
-        if isinstance(data_type, dict) and not data_type.get("configuration"):
-            data_type = data_type.get("name")
-        if not isinstance(data_type, str):
-            raise UnknownLayout(f"data type {data_type}")
-        grid = meta["chunk_grid"]
-        keys = meta.get("chunk_key_encoding", {"name": "default"})
-        self.separator = keys.get("configuration", {}).get("separator", "/")
-        if grid.get("name") != "regular" or keys.get("name") != "default" or not self.shape:
-            raise UnknownLayout(f"chunk grid {grid}, key encoding {keys}")
-        outer = tuple(int(n) for n in grid["configuration"]["chunk_shape"])
-        codecs = meta["codecs"]
-        self.sharded = len(codecs) == 1 and _codec_name(codecs[0]) == "sharding_indexed"
-        if self.sharded:
-            sharding = codecs[0]["configuration"]
-            inner = tuple(int(n) for n in sharding["chunk_shape"])
-            self.index_at_end = sharding.get("index_location", "end") == "end"
-            index_codecs = [_codec_name(c) for c in sharding["index_codecs"]]
-            if index_codecs not in (["bytes"], ["bytes", "crc32c"]) or \
-                    _parse_codecs(sharding["index_codecs"][:1], np.dtype("<u8"))[0] != np.dtype("<u8"):
-                raise UnknownLayout(f"index codecs {sharding['index_codecs']}")
-            self.index_crc = index_codecs[-1] == "crc32c"
-            self.dtype, self.zstd = _parse_codecs(sharding["codecs"], np.dtype(data_type))
-            if outer[0] % inner[0]:
-                raise UnknownLayout(f"shard rows {outer[0]} not a multiple of chunk rows {inner[0]}")
-        else:
-            inner = outer
-            self.dtype, self.zstd = _parse_codecs(codecs, np.dtype(data_type))
-        if outer[1:] != self.shape[1:] or inner[1:] != self.shape[1:]:
-            raise UnknownLayout(f"chunks {inner} / {outer} do not span whole rows of {self.shape}")
-        fill = meta.get("fill_value", 0)
-        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-            raise UnknownLayout(f"fill value {fill!r}")
-        self.fill_value = fill
-        self.chunk_rows = inner[0]
-        self.chunks_per_file = outer[0] // self.chunk_rows  # a file is a shard, or one chunk
-        self.row_shape = self.shape[1:]
-        self._chunk_items = self.chunk_rows * math.prod(self.row_shape)
-        self._codec = Zstd() if self.zstd else None
-        self._fds: OrderedDict[int, int | None] = OrderedDict()  # file index -> descriptor (None: no file)
-        self._indexes: dict[int, np.ndarray | None] = {}  # shard index -> (chunks, 2) offsets, sizes
-
-    @classmethod
-    def open(cls, root: Path, name: str) -> "ArrayReader":
-        """The reader of array ``name``; KeyError if the store has no such array."""
-        meta_path = Path(root) / name / "zarr.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise KeyError(name) from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{meta_path}: unreadable array metadata: {e}") from None
-        try:
-            return cls(root, name, meta)
-        except (KeyError, TypeError, ValueError) as e:
-            raise UnknownLayout(f"metadata {e!r}") from None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
-
-    def _fd(self, file_index: int) -> int | None:
-        """The open file of shard (or chunk) ``file_index``, None if there is none; at most
-        :data:`MAX_OPEN_FILES` stay open (``actors/spatial`` has thousands of small shards)."""
-        if file_index in self._fds:
-            self._fds.move_to_end(file_index)
-            return self._fds[file_index]
-        key = self.separator.join(["c", str(file_index), *["0"] * len(self.row_shape)])
-        try:
-            fd: int | None = os.open(self.dir / key, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None
-        self._fds[file_index] = fd
-        if len(self._fds) > MAX_OPEN_FILES:
-            _, old = self._fds.popitem(last=False)
-            if old is not None:
-                os.close(old)
-        return fd
-
-    def _index(self, shard: int) -> np.ndarray | None:
-        """(chunks per shard, 2) uint64 offsets and sizes of shard ``shard``; None: no shard file."""
-        if shard not in self._indexes:
-            fd = self._fd(shard)
-            index = None
-            if fd is not None:
-                size = 16 * self.chunks_per_file + 4 * self.index_crc
-                file_size = os.fstat(fd).st_size
-                if file_size < size:
-                    raise StoreError(f"{self.dir}: shard {shard} is truncated; reconvert the store")
-                raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
-                if self.index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                    raise StoreError(f"{self.dir}: shard {shard} index fails its checksum; reconvert the store")
-                index = np.frombuffer(raw[: 16 * self.chunks_per_file], dtype="<u8").reshape(-1, 2)
-            self._indexes[shard] = index
-        return self._indexes[shard]
-
-    def _encoded(self, chunk: int) -> bytes | None:
-        """The stored bytes of chunk ``chunk``; None if it was never written."""
-        file_index = chunk // self.chunks_per_file
-        if not self.sharded:
-            fd = self._fd(file_index)
-            return None if fd is None else os.pread(fd, os.fstat(fd).st_size, 0)
-        index = self._index(file_index)
-        if index is None:
-            return None
-        offset, nbytes = (int(v) for v in index[chunk % self.chunks_per_file])
-        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
-            return None
-        data = os.pread(self._fd(file_index), nbytes, offset)  # type: ignore[arg-type]
-        if len(data) != nbytes:
-            raise StoreError(f"{self.dir}: shard {file_index} is truncated; reconvert the store")
-        return data
-
-    def read(self, start: int, stop: int, cache: _ChunkCache | None = None) -> np.ndarray:
-        """Rows ``start:stop`` (a new array), decoding each chunk they touch once (or taking it
-        from ``cache``)."""
-        out = np.empty((max(0, stop - start), *self.row_shape), dtype=self.dtype.newbyteorder("="))
-        rows = self.chunk_rows
-        for c in range(start // rows, (stop - 1) // rows + 1 if stop > start else 0):
-            chunk = cache.get((self.name, c)) if cache is not None else None
-            if chunk is None:
-                chunk = self.chunk(c)
-                if cache is not None:
-                    cache.put((self.name, c), chunk)
-            lo, hi = max(start, c * rows), min(stop, c * rows + len(chunk))
-            out[lo - start: hi - start] = chunk[lo - c * rows: hi - c * rows]
-        return out
-
-    def chunk(self, chunk: int) -> np.ndarray:
-        """Chunk ``chunk`` decoded: rows ``chunk * chunk_rows`` up to the next chunk or the end."""
-        rows = min(self.chunk_rows, self.shape[0] - chunk * self.chunk_rows)
-        return self._decode(chunk, self._encoded(chunk))[:rows]
-
-    def _decode(self, chunk: int, encoded: bytes | None) -> np.ndarray:
-        """Every decoded chunk passes here (``tests/counting.py`` counts the calls)."""
-        if encoded is None:
-            return np.full((self.chunk_rows, *self.row_shape), self.fill_value, dtype=self.dtype)
-        raw = encoded
-        if self._codec is not None:
-            try:
-                raw = self._codec.decode(encoded)
-            except RuntimeError as e:  # numcodecs' error for bytes that are not a zstd frame
-                raise StoreError(f"{self.dir}: chunk {chunk} does not decode ({e}); reconvert the store") from None
-        values = np.frombuffer(raw, dtype=self.dtype)
-        if values.size != self._chunk_items:
-            raise StoreError(f"{self.dir}: chunk {chunk} holds {values.size} values, expected "
-                             f"{self._chunk_items}; reconvert the store")
-        return values.reshape(self.chunk_rows, *self.row_shape)
-
-
-class _ZarrRows:
-    """Rows of an array :class:`ArrayReader` does not read, through zarr (one call per read)."""
-
-    def __init__(self, array: zarr.Array) -> None:
-        self.array = array
-        self.shape: tuple[int, ...] = array.shape
-        self.dtype = array.dtype
-        self.row_shape = self.shape[1:]
-        self.chunk_rows: int = array.chunks[0]
-        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
-
-    def read(self, start: int, stop: int, cache: _ChunkCache | None = None) -> np.ndarray:
-        return self.array[start:stop]
-
-    def close(self) -> None:
-        pass
-
-
-class _ChunkCache:
-    """Decoded chunks keyed by (array, chunk index): an LRU bounded in bytes, or unbounded
-    (``max_bytes=None``, for the per-row tables, which stay decoded once touched)."""
-
-    def __init__(self, max_bytes: int | None) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-
-    def get(self, key: tuple[str, int]) -> np.ndarray | None:
-        chunk = self._chunks.get(key)
-        if chunk is not None and self.max_bytes is not None:
-            self._chunks.move_to_end(key)
-        return chunk
-
-    def put(self, key: tuple[str, int], chunk: np.ndarray) -> None:
-        if self.max_bytes == 0 or key in self._chunks:
-            return
-        self._chunks[key] = chunk
-        self.bytes += chunk.nbytes
-        while self.max_bytes is not None and self.bytes > self.max_bytes and self._chunks:
-            _, old = self._chunks.popitem(last=False)
-            self.bytes -= old.nbytes
-
-
 def materialize_npy(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], dtype: np.dtype, target: Path,
                     rows_per_block: int = 1 << 16) -> np.ndarray:
     """An array decompressed once into ``target`` (.npy), opened as a read-only memory map.
@@ -499,11 +251,11 @@ class FeatureStore:
         self.cache_mb = cache_mb
         self.memmap_dir = None if memmap_dir is None else Path(memmap_dir)
         self._pid: int | None = None
-        self._readers: dict[str, ArrayReader | _ZarrRows] = {}
+        self._readers: dict[str, ArrayReader | ZarrRows] = {}
         self._memmaps: dict[str, np.ndarray] = {}
         self._memory: dict[str, np.ndarray] = {}
-        self._row_tables = _ChunkCache(None)
-        self._cache = _ChunkCache(cache_mb * 2**20)
+        self._row_tables = ChunkCache(None)
+        self._cache = ChunkCache(cache_mb * 2**20)
         if in_memory:
             self._load_window_arrays()
 
@@ -530,10 +282,10 @@ class FeatureStore:
         for name, expected in (("actor_dim", expect_actor_dim), ("object_dim", expect_object_dim)):
             if expected is not None and attrs["dims"][name] != expected:
                 raise StoreError(f"{path}: attribute dims.{name} is {attrs['dims'][name]}, expected {expected}")
-        readers: dict[str, ArrayReader | _ZarrRows] = {}
+        readers: dict[str, ArrayReader | ZarrRows] = {}
 
         def table(name: str) -> np.ndarray:
-            readers[name] = reader = _open_reader(path, name)
+            readers[name] = reader = open_reader(path, name)
             return reader.read(0, reader.shape[0]).astype(np.int64)
 
         try:
@@ -549,18 +301,18 @@ class FeatureStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _readers={}, _memory={}, _memmaps={}, _row_tables=_ChunkCache(None),
-                     _cache=_ChunkCache(self.cache_mb * 2**20))
+        state.update(_pid=None, _readers={}, _memory={}, _memmaps={}, _row_tables=ChunkCache(None),
+                     _cache=ChunkCache(self.cache_mb * 2**20))
         return state  # in_memory stores reload their rows in the receiving process, on first read
 
-    def _reader(self, name: str) -> ArrayReader | _ZarrRows:
+    def _reader(self, name: str) -> ArrayReader | ZarrRows:
         if self._pid != os.getpid():  # a forked process opens its own files (decoded chunks stay valid)
             for reader in self._readers.values():
                 reader.close()
             self._readers, self._pid = {}, os.getpid()
         if name not in self._readers:
             try:
-                self._readers[name] = _open_reader(self.path, name)
+                self._readers[name] = open_reader(self.path, name)
             except KeyError:
                 raise StoreError(f"{self.path}: store has no array {name!r}") from None
         return self._readers[name]
@@ -636,12 +388,3 @@ class FeatureStore:
     def actor_boxes_all(self) -> np.ndarray:
         """All actor boxes (A, 4) float32, for inference bookkeeping."""
         return self.read_array(ACTOR_BOXES, 0, self.num_actors)
-
-
-def _open_reader(path: Path, name: str) -> ArrayReader | _ZarrRows:
-    """The direct reader of array ``name``, or zarr's when its layout is not one it reads."""
-    try:
-        return ArrayReader.open(path, name)
-    except UnknownLayout as e:
-        log.warning("%s: array %s is read through zarr (slower): %s", path, name, e)
-        return _ZarrRows(zarr.open_array(Path(path) / name, mode="r"))

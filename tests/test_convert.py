@@ -669,7 +669,7 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
     including a last shard and chunk cut by the array's end and a 5-d array."""
     import zarr
 
-    from stage_dist.convert import _ShardStreamWriter
+    from stage_dist.zarr_io import ShardStreamWriter
     from stage_dist.store import _compressors
 
     rng = np.random.default_rng(0)
@@ -680,10 +680,10 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
                                      shards=(shards, *shape[1:]), compressors=_compressors(compression), fill_value=0)
         reference = root.create_array(f"{name}_ref", shape=shape, dtype="float16", chunks=(chunks, *shape[1:]),
                                       shards=(shards, *shape[1:]), compressors=_compressors(compression), fill_value=0)
-        assert _ShardStreamWriter.supports(streamed)
+        assert ShardStreamWriter.supports(streamed)
         for start in range(0, shape[0], shards):  # one writer per shard, rows in uneven pieces
             stop = min(start + shards, shape[0])
-            writer = _ShardStreamWriter(streamed, tmp_path / "s", start, stop)
+            writer = ShardStreamWriter(streamed, tmp_path / "s", start, stop)
             cuts = sorted({start, stop, *rng.integers(start, stop, 3).tolist()})
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 writer.append(values[lo:hi])

@@ -17,27 +17,25 @@ import zarr
 from counting import count_reads
 from zarr.codecs import ZstdCodec
 
-from stage_dist import store as store_module
+from stage_dist import zarr_io
 from stage_dist.batch import WindowSpec, collate
 from stage_dist.convert import main
 from stage_dist.schema import ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS
 from stage_dist.store import (
     SCHEMA_VERSION,
-    ArrayReader,
     FeatureStore,
     StorageConfig,
     StoreError,
     StoreLayout,
     StoreShape,
     Tables,
-    UnknownLayout,
-    _open_reader,
     create_store,
     finish_store,
     open_arrays,
     storage_attrs,
 )
 from stage_dist.synth import SynthConfig, synthesize
+from stage_dist.zarr_io import ArrayReader, UnknownLayout, open_reader
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +182,7 @@ def _zarr_arrays(tmp_path: Path) -> dict[str, tuple[zarr.Array, np.ndarray]]:
 
 
 def test_direct_reads_equal_zarr_in_every_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "MAX_OPEN_FILES", 2)  # reads cross more files than stay open
+    monkeypatch.setattr(zarr_io, "MAX_OPEN_FILES", 2)  # reads cross more files than stay open
     rng = np.random.default_rng(0)
     for name, (array, expected) in _zarr_arrays(tmp_path).items():
         reader = ArrayReader.open(tmp_path / "layouts.zarr", name)
@@ -207,7 +205,7 @@ def test_layouts_the_direct_reader_does_not_know_are_read_through_zarr(tmp_path,
     array[:] = values
     with pytest.raises(UnknownLayout, match="blosc"):
         ArrayReader.open(tmp_path / "other.zarr", "blosc")
-    reader = _open_reader(tmp_path / "other.zarr", "blosc")
+    reader = open_reader(tmp_path / "other.zarr", "blosc")
     assert "blosc is read through zarr" in caplog.text
     with count_reads() as counts:
         np.testing.assert_array_equal(reader.read(10, 250), values[10:250])
