@@ -88,11 +88,11 @@ from stage_dist.store import (
     finish_store,
     open_arrays,
     read_attrs,
+    record_path,
     record_shard_done,
     shard_done,
     storage_attrs,
 )
-from stage_dist.store import _record_path as record_path
 from stage_dist.zarr_io import row_writer
 
 log = logging.getLogger(__name__)

@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # batch imports torch, which the converter does not need
 __all__ = [
     "SCHEMA_VERSION", "ArrayReader", "FeatureStore", "StorageConfig", "StoreError", "StoreLayout",
     "StoreShape", "Tables", "create_store", "finish_store", "materialize_npy", "open_arrays",
-    "read_attrs", "record_shard_done", "shard_done", "storage_attrs",
+    "read_attrs", "record_path", "record_shard_done", "shard_done", "storage_attrs",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,20 +140,20 @@ def open_arrays(path: Path, names: list[str]) -> dict[str, zarr.Array]:
     return {name: root[name] for name in names}
 
 
-def _record_path(path: Path, group: str, index: int) -> Path:
+def record_path(path: Path, group: str, index: int) -> Path:
     return Path(path) / PROGRESS_DIR / f"{group}-{index:06d}.json"
 
 
 def record_shard_done(path: Path, group: str, index: int, info: dict[str, Any]) -> None:
     """Atomically record that group shard ``index`` is fully written."""
-    target = _record_path(path, group, index)
+    target = record_path(path, group, index)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, target)
 
 
 def shard_done(path: Path, group: str, index: int) -> bool:
-    return _record_path(path, group, index).is_file()
+    return record_path(path, group, index).is_file()
 
 
 def finish_store(path: Path) -> None:
