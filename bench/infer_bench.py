@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench import FIRST_TIMESTAMP, StoreSpec, _features, _random_boxes, write_store  # noqa: E402
+from train_bench import StoreSpec, write_store  # noqa: E402
 
 from stage_dist.batch import Padding  # noqa: E402
 from stage_dist.data import StoreWindowSource, inference_loader  # noqa: E402
@@ -48,9 +48,7 @@ from stage_dist.distributed import DistEnv, configure_threads  # noqa: E402
 from stage_dist.inference import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402
 from stage_dist.sampler import plan_inference_windows  # noqa: E402
-from stage_dist.schema import NUM_ACTIONS  # noqa: E402
-from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables,  # noqa: E402
-                              create_store, finish_store, open_arrays, storage_attrs)
+from stage_dist.store import FeatureStore  # noqa: E402
 
 TARGET_KF_S = 500.0
 PUBLISHED_TEST_KF_S = 115.0  # the published test.py on this 2-core CPU (issue 5)
@@ -65,41 +63,6 @@ def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
     result = predict(model, StoreWindowSource(store), env, window=window, windows_per_batch=windows_per_batch,
                      num_workers=workers, progress=False)
     return time.perf_counter() - started, result.predictions
-
-
-def write_uneven_store(path: Path, spec: StoreSpec, actors: tuple[int, int], objects: tuple[int, int]
-                       ) -> FeatureStore:
-    """Like ``train_bench.write_store`` but with ``actors``/``objects`` per keyframe drawn uniformly
-    from the inclusive ranges (keyframes of uneven size)."""
-    rng = np.random.default_rng(spec.seed + 1)
-    k = spec.num_keyframes
-    actor_counts = rng.integers(actors[0], actors[1] + 1, k)
-    object_counts = rng.integers(objects[0], objects[1] + 1, k)
-    a, o = int(actor_counts.sum()), int(object_counts.sum())
-    tables = Tables(
-        video_ids=[f"-uneven{c:04d}_x" for c in range(spec.clips)],
-        clip_ptr=np.arange(spec.clips + 1, dtype=np.int64) * spec.keyframes_per_clip,
-        keyframe_clip=np.repeat(np.arange(spec.clips, dtype=np.int32), spec.keyframes_per_clip),
-        timestamps=np.tile(np.arange(FIRST_TIMESTAMP, FIRST_TIMESTAMP + spec.keyframes_per_clip,
-                                     dtype=np.int32), spec.clips),
-        actor_ptr=np.concatenate(([0], np.cumsum(actor_counts))).astype(np.int64),
-        object_ptr=np.concatenate(([0], np.cumsum(object_counts))).astype(np.int64),
-    )
-    shape = StoreShape(spec.clips, k, a, o, spec.actor_dim, spec.object_dim)
-    layout = StoreLayout.build(shape, StorageConfig(dtype=spec.dtype))  # type: ignore[arg-type]
-    create_store(path, layout, tables, {**storage_attrs(layout), "split": "val",
-                                        "video_ids": tables.video_ids, "source": {"kind": "bench"}})
-    rows = {
-        "actors/features": _features(rng, a, spec.actor_dim, spec.dtype),
-        "actors/boxes": _random_boxes(rng, a),
-        "actors/labels": (rng.random((a, NUM_ACTIONS)) < 0.03).astype(np.uint8),
-        "objects/features": _features(rng, o, spec.object_dim, spec.dtype),
-        "objects/boxes": _random_boxes(rng, o),
-    }
-    for name, array in open_arrays(path, list(rows)).items():
-        array[:] = rows[name]
-    finish_store(path)
-    return FeatureStore.open(path)
 
 
 def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_batch: int,
@@ -232,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print_invariance(model, store, args, device,
                          f"the bench store ({spec.actors} actors + {spec.objects} objects per keyframe)")
-        uneven = write_uneven_store(root / "uneven.zarr", spec, tuple(args.uneven_actors), tuple(args.uneven_objects))
+        uneven = write_store(root / "uneven.zarr", spec, "val", uneven=(tuple(args.uneven_actors), tuple(args.uneven_objects)))
         print_invariance(model, uneven, args, device,
                          f"keyframes of uneven size ({args.uneven_actors[0]}-{args.uneven_actors[1]} actors, "
                          f"{args.uneven_objects[0]}-{args.uneven_objects[1]} objects)")

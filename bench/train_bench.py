@@ -126,18 +126,27 @@ def _features(rng: np.random.Generator, rows: int, dim: int, dtype: str) -> np.n
     return values.astype(dtype)
 
 
-def write_store(path: Path, spec: StoreSpec, split: str = "train") -> FeatureStore:
-    """Write a complete store with the store's writer API and open it."""
+def write_store(path: Path, spec: StoreSpec, split: str = "train", *, uneven: tuple[tuple[int, int], tuple[int, int]]
+                | None = None) -> FeatureStore:
+    """Write a complete store with the store's writer API and open it. Every keyframe has
+    ``spec.actors`` actors and ``spec.objects`` objects, or with ``uneven=((a0, a1), (o0, o1))``
+    counts drawn uniformly from those inclusive ranges (keyframes of uneven size)."""
     rng = np.random.default_rng(spec.seed)
-    k, a, o = spec.num_keyframes, spec.num_keyframes * spec.actors, spec.num_keyframes * spec.objects
+    k = spec.num_keyframes
+    if uneven is None:
+        actor_counts, object_counts = np.full(k, spec.actors), np.full(k, spec.objects)
+    else:
+        (a0, a1), (o0, o1) = uneven
+        actor_counts, object_counts = rng.integers(a0, a1 + 1, k), rng.integers(o0, o1 + 1, k)
+    a, o = int(actor_counts.sum()), int(object_counts.sum())
     tables = Tables(
         video_ids=[f"-bench{c:05d}_x" for c in range(spec.clips)],
         clip_ptr=np.arange(spec.clips + 1, dtype=np.int64) * spec.keyframes_per_clip,
         keyframe_clip=np.repeat(np.arange(spec.clips, dtype=np.int32), spec.keyframes_per_clip),
         timestamps=np.tile(np.arange(FIRST_TIMESTAMP, FIRST_TIMESTAMP + spec.keyframes_per_clip,
                                      dtype=np.int32), spec.clips),
-        actor_ptr=np.arange(k + 1, dtype=np.int64) * spec.actors,
-        object_ptr=np.arange(k + 1, dtype=np.int64) * spec.objects,
+        actor_ptr=np.concatenate(([0], np.cumsum(actor_counts))).astype(np.int64),
+        object_ptr=np.concatenate(([0], np.cumsum(object_counts))).astype(np.int64),
     )
     shape = StoreShape(spec.clips, k, a, o, spec.actor_dim, spec.object_dim)
     layout = StoreLayout.build(shape, StorageConfig(dtype=spec.dtype))  # type: ignore[arg-type]
