@@ -2,25 +2,34 @@
 
 Modules, one concept each:
 
-- ``synth``      synthetic AVA-like dataset in both published layouts
-- ``sources``    readers of the published I3D and SlowFast HDF5 layouts, with input validation
-- ``store``      the zarr v3 feature store: schema, writer primitives, reader API
-- ``convert``    parallel, resumable, verified conversion of sources into a store
-- ``shards``     the WebDataset (tar shard) form of a store: writer and streaming reader
-- ``batch``      WindowSpec / Window / Batch: the data contract between store, sampler and model
-- ``graph``      edge mask and weights of a batch of windows
-- ``model``      the STAGE graph-attention model and the no-graph baseline
-- ``sampler``    clip-aware distributed window samplers for training and inference
-- ``data``       DataLoaders over a store or shards
-- ``precision``  AMP modes (bf16, fp16 with a grad scaler, off)
-- ``distributed`` the torchrun environment, gathering to rank 0, per-rank threads and logging
-- ``checkpoint`` atomic, resumable checkpoints with the newest-complete fallback
-- ``fileio``     atomic file writes
-- ``train``      the torchrun trainer
-- ``infer``      distributed inference to one results.csv
-- ``ava``        AVA CSV / pbtxt reading and writing
-- ``evaluate``   the official AVA frame-mAP@0.5, reproduced
-- ``demo``       the end-to-end demo behind ``make demo``
+- ``config``        typed settings dataclasses -> every command line, ``--config FILE``, config.json
+- ``errors``        ``UserInputError`` and ``INPUT_ERRORS``: what the CLIs report as one line, exit 2
+- ``outputs``       output safety: never over an input or others' files, ownership markers, locks
+- ``fileio``        atomic file writes
+- ``synth``         synthetic AVA-like dataset in both published layouts
+- ``sources``       readers of the published I3D and SlowFast HDF5 layouts, with input validation
+- ``schema``        the store's array names, dtypes, chunk and shard rules (no torch, no zarr)
+- ``store``         the zarr v3 feature store: writer primitives, direct shard reads, ``FeatureStore``
+- ``convert``       parallel, resumable, verified conversion of sources into a store (and its CLI)
+- ``shard_format``  the WebDataset tar form of a store: sample codec, writer, manifest, back to a store
+- ``shard_stream``  streaming a split from tar shards: the shard path of the window-source contract
+- ``shards``        the shards command line (store -> shards, ``--to-store``)
+- ``batch``         WindowSpec / Window / Batch, ``collate`` (graph built on the host), ``Padding``
+- ``window_source`` the ``WindowSource`` protocol (store or shards) and the one window cut
+- ``sampler``       clip-aware distributed window sampler and resume position; inference window plan
+- ``data``          the store path of the window-source contract, DataLoaders, opening a split
+- ``graph``         the banded spatio-temporal graph of a batch of windows, and attention over it
+- ``model``         the STAGE graph-attention model, the no-graph baseline, ``compile_model``
+- ``precision``     AMP modes (bf16, fp16 with a grad scaler, off)
+- ``checkpoint``    the one checkpoint module: typed ``Checkpoint`` of either format, atomic saves,
+                    newest-complete fallback, RNG state
+- ``distributed``   the torchrun environment, process group, gathering to rank 0, threads, logging
+- ``train``         the torchrun trainer and its command line
+- ``inference``     the inference library: ``predict`` over any window source, exactly once, batch-invariant
+- ``infer``         the inference command line (input and output checks, model loading)
+- ``ava``           AVA CSV / pbtxt reading and results.csv writing
+- ``evaluate``      the official AVA frame-mAP@0.5, reproduced, on files or predictions in memory
+- ``demo``          the end-to-end demo behind ``make demo``
 """
 
 __version__ = "0.1.0"
