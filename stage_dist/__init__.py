@@ -9,7 +9,8 @@ Modules, one concept each:
 - ``synth``         synthetic AVA-like dataset in both published layouts
 - ``sources``       readers of the published I3D and SlowFast HDF5 layouts, with input validation
 - ``schema``        the store's array names, dtypes, chunk and shard rules (no torch, no zarr)
-- ``store``         the zarr v3 feature store: writer primitives, direct shard reads, ``FeatureStore``
+- ``store``         the zarr v3 feature store: create/record/finish, ``FeatureStore`` (the reader API)
+- ``zarr_io``       zarr v3 shard files read and written directly (no zarr-python call per read)
 - ``convert``       parallel, resumable, verified conversion of sources into a store (and its CLI)
 - ``shard_format``  the WebDataset tar form of a store: sample codec, writer, manifest, back to a store
 - ``shard_stream``  streaming a split from tar shards: the shard path of the window-source contract
