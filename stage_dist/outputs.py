@@ -15,8 +15,9 @@ infer's ``--out``) calls these before it does any work, so that:
   stops at once naming the holder; the kernel releases the lock of a dead process, so a lock
   left by a killed run is taken over (and said so). The file is removed on release.
 
-:func:`claim_output_dir` does all of it for a directory output (the shard writer; train's
-output directory); the converter uses the parts (its store is marked by its zarr.json);
+:func:`claim_output_dir` does all of it for a directory output (the shard writer, the demo);
+the converter uses the parts (its store is marked by its zarr.json), and so does the trainer
+(:func:`check_not_input`, then :func:`lock_output` on ``--output-dir`` by rank 0);
 :func:`check_output_file` and :func:`lock_output` serve a file output (infer's ``--out``).
 
 Paths are resolved first (a symlinked output writes into its target, under the same rules).
