@@ -59,7 +59,7 @@ from tqdm import tqdm
 from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
-from stage_dist.data import StoreWindowSource, open_train_data
+from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     setup_logging)
@@ -256,11 +256,11 @@ class KeyframeNamer:
     timestamps: np.ndarray | None = None
 
     @classmethod
-    def for_data(cls, data) -> "KeyframeNamer":
-        store = getattr(data.loader.dataset, "store", None)
-        if isinstance(store, FeatureStore):
+    def for_data(cls, data: TrainData) -> "KeyframeNamer":
+        if isinstance(data.steps, StoreWindowSource):
+            store = data.steps.store
             return cls(np.asarray(store.clip_ptr), list(store.video_ids), np.asarray(store.timestamps))
-        lengths = getattr(data.steps, "manifest", {}).get("clip_lengths", [])
+        lengths = data.steps.manifest.get("clip_lengths", [])  # shards: clip lengths, no names
         return cls(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
 
     def describe(self, first: int, last: int) -> str:
