@@ -352,6 +352,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, parser: argparse.Argu
         if not isinstance(base, dict):
             raise ConfigError(f"{file}: expected an object of settings")
         data = _merge(base, _nest(cls, flags))
+        _check_keys(cls, data, where)  # a misspelt key in the file is named before anything else
         required = [f for _, f, _ in _leaves(cls) if f.default is dataclasses.MISSING and f.name not in data]
         if required:
             raise ConfigError("the following arguments are required: " + ", ".join("/".join(_flags(f)) for f in required))
@@ -362,6 +363,18 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, parser: argparse.Argu
     except ConfigError as err:
         parser.error(str(err))
     raise AssertionError("unreachable")  # parser.error exits
+
+
+def _check_keys(cls: type, data: Any, where: str) -> None:
+    """Raise :class:`ConfigError` naming the first key of ``data`` that ``cls`` does not have."""
+    if not isinstance(data, dict):
+        return  # from_dict names the wrong type
+    hints = _hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(hints))})")
+        if _is_section(hints[key]):
+            _check_keys(hints[key], value, f"{where}.{key}")
 
 
 def _as_flag_message(cls: type, message: str) -> str:

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from stage_dist import __version__
 from stage_dist.config import ConfigError, option, parse_config, section
+from stage_dist.errors import EXIT_BAD_INPUT
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.outputs import (
     OutputDir,
@@ -93,11 +94,11 @@ from stage_dist.store import (
     shard_done,
     storage_attrs,
 )
+from stage_dist.schema import DEFAULT_TAR_SHARD_MB
 from stage_dist.zarr_io import row_writer
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
 PROGRESS_EVERY_BYTES = 8 * 2**20  # a task reports progress after this much input
 
@@ -119,7 +120,7 @@ class StreamingConfig:
                                  "OUT.store-tmp, then removed)")
     shards_out: Path | None = option(None, help="directory of the tar shards and manifest.json (default: --out with "
                                                 "--format webdataset, else --out with suffix .shards)")
-    tar_shard_mb: float = option(256.0, help="target size of one tar shard in MB")
+    tar_shard_mb: float = option(float(DEFAULT_TAR_SHARD_MB), help="target size of one tar shard in MB")
     tar_window: int | None = option(None, help="one sample per window of this many keyframes (default: one sample "
                                                "per clip)")
 

@@ -13,6 +13,9 @@ class UserInputError(Exception):
     """Bad input a user can fix; the message names the file, key or flag and what is wrong."""
 
 
+EXIT_BAD_INPUT = 2  # a user mistake, reported as one line
+EXIT_NON_FINITE = 3  # train/infer: a NaN/Inf loss, weight or score (the run stops; nothing non-finite is saved)
+
 # What the command-line tools report as one line with exit code 2: the project's own user errors,
 # and the OS's verdict on a path the user gave (it names the path).
 INPUT_ERRORS: tuple[type[BaseException], ...] = (

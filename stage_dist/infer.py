@@ -27,19 +27,16 @@ from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_
 from stage_dist.data import open_window_source
 from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
                                     loader_workers, setup_logging)
-from stage_dist.errors import INPUT_ERRORS, UserInputError
+from stage_dist.errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
 from stage_dist.model import compile_model
-from stage_dist.outputs import check_output_file, lock_output
+from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.precision import resolve_precision
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
-
-EXIT_NON_FINITE = 3  # as stage_dist.train: NaN/Inf numbers (2 is a bad input)
-
 
 @dataclass(frozen=True)
 class InferConfig:
@@ -134,45 +131,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(InferConfig, argv, build_parser())
-    runtime = config.runtime
     env: DistEnv | None = None
     try:
         labelmap = check_inputs(config)  # fail before the process group and the compute
-        class_ids = set(labelmap) if labelmap else None
-        configure_determinism(runtime.deterministic)  # before CUDA starts (cuBLAS reads its env)
-        env = init_distributed(runtime.device, runtime.dist_timeout)
-        setup_logging(env)
-        configure_threads(runtime.threads, env, runtime.workers)
-        started = time.perf_counter()
-        precision = resolve_precision(runtime.amp, env.device)
-        source = open_window_source(store=config.store, shards=config.shards)
-        model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
-        if runtime.compile:
-            compile_model(model, env.device)
-        result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
-                         precision=precision, num_workers=loader_workers(runtime.workers, env))
-        if result is not None:
-            predictions, keyframes = result.predictions, result.keyframes
-            problem = non_finite_scores(predictions, keyframes)
-            if problem:
-                print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
-                return EXIT_NON_FINITE
-            with lock_output(config.out):
-                rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
-                                         min_score=config.min_score)
-            seconds = time.perf_counter() - started
-            num_keyframes = len(keyframes.timestamps)
-            print(
-                f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows "
-                f"-> {config.out} in {seconds:.1f} s ({num_keyframes / seconds:.0f} keyframes/s, "
-                f"{env.world_size} rank(s))"
-            )
+        configure_determinism(config.runtime.deterministic)  # before CUDA starts (cuBLAS reads its env)
+        with launch_lock(config.out):  # rank 0 holds --out for the whole job: a second one stops at once
+            env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
+            setup_logging(env)
+            configure_threads(config.runtime.threads, env, config.runtime.workers)
+            return run(config, env, set(labelmap) if labelmap else None)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     finally:
         if env is not None:
             cleanup(env)
+
+
+def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
+    """Predict, and on rank 0 write ``config.out``; the exit code."""
+    runtime = config.runtime
+    started = time.perf_counter()
+    precision = resolve_precision(runtime.amp, env.device)
+    source = open_window_source(store=config.store, shards=config.shards)
+    model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+    if runtime.compile:
+        compile_model(model, env.device)
+    result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
+                     precision=precision, num_workers=loader_workers(runtime.workers, env))
+    if result is None:  # not rank 0
+        return 0
+    predictions, keyframes = result.predictions, result.keyframes
+    problem = non_finite_scores(predictions, keyframes)
+    if problem:
+        print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
+        return EXIT_NON_FINITE
+    rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
+                             min_score=config.min_score)
+    seconds = time.perf_counter() - started
+    num_keyframes = len(keyframes.timestamps)
+    print(f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows -> {config.out} "
+          f"in {seconds:.1f} s ({num_keyframes / seconds:.0f} keyframes/s, {env.world_size} rank(s))")
     return 0
 
 

@@ -34,6 +34,7 @@ import os
 import shutil
 import socket
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +344,15 @@ def lock_output(output: str | os.PathLike, what: str = "--out") -> OutputLock:
     """Take the one-writer lock of ``output`` (a directory that exists, or a file path) or raise
     :class:`OutputError` naming the holder. Use as ``with lock_output(path): ...``."""
     return OutputLock(Path(output), what).acquire()
+
+
+def launch_lock(output: str | os.PathLike, what: str = "--out") -> "OutputLock | contextlib.AbstractContextManager":
+    """The output's lock for a job started by ``torchrun`` (or plainly): taken by the launch's rank 0
+    (``RANK`` 0 or unset) for the whole job, so a second job writing the same output stops at once
+    naming the holder; other ranks get a no-op context."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return lock_output(output, what)
 
 
 @contextmanager

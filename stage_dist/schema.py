@@ -55,8 +55,6 @@ NUM_ACTIONS = 80  # AVA action ids 1..80; labels column j is action id j + 1
 LABEL_LAYOUT = "ava80: labels[:, j] is AVA action id j + 1 (no background column)"
 BOX_DTYPE = "float32"
 LABEL_DTYPE = "uint8"
-FEATURE_DTYPES = ("float16", "float32")
-
 CLIP_PTR = "clips/ptr"
 KEYFRAME_CLIP = "keyframes/clip"
 KEYFRAME_TIMESTAMP = "keyframes/timestamp"
@@ -83,6 +81,7 @@ ROW_TABLES = frozenset({ACTOR_BOXES, ACTOR_LABELS, OBJECT_BOXES})
 # chunk than they save (data-only reads: 64 KB is 1.3-1.6x faster than 256 KB and than 16 KB)
 DEFAULT_CHUNK_KB = 64
 DEFAULT_SHARD_MB = 256
+DEFAULT_TAR_SHARD_MB = 256  # target size of one WebDataset tar shard
 DEFAULT_MIN_SHARDS = 16
 
 Compression = Literal["zstd", "none"]

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from stage_dist.errors import UserInputError
 from stage_dist.outputs import claim_output_dir
+from stage_dist.schema import DEFAULT_TAR_SHARD_MB
 from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store,
                               finish_store, open_arrays, read_attrs)
 from stage_dist.window_source import WINDOW_ROW_ARRAYS, cut_window, max_nodes_per_keyframe
@@ -313,7 +314,7 @@ def write_shards(
     out_dir: str | os.PathLike,
     *,
     prefix: str | None = None,
-    max_shard_bytes: int = 256 << 20,
+    max_shard_bytes: int = DEFAULT_TAR_SHARD_MB << 20,
     window: int | None = None,
 ) -> dict:
     """Write a :class:`~stage_dist.store.FeatureStore` as tar shards; returns the manifest.

@@ -19,6 +19,7 @@ from typing import Sequence
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import option, parse_config
 from stage_dist.outputs import OutputError
+from stage_dist.schema import DEFAULT_TAR_SHARD_MB
 from stage_dist.shard_format import ShardError, shard_pattern, shards_to_store, write_shards
 from stage_dist.store import FeatureStore, StoreError
 
@@ -36,7 +37,7 @@ class ShardsConfig:
                                         "shards")
     overwrite: bool = option(False, help="with --to-store: replace a feature store at OUT_DIR")
     prefix: str | None = option(None, help="shard name prefix (default: the store's split)")
-    max_shard_mb: float = option(256.0, help="shard size limit in MiB")
+    max_shard_mb: float = option(float(DEFAULT_TAR_SHARD_MB), help="shard size limit in MiB")
     window: int | None = option(None, help="one sample per window of this many keyframes (default: one sample per "
                                            "clip)")
 

@@ -42,7 +42,6 @@ from stage_dist.schema import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
 
-OBJECT_SUFFIXES = ("_features", "_boxes", "_cls_prob")
 DEFAULT_OBJECT_DIM = 2048  # object feature size of the published detector, used when no objects exist
 DEFAULT_BOX_TOLERANCE = 0.01  # coordinates this far outside [0, 1] are clipped (detectors that do not clip)
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.\-]+")

@@ -39,7 +39,6 @@ from zarr.codecs import ZstdCodec
 from stage_dist.outputs import empty_directory
 from stage_dist.schema import (  # the layout names are re-exported for the converter and the benches
     StoreError,
-    ACTOR_BOXES,
     ATTRS_KEY,
     CLIP_PTR,
     KEYFRAME_ACTOR_PTR,
@@ -385,6 +384,3 @@ class FeatureStore:
         first = int(self.clip_ptr[spec.clip]) + spec.start
         return self.read_keyframes(first, first + spec.length)
 
-    def actor_boxes_all(self) -> np.ndarray:
-        """All actor boxes (A, 4) float32, for inference bookkeeping."""
-        return self.read_array(ACTOR_BOXES, 0, self.num_actors)

@@ -67,8 +67,8 @@ from stage_dist.evaluate import EvalResult, evaluate_predictions
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
-from stage_dist.errors import INPUT_ERRORS, UserInputError
-from stage_dist.outputs import check_not_input, lock_output
+from stage_dist.errors import EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
+from stage_dist.outputs import check_not_input, launch_lock
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -192,7 +192,6 @@ class NonFiniteError(RuntimeError):
     writing them to a checkpoint; the message names the step and its window."""
 
 
-EXIT_NON_FINITE = 3  # train/infer exit code for NaN/Inf (2 is a bad input, 1 a crash)
 
 
 @dataclass
@@ -723,13 +722,11 @@ def run_lock(config: TrainConfig) -> contextlib.AbstractContextManager:
     """The output directory's one-writer lock, held by the launch's rank 0 for the whole run: a
     second training on the same ``--output-dir`` stops at once naming the holder (a run killed
     by ``torchrun --max-restarts`` leaves a stale lock that its restart takes over)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return contextlib.nullcontext()
     try:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TrainConfigError(f"{config.output_dir}: cannot create --output-dir: {err.strerror or err}") from None
-    return lock_output(config.output_dir, "--output-dir")
+    return launch_lock(config.output_dir, "--output-dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

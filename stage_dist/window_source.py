@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, runtim
 
 import numpy as np
 
+from stage_dist.schema import ACTOR_BOXES, ACTOR_FEATURES, ACTOR_LABELS, OBJECT_BOXES, OBJECT_FEATURES
+
 if TYPE_CHECKING:  # batch imports torch; the shard writer and converter only need the cut
     import torch
     from torch.utils.data import DataLoader
@@ -25,11 +27,11 @@ if TYPE_CHECKING:  # batch imports torch; the shard writer and converter only ne
 
 # Store row arrays that make a Window, by Window field.
 WINDOW_ROW_ARRAYS = {
-    "actor_features": "actors/features",
-    "actor_boxes": "actors/boxes",
-    "actor_labels": "actors/labels",
-    "object_features": "objects/features",
-    "object_boxes": "objects/boxes",
+    "actor_features": ACTOR_FEATURES,
+    "actor_boxes": ACTOR_BOXES,
+    "actor_labels": ACTOR_LABELS,
+    "object_features": OBJECT_FEATURES,
+    "object_boxes": OBJECT_BOXES,
 }
 
 #: Windows held for shuffling when streaming from shards (the default of every entry point).

@@ -120,3 +120,11 @@ def test_a_run_repeated_from_its_config_json_is_bitwise_identical(tiny_stores, t
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_a_misspelt_key_is_named_before_missing_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"optim": {"lrr": 0.1}}))
+    with pytest.raises(SystemExit):
+        parse_config(Job, ["--config", str(path)])
+    assert f"{path}.optim: unknown setting 'lrr'" in capsys.readouterr().err

@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stage_dist.convert import EXIT_BAD_INPUT, main
+from stage_dist.convert import main
+from stage_dist.errors import EXIT_BAD_INPUT
 from stage_dist.store import FeatureStore, StoreError
 from stage_dist.synth import SynthConfig, synthesize
 

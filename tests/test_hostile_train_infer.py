@@ -20,7 +20,7 @@ from stage_dist.infer import main as infer_main
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.sampler import ClipWindowSampler
 from stage_dist.store import FeatureStore
-from stage_dist.train import EXIT_NON_FINITE
+from stage_dist.errors import EXIT_NON_FINITE
 from stage_dist.train import main as train_main
 
 
@@ -125,7 +125,7 @@ def test_nan_feature_stops_training_naming_step_and_window(tiny_stores, nan_stor
 
 def test_nan_in_shards_stops_training(tiny_stores, nan_store, tmp_path, capsys):
     """The issue's case: `train --train-shards` with a NaN in a shard ran to the end with loss nan."""
-    from stage_dist.shards import shard_pattern, write_shards
+    from stage_dist.shard_format import shard_pattern, write_shards
 
     path, keyframe = nan_store
     manifest = write_shards(FeatureStore.open(path), tmp_path / "shards", max_shard_bytes=50_000)
@@ -232,7 +232,7 @@ def test_infer_refuses_before_work(tiny_stores, model_checkpoint, tmp_path, caps
 
 
 def test_infer_out_equal_to_a_shard_is_refused(tiny_stores, model_checkpoint, tmp_path, capsys):
-    from stage_dist.shards import shard_pattern, write_shards
+    from stage_dist.shard_format import shard_pattern, write_shards
 
     manifest = write_shards(FeatureStore.open(tiny_stores.val), tmp_path / "shards", max_shard_bytes=20_000)
     shard = sorted((tmp_path / "shards").glob("*.tar"))[0]
@@ -251,6 +251,20 @@ def test_infer_replaces_its_own_results_csv(tiny_stores, model_checkpoint, tmp_p
     out.write_text("old,0902,0.1,0.1,0.5,0.5,1,0.5\n")
     assert infer_main(infer_args(tiny_stores.val, model_checkpoint, out)) == 0
     assert len(out.read_text().splitlines()) == FeatureStore.open(tiny_stores.val).num_actors * 80
+
+
+def test_second_inference_on_the_same_out_stops_at_once(tiny_stores, model_checkpoint, tmp_path, capsys):
+    """One writer per --out: while another job holds it, inference exits 2 naming the holder and
+    leaves the file alone."""
+    from stage_dist.outputs import lock_output
+
+    out = tmp_path / "results.csv"
+    out.write_text("old,0902,0.1,0.1,0.5,0.5,1,0.5\n")
+    with lock_output(out):
+        assert infer_main(infer_args(tiny_stores.val, model_checkpoint, out)) == 2
+    error = error_line(capsys.readouterr().err)
+    assert str(out) in error and "another process is writing it" in error, error
+    assert out.read_text() == "old,0902,0.1,0.1,0.5,0.5,1,0.5\n"
 
 
 def test_infer_names_the_keyframe_with_non_finite_scores(tiny_stores, model_checkpoint, tmp_path, capsys):

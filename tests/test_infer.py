@@ -67,7 +67,7 @@ def test_every_actor_predicted_once_with_its_box(tiny_stores, checkpoint, tmp_pa
     clips = np.searchsorted(store.clip_ptr, keyframes, side="right") - 1
     expected = sorted(
         (store.video_ids[c], int(store.timestamps[k]), *np.round(box.astype(np.float64), 3))
-        for c, k, box in zip(clips, keyframes, store.actor_boxes_all())
+        for c, k, box in zip(clips, keyframes, store.read_array("actors/boxes", 0, store.num_actors))
     )
     assert [w[:2] for w in written] == [e[:2] for e in expected]
     np.testing.assert_allclose([w[2:] for w in written], [e[2:] for e in expected], atol=1.5e-3)

@@ -131,7 +131,7 @@ def test_open_and_first_window_read_a_constant_number_of_chunks(scale_store):
 def test_whole_row_tables_read_in_one_chunk_per_shard(scale_store):
     store = FeatureStore.open(scale_store.path)
     with count_reads() as counts:
-        boxes = store.actor_boxes_all()
+        boxes = store.read_array(ACTOR_BOXES, 0, store.num_actors)
         objects = store.read_array(OBJECT_BOXES, 0, NUM_OBJECTS)
     assert dict(counts.chunks) == {ACTOR_BOXES: 16, OBJECT_BOXES: 16}
     np.testing.assert_array_equal(boxes, scale_store.actor_boxes)

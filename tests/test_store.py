@@ -92,7 +92,7 @@ def test_open_reads_tables(store_path):
     assert store.timestamps[:10].tolist() == list(range(902, 912))
     assert store.actor_ptr[-1] == store.num_actors and store.object_ptr[-1] == store.num_objects
     assert store.attrs["schema_version"] == SCHEMA_VERSION and store.split == "train"
-    assert store.actor_boxes_all().shape == (store.num_actors, 4)
+    assert store.read_array("actors/boxes", 0, store.num_actors).shape == (store.num_actors, 4)
 
 
 def test_read_window_is_contiguous_and_local(store_path):
