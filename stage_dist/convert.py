@@ -820,8 +820,6 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
 # --------------------------------------------------------------------------- CLI
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     return build_config_parser(
         ConvertConfig, prog="convert_features",
