@@ -294,6 +294,11 @@ def read_slow_path(path, monkeypatch, reader=read_ava_csv):
         return reader(path)
 
 
+def parser_path(reader, slow: bool, monkeypatch):
+    """``reader``, or ``reader`` restricted to the general parser when ``slow``."""
+    return (lambda path: read_slow_path(path, monkeypatch, reader)) if slow else reader
+
+
 def assert_same_rows(a, b):
     assert a.keys == b.keys
     for name in ("keyframe", "boxes", "actions", "scores", "marked_keyframes"):
@@ -307,7 +312,7 @@ def test_bom_crlf_and_trailing_blank_lines_read_like_a_clean_file(tmp_path, monk
     clean = FIXTURES.joinpath("detections_subset4.csv").read_bytes()[:5000].rsplit(b"\n", 1)[0] + b"\n"
     (tmp_path / "clean.csv").write_bytes(clean)
     (tmp_path / "odd.csv").write_bytes(BOM + clean.replace(b"\n", b"\r\n") + b"\r\n\n")
-    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_detections)) if slow else ava.read_detections
+    read = parser_path(ava.read_detections, slow, monkeypatch)
     expected, got = ava.read_detections(tmp_path / "clean.csv"), read(tmp_path / "odd.csv")
     assert expected.num_rows == clean.count(b"\n") and not any(k.startswith("\ufeff") for k in got.keys)
     assert_same_rows(got, expected)
@@ -330,7 +335,7 @@ def test_bom_inside_the_file_is_an_error(tmp_path, monkeypatch, slow):
     """``cat a.csv b.csv`` of two Excel files: the second BOM would make a phantom video id."""
     path = tmp_path / "gt.csv"
     path.write_bytes(BOM + b"v,0902,0.1,0.2,0.3,0.4,1\n" + BOM + b"v,0903,0.1,0.2,0.3,0.4,1\n")
-    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_groundtruth)) if slow else ava.read_groundtruth
+    read = parser_path(ava.read_groundtruth, slow, monkeypatch)
     with pytest.raises(AvaFormatError, match=r":2: a byte-order mark inside the file"):
         read(path)
 
@@ -338,7 +343,7 @@ def test_bom_inside_the_file_is_an_error(tmp_path, monkeypatch, slow):
 @pytest.mark.parametrize("slow", [False, True])
 def test_detections_need_exactly_eight_columns(tmp_path, monkeypatch, slow):
     path = tmp_path / "det.csv"
-    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_detections)) if slow else ava.read_detections
+    read = parser_path(ava.read_detections, slow, monkeypatch)
     path.write_text("v,0902,0.1,0.2,0.3,0.4,1\nv,0903,0.1,0.2,0.3,0.4,1\n")  # uniform 7-column block
     with pytest.raises(AvaFormatError) as error:
         read(path)
@@ -355,7 +360,7 @@ def test_detections_need_exactly_eight_columns(tmp_path, monkeypatch, slow):
 @pytest.mark.parametrize("slow", [False, True])
 def test_groundtruth_takes_2_7_or_8_columns(tmp_path, monkeypatch, slow):
     path = tmp_path / "gt.csv"
-    read = (lambda p: read_slow_path(p, monkeypatch, ava.read_groundtruth)) if slow else ava.read_groundtruth
+    read = parser_path(ava.read_groundtruth, slow, monkeypatch)
     path.write_text("v,0902,0.1,0.2,0.3,0.4,1\nv,0903,0.1,0.2,0.3,0.4,2,7\nv,0904\n")
     rows = read(path)
     assert rows.actions.tolist() == [1, 2] and rows.scores.tolist() == [1.0, 7.0]
