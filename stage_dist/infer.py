@@ -7,6 +7,11 @@ before any work, loads the model through :mod:`stage_dist.checkpoint`, and has r
 
     python -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     torchrun --nproc_per_node=8 -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
+    python -m stage_dist.infer --store val.zarr --checkpoint seed0.pt seed1.pt seed2.pt --out ensemble.csv
+
+Several checkpoints are an ensemble (:func:`load_models`): they must agree on the model's outputs
+(the class set) and feature sizes, and every actor gets the mean of their sigmoid scores, in one
+pass over the data (:func:`~stage_dist.inference.predict`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -30,7 +36,7 @@ from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, con
 from stage_dist.errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
-from stage_dist.model import compile_model
+from stage_dist.model import ModelConfig, compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.precision import resolve_precision
 from stage_dist.schema import NUM_ACTIONS
@@ -42,8 +48,9 @@ log = logging.getLogger(__name__)
 class InferConfig:
     """Every setting of ``python -m stage_dist.infer``."""
 
-    checkpoint: str = option(help="checkpoint file of stage_dist.train or of the published STAGE code, or a run's "
-                                  "checkpoints/ directory (its newest)")
+    checkpoint: tuple[str, ...] = option(help="checkpoint file of stage_dist.train or of the published STAGE code, or "
+                                              "a run's checkpoints/ directory (its newest); several: an ensemble "
+                                              "(the mean of their sigmoid scores, one pass over the data)")
     out: str = option(help="results.csv to write (atomically)")
     store: str | None = option(None, help="feature store (zarr) to predict")
     shards: str | None = option(None, help="WebDataset shards to predict instead of a store: a brace pattern such as "
@@ -78,14 +85,36 @@ def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: 
 
     ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
     """
-    found = read_latest_or_file(checkpoint)
-    config = found.model_config
+    return load_models([checkpoint], actor_dim, object_dim, device)[0]
+
+
+def load_models(checkpoints: Sequence[str | Path], actor_dim: int, object_dim: int,
+                device: torch.device) -> list[nn.Module]:
+    """The models of ``checkpoints`` (files or run checkpoint directories), for data of
+    ``actor_dim``/``object_dim`` features. Several (an ensemble) must have the same outputs (class
+    set) and feature sizes: a mismatch is a :class:`CheckpointError` naming both files."""
+    found = [read_latest_or_file(checkpoint) for checkpoint in checkpoints]
+    first = found[0]
+    for other in found[1:]:
+        mismatch = _incompatible(first.model_config, other.model_config)
+        if mismatch:
+            raise CheckpointError(f"{other.path}: cannot be ensembled with {first.path}: {mismatch}")
+    config = first.model_config
     if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
         raise CheckpointError(
-            f"{found.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
+            f"{first.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
             f"dims, the data has {actor_dim}/{object_dim}"
         )
-    return found.build_model().to(device)
+    return [checkpoint.build_model().to(device) for checkpoint in found]
+
+
+def _incompatible(a: ModelConfig, b: ModelConfig) -> str | None:
+    """What keeps two models from scoring the same classes on the same features, or None."""
+    if a.num_outputs != b.num_outputs:
+        return f"{b.num_outputs} outputs (classes) vs {a.num_outputs}"
+    if (a.actor_dim, a.object_dim) != (b.actor_dim, b.object_dim):
+        return f"actor/object features of {b.actor_dim}/{b.object_dim} dims vs {a.actor_dim}/{a.object_dim}"
+    return None
 
 
 def _looks_like_results_csv(path: Path) -> bool:
@@ -111,7 +140,7 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
                                      f"1..{NUM_ACTIONS}, the actions the model predicts")
         if not labelmap:
             raise InferArgumentError(f"{config.labelmap}: the label map holds no classes; nothing would be written")
-    inputs = [("--checkpoint", config.checkpoint), ("--labelmap", config.labelmap), ("--store", config.store)]
+    inputs = [*(("--checkpoint", checkpoint) for checkpoint in config.checkpoint), ("--labelmap", config.labelmap), ("--store", config.store)]
     if config.shards:
         local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
         inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
@@ -154,14 +183,17 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     started = time.perf_counter()
     precision = resolve_precision(runtime.amp, env.device)
     source = open_window_source(store=config.store, shards=config.shards)
-    model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+    models = load_models(config.checkpoint, source.actor_dim, source.object_dim, env.device)
     if runtime.compile:
-        compile_model(model, env.device)
-    result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
+        for model in models:
+            compile_model(model, env.device)
+    result = predict(models, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
                      precision=precision, num_workers=loader_workers(runtime.workers, env))
     if result is None:  # not rank 0
         return 0
     predictions, keyframes = result.predictions, result.keyframes
+    if len(models) > 1:
+        log.info("ensemble of %d checkpoints: %s", len(models), ", ".join(config.checkpoint))
     problem = non_finite_scores(predictions, keyframes)
     if problem:
         print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)

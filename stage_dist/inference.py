@@ -9,7 +9,10 @@ belong to, checks that every actor was predicted exactly once, and gets them in 
 Inference owns the batch-invariant mode (:meth:`~stage_dist.batch.Padding.batch_invariant`): it
 is how :func:`predict` asks the source to collate, so results.csv is byte-identical for any
 window size, batch size and number of ranks (same threads per rank).
-:func:`write_predictions` writes them as an AVA results.csv. Used by ``stage_dist.infer`` (the
+Given several models (an ensemble), :func:`predict` runs every model on each batch as it is read
+(one pass over the data) and averages their sigmoid scores per actor (summed in model order, then
+divided by their number: still independent of windows, batches and ranks; one model's scores are
+its own, bit for bit). :func:`write_predictions` writes them as an AVA results.csv. Used by ``stage_dist.infer`` (the
 command line) and by the trainer's validation.
 """
 
@@ -89,21 +92,30 @@ class InferenceResult:
 
 
 def score_batches(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     batches: Iterable[tuple[Batch, torch.Tensor]],
     env: DistEnv,
     precision: Precision,
 ) -> Predictions:
-    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
-    was_training = model.training
-    model.eval()
+    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs; several models:
+    the mean of their sigmoid scores (each batch is moved to the device once for all of them)."""
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     parts: list[Predictions] = []
     try:
         with torch.inference_mode():
             for batch, owned in batches:
-                with precision.autocast():
-                    logits = model(batch.to(env.device, non_blocking=True))
-                scores = torch.sigmoid(action_logits(logits).float()).cpu()
+                on_device = batch.to(env.device, non_blocking=True)
+                total: torch.Tensor | None = None
+                for m in models:
+                    with precision.autocast():
+                        logits = m(on_device)
+                    scores = torch.sigmoid(action_logits(logits).float())
+                    total = scores if total is None else total + scores
+                assert total is not None
+                scores = (total if len(models) == 1 else total / len(models)).cpu()
                 parts.append(Predictions(
                     actor_index=batch.actor_index[owned].numpy(),
                     keyframe=batch.actor_keyframe[owned].numpy(),
@@ -111,7 +123,8 @@ def score_batches(
                     scores=scores[owned].numpy(),
                 ))
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
                            np.zeros((0, 80), np.float32))
@@ -119,7 +132,7 @@ def score_batches(
 
 
 def predict(
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     source: WindowSource,
     env: DistEnv,
     *,
@@ -129,7 +142,8 @@ def predict(
     num_workers: int = 0,
     progress: bool = True,
 ) -> InferenceResult | None:
-    """Score every actor of ``source`` once across all ranks; the result on rank 0, None elsewhere."""
+    """Score every actor of ``source`` once across all ranks; the result on rank 0, None elsewhere.
+    Several models: one pass over the data, the mean of their sigmoid scores (an ensemble)."""
     # The inference mode: every keyframe's scores are bitwise independent of its batch-mates.
     padding = Padding.batch_invariant(source.max_nodes_per_keyframe)
     batches = source.inference_batches(env.rank, env.world_size, window=window, context=RECEPTIVE_FIELD,

@@ -74,6 +74,7 @@ from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, n
 from stage_dist.batch import Padding
 from stage_dist.model import ModelConfig, action_logits, build_model, compile_model
 from stage_dist.precision import resolve_precision
+from stage_dist.runlog import METRICS_NAME, MetricsLog
 from stage_dist.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,7 @@ class Trainer:
         self.global_step = 0
         self.best_map: float | None = None
         self.history: list[dict] = []
+        self.metrics: MetricsLog | None = None  # rank 0's OUTPUT_DIR/metrics.jsonl, opened by fit
         self._pending_rng: dict | None = None  # a resumed rank's generators, restored by _restore_rng
         # Non-finite detection without a per-step host sync: the first bad step since the last check
         # (-1: none) accumulates on the device and is read at log steps and before any checkpoint.
@@ -430,6 +432,8 @@ class Trainer:
     def save_checkpoint(self, metric: float | None = None) -> None:
         self.check_finite()  # never write non-finite weights over the last good checkpoint
         state = self.state_dict()  # collective: every rank takes part
+        if self.metrics:
+            self.metrics.sync()  # every line up to this step is on disk before the checkpoint is
         if self.env.is_main:
             path = self.checkpoints.save(state, epoch=self.epoch, step=self.step_in_epoch, metric=metric)
             log.info("checkpoint %s", path)
@@ -481,6 +485,8 @@ class Trainer:
     def fit(self) -> TrainSummary:
         self.maybe_resume()  # before writing anything: a bad --resume leaves OUTPUT_DIR untouched
         writer = self._writer()
+        if self.env.is_main:  # drops the lines a killed run wrote after the checkpoint resumed
+            self.metrics = MetricsLog.open(self.output_dir / METRICS_NAME, resumed_step=self.global_step)
         self._log_start()
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
                    disable=not self.env.is_main, dynamic_ncols=True)
@@ -507,6 +513,8 @@ class Trainer:
             bar.close()  # ends the progress line before any error message
             if writer:
                 writer.close()
+            if self.metrics:
+                self.metrics.close()
         return TrainSummary(self.global_step, self.epoch, val_map, self.best_map,
                             self.checkpoints.directory if saved_any else None, self.history)
 
@@ -626,6 +634,8 @@ class Trainer:
             self.best_map = result.mean_ap
         self.history.append({"epoch": self.epoch, "global_step": self.global_step,
                              "val_map": result.mean_ap, "per_class": result.per_class})
+        if self.metrics:
+            self.metrics.validation(step=self.global_step, epoch=self.epoch, result=result)
         log.info("validation at epoch %d (step %d): mAP@0.5 %.4f (best %.4f)",
                  self.epoch, self.global_step, result.mean_ap, self.best_map)
         if writer:
@@ -674,6 +684,9 @@ class Trainer:
             writer.add_scalar("train/lr", lr, self.global_step)
             writer.add_scalar("train/keyframes_per_s", keyframes_per_s, self.global_step)
             writer.add_scalar("train/data_wait_fraction", wait_fraction, self.global_step)
+        if self.metrics:
+            self.metrics.train(step=self.global_step, epoch=self.epoch, loss=loss, lr=lr,
+                               keyframes_per_s=keyframes_per_s, data_wait=wait_fraction)
         bar.set_postfix(loss=f"{loss:.4f}", kf_s=f"{keyframes_per_s:.0f}", wait=f"{wait_fraction:.0%}")
         log.debug("step %d epoch %d loss %.4f lr %.3g %.0f keyframes/s data wait %.1f%%",
                   self.global_step, self.epoch, loss, lr, keyframes_per_s, 100 * wait_fraction)

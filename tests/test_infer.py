@@ -23,20 +23,30 @@ from stage_dist.model import ModelConfig, build_model
 from stage_dist.store import FeatureStore
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
+def save_random_model(path: Path, store: FeatureStore, seed: int, kind: str = "stage", **config) -> Path:
     """A randomly initialised model saved the way the trainer saves it."""
-    store = FeatureStore.open(tiny_stores.train)
-    torch.manual_seed(0)
-    config = ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim)
-    model = build_model("stage", config)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"model_state": model.state_dict(), "model_kind": "stage", "model_config": asdict(config)}, path)
+    torch.manual_seed(seed)
+    model_config = ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim, **config)
+    model = build_model(kind, model_config)
+    torch.save({"model_state": model.state_dict(), "model_kind": kind, "model_config": asdict(model_config)}, path)
     return path
 
 
-def run_infer(stores: Stores, checkpoint: Path, out: Path, *, ranks: int, window: int) -> bytes:
-    args = ["--store", str(stores.val), "--checkpoint", str(checkpoint), "--out", str(out),
+@pytest.fixture(scope="module")
+def checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
+    return save_random_model(tmp_path_factory.mktemp("ckpt") / "model.pt", FeatureStore.open(tiny_stores.train), 0)
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
+    """Another model for ensembles: the no-graph baseline (same outputs and features), other weights."""
+    return save_random_model(tmp_path_factory.mktemp("ckpt") / "baseline.pt", FeatureStore.open(tiny_stores.train), 1,
+                             kind="baseline")
+
+
+def run_infer(stores: Stores, checkpoint: Path | list[Path], out: Path, *, ranks: int, window: int) -> bytes:
+    checkpoints = checkpoint if isinstance(checkpoint, list) else [checkpoint]
+    args = ["--store", str(stores.val), "--checkpoint", *map(str, checkpoints), "--out", str(out),
             "--window", str(window), "--windows-per-batch", "3", "--device", "cpu", "--workers", "0"]
     if ranks == 1:  # a plain run, world size 1 without a process group
         command = [sys.executable, "-m", "stage_dist.infer", *args]
@@ -133,4 +143,90 @@ def test_bad_input_is_one_line_naming_the_file(tiny_stores, tmp_path, capsys):
     assert infer_main(["--store", str(tiny_stores.val), "--checkpoint", str(missing), "--out",
                        str(tmp_path / "r.csv"), "--device", "cpu"]) == 2
     assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
+
+
+# -- ensembles ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ensemble_results_identical_across_ranks_and_window_sizes(tiny_stores, checkpoint, second_checkpoint,
+                                                                  tmp_path):
+    """An ensemble of 2 writes the same bytes for any ranks and window size, and they are the mean
+    of the two models' own scores (each model's predict, averaged here, written by the same writer)."""
+    pair = [checkpoint, second_checkpoint]
+    reference = run_infer(tiny_stores, pair, tmp_path / "r1_w6.csv", ranks=1, window=6)
+    assert run_infer(tiny_stores, pair, tmp_path / "r2_w4.csv", ranks=2, window=4) == reference
+    assert run_infer(tiny_stores, pair, tmp_path / "r3_w2.csv", ranks=3, window=2) == reference
+
+    from stage_dist.inference import write_predictions
+
+    store = FeatureStore.open(tiny_stores.val)
+    env = init_distributed("cpu")
+    each = [predict(load_model(path, store.actor_dim, store.object_dim, torch.device("cpu")), StoreWindowSource(store),
+                    env, window=6, windows_per_batch=3, progress=False) for path in pair]
+    mean = each[0].predictions
+    mean.scores = (each[0].predictions.scores + each[1].predictions.scores) / np.float32(2)
+    write_predictions(tmp_path / "by_hand.csv", mean, each[0].keyframes)
+    assert (tmp_path / "by_hand.csv").read_bytes() == reference
+
+
+def test_ensemble_reads_each_batch_once_and_averages_the_sigmoids(tiny_stores, checkpoint, second_checkpoint,
+                                                                   monkeypatch):
+    store = FeatureStore.open(tiny_stores.val)
+    env = init_distributed("cpu")
+    models = [load_model(path, store.actor_dim, store.object_dim, torch.device("cpu"))
+              for path in (checkpoint, second_checkpoint)]
+    alone = [predict(model, StoreWindowSource(store), env, window=4, windows_per_batch=2, progress=False)
+             for model in models]
+    assert np.array_equal(predict([models[0]], StoreWindowSource(store), env, window=4, windows_per_batch=2,
+                                  progress=False).predictions.scores, alone[0].predictions.scores)
+
+    source = StoreWindowSource(store)
+    batches, forwards = [], []
+    original = source.inference_batches
+
+    def counted(*args, **kwargs):
+        for item in original(*args, **kwargs):
+            batches.append(item)
+            yield item
+
+    monkeypatch.setattr(source, "inference_batches", counted)
+    for model in models:
+        model.register_forward_hook(lambda module, inputs, output: forwards.append((id(module), id(inputs[0]))))
+    ensemble = predict(models, source, env, window=4, windows_per_batch=2, progress=False)
+    assert len(forwards) == 2 * len(batches) and len(batches) > 1
+    assert all(forwards[2 * i][1] == forwards[2 * i + 1][1] for i in range(len(batches)))  # the same batch
+    expected = (alone[0].predictions.scores + alone[1].predictions.scores) / np.float32(2)
+    assert np.array_equal(ensemble.predictions.scores, expected)
+    assert np.array_equal(ensemble.predictions.actor_index, np.arange(store.num_actors))
+
+
+def test_single_checkpoint_in_a_list_writes_the_same_bytes(tiny_stores, checkpoint, tmp_path):
+    args = ["--store", str(tiny_stores.val), "--out", str(tmp_path / "one.csv"), "--device", "cpu", "--workers", "0"]
+    assert infer_main([*args, "--checkpoint", str(checkpoint)]) == 0
+    one = (tmp_path / "one.csv").read_bytes()
+    env = init_distributed("cpu")
+    store = FeatureStore.open(tiny_stores.val)
+    from stage_dist.inference import write_predictions
+
+    result = predict(load_model(checkpoint, store.actor_dim, store.object_dim, torch.device("cpu")),
+                     StoreWindowSource(store), env, progress=False)
+    write_predictions(tmp_path / "library.csv", result.predictions, result.keyframes)
+    assert (tmp_path / "library.csv").read_bytes() == one
+
+
+@pytest.mark.parametrize("mismatch", [dict(num_outputs=61), dict(actor_dim=8)])
+def test_incompatible_ensemble_is_one_line_naming_both_files(tiny_stores, checkpoint, tmp_path, capsys, mismatch):
+    store = FeatureStore.open(tiny_stores.train)
+    torch.manual_seed(2)
+    model_config = ModelConfig(**{"actor_dim": store.actor_dim, "object_dim": store.object_dim, **mismatch})
+    other = tmp_path / "other.pt"
+    torch.save({"model_state": build_model("stage", model_config).state_dict(), "model_kind": "stage",
+                "model_config": asdict(model_config)}, other)
+    assert infer_main(["--store", str(tiny_stores.val), "--checkpoint", str(checkpoint), str(other), "--out",
+                       str(tmp_path / "r.csv"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(checkpoint) in error and str(other) in error, error
+    assert "cannot be ensembled" in error and "Traceback" not in error
     assert not (tmp_path / "r.csv").exists()
