@@ -64,20 +64,40 @@ def test_effective_lr_rules():
 
 def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
     env = init_distributed("cpu")
-    uninterrupted = make_config(tiny_stores, tmp_path / "a", epochs=2, val_store=None)
+    # log_every 5: the stop (step 25) is a log step, so the resumed run's log lines average the same
+    # steps as the uninterrupted run's (a log line averages the steps since the last one in this process)
+    uninterrupted = make_config(tiny_stores, tmp_path / "a", epochs=2, val_store=None, log_every=5)
     total_steps = Trainer(uninterrupted, env).fit().global_step
 
     first_epoch = Trainer(uninterrupted, env).sampler.steps_for_epoch(0)
     stop_at = first_epoch + 5  # in the middle of the second epoch
-    interrupted = make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None, max_steps=stop_at)
+    interrupted = make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None, max_steps=stop_at, log_every=5)
     first = Trainer(interrupted, env)
     first.fit()
     assert (first.epoch, first.step_in_epoch, first.global_step) == (1, 5, stop_at)
-    resumed = Trainer(make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None), env)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as metrics:  # what a run killed after its checkpoint left
+        metrics.write(json.dumps({"kind": "train", "step": stop_at + 1, "loss": 9.0}) + "\n" + '{"kind": "tr')
+    resumed = Trainer(make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None, log_every=5), env)
     summary = resumed.fit()
     assert summary.global_step == total_steps
 
     assert_same_final_checkpoint(tmp_path / "a", tmp_path / "b")
+    assert_same_metrics(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_metrics(expected_dir: Path, actual_dir: Path) -> list[dict]:
+    """metrics.jsonl: the same records (step, epoch, loss, lr, val mAP), each once, in step order."""
+    from stage_dist.runlog import read_metrics
+
+    def fields(directory: Path) -> list[tuple]:
+        return [(r["kind"], r["step"], r["epoch"], r.get("loss"), r.get("lr"), r.get("val_map"))
+                for r in read_metrics(directory)]
+
+    expected = fields(expected_dir)
+    assert expected and fields(actual_dir) == expected
+    steps = [(kind, step) for kind, step, *_ in expected]
+    assert steps == sorted(set(steps), key=lambda s: (s[1], s[0] == "val")), steps
+    return read_metrics(actual_dir)
 
 
 def assert_same_final_checkpoint(expected_dir: Path, actual_dir: Path) -> None:
@@ -165,6 +185,16 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     assert sum(losses[-third:]) / third < 0.8 * sum(losses[:third]) / third, losses
     assert (tmp_path / "run" / "config.json").exists()
 
+    from stage_dist.runlog import read_metrics
+
+    records = read_metrics(tmp_path / "run")  # the same curves without TensorBoard
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["loss"] for r in train] == pytest.approx(losses, rel=1e-6)  # TensorBoard stores float32
+    assert [r["step"] for r in train] == [event.step for event in events.Scalars("train/loss")]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["val_map"] for r in val] == val_maps and [r["epoch"] for r in val] == list(range(1, 9))
+    assert val[0]["per_class"].keys() == {tag.split("/", 1)[1] for tag in per_class}
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="uses /proc to find the worker processes")
@@ -173,7 +203,8 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tiny_stores, tmp_path):
     and its final checkpoint (model, optimizer, every rank's Python/NumPy/torch RNG state) equals
     an uninterrupted run's bit for bit."""
     output_dir = tmp_path / "run"
-    config = make_config(tiny_stores, output_dir, epochs=4, checkpoint_every=3, val_store=None)
+    # checkpoints at log steps: a resumed run's log lines average the same steps as an uninterrupted run's
+    config = make_config(tiny_stores, output_dir, epochs=4, checkpoint_every=4, val_store=None)
     command = torchrun_command(2, "--max-restarts=1", "-m", "stage_dist.train", *to_argv(config))
     launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -194,10 +225,12 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tiny_stores, tmp_path):
     final = read_checkpoint(sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))[-1]).training
     assert final.epoch == 4 and final.step == 0
 
-    uninterrupted = make_config(tiny_stores, tmp_path / "uninterrupted", epochs=4, checkpoint_every=3, val_store=None)
+    uninterrupted = make_config(tiny_stores, tmp_path / "uninterrupted", epochs=4, checkpoint_every=4, val_store=None)
     subprocess.run(torchrun_command(2, "-m", "stage_dist.train", *to_argv(uninterrupted)), check=True,
                    env=subprocess_env(), capture_output=True, timeout=240)
     assert_same_final_checkpoint(tmp_path / "uninterrupted", output_dir)
+    records = assert_same_metrics(tmp_path / "uninterrupted", output_dir)  # no line lost or written twice
+    assert [r["step"] for r in records] == list(range(2, final.global_step + 1, 2))
 
 
 def _children(pid: int) -> list[int]:
