@@ -29,7 +29,7 @@ from stage_dist.runlog import METRICS_NAME, read_metrics
 class CurvesConfig:
     """The flags of ``python -m stage_dist.curves``."""
 
-    runs: tuple[str, ...] = option(positional=True, help="run output directories (or their metrics.jsonl), drawn "
+    runs: tuple[str, ...] = option(positional=True, metavar="RUN", help="run output directories (or their metrics.jsonl), drawn "
                                                          "side by side")
     out: str = option(flag=("-o", "--out"), help="PNG to write")
     names: tuple[str, ...] | None = option(None, help="legend names of the runs, in order (default: their "
@@ -79,6 +79,7 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (loss_ax, map_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     any_val = False
@@ -94,6 +95,10 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike)
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("binary cross-entropy (log scale)")
     loss_ax.set_yscale("log")
+    plain = matplotlib.ticker.FormatStrFormatter("%.3g")  # 0.05, not 5 x 10^-2
+    loss_ax.yaxis.set_major_formatter(plain)
+    loss_ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2.0, 5.0)))
+    loss_ax.yaxis.set_minor_formatter(plain)
     map_ax.set_title("validation frame-mAP@0.5 IoU")
     map_ax.set_xlabel("optimizer step")
     map_ax.set_ylabel("mAP (0-1)")
