@@ -12,8 +12,8 @@ window size, batch size and number of ranks (same threads per rank).
 Given several models (an ensemble), :func:`predict` runs every model on each batch as it is read
 (one pass over the data) and averages their sigmoid scores per actor (summed in model order, then
 divided by their number: still independent of windows, batches and ranks; one model's scores are
-its own, bit for bit). :func:`write_predictions` writes them as an AVA results.csv. Used by ``stage_dist.infer`` (the
-command line) and by the trainer's validation.
+its own, bit for bit). :func:`write_predictions` writes them as an AVA results.csv. Used by
+``stage_dist.infer`` (the command line) and by the trainer's validation.
 """
 
 from __future__ import annotations
