@@ -29,8 +29,8 @@ from stage_dist.runlog import METRICS_NAME, read_metrics
 class CurvesConfig:
     """The flags of ``python -m stage_dist.curves``."""
 
-    runs: tuple[str, ...] = option(positional=True, metavar="RUN", help="run output directories (or their metrics.jsonl), drawn "
-                                                         "side by side")
+    runs: tuple[str, ...] = option(positional=True, metavar="RUN",
+                                   help="run output directories (or their metrics.jsonl), drawn side by side")
     out: str = option(flag=("-o", "--out"), help="PNG to write")
     names: tuple[str, ...] | None = option(None, help="legend names of the runs, in order (default: their "
                                                       "directory names)")

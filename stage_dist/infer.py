@@ -140,7 +140,8 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
                                      f"1..{NUM_ACTIONS}, the actions the model predicts")
         if not labelmap:
             raise InferArgumentError(f"{config.labelmap}: the label map holds no classes; nothing would be written")
-    inputs = [*(("--checkpoint", checkpoint) for checkpoint in config.checkpoint), ("--labelmap", config.labelmap), ("--store", config.store)]
+    inputs = [*(("--checkpoint", checkpoint) for checkpoint in config.checkpoint), ("--labelmap", config.labelmap),
+              ("--store", config.store)]
     if config.shards:
         local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
         inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
