@@ -156,7 +156,6 @@ def test_ensemble_results_identical_across_ranks_and_window_sizes(tiny_stores, c
     of the two models' own scores (each model's predict, averaged here, written by the same writer)."""
     pair = [checkpoint, second_checkpoint]
     reference = run_infer(tiny_stores, pair, tmp_path / "r1_w6.csv", ranks=1, window=6)
-    assert run_infer(tiny_stores, pair, tmp_path / "r2_w4.csv", ranks=2, window=4) == reference
     assert run_infer(tiny_stores, pair, tmp_path / "r3_w2.csv", ranks=3, window=2) == reference
 
     from stage_dist.inference import write_predictions
