@@ -32,6 +32,7 @@ from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH,
                                   write_predictions)
 from stage_dist.model import compile_model
 from stage_dist.outputs import check_output_file, launch_lock
+from stage_dist.paths import check_target, user_message, user_path_errors
 from stage_dist.precision import resolve_precision
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.shard_format import expand_urls, manifest_location
@@ -116,6 +117,7 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
         local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
         inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
     out = check_output_file(config.out, inputs=inputs)
+    check_target(config.out, "--out", kind="file")
     if out.exists() and not _looks_like_results_csv(out):
         raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
                                  "(remove it or give another --out)")
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
             return run(config, env, set(labelmap) if labelmap else None)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, *INPUT_ERRORS) as error:
+        print(f"error: {user_message(error, {'--out': config.out})}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         if env is not None:
@@ -166,8 +168,9 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     if problem:
         print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
         return EXIT_NON_FINITE
-    rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
-                             min_score=config.min_score)
+    with user_path_errors({"--out": config.out}, writing="--out"):
+        rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
+                                 min_score=config.min_score)
     seconds = time.perf_counter() - started
     num_keyframes = len(keyframes.timestamps)
     print(f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows -> {config.out} "
