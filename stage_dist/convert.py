@@ -875,7 +875,8 @@ def write_streaming_form(cfg: ConvertConfig) -> str:
 
     store, target = store_out(cfg), shards_out(cfg)
     try:
-        manifest = write_shards(FeatureStore.open(store), target, max_shard_bytes=int(cfg.streaming.tar_shard_mb * (1 << 20)),
+        manifest = write_shards(FeatureStore.open(store), target, what="--shards-out",
+                                max_shard_bytes=int(cfg.streaming.tar_shard_mb * (1 << 20)),
                                 window=cfg.streaming.tar_window)
     except ShardError as e:
         raise ConvertError(str(e)) from e

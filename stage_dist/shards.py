@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{store.num_clips} clips, {store.num_keyframes} keyframes, {store.num_actors} actors -> {store.path}")
             return 0
         manifest = write_shards(FeatureStore.open(args.store), args.out_dir, prefix=args.prefix,
-                                max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window)
+                                max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window,
+                                what="OUT_DIR")
     except (ShardError, StoreError, OutputError, PathError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

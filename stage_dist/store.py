@@ -328,6 +328,15 @@ class FeatureStore:
         fingerprint = hashlib.sha1(json.dumps(self.attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self.memmap_dir / f"{self.path.name}-{fingerprint}" / (name.replace("/", "__") + ".npy")
 
+    def memmap_bytes(self) -> int:
+        """Bytes ``memmap_dir`` still needs for this store: the arrays a window reads that are not
+        decompressed there yet (0 without ``memmap_dir``)."""
+        if self.memmap_dir is None:
+            return 0
+        present = set(self.row_arrays())
+        return sum(self._reader(name).nbytes for name in WINDOW_ARRAYS
+                   if name in present and not self._memmap_file(name).exists())
+
     def _load_window_arrays(self) -> None:
         for name in WINDOW_ARRAYS:
             if name not in self._memory:

@@ -306,6 +306,12 @@ class Trainer:
             if config.data.val_store
             else None
         )
+        if config.data.memmap_dir:  # the node's one decompressed copy: its space, before any step
+            stores = [self.val_store] + ([FeatureStore.open(config.data.train_store, memmap_dir=config.data.memmap_dir)]
+                                         if config.data.train_store else [])
+            with user_path_errors(train_paths(config)):
+                ensure_free_space(config.data.memmap_dir, sum(s.memmap_bytes() for s in stores if s is not None),
+                                  "the decompressed stores")
         # Read on every rank before training: a bad file stops all ranks now, not after an epoch.
         self.val_labelmap = read_labelmap(config.data.labelmap) if config.data.labelmap else None
         self.val_groundtruth = read_ava_csv(config.data.val_groundtruth) if config.data.val_groundtruth else None
