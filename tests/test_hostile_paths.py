@@ -20,6 +20,7 @@ need it are skipped with the reason; the unit tests at the end cover the same lo
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -57,7 +58,7 @@ def _mount_tmpfs(at: Path, options: str) -> bool:
     if shutil.which("mount") is None:
         return False
     return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)],
-                          capture_output=True).returncode == 0
+                          capture_output=True, check=False).returncode == 0
 
 
 def _umount(at: Path) -> None:
@@ -85,7 +86,7 @@ class Places:
             if _mount_tmpfs(folder, "size=64k"):
                 self.mounts.append(folder)
                 (folder / "earlier_output.csv").write_text("an earlier run's output\n")
-                if subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True).returncode:
+                if subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, check=False).returncode:
                     _mount_refused("read-only")
             elif os.geteuid() != 0:  # a non-root user: a directory without write permission does it
                 (folder / "earlier_output.csv").write_text("an earlier run's output\n")
@@ -120,7 +121,7 @@ class Places:
     def target(self, kind: str, name: str) -> Path:
         parent = self.parent(kind)
         if kind == "name_too_long":
-            stem, dot, suffix = name.partition(".")
+            _, dot, suffix = name.partition(".")
             return parent / ("n" * 300 + dot + suffix)
         return parent / name
 
@@ -201,6 +202,19 @@ def test_shards_out_dir(kind, places, tiny_stores, capsys):
     target = places.target(kind, "shards")
     check_refused(shards.main, [str(tiny_stores.train), str(target)], "OUT_DIR", target, capsys,
                   watched=(tiny_stores.train,))
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_shards_to_store_out_dir(kind, places, tiny_stores, tmp_path_factory, capsys):
+    from stage_dist.shard_format import shard_pattern, write_shards
+
+    made = tmp_path_factory.getbasetemp() / "paths_shards"  # made once per session
+    if not made.exists():
+        write_shards(FeatureStore.open(tiny_stores.train), made)
+    pattern = shard_pattern(json.loads((made / "manifest.json").read_text()), made)
+    target = places.target(kind, "back.zarr")
+    check_refused(shards.main, ["--to-store", pattern, str(target)], "OUT_DIR", target, capsys, watched=(made,),
+                  own_output=target if kind == "no_space" else None)
 
 
 @pytest.mark.parametrize("kind", CLASSES)
