@@ -32,7 +32,7 @@ from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH,
                                   write_predictions)
 from stage_dist.model import compile_model
 from stage_dist.outputs import check_output_file, launch_lock
-from stage_dist.paths import check_target, user_message, user_path_errors
+from stage_dist.paths import user_message, user_path_errors
 from stage_dist.precision import resolve_precision
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.shard_format import expand_urls, manifest_location
@@ -117,7 +117,6 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
         local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
         inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
     out = check_output_file(config.out, inputs=inputs)
-    check_target(config.out, "--out", kind="file")
     if out.exists() and not _looks_like_results_csv(out):
         raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
                                  "(remove it or give another --out)")

@@ -240,11 +240,12 @@ def check_output_file(path: str | os.PathLike, *,
     the caller's rule, e.g. never a checkpoint.)"""
     target = resolve_output(path, what)
     check_not_input(path, inputs, what)
-    if target.is_dir():
+    if os.path.isdir(target):
         raise OutputError(f"{what} {path}: is a directory, expected a file path")
     parent = _existing_parent(target)
     if not parent.is_dir():
         raise OutputError(f"{what} {path}: {parent} is not a directory")
+    check_target(path, what, kind="file")  # read-only, over-long names (its lock's and temporary's too), loops
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise OutputError(f"{what} {path}: not writable ({parent if not target.exists() else target})")
     return target
