@@ -64,6 +64,7 @@ from stage_dist.outputs import (
     prepare_output_dir,
     resolve_output,
 )
+from stage_dist.paths import PathError, path_error
 from stage_dist.sources import (
     DEFAULT_BOX_TOLERANCE,
     I3DSource,
@@ -858,11 +859,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_VERIFY_FAILED
         if streaming:
             print(write_streaming_form(config))
-    except (SourceError, StoreError, ConvertError, OutputError) as e:
+    except (SourceError, StoreError, ConvertError, OutputError, PathError) as e:
         print(f"convert_features: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
-        print(f"convert_features: error: {e.filename or config.out}: {e.strerror or e}", file=sys.stderr)
+        problem = path_error(e, {"--out": config.out, "--shards-out": config.streaming.shards_out}, writing="--out")
+        print(f"convert_features: error: {problem or f'{e.filename or config.out}: {e.strerror or e}'}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
@@ -873,7 +875,8 @@ def write_streaming_form(cfg: ConvertConfig) -> str:
 
     store, target = store_out(cfg), shards_out(cfg)
     try:
-        manifest = write_shards(FeatureStore.open(store), target, max_shard_bytes=int(cfg.streaming.tar_shard_mb * (1 << 20)),
+        manifest = write_shards(FeatureStore.open(store), target, what="--shards-out",
+                                max_shard_bytes=int(cfg.streaming.tar_shard_mb * (1 << 20)),
                                 window=cfg.streaming.tar_window)
     except ShardError as e:
         raise ConvertError(str(e)) from e

@@ -19,6 +19,7 @@ from pathlib import Path
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import option, parse_config
 from stage_dist.outputs import OutputError, claim_output_dir
+from stage_dist.paths import PathError
 
 PY = sys.executable
 
@@ -56,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with claim_output_dir(args.out, "stage_dist demo", overwrite=True, recognise=_earlier_demo) as claimed:
             return _run_demo(args, claimed.path, started)
-    except OutputError as err:
+    except (OutputError, PathError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as err:  # the step printed its own error
+        print(f"demo stopped: {shlex.join(map(str, err.cmd))} exited with {err.returncode}", file=sys.stderr)
+        return err.returncode if err.returncode > 0 else 1
 
 
 def _run_demo(args: DemoConfig, out: Path, started: float) -> int:

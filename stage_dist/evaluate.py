@@ -60,6 +60,7 @@ from stage_dist.ava import (
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import option, parse_config
 from stage_dist.fileio import atomic_write
+from stage_dist.paths import PathError, check_target, user_path_errors
 
 logger = logging.getLogger(__name__)
 
@@ -486,12 +487,13 @@ def _check_outputs(args: EvaluateConfig) -> None:
     for flag, path in outputs.items():
         if path is None:
             continue
-        if Path(path).is_dir():
+        if os.path.isdir(path):
             raise AvaFormatError(path, None, f"{flag} is a directory, not a file to write")
         for other_flag, other in [*inputs.items(), *seen.items()]:
             if other is not None and _same_file(path, other):
                 raise AvaFormatError(path, None, f"{flag} would overwrite the file given as {other_flag}; refusing")
         seen[flag] = path
+        check_target(path, flag, kind="file")
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:
@@ -511,16 +513,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_outputs(args)
         labelmap = read_labelmap(args.labelmap)
         result = evaluate(args.groundtruth, args.detections, labelmap, args.exclusions)
-    except AvaFormatError as exc:
+    except (AvaFormatError, PathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for write, path in ((write_metrics_json, args.json), (plot_per_class_ap, args.plot)):
+    for write, flag, path in ((write_metrics_json, "--json", args.json), (plot_per_class_ap, "--plot", args.plot)):
         if path is None:
             continue
         try:
-            write(result, path)
-        except OSError as exc:
-            print(f"error: {path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            with user_path_errors({flag: path}, writing=flag):
+                write(result, path)
+        except PathError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     table = format_table(result, labelmap)
     print(table.splitlines()[0] if args.quiet else table)

@@ -38,6 +38,7 @@ from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH,
                                   write_predictions)
 from stage_dist.model import ModelConfig, compile_model
 from stage_dist.outputs import check_output_file, launch_lock
+from stage_dist.paths import user_message, user_path_errors
 from stage_dist.precision import resolve_precision
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.shard_format import expand_urls, manifest_location
@@ -170,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
             return run(config, env, set(labelmap) if labelmap else None)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, *INPUT_ERRORS) as error:
+        print(f"error: {user_message(error, {'--out': config.out})}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         if env is not None:
@@ -199,8 +200,9 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     if problem:
         print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
         return EXIT_NON_FINITE
-    rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
-                             min_score=config.min_score)
+    with user_path_errors({"--out": config.out}, writing="--out"):
+        rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
+                                 min_score=config.min_score)
     seconds = time.perf_counter() - started
     num_keyframes = len(keyframes.timestamps)
     print(f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows -> {config.out} "

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 from stage_dist.errors import UserInputError
+from stage_dist.paths import check_target
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,12 @@ def write_marker(directory: Path, kind: str, **info: object) -> None:
 
     target = Path(directory) / MARKER_NAME
     tmp = target.with_name(f"{MARKER_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"kind": kind, "version": __version__, "created": time.time(), **info}))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps({"kind": kind, "version": __version__, "created": time.time(), **info}))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary behind
+        raise
 
 
 def _visible_entries(directory: Path) -> list[str]:
@@ -165,8 +170,9 @@ def prepare_output_dir(path: str | os.PathLike, kind: str, *,
     target = resolve_output(path, what)
     check_not_input(path, inputs, what)
     shown = f"{what} {path}" + (f" (-> {target})" if Path(path).absolute() != target else "")
-    if target.exists() and not target.is_dir():
+    if os.path.exists(target) and not os.path.isdir(target):
         raise OutputError(f"{shown}: is a file, not a directory")
+    check_target(path, what, kind="dir")  # read-only, over-long names, a path through a file, symlink loops
     if not target.exists():
         parent = _existing_parent(target)
         if not parent.is_dir():
@@ -234,11 +240,12 @@ def check_output_file(path: str | os.PathLike, *,
     the caller's rule, e.g. never a checkpoint.)"""
     target = resolve_output(path, what)
     check_not_input(path, inputs, what)
-    if target.is_dir():
+    if os.path.isdir(target):
         raise OutputError(f"{what} {path}: is a directory, expected a file path")
     parent = _existing_parent(target)
     if not parent.is_dir():
         raise OutputError(f"{what} {path}: {parent} is not a directory")
+    check_target(path, what, kind="file")  # read-only, over-long names (its lock's and temporary's too), loops
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise OutputError(f"{what} {path}: not writable ({parent if not target.exists() else target})")
     return target
@@ -317,8 +324,15 @@ class OutputLock:
                         "still running but no longer holding it"
                         if old.get("host") == socket.gethostname() and _pid_alive(int(old["pid"]))
                         else "no longer running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(), 0)
+        except OSError as e:  # a full disk: no lock file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(self.file)
+            os.close(fd)
+            raise OutputError(f"{self.what} {self.output}: cannot write the lock file {self.file}: "
+                              f"{e.strerror or e}") from None
         self._fd = fd
         return self
 
@@ -370,7 +384,14 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *,
         target.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{what} {path}: cannot create it: {e.strerror or e}") from None
-    with lock_output(target.path, what):
+    try:
+        lock = lock_output(target.path, what)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                target.path.rmdir()  # leave nothing behind
+        raise
+    with lock:
         try:
             checked = prepare_output_dir(target.path, kind, inputs=inputs, recognise=recognise, what=what)
             if overwrite and checked.state == "ours":

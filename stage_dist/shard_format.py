@@ -316,8 +316,10 @@ def write_shards(
     prefix: str | None = None,
     max_shard_bytes: int = DEFAULT_TAR_SHARD_MB << 20,
     window: int | None = None,
+    what: str = "shards directory",
 ) -> dict:
     """Write a :class:`~stage_dist.store.FeatureStore` as tar shards; returns the manifest.
+    ``what`` names ``out_dir`` in errors (the flag it came from).
 
     Samples are whole clips, or with ``window`` the windows ``0, W, 2W, ...`` of each clip (the
     last one shorter). Shards are ``<prefix>-000000.tar ...`` (``prefix`` defaults to the store's
@@ -327,7 +329,7 @@ def write_shards(
     of other files), and is locked while it is written (:func:`stage_dist.outputs.claim_output_dir`).
     """
     with claim_output_dir(out_dir, SHARDS_KIND, inputs=[("store", getattr(store, "path", None))],
-                          what="shards directory") as target:
+                          what=what) as target:
         return _write_shards(store, target.path, prefix=prefix, max_shard_bytes=max_shard_bytes, window=window)
 
 

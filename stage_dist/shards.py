@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,6 +20,7 @@ from typing import Sequence
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import option, parse_config
 from stage_dist.outputs import OutputError
+from stage_dist.paths import PathError, check_target, path_error
 from stage_dist.schema import DEFAULT_TAR_SHARD_MB
 from stage_dist.shard_format import ShardError, shard_pattern, shards_to_store, write_shards
 from stage_dist.store import FeatureStore, StoreError
@@ -54,16 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.to_store:
+            if not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir):  # (a file: refused below)
+                check_target(args.out_dir, "OUT_DIR", kind="dir")
             store = shards_to_store(args.store, args.out_dir, overwrite=args.overwrite)
             print(f"{store.num_clips} clips, {store.num_keyframes} keyframes, {store.num_actors} actors -> {store.path}")
             return 0
         manifest = write_shards(FeatureStore.open(args.store), args.out_dir, prefix=args.prefix,
-                                max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window)
-    except (ShardError, StoreError, OutputError) as err:
+                                max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window,
+                                what="OUT_DIR")
+    except (ShardError, StoreError, OutputError, PathError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the filesystem refused a write (disk full, permissions)
-        print(f"error: {err.filename or args.out_dir}: {err.strerror or err}", file=sys.stderr)
+        problem = path_error(err, {"OUT_DIR": args.out_dir}, writing="OUT_DIR")
+        print(f"error: {problem or f'{err.filename or args.out_dir}: {err.strerror or err}'}", file=sys.stderr)
         return 2
     print(
         f"{manifest['num_shards']} shards, {manifest['num_samples']} samples, {manifest['num_clips']} clips, "

@@ -37,6 +37,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from stage_dist.outputs import empty_directory
+from stage_dist.paths import ensure_free_space
 from stage_dist.schema import (  # the layout names are re-exported for the converter and the benches
     StoreError,
     ATTRS_KEY,
@@ -182,11 +183,8 @@ def materialize_npy(read: Callable[[int, int], np.ndarray], shape: tuple[int, ..
         if not target.exists():
             for stale in target.parent.glob(f"{target.stem}.tmp*"):  # left by a killed writer
                 stale.unlink()
-            needed = math.prod(shape) * dtype.itemsize + (1 << 20)
-            free = shutil.disk_usage(target.parent).free
-            if free < needed:  # writing through a memory map past the end of space is a SIGBUS
-                raise StoreError(f"{target.parent}: {needed / 1e9:.1f} GB needed for {target.name}, "
-                                 f"{free / 1e9:.1f} GB free")
+            # writing through a memory map past the end of space is a SIGBUS: an OSError (ENOSPC) first
+            ensure_free_space(target.parent, math.prod(shape) * dtype.itemsize + (1 << 20), target.name)
             temporary = target.with_suffix(f".tmp{os.getpid()}")
             out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
             for start in range(0, shape[0], rows_per_block):
@@ -329,6 +327,15 @@ class FeatureStore:
         assert self.memmap_dir is not None
         fingerprint = hashlib.sha1(json.dumps(self.attrs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self.memmap_dir / f"{self.path.name}-{fingerprint}" / (name.replace("/", "__") + ".npy")
+
+    def memmap_bytes(self) -> int:
+        """Bytes ``memmap_dir`` still needs for this store: the arrays a window reads that are not
+        decompressed there yet (0 without ``memmap_dir``)."""
+        if self.memmap_dir is None:
+            return 0
+        present = set(self.row_arrays())
+        return sum(self._reader(name).nbytes for name in WINDOW_ARRAYS
+                   if name in present and not self._memmap_file(name).exists())
 
     def _load_window_arrays(self) -> None:
         for name in WINDOW_ARRAYS:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from stage_dist.config import ConfigError, option, parse_config, section
 from stage_dist.config import build_parser as build_parser_for
+from stage_dist.paths import PathError, check_target, ensure_free_space, user_path_errors
 from stage_dist.schema import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
@@ -652,6 +653,13 @@ def write_split(
     return paths, counts
 
 
+def _array_bytes(split_clips: dict[str, list[Clip]], config: SynthConfig) -> int:
+    """The bytes of the arrays the splits hold (the files hold them uncompressed, and more)."""
+    cells = int(np.prod(config.actor_thw))
+    return sum(kf.actor_features.size * 4 * cells + kf.actor_features.nbytes + kf.object_features.nbytes
+               + kf.object_cls_prob.nbytes for clips in split_clips.values() for clip in clips for kf in clip.keyframes)
+
+
 def _prepare_root(root: Path) -> None:
     """Create ``root``, or clear our own previous output there; refuse a directory with
     anything else in it."""
@@ -680,7 +688,7 @@ def synthesize(
     Deterministic: the same config gives identical arrays and byte-identical text files.
     ``out_dir`` must be absent, empty, or a previous output of this function (replaced)."""
     root = Path(out_dir)
-    _prepare_root(root)
+    check_target(root, "--out", kind="dir", inside=OWN_ENTRIES)
     signatures = make_signatures(config)
     action_ids = sorted(a.id for a in signatures.actions)
     video_ids = make_video_ids(
@@ -689,17 +697,22 @@ def synthesize(
     split_ids = {"train": video_ids[: config.train_clips], "val": video_ids[config.train_clips :]}
     dataset = SynthDataset(root=root, labelmap=root / "labelmap.pbtxt", splits={},
                            actions=signatures.actions)
-    write_labelmap(dataset.labelmap, signatures.actions)
-    for split in SPLITS:
+    split_clips = {}
+    for split in SPLITS:  # in memory first: what it will take on disk is known before anything is written
         generator = ClipGenerator(config, signatures, split)
         ids = split_ids[split]
-        clips = [
+        split_clips[split] = [
             generator.clip(i, vid)
             for i, vid in enumerate(
                 tqdm(ids, desc=f"synth {split}", unit="clip", disable=not progress)
             )
         ]
-        paths, counts = write_split(root, split, clips, config, action_ids)
+    replaced = sum(_directory_bytes(root / name) if (root / name).is_dir() else 0 for name in SPLITS)
+    ensure_free_space(root, _array_bytes(split_clips, config) - replaced, "the arrays")
+    _prepare_root(root)
+    write_labelmap(dataset.labelmap, signatures.actions)
+    for split in SPLITS:
+        paths, counts = write_split(root, split, split_clips[split], config, action_ids)
         dataset.splits[split] = paths
         dataset.counts[split] = counts
         log.info("%s: %d clips, %d keyframes, %d actors, %d objects", split, counts.clips,
@@ -732,8 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     job = parse_config(SynthJob, argv, build_parser())
     logging.basicConfig(level=job.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        dataset = synthesize(job.out, job.data, progress=True)
-    except (SynthError, OSError) as err:
+        with user_path_errors({"--out": job.out}, writing="--out"):  # it writes nothing else
+            dataset = synthesize(job.out, job.data, progress=True)
+    except (SynthError, PathError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"synthetic AVA dataset at {dataset.root}")

@@ -43,10 +43,11 @@ import logging
 import math
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, pa
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.errors import EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
 from stage_dist.outputs import check_not_input, launch_lock
+from stage_dist.paths import check_target, ensure_free_space, user_message, user_path_errors
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -305,6 +307,12 @@ class Trainer:
             if config.data.val_store
             else None
         )
+        if config.data.memmap_dir:  # the node's one decompressed copy: its space, before any step
+            stores = [self.val_store] + ([FeatureStore.open(config.data.train_store, memmap_dir=config.data.memmap_dir)]
+                                         if config.data.train_store else [])
+            with user_path_errors(train_paths(config)):
+                ensure_free_space(config.data.memmap_dir, sum(s.memmap_bytes() for s in stores if s is not None),
+                                  "the decompressed stores")
         # Read on every rank before training: a bad file stops all ranks now, not after an epoch.
         self.val_labelmap = read_labelmap(config.data.labelmap) if config.data.labelmap else None
         self.val_groundtruth = read_ava_csv(config.data.val_groundtruth) if config.data.val_groundtruth else None
@@ -332,6 +340,9 @@ class Trainer:
         # fused: one kernel for all parameters (on CPU 2-6x faster than the per-tensor loop)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay,
                                           fused=True)
+        with user_path_errors(train_paths(config)):  # a checkpoint holds the weights and Adam's 2 moments
+            ensure_free_space(self.output_dir, 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                              "a checkpoint")
         self.total_steps = self._planned_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.optim.warmup_steps, self.total_steps, config.optim.schedule)
@@ -624,7 +635,8 @@ class Trainer:
         results_csv.parent.mkdir(parents=True, exist_ok=True)
         class_ids = set(self.val_labelmap) if self.val_labelmap else None
         predictions, keyframes = result.predictions, result.keyframes
-        write_predictions(results_csv, predictions, keyframes, class_ids=class_ids)
+        with user_path_errors(train_paths(self.config), writing="--output-dir"):
+            write_predictions(results_csv, predictions, keyframes, class_ids=class_ids)
         if self.val_groundtruth is None or self.val_labelmap is None:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
@@ -658,7 +670,8 @@ class Trainer:
         if not self.env.is_main:
             return None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_json(self.config, self.output_dir / CONFIG_NAME)
+        with user_path_errors(train_paths(self.config), writing="--output-dir"):
+            save_json(self.config, self.output_dir / CONFIG_NAME)
         return SummaryWriter(self.config.run.tensorboard_dir or str(self.output_dir / "tensorboard"))
 
     def _log_start(self) -> None:
@@ -710,17 +723,25 @@ def check_output_dir(config: TrainConfig) -> None:
     check_not_input(out, [("--train-store", data.train_store), ("--val-store", data.val_store),
                           ("--val-groundtruth", data.val_groundtruth), ("--labelmap", data.labelmap),
                           ("--resume", resume if resume not in ("auto", "none") else None)], "--output-dir")
-    if out.exists() and not out.is_dir():
+    if os.path.exists(out) and not os.path.isdir(out):
         raise TrainConfigError(f"{out}: --output-dir exists and is not a directory")
+    check_target(out, "--output-dir", kind="dir", inside=["checkpoints", "tensorboard", CONFIG_NAME])
     saved_config = out / CONFIG_NAME
     if saved_config.exists() and not _is_run_config(saved_config):
         raise TrainConfigError(f"{saved_config}: not a stage_dist run's config.json; refusing to replace it "
                                "(give another --output-dir)")
-    parent = out.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainConfigError(f"{out}: cannot write there: {parent} is not a writable directory")
+    if data.memmap_dir is not None:  # MEMMAP_DIR/<store name>-<fingerprint>/<array>.npy
+        check_target(data.memmap_dir, "--memmap-dir", kind="dir", inside=[
+            f"{Path(store).name}-{'0' * 16}" for store in (data.train_store, data.val_store) if store])
+    if config.run.tensorboard_dir:
+        check_target(config.run.tensorboard_dir, "--tensorboard-dir", kind="dir",
+                     inside=[f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"])
+
+
+def train_paths(config: TrainConfig) -> dict[str, str | None]:
+    """The paths a run writes, by flag (:mod:`stage_dist.paths` names the flag of an OS error)."""
+    return {"--output-dir": config.output_dir, "--memmap-dir": config.data.memmap_dir,
+            "--tensorboard-dir": config.run.tensorboard_dir}
 
 
 def _is_run_config(path: Path) -> bool:
@@ -731,15 +752,26 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(saved, dict) and "output_dir" in saved and ("data" in saved or "train_store" in saved)
 
 
-def run_lock(config: TrainConfig) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def run_lock(config: TrainConfig) -> Iterator[None]:
     """The output directory's one-writer lock, held by the launch's rank 0 for the whole run: a
     second training on the same ``--output-dir`` stops at once naming the holder (a run killed
-    by ``torchrun --max-restarts`` leaves a stale lock that its restart takes over)."""
+    by ``torchrun --max-restarts`` leaves a stale lock that its restart takes over). A directory
+    it created is removed again if the run fails before writing anything in it."""
+    out = Path(config.output_dir)
+    created = not out.exists()
     try:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TrainConfigError(f"{config.output_dir}: cannot create --output-dir: {err.strerror or err}") from None
-    return launch_lock(config.output_dir, "--output-dir")
+    try:
+        with launch_lock(config.output_dir, "--output-dir"):
+            yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -769,8 +801,8 @@ def main(argv: list[str] | None = None) -> int:
                      "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
                   f"val mAP {val} (best {best}); {saved}")
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (OSError, *INPUT_ERRORS) as error:
+        print(f"error: {user_message(error, train_paths(config))}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
         if env is None or env.is_main:
