@@ -85,6 +85,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if origin is tuple:
         item = typing.get_args(inner)[0]
+        if item in (str, Path) and isinstance(value, str):
+            value = [value]  # a field that became a list (infer's --checkpoint) reads its old config files
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         return tuple(_coerce(v, item, name) for v in value)

@@ -45,6 +45,7 @@ from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class InferConfig:
     """Every setting of ``python -m stage_dist.infer``."""

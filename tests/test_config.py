@@ -128,3 +128,12 @@ def test_a_misspelt_key_is_named_before_missing_settings(tmp_path: Path, capsys:
     with pytest.raises(SystemExit):
         parse_config(Job, ["--config", str(path)])
     assert f"{path}.optim: unknown setting 'lrr'" in capsys.readouterr().err
+
+
+def test_a_single_string_reads_as_a_one_item_list_of_paths() -> None:
+    from stage_dist.config import from_dict
+    from stage_dist.infer import InferConfig
+
+    old = {"checkpoint": "runs/a/checkpoints", "store": "val.zarr", "out": "results.csv"}  # before ensembles
+    assert from_dict(InferConfig, old).checkpoint == ("runs/a/checkpoints",)
+    assert from_dict(InferConfig, {**old, "checkpoint": ["a.pt", "b.pt"]}).checkpoint == ("a.pt", "b.pt")
