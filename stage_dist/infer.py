@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH,
 from stage_dist.model import compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.precision import resolve_precision
-from stage_dist.schema import NUM_ACTIONS
+from stage_dist.schema import describe_classes
 from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class InferConfig:
                                                 "side are added); the scores do not depend on it")
     windows_per_batch: int = option(INFERENCE_WINDOWS_PER_BATCH, help="windows per forward pass")
     labelmap: str | None = option(None, help="pbtxt label map: write only its classes")
-    topk: int | None = option(None, help="write only the K best actions per box")
+    topk: int | None = option(None, help="write only the K best actions per box (1..the store's class count)")
     min_score: float = option(0.0, help="write only scores >= this")
     runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
 
@@ -62,8 +63,8 @@ class InferConfig:
         for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if self.topk is not None and not 1 <= self.topk <= NUM_ACTIONS:
-            raise ConfigError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {self.topk}")
+        if self.topk is not None and self.topk < 1:  # its upper bound is the store's class count (run)
+            raise ConfigError(f"--topk must be >= 1 (actions per box), got {self.topk}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
 
@@ -72,9 +73,11 @@ class InferArgumentError(UserInputError):
     """A label map or output path of the inference CLI that cannot work; found before any work."""
 
 
-def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:
+def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device,
+               class_ids: Sequence[int] | None = None, data: str = "the data") -> nn.Module:
     """A model from a checkpoint of this project or of the published STAGE code, for data of
-    ``actor_dim``/``object_dim`` features.
+    ``actor_dim``/``object_dim`` features (and, if given, of the class set ``class_ids``: a
+    checkpoint trained on other classes is refused naming both; ``data`` names the data).
 
     ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
     """
@@ -84,6 +87,11 @@ def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: 
         raise CheckpointError(
             f"{found.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
             f"dims, the data has {actor_dim}/{object_dim}"
+        )
+    if class_ids is not None and config.classes != tuple(class_ids):
+        raise CheckpointError(
+            f"{found.path}: the checkpoint predicts {describe_classes(config.classes)}, {data} holds "
+            f"{describe_classes(tuple(class_ids))}; infer with a checkpoint trained on this class set"
         )
     return found.build_model().to(device)
 
@@ -105,10 +113,6 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
     """The label map and ``--out``, checked before any process group or model; returns the label map."""
     labelmap = read_labelmap(config.labelmap) if config.labelmap else None
     if labelmap is not None:
-        outside = sorted(i for i in labelmap if not 1 <= i <= NUM_ACTIONS)
-        if outside:
-            raise InferArgumentError(f"{config.labelmap}: action id(s) {', '.join(map(str, outside[:5]))} outside "
-                                     f"1..{NUM_ACTIONS}, the actions the model predicts")
         if not labelmap:
             raise InferArgumentError(f"{config.labelmap}: the label map holds no classes; nothing would be written")
     inputs = [("--checkpoint", config.checkpoint), ("--labelmap", config.labelmap), ("--store", config.store)]
@@ -120,6 +124,20 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
         raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
                                  "(remove it or give another --out)")
     return labelmap
+
+
+def check_classes(config: InferConfig, store_classes: Sequence[int], labelmap_ids: set[int] | None,
+                  location: str) -> None:
+    """``--labelmap`` ids and ``--topk`` against the store's class set (before the model is loaded)."""
+    if labelmap_ids is not None:
+        outside = sorted(set(labelmap_ids) - set(store_classes))
+        if outside:
+            raise InferArgumentError(f"{config.labelmap}: class id(s) {', '.join(map(str, outside[:5]))} are not among "
+                                     f"the {describe_classes(tuple(store_classes))} of {location}, the classes the "
+                                     "model predicts")
+    if config.topk is not None and config.topk > len(store_classes):
+        raise InferArgumentError(f"--topk must be in 1..{len(store_classes)} (the classes of {location}), "
+                                 f"got {config.topk}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +172,9 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     started = time.perf_counter()
     precision = resolve_precision(runtime.amp, env.device)
     source = open_window_source(store=config.store, shards=config.shards)
-    model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+    check_classes(config, source.class_ids, class_ids, source.location)
+    model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device, source.class_ids,
+                       source.location)
     if runtime.compile:
         compile_model(model, env.device)
     result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
@@ -167,7 +187,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
         print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
         return EXIT_NON_FINITE
     rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
-                             min_score=config.min_score)
+                             min_score=config.min_score, column_ids=source.class_ids)
     seconds = time.perf_counter() - started
     num_keyframes = len(keyframes.timestamps)
     print(f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows -> {config.out} "

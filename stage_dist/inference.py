@@ -47,7 +47,7 @@ class Predictions:
     actor_index: np.ndarray  # (N,) int64
     keyframe: np.ndarray  # (N,) int64
     boxes: np.ndarray  # (N, 4) float32, normalised x1, y1, x2, y2
-    scores: np.ndarray  # (N, 80) float32, column j = action id j + 1
+    scores: np.ndarray  # (N, K) float32, column j = the model's class j (AVA: K = 80, action id j + 1)
 
     @classmethod
     def concatenate(cls, parts: Sequence["Predictions"]) -> "Predictions":
@@ -96,6 +96,7 @@ def score_batches(
 ) -> Predictions:
     """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
     was_training = model.training
+    class_ids = model.config.class_ids  # None: AVA's published head
     model.eval()
     parts: list[Predictions] = []
     try:
@@ -103,7 +104,7 @@ def score_batches(
             for batch, owned in batches:
                 with precision.autocast():
                     logits = model(batch.to(env.device, non_blocking=True))
-                scores = torch.sigmoid(action_logits(logits).float()).cpu()
+                scores = torch.sigmoid(action_logits(logits, class_ids).float()).cpu()
                 parts.append(Predictions(
                     actor_index=batch.actor_index[owned].numpy(),
                     keyframe=batch.actor_keyframe[owned].numpy(),
@@ -114,7 +115,7 @@ def score_batches(
         model.train(was_training)
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                           np.zeros((0, 80), np.float32))
+                           np.zeros((0, len(model.config.classes)), np.float32))
     return Predictions.concatenate(parts)
 
 
@@ -173,8 +174,10 @@ def write_predictions(
     class_ids: set[int] | None = None,
     topk: int | None = None,
     min_score: float = 0.0,
+    column_ids: Sequence[int] | None = None,
 ) -> int:
-    """Write predictions as an AVA results.csv (atomically); returns the number of rows."""
+    """Write predictions as an AVA results.csv (atomically); returns the number of rows. Score
+    column j is class id ``column_ids[j]`` (the store's class set; default AVA's ``j + 1``)."""
     return write_results_csv(
         path,
         keyframes.video_ids[predictions.keyframe],
@@ -184,6 +187,7 @@ def write_predictions(
         class_ids=class_ids,
         topk=topk,
         min_score=min_score,
+        column_ids=column_ids,
     )
 
 
