@@ -31,6 +31,22 @@ from stage_dist.synth import SynthConfig, synthesize
 from stage_dist.train import TrainConfig, Trainer, main as train_main
 
 CUSTOM_IDS = (1005, 1001, 1003, 1002, 1004)  # 5 classes, ids not 1..5, not sorted
+CUSTOM_FIXTURES = Path(__file__).parent / "fixtures" / "custom_classes"  # see its README
+
+
+@pytest.mark.parametrize("classes", [5, 3])
+def test_evaluator_matches_the_official_one_on_custom_class_ids(classes):
+    """Ids 1001..1005 (one with detections but no groundtruth) and a 3-class subset map of the
+    ``label {}`` form: the official evaluator's numbers, to 1e-5 like the AVA fixtures."""
+    from stage_dist.evaluate import evaluate
+    from test_evaluate import assert_matches_official
+
+    official = json.loads((CUSTOM_FIXTURES / f"official_metrics_{classes}.json").read_text())
+    result = evaluate(CUSTOM_FIXTURES / "groundtruth.csv", CUSTOM_FIXTURES / "detections.csv",
+                      CUSTOM_FIXTURES / f"labelmap_{classes}.pbtxt")
+    assert_matches_official(result, official)
+    assert len(result.per_class) == classes
+    assert result.mean_ap == pytest.approx(official["PascalBoxes_Precision/mAP@0.5IOU"], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
