@@ -27,8 +27,9 @@ from tqdm import tqdm
 from stage_dist.ava import write_results_csv
 from stage_dist.batch import Batch, Padding
 from stage_dist.distributed import DistEnv, gather_to_main
-from stage_dist.model import action_logits
+from stage_dist.model import ModelConfig, action_logits
 from stage_dist.precision import Precision, resolve_precision
+from stage_dist.schema import AVA_CLASS_IDS
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import InferenceBatch, WindowSource
 
@@ -96,7 +97,9 @@ def score_batches(
 ) -> Predictions:
     """This rank's predictions for the owned actors of ``(batch, owned)`` pairs."""
     was_training = model.training
-    class_ids = model.config.class_ids  # None: AVA's published head
+    config = getattr(model, "config", None)
+    classes = config.classes if isinstance(config, ModelConfig) else AVA_CLASS_IDS
+    class_ids = config.class_ids if isinstance(config, ModelConfig) else None  # None: AVA's published head
     model.eval()
     parts: list[Predictions] = []
     try:
@@ -115,7 +118,7 @@ def score_batches(
         model.train(was_training)
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                           np.zeros((0, len(model.config.classes)), np.float32))
+                           np.zeros((0, len(classes)), np.float32))
     return Predictions.concatenate(parts)
 
 
