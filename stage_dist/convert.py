@@ -190,7 +190,7 @@ class ConvertConfig:
             "keep_spatial": self.keep_spatial,
             "cls_prob": self.cls_prob,
             "storage": asdict(self.storage),
-            **({"labelmap": str(self.labelmap)} if self.labelmap is not None else {}),
+            **({"labelmap": str(Path(self.labelmap).resolve())} if self.labelmap is not None else {}),
         }
 
 
