@@ -96,7 +96,7 @@ from stage_dist.store import (
     shard_done,
     storage_attrs,
 )
-from stage_dist.schema import AVA_CLASS_IDS, DEFAULT_TAR_SHARD_MB
+from stage_dist.schema import AVA_CLASS_IDS, DEFAULT_TAR_SHARD_MB, describe_classes
 from stage_dist.zarr_io import row_writer
 
 log = logging.getLogger(__name__)
@@ -393,6 +393,12 @@ def _what_differs(existing: dict[str, Any], source: Source, cfg: ConvertConfig) 
         return "other arguments (" + ", ".join(f"{k} {old.get(k)!r}, now {new.get(k)!r}" for k in keys) + ")"
     if {k: v for k, v in existing.get("source", {}).items() if k in source.describe()} != source.describe():
         return "other input paths"
+    ids, names = read_class_set(cfg)
+    if existing.get("class_ids", list(ids)) != list(ids) or existing.get("class_names") != (list(names) if names else None):
+        if existing.get("class_ids", list(ids)) == list(ids):
+            return "another class set (the same ids, other class names)"
+        old_ids = tuple(existing.get("class_ids", AVA_CLASS_IDS))
+        return f"another class set ({describe_classes(old_ids)}; now {describe_classes(ids)})"
     return "inputs with other keyframes or row counts (files added, removed or reshaped)"
 
 

@@ -154,6 +154,24 @@ def test_converter_refuses_a_label_map_that_does_not_fit(custom, tmp_path, capsy
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_rerun_keeps_the_store_and_another_class_set_is_refused(custom, tmp_path, capsys):
+    dataset, _ = custom
+    paths = dataset.splits["val"]
+    labelmap = tmp_path / "classes.pbtxt"
+    shutil.copyfile(dataset.labelmap, labelmap)
+    out = tmp_path / "val.zarr"
+    argv = ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file), "--out", str(out),
+            "--workers", "1", "--no-progress", "--labelmap", str(labelmap), "--verify"]
+    assert convert_main(argv) == 0
+    assert convert_main(argv) == 0  # complete: nothing converted again
+    capsys.readouterr()
+    labelmap.write_text(labelmap.read_text().replace('name: "', 'name: "my '))  # same file, other names
+    assert exit_code(convert_main, argv) == 2
+    error = error_line(capsys.readouterr().err)
+    assert "another class set" in error and str(out) in error, error
+    assert not FeatureStore.open(out).class_names[0].startswith("my ")
+
+
 def test_ava_conversion_with_its_label_map_keeps_the_ava_head(tiny_dataset, tmp_path):
     """An 80-column AVA label map of ids 1..80 gives AVA's class set (and the published head)."""
     labelmap = _labelmap(tmp_path / "ava.pbtxt", range(1, 81))
