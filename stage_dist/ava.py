@@ -590,16 +590,32 @@ def _validate_results_inputs(video_ids, timestamps, boxes, scores) -> tuple[np.n
     return as_int, boxes, scores
 
 
-def _selected_columns(scores: np.ndarray, class_ids, topk, min_score) -> tuple[np.ndarray, np.ndarray]:
-    """Action columns to write and the (boxes, columns) mask of rows to write."""
+def _column_ids(scores: np.ndarray, column_ids) -> np.ndarray:
+    """The class id of each score column: ``column_ids``, or ``j + 1`` (AVA) when None."""
+    if column_ids is None:
+        return np.arange(1, scores.shape[1] + 1, dtype=np.int64)
+    ids = np.asarray(list(column_ids), dtype=np.int64)
+    if ids.shape != (scores.shape[1],) or len(np.unique(ids)) != len(ids):
+        raise ValueError(f"column_ids must be {scores.shape[1]} distinct class ids (one per score column), "
+                         f"got {ids.tolist()}")
+    return ids
+
+
+def _selected_columns(scores: np.ndarray, class_ids, topk, min_score,
+                      column_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Action columns to write (in class id order) and the (boxes, columns) mask of rows to write."""
     num_actions = scores.shape[1]
     if class_ids is None:
-        columns = np.arange(num_actions)
+        columns = np.argsort(column_ids, kind="stable")
     else:
         ids = np.unique(np.fromiter(class_ids, dtype=np.int64))
-        if ids.size and (ids.min() < 1 or ids.max() > num_actions):
-            raise ValueError(f"class ids must be in 1..{num_actions}, got {ids.tolist()}")
-        columns = ids - 1
+        position = {int(c): j for j, c in enumerate(column_ids.tolist())}
+        unknown = [int(i) for i in ids if int(i) not in position]
+        if unknown:
+            if np.array_equal(column_ids, np.arange(1, num_actions + 1)):
+                raise ValueError(f"class ids must be in 1..{num_actions}, got {ids.tolist()}")
+            raise ValueError(f"class ids {unknown} are not among the score columns' ids {column_ids.tolist()}")
+        columns = np.array([position[int(i)] for i in ids], dtype=np.int64)
     selected = scores[:, columns]
     keep = selected >= min_score
     if topk is not None:
@@ -617,7 +633,8 @@ class ResultRows:
     """The rows of a results.csv before formatting, in file order (see :func:`write_results_csv`).
 
     Boxes are per predicted box (sorted); rows are (box, action) pairs: ``box_rows[r]`` indexes
-    the boxes, ``columns[column_rows[r]]`` is the score column (action id ``column + 1``).
+    the boxes, ``columns[column_rows[r]]`` is the score column, whose class id is
+    ``column_ids[column_rows[r]]`` (AVA: ``column + 1``).
     """
 
     names: np.ndarray  # (V,) str: the distinct video ids, sorted
@@ -625,6 +642,7 @@ class ResultRows:
     stamps: np.ndarray  # (B,) int64 whole seconds
     boxes: np.ndarray  # (B, 4) float64 x1, y1, x2, y2
     columns: np.ndarray  # (C,) int64 score columns written
+    column_ids: np.ndarray  # (C,) int64 their class ids (the action_id written)
     box_rows: np.ndarray  # (R,) int64
     column_rows: np.ndarray  # (R,) int64 index into columns
     scores: np.ndarray  # (R,) float64
@@ -643,10 +661,12 @@ def results_rows(
     class_ids: Iterable[int] | None = None,
     topk: int | None = None,
     min_score: float = 0.0,
+    column_ids: Sequence[int] | None = None,
 ) -> ResultRows:
     """The rows :func:`write_results_csv` writes for these predictions, in its order (arrays only)."""
     stamps, boxes, scores = _validate_results_inputs(video_ids, timestamps, boxes, scores)
-    columns, keep = _selected_columns(scores, class_ids, topk, min_score)
+    ids_of_columns = _column_ids(scores, column_ids)
+    columns, keep = _selected_columns(scores, class_ids, topk, min_score, ids_of_columns)
     if keep.size and not keep.any():  # an empty results file is almost never what was meant
         logger.warning("no score is >= min_score %g (the highest is %g): no rows selected",
                        min_score, float(scores[:, columns].max()))
@@ -661,6 +681,7 @@ def results_rows(
         stamps=stamps[order],
         boxes=boxes[order],
         columns=columns.astype(np.int64),
+        column_ids=ids_of_columns[columns],
         box_rows=box_rows,
         column_rows=column_rows,
         scores=scores[order[box_rows], columns[column_rows]],
@@ -679,11 +700,12 @@ def write_results_csv(
     min_score: float = 0.0,
     box_decimals: int = 3,
     score_decimals: int = 6,
+    column_ids: Sequence[int] | None = None,
 ) -> int:
     """Write predictions as an AVA results.csv; return the number of rows written.
 
     One row ``video,ts,x1,y1,x2,y2,action,score`` per box and action, where score column ``j``
-    is action id ``j + 1``; only ``class_ids`` if given, per box only its ``topk`` highest
+    is class id ``column_ids[j]`` (default ``j + 1``, AVA's); only ``class_ids`` if given, per box only its ``topk`` highest
     scores if given (ties: lower action id first), only scores ``>= min_score``. Rows are sorted
     by video id, timestamp, box (``x1, y1, x2, y2``, then input order) and action id, so the
     file does not depend on the order of the inputs. Timestamps are written 4-digit zero-padded
@@ -692,9 +714,10 @@ def write_results_csv(
     The file is written to a temporary file in the same directory and renamed into place: a
     failure never leaves a partial ``path`` (an existing file is kept).
     """
-    rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score)
+    rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score,
+                        column_ids=column_ids)
     prefixes = _box_prefixes(rows.names, rows.video_codes, rows.stamps, rows.boxes, box_decimals)
-    action_text = np.array([b",%d," % (c + 1) for c in rows.columns.tolist()])
+    action_text = np.array([b",%d," % c for c in rows.column_ids.tolist()])
 
     def blocks() -> Iterator[bytes]:
         for lo in range(0, rows.num_rows, _WRITE_BLOCK_ROWS):
@@ -730,7 +753,7 @@ def results_as_read(
         keys=keys,
         keyframe=box_keyframe[rows.box_rows].astype(np.int64),
         boxes=_as_written(rows.boxes, box_decimals)[rows.box_rows],
-        actions=rows.columns[rows.column_rows] + 1,
+        actions=rows.column_ids[rows.column_rows],
         scores=_as_written(rows.scores, score_decimals),
         marked_keyframes=np.empty(0, dtype=np.int64),
     )

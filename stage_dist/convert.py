@@ -53,6 +53,7 @@ import zarr
 from tqdm import tqdm
 
 from stage_dist import __version__
+from stage_dist.ava import AvaFormatError, read_labelmap
 from stage_dist.config import ConfigError, option, parse_config, section
 from stage_dist.errors import EXIT_BAD_INPUT
 from stage_dist.config import build_parser as build_config_parser
@@ -69,6 +70,7 @@ from stage_dist.sources import (
     DEFAULT_BOX_TOLERANCE,
     I3DSource,
     KeyframeInfo,
+    LabelColumns,
     MissingObjects,
     SlowFastSource,
     Source,
@@ -95,7 +97,7 @@ from stage_dist.store import (
     shard_done,
     storage_attrs,
 )
-from stage_dist.schema import DEFAULT_TAR_SHARD_MB
+from stage_dist.schema import AVA_CLASS_IDS, DEFAULT_TAR_SHARD_MB, describe_classes
 from stage_dist.zarr_io import row_writer
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,10 @@ class ConvertConfig:
                                                   "zero objects)")
     slowfast_file: Path | None = option(None, help="SlowFast layout: the split's .h5 of <clip_number>_<ts> groups")
     video_list: Path | None = option(None, help="SlowFast layout: video ids, one a line; clip numbers index it")
+    labelmap: Path | None = option(None, help="pbtxt label map naming the class id (and name) of each 'labels' "
+                                              "column, in column order; labels of any width K (= its size) are then "
+                                              "kept as they are. Without it the labels must be AVA's: 80 columns "
+                                              "(ids 1..80) or 81 (column 0 background, dropped)")
     missing_objects: MissingObjects = option("error", help="a keyframe absent from the objects file is an error or "
                                                            "has zero objects (empty)")
     box_tolerance: float = option(DEFAULT_BOX_TOLERANCE, metavar="EPS",
@@ -185,6 +191,7 @@ class ConvertConfig:
             "keep_spatial": self.keep_spatial,
             "cls_prob": self.cls_prob,
             "storage": asdict(self.storage),
+            **({"labelmap": str(Path(self.labelmap).resolve())} if self.labelmap is not None else {}),
         }
 
 
@@ -194,7 +201,20 @@ STORE_KIND = "feature store"
 def config_inputs(cfg: ConvertConfig) -> list[tuple[str, Path | None]]:
     """The run's inputs as (flag, path): an output may not be, contain or lie inside one."""
     return [("--actors-dir", cfg.actors_dir), ("--objects-file", cfg.objects_file),
-            ("--slowfast-file", cfg.slowfast_file), ("--video-list", cfg.video_list)]
+            ("--slowfast-file", cfg.slowfast_file), ("--video-list", cfg.video_list), ("--labelmap", cfg.labelmap)]
+
+
+def read_class_set(cfg: ConvertConfig) -> tuple[tuple[int, ...], tuple[str, ...] | None]:
+    """The store's class set: the ids (and names) of ``--labelmap`` in file order, else AVA's ids
+    1..80 without names. A malformed label map (duplicate ids or names, ...) is a ConvertError
+    naming the file and line."""
+    if cfg.labelmap is None:
+        return AVA_CLASS_IDS, None
+    try:
+        labelmap = read_labelmap(cfg.labelmap)
+    except AvaFormatError as err:
+        raise ConvertError(str(err)) from None
+    return tuple(labelmap), tuple(labelmap.values())
 
 
 def check_output(cfg: ConvertConfig) -> OutputDir:
@@ -203,6 +223,13 @@ def check_output(cfg: ConvertConfig) -> OutputDir:
 
 
 def build_source(cfg: ConvertConfig) -> Source:
+    source = _build_source(cfg)
+    if cfg.labelmap is not None:
+        source.label_columns = LabelColumns(len(read_class_set(cfg)[0]), str(cfg.labelmap))
+    return source
+
+
+def _build_source(cfg: ConvertConfig) -> Source:
     if cfg.actors_dir is not None:
         if cfg.objects_file is None:
             raise ConvertError("the I3D layout needs --objects-file with --actors-dir")
@@ -283,6 +310,8 @@ def make_plan(source: Source, cfg: ConvertConfig, runner: "Runner") -> Plan:
         object_dim=dims.object_dim,
         spatial_thw=dims.actor_thw if cfg.keep_spatial else None,
         cls_prob_dim=dims.cls_prob_dim if cfg.cls_prob else None,
+        class_ids=read_class_set(cfg)[0],
+        class_names=read_class_set(cfg)[1],
     )
     return Plan(keyframes, dims, StoreLayout.build(shape, cfg.storage), tables, listing.skipped)
 
@@ -293,6 +322,8 @@ def plan_fingerprint(plan: Plan, source: Source, cfg: ConvertConfig) -> str:
     h.update(json.dumps([source.describe(), cfg.store_arguments(), asdict(plan.dims)], sort_keys=True,
                         default=list).encode())
     h.update(json.dumps(plan.tables.video_ids).encode())
+    if cfg.labelmap is not None:  # the class set it names (AVA stores keep their fingerprint)
+        h.update(json.dumps([plan.layout.shape.class_ids, plan.layout.shape.class_names]).encode())
     for values in plan.tables.arrays().values():
         h.update(np.ascontiguousarray(values).tobytes())
     return h.hexdigest()
@@ -363,6 +394,12 @@ def _what_differs(existing: dict[str, Any], source: Source, cfg: ConvertConfig) 
         return "other arguments (" + ", ".join(f"{k} {old.get(k)!r}, now {new.get(k)!r}" for k in keys) + ")"
     if {k: v for k, v in existing.get("source", {}).items() if k in source.describe()} != source.describe():
         return "other input paths"
+    ids, names = read_class_set(cfg)
+    if existing.get("class_ids", list(ids)) != list(ids) or existing.get("class_names") != (list(names) if names else None):
+        if existing.get("class_ids", list(ids)) == list(ids):
+            return "another class set (the same ids, other class names)"
+        old_ids = tuple(existing.get("class_ids", AVA_CLASS_IDS))
+        return f"another class set ({describe_classes(old_ids)}; now {describe_classes(ids)})"
     return "inputs with other keyframes or row counts (files added, removed or reshaped)"
 
 

@@ -126,6 +126,7 @@ class StoreWindowSource:
         self.sampler = ClipWindowSampler(store.clip_lengths, window=window, windows_per_step=windows_per_step,
                                          rank=rank, world_size=world_size, seed=seed)
         self.actor_dim, self.object_dim = store.actor_dim, store.object_dim
+        self.class_ids = store.class_ids
         self.num_clips, self.num_keyframes, self.num_actors = store.num_clips, store.num_keyframes, store.num_actors
         self.max_nodes_per_keyframe = max_nodes_per_keyframe(store.actor_ptr, store.object_ptr)
         self.location = str(store.path)

@@ -43,6 +43,10 @@ class DemoConfig:
     nproc: int = option(2, help="torchrun processes for training and inference")
     epochs: int = option(40, help="training epochs for each model")
     seed: int = option(0, help="seed of the synthetic dataset and of training")
+    class_ids: tuple[int, ...] | None = option(None, metavar="ID",
+                                               help="run on a non-AVA class set: the synthetic data gets one class "
+                                                    "per id (any distinct ids >= 1, at most 60) and the converter "
+                                                    "its label map")
 
 
 def _earlier_demo(directory: Path) -> bool:
@@ -69,14 +73,18 @@ def _run_demo(args: DemoConfig, out: Path, started: float) -> int:
     data, stores, runs = out / "data", out / "stores", out / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks on 2 cores: no oversubscription
 
+    classes: list[str] = []
+    if args.class_ids:
+        classes = ["--num-classes", str(len(args.class_ids)), "--class-ids", *map(str, args.class_ids)]
     run("synthesize a small AVA-like dataset (both published layouts)",
         [PY, "-m", "stage_dist.synth", "--out", str(data), "--seed", str(args.seed),
-         "--actor-dim", "128", "--object-dim", "256"])
+         "--actor-dim", "128", "--object-dim", "256", *classes])
     for split in ("train", "val"):
         run(f"convert the {split} split (I3D layout) into a zarr store, and verify it",
             [PY, "tools/convert_features.py", "--actors-dir", str(data / split / "i3d" / "actors"),
              "--objects-file", str(data / split / "i3d" / "objects.h5"), "--split", split,
-             "--out", str(stores / f"{split}.zarr"), "--overwrite", "--verify"])
+             "--out", str(stores / f"{split}.zarr"), "--overwrite", "--verify",
+             *(["--labelmap", str(data / "labelmap.pbtxt")] if args.class_ids else [])])
 
     results = {}
     for model in ("stage", "baseline"):

@@ -183,19 +183,21 @@ def evaluate_predictions(
     class_ids: Iterable[int] | None = None,
     topk: int | None = None,
     min_score: float = 0.0,
+    column_ids: Sequence[int] | None = None,
 ) -> EvalResult:
     """Evaluate predictions held in memory, without writing and reading a results.csv.
 
     The predictions are what :func:`stage_dist.ava.write_results_csv` takes: per box its video
-    id, whole-second timestamp, ``x1, y1, x2, y2`` and a row of scores (column ``j`` = action id
-    ``j + 1``), with the same ``class_ids`` / ``topk`` / ``min_score`` selection. The result is
+    id, whole-second timestamp, ``x1, y1, x2, y2`` and a row of scores (column ``j`` = class id
+    ``column_ids[j]``, default ``j + 1``), with the same ``class_ids`` / ``topk`` / ``min_score`` selection. The result is
     the one :func:`evaluate` gives for the file ``write_results_csv`` writes from the same
     arguments, bit for bit (rows in the file's order, boxes and scores rounded as written to
     3 and 6 decimals) except ``seconds``. Per-row data stays in numpy arrays (a full AVA val
     set is ~9.5M rows); only the keyframe keys are Python strings. A ``min_score`` above every
     score is logged as a warning (by the row selection, as when writing the file).
     """
-    rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score)
+    rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score,
+                        column_ids=column_ids)
     detections = results_as_read(rows)
     del rows  # its per-row arrays are not needed any more (~40 bytes a row)
     return evaluate(groundtruth, detections, labelmap, exclusions)

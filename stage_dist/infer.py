@@ -40,7 +40,7 @@ from stage_dist.model import ModelConfig, compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.paths import user_message, user_path_errors
 from stage_dist.precision import resolve_precision
-from stage_dist.schema import NUM_ACTIONS
+from stage_dist.schema import describe_classes
 from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class InferConfig:
                                                 "side are added); the scores do not depend on it")
     windows_per_batch: int = option(INFERENCE_WINDOWS_PER_BATCH, help="windows per forward pass")
     labelmap: str | None = option(None, help="pbtxt label map: write only its classes")
-    topk: int | None = option(None, help="write only the K best actions per box")
+    topk: int | None = option(None, help="write only the K best actions per box (1..the store's class count)")
     min_score: float = option(0.0, help="write only scores >= this")
     runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
 
@@ -71,8 +71,8 @@ class InferConfig:
         for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if self.topk is not None and not 1 <= self.topk <= NUM_ACTIONS:
-            raise ConfigError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {self.topk}")
+        if self.topk is not None and self.topk < 1:  # its upper bound is the store's class count (run)
+            raise ConfigError(f"--topk must be >= 1 (actions per box), got {self.topk}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
 
@@ -81,20 +81,23 @@ class InferArgumentError(UserInputError):
     """A label map or output path of the inference CLI that cannot work; found before any work."""
 
 
-def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device) -> nn.Module:
+def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device,
+               class_ids: Sequence[int] | None = None, data: str = "the data") -> nn.Module:
     """A model from a checkpoint of this project or of the published STAGE code, for data of
-    ``actor_dim``/``object_dim`` features.
+    ``actor_dim``/``object_dim`` features (and, if given, of the class set ``class_ids``: a
+    checkpoint trained on other classes is refused naming both; ``data`` names the data).
 
     ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
     """
-    return load_models([checkpoint], actor_dim, object_dim, device)[0]
+    return load_models([checkpoint], actor_dim, object_dim, device, class_ids, data)[0]
 
 
-def load_models(checkpoints: Sequence[str | Path], actor_dim: int, object_dim: int,
-                device: torch.device) -> list[nn.Module]:
+def load_models(checkpoints: Sequence[str | Path], actor_dim: int, object_dim: int, device: torch.device,
+                class_ids: Sequence[int] | None = None, data: str = "the data") -> list[nn.Module]:
     """The models of ``checkpoints`` (files or run checkpoint directories), for data of
-    ``actor_dim``/``object_dim`` features. Several (an ensemble) must have the same outputs (class
-    set) and feature sizes: a mismatch is a :class:`CheckpointError` naming both files."""
+    ``actor_dim``/``object_dim`` features and, if given, the class set ``class_ids``. Several (an
+    ensemble) must have the same class set and feature sizes: a mismatch is a
+    :class:`CheckpointError` naming both files."""
     found = [read_latest_or_file(checkpoint) for checkpoint in checkpoints]
     first = found[0]
     for other in found[1:]:
@@ -107,11 +110,18 @@ def load_models(checkpoints: Sequence[str | Path], actor_dim: int, object_dim: i
             f"{first.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
             f"dims, the data has {actor_dim}/{object_dim}"
         )
+    if class_ids is not None and config.classes != tuple(class_ids):
+        raise CheckpointError(
+            f"{first.path}: the checkpoint predicts {describe_classes(config.classes)}, {data} holds "
+            f"{describe_classes(tuple(class_ids))}; infer with a checkpoint trained on this class set"
+        )
     return [checkpoint.build_model().to(device) for checkpoint in found]
 
 
 def _incompatible(a: ModelConfig, b: ModelConfig) -> str | None:
     """What keeps two models from scoring the same classes on the same features, or None."""
+    if a.classes != b.classes:
+        return f"{describe_classes(b.classes)} vs {describe_classes(a.classes)}"
     if a.num_outputs != b.num_outputs:
         return f"{b.num_outputs} outputs (classes) vs {a.num_outputs}"
     if (a.actor_dim, a.object_dim) != (b.actor_dim, b.object_dim):
@@ -136,10 +146,6 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
     """The label map and ``--out``, checked before any process group or model; returns the label map."""
     labelmap = read_labelmap(config.labelmap) if config.labelmap else None
     if labelmap is not None:
-        outside = sorted(i for i in labelmap if not 1 <= i <= NUM_ACTIONS)
-        if outside:
-            raise InferArgumentError(f"{config.labelmap}: action id(s) {', '.join(map(str, outside[:5]))} outside "
-                                     f"1..{NUM_ACTIONS}, the actions the model predicts")
         if not labelmap:
             raise InferArgumentError(f"{config.labelmap}: the label map holds no classes; nothing would be written")
     inputs = [*(("--checkpoint", checkpoint) for checkpoint in config.checkpoint), ("--labelmap", config.labelmap),
@@ -152,6 +158,20 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
         raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
                                  "(remove it or give another --out)")
     return labelmap
+
+
+def check_classes(config: InferConfig, store_classes: Sequence[int], labelmap_ids: set[int] | None,
+                  location: str) -> None:
+    """``--labelmap`` ids and ``--topk`` against the store's class set (before the model is loaded)."""
+    if labelmap_ids is not None:
+        outside = sorted(set(labelmap_ids) - set(store_classes))
+        if outside:
+            raise InferArgumentError(f"{config.labelmap}: class id(s) {', '.join(map(str, outside[:5]))} are not among "
+                                     f"the {describe_classes(tuple(store_classes))} of {location}, the classes the "
+                                     "model predicts")
+    if config.topk is not None and config.topk > len(store_classes):
+        raise InferArgumentError(f"--topk must be in 1..{len(store_classes)} (the classes of {location}), "
+                                 f"got {config.topk}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +206,9 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     started = time.perf_counter()
     precision = resolve_precision(runtime.amp, env.device)
     source = open_window_source(store=config.store, shards=config.shards)
-    models = load_models(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+    check_classes(config, source.class_ids, class_ids, source.location)
+    models = load_models(config.checkpoint, source.actor_dim, source.object_dim, env.device, source.class_ids,
+                         source.location)
     if runtime.compile:
         for model in models:
             compile_model(model, env.device)
@@ -203,7 +225,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
         return EXIT_NON_FINITE
     with user_path_errors({"--out": config.out}, writing="--out"):
         rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
-                                 min_score=config.min_score)
+                                 min_score=config.min_score, column_ids=source.class_ids)
     seconds = time.perf_counter() - started
     num_keyframes = len(keyframes.timestamps)
     print(f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows -> {config.out} "

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from stage_dist.ava import write_results_csv
 from stage_dist.batch import Batch, Padding
 from stage_dist.distributed import DistEnv, gather_to_main
-from stage_dist.model import action_logits
+from stage_dist.model import ModelConfig, action_logits
 from stage_dist.precision import Precision, resolve_precision
+from stage_dist.schema import AVA_CLASS_IDS
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import InferenceBatch, WindowSource
 
@@ -50,7 +51,7 @@ class Predictions:
     actor_index: np.ndarray  # (N,) int64
     keyframe: np.ndarray  # (N,) int64
     boxes: np.ndarray  # (N, 4) float32, normalised x1, y1, x2, y2
-    scores: np.ndarray  # (N, 80) float32, column j = action id j + 1
+    scores: np.ndarray  # (N, K) float32, column j = the model's class j (AVA: K = 80, action id j + 1)
 
     @classmethod
     def concatenate(cls, parts: Sequence["Predictions"]) -> "Predictions":
@@ -97,10 +98,14 @@ def score_batches(
     env: DistEnv,
     precision: Precision,
 ) -> Predictions:
-    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs; several models:
-    the mean of their sigmoid scores (each batch is moved to the device once for all of them)."""
+    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs; several models
+    (one class set, checked by the caller): the mean of their sigmoid scores (each batch is moved
+    to the device once for all of them)."""
     models = [model] if isinstance(model, nn.Module) else list(model)
     was_training = [m.training for m in models]
+    config = getattr(models[0], "config", None)
+    classes = config.classes if isinstance(config, ModelConfig) else AVA_CLASS_IDS
+    class_ids = config.class_ids if isinstance(config, ModelConfig) else None  # None: AVA's published head
     for m in models:
         m.eval()
     parts: list[Predictions] = []
@@ -112,7 +117,7 @@ def score_batches(
                 for m in models:
                     with precision.autocast():
                         logits = m(on_device)
-                    scores = torch.sigmoid(action_logits(logits).float())
+                    scores = torch.sigmoid(action_logits(logits, class_ids).float())
                     total = scores if total is None else total + scores
                 assert total is not None
                 scores = (total if len(models) == 1 else total / len(models)).cpu()
@@ -127,7 +132,7 @@ def score_batches(
             m.train(mode)
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                           np.zeros((0, 80), np.float32))
+                           np.zeros((0, len(classes)), np.float32))
     return Predictions.concatenate(parts)
 
 
@@ -187,8 +192,10 @@ def write_predictions(
     class_ids: set[int] | None = None,
     topk: int | None = None,
     min_score: float = 0.0,
+    column_ids: Sequence[int] | None = None,
 ) -> int:
-    """Write predictions as an AVA results.csv (atomically); returns the number of rows."""
+    """Write predictions as an AVA results.csv (atomically); returns the number of rows. Score
+    column j is class id ``column_ids[j]`` (the store's class set; default AVA's ``j + 1``)."""
     return write_results_csv(
         path,
         keyframes.video_ids[predictions.keyframe],
@@ -198,6 +205,7 @@ def write_predictions(
         class_ids=class_ids,
         topk=topk,
         min_score=min_score,
+        column_ids=column_ids,
     )
 
 

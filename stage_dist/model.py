@@ -32,6 +32,11 @@ already pooled over t, h, w (the published ``torch.mean`` under ``no_grad``). No
 callers: the published loss is BCE over all 81 columns, background column 0 included, with
 the h5 ``labels`` (n, 81); the store keeps labels for action ids 1..80 only.
 
+The classifier's class set (``ModelConfig.class_ids``): ``None`` is AVA's, the published head of
+81 outputs (column 0 background, column j = action id j), so published checkpoints load strictly;
+any other class set (a store converted with a label map) has one output per class, column j =
+``class_ids[j]``, no background column. :func:`action_logits` gives the class columns of either.
+
 Tests (``tests/test_model.py``) check this module against ``tests/reference_stage.py``, a
 transcription of the files above.
 """
@@ -39,7 +44,7 @@ transcription of the files above.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +53,7 @@ from torch import nn
 from stage_dist.batch import Batch
 from stage_dist.errors import UserInputError
 from stage_dist.graph import Graph, box_centres
+from stage_dist.schema import AVA_CLASS_IDS
 
 GEOMETRY_DIM = 4  # h, w, xc, yc
 
@@ -68,6 +74,20 @@ class ModelConfig:
     num_outputs: int = 81  # published: column 0 background, column j = AVA action id j
     dropout: float = 0.5
     tau: float = 1.0
+    class_ids: list[int] | None = None  # None: AVA (81 outputs); else output j is class id class_ids[j]
+
+    @classmethod
+    def head_for(cls, class_ids: Sequence[int]) -> dict[str, Any]:
+        """The ``num_outputs``/``class_ids`` arguments of a classifier for a store's class set:
+        none for AVA's ids 1..80 (the published 81-output head), else one output per class."""
+        if tuple(class_ids) == AVA_CLASS_IDS:
+            return {}
+        return {"num_outputs": len(class_ids), "class_ids": [int(i) for i in class_ids]}
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The class id of each column of :func:`action_logits` (AVA: 1..80)."""
+        return AVA_CLASS_IDS if self.class_ids is None else tuple(self.class_ids)
 
     @property
     def node_dim(self) -> int:
@@ -98,6 +118,11 @@ class ModelConfig:
             raise ModelConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.tau < 0:
             raise ModelConfigError(f"tau must be >= 0, got {self.tau}")
+        if self.class_ids is not None and (len(self.class_ids) != self.num_outputs
+                                           or len(set(self.class_ids)) != len(self.class_ids)
+                                           or min(self.class_ids, default=0) < 1):
+            raise ModelConfigError(f"class_ids must be {self.num_outputs} distinct ids >= 1 (one per output), "
+                                   f"got {self.class_ids}")
 
 
 def box_geometry(boxes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,8 +310,15 @@ def build_model(kind: str, config: ModelConfig) -> nn.Module:
     return _MODELS[kind](config)
 
 
-def action_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Columns of AVA action ids 1..80 (drops the published background column 0)."""
+def action_logits(logits: torch.Tensor, class_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The class columns of a model's logits: for AVA (``class_ids`` None, the published head)
+    the columns of action ids 1..80 (drops the background column 0); for a model of another
+    class set (``ModelConfig.class_ids``) all of them, column j = ``class_ids[j]``."""
+    if class_ids is not None:
+        if logits.shape[-1] != len(class_ids):
+            raise ModelConfigError(f"action_logits expects {len(class_ids)} columns (one per class), got "
+                                   f"{logits.shape[-1]}")
+        return logits
     if logits.shape[-1] != 81:
         raise ModelConfigError(
             f"action_logits expects 81 columns (background + 80 actions), got {logits.shape[-1]}"

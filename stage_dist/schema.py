@@ -11,7 +11,7 @@ consecutive keyframes of one clip is one contiguous row range in every array::
     keyframes/object_ptr   (K + 1,) int64   CSR pointers into objects/*
     actors/features        (A, C)  float16|float32, mean over t, h, w
     actors/boxes           (A, 4)  float32, normalised x1, y1, x2, y2
-    actors/labels          (A, 80) uint8, column j is AVA action id j + 1
+    actors/labels          (A, K) uint8, column j is class id class_ids[j] (AVA: K = 80, id j + 1)
     actors/spatial         (A, C, t, h, w) optional (--keep-spatial)
     objects/features       (O, D)
     objects/boxes          (O, 4)  float32
@@ -31,6 +31,11 @@ Chunking (the unit a read decodes) and sharding (the unit of a file and of a con
 
 Every array's shard rows divide its group's shard rows, so one converter writer owns whole
 shards of every array.
+
+The class set (:func:`store_class_ids`, :func:`store_class_names`): the attribute ``class_ids``
+lists the class id of each label column, in column order, and ``class_names`` their names (null
+unless the converter was given a label map). A store without ``class_ids`` (converted before it
+existed) is AVA's: 80 columns, column j is action id j + 1.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ ATTRS_KEY = "stage_dist"  # the root group's attribute holding the store's descr
 PROGRESS_DIR = "_progress"  # finished-shard records of a conversion in progress
 NUM_ACTIONS = 80  # AVA action ids 1..80; labels column j is action id j + 1
 LABEL_LAYOUT = "ava80: labels[:, j] is AVA action id j + 1 (no background column)"
+CUSTOM_LABEL_LAYOUT = "class_ids: labels[:, j] is class id class_ids[j] (no background column)"
+AVA_CLASS_IDS: tuple[int, ...] = tuple(range(1, NUM_ACTIONS + 1))  # the class set of a store without class_ids
 BOX_DTYPE = "float32"
 LABEL_DTYPE = "uint8"
 CLIP_PTR = "clips/ptr"
@@ -145,6 +152,8 @@ class StoreShape:
     object_dim: int
     spatial_thw: tuple[int, ...] | None = None  # (t, h, w) when the full actor tensor is kept
     cls_prob_dim: int | None = None
+    class_ids: tuple[int, ...] = AVA_CLASS_IDS  # the class id of each label column
+    class_names: tuple[str, ...] | None = None  # their names, when a label map gave them
 
 
 def _pow2_floor(x: float) -> int:
@@ -192,7 +201,7 @@ class StoreLayout:
         f = storage.dtype
         actor_cols: dict[str, tuple[tuple[int, ...], str]] = {
             "features": ((shape.actor_dim,), f), "boxes": ((4,), BOX_DTYPE),
-            "labels": ((NUM_ACTIONS,), LABEL_DTYPE),
+            "labels": ((len(shape.class_ids),), LABEL_DTYPE),
         }
         if shape.spatial_thw is not None:
             actor_cols["spatial"] = ((shape.actor_dim, *shape.spatial_thw), f)
@@ -219,9 +228,33 @@ def storage_attrs(layout: StoreLayout) -> dict[str, Any]:
                  "spatial_thw": list(s.spatial_thw) if s.spatial_thw else None,
                  "cls_prob_dim": s.cls_prob_dim},
         "dtypes": {"features": layout.storage.dtype, "boxes": BOX_DTYPE, "labels": LABEL_DTYPE},
-        "label_layout": LABEL_LAYOUT,
+        "label_layout": LABEL_LAYOUT if s.class_ids == AVA_CLASS_IDS else CUSTOM_LABEL_LAYOUT,
+        "class_ids": list(s.class_ids),
+        "class_names": list(s.class_names) if s.class_names is not None else None,
         "storage": asdict(layout.storage),
     }
+
+
+def store_class_ids(attrs: dict[str, Any]) -> tuple[int, ...]:
+    """The class id of each label column of a store with ``attrs`` (AVA's 1..80 when it records none)."""
+    ids = attrs.get("class_ids")
+    return AVA_CLASS_IDS if ids is None else tuple(int(i) for i in ids)
+
+
+def store_class_names(attrs: dict[str, Any]) -> tuple[str, ...] | None:
+    """The names of the store's classes, in column order, if its converter was given a label map."""
+    names = attrs.get("class_names")
+    return None if names is None else tuple(str(n) for n in names)
+
+
+def describe_classes(class_ids: tuple[int, ...] | list[int]) -> str:
+    """A class set in a few words, for messages: ``80 classes (ids 1..80)``, ``5 classes (ids 1001, 1002, ...)``."""
+    ids = list(class_ids)
+    if len(ids) > 2 and ids == list(range(ids[0], ids[0] + len(ids))):
+        shown = f"{ids[0]}..{ids[-1]}"
+    else:
+        shown = ", ".join(map(str, ids[:6])) + (", ..." if len(ids) > 6 else "")
+    return f"{len(ids)} classes (ids {shown})"
 
 
 def row_arrays(attrs: dict[str, Any]) -> list[str]:

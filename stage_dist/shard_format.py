@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from stage_dist.errors import UserInputError
 from stage_dist.outputs import claim_output_dir
-from stage_dist.schema import DEFAULT_TAR_SHARD_MB
+from stage_dist.schema import DEFAULT_TAR_SHARD_MB, store_class_ids, store_class_names
 from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store,
                               finish_store, open_arrays, read_attrs)
 from stage_dist.window_source import WINDOW_ROW_ARRAYS, cut_window, max_nodes_per_keyframe
@@ -611,7 +611,8 @@ def shards_to_store(
     counts, dims = attrs["counts"], attrs["dims"]
     shape = StoreShape(counts["num_clips"], counts["num_keyframes"], counts["num_actors"], counts["num_objects"],
                        dims["actor_dim"], dims["object_dim"],
-                       tuple(dims["spatial_thw"]) if dims.get("spatial_thw") else None, dims.get("cls_prob_dim"))
+                       tuple(dims["spatial_thw"]) if dims.get("spatial_thw") else None, dims.get("cls_prob_dim"),
+                       store_class_ids(attrs), store_class_names(attrs))
     layout = StoreLayout.build(shape, StorageConfig(**attrs["storage"]))
     lengths = np.asarray(manifest["clip_lengths"], dtype=np.int64)
     num_keyframes = int(lengths.sum())

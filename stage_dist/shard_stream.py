@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stage_dist.batch import Padding, Window, collate
 from stage_dist.data import KeyframeCollate
 from stage_dist.sampler import EpochPosition, clip_windows, epoch_generator, plan_inference_windows, window_offsets
+from stage_dist.schema import store_class_ids
 from stage_dist.shard_format import (ShardError, check_complete, clip_groups, cut_clip, decode_clip, decode_sample,
                                      manifest_of, read_clip_samples, select_shards)
 from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, batches_of
@@ -138,6 +139,7 @@ class ShardWindowStream(EpochPosition, IterableDataset):
             raise ShardError(f"shards hold windows of {self.manifest['window']} keyframes, not {window}")
         self.actor_dim: int = self.manifest["actor_dim"]
         self.object_dim: int = self.manifest["object_dim"]
+        self.class_ids: tuple[int, ...] = store_class_ids(self.manifest.get("store_attrs", {}))
         self.num_clips: int = self.manifest["num_clips"]
         self.num_keyframes: int = self.manifest["num_keyframes"]
         self.num_actors: int = self.manifest["num_actors"]

@@ -10,6 +10,10 @@ Two layouts (see docs/design.md, "Input layouts"):
   Objects come from the same kind of ``objects.h5`` when one is given, else every keyframe
   has zero objects.
 
+What the ``labels`` columns mean: without a label map, AVA's (80 columns = action ids 1..80, or
+81 with the background column 0, which is dropped); with one (:class:`LabelColumns`, the
+converter's ``--labelmap``), any width K that equals the label map's size, kept as it is.
+
 A source does three things: list its keyframes (names only), :meth:`scan` a clip (shapes only,
 used to count rows before anything is written) and read one keyframe's actor or object rows
 (values, validated, actor features pooled over t, h, w in float32). Every problem is raised as
@@ -75,6 +79,14 @@ def pool_actor_features(features: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class LabelColumns:
+    """Labels of ``width`` columns named by the label map ``labelmap`` (in column order)."""
+
+    width: int
+    labelmap: str
+
+
+@dataclass(frozen=True)
 class KeyframeInfo:
     """Shapes of one keyframe, found by :meth:`Source.scan_clip` without reading values."""
 
@@ -95,7 +107,7 @@ class SourceDims:
 
     actor_dim: int
     actor_thw: tuple[int, ...] | None  # (t, h, w) of unpooled actor features; None if pooled
-    label_width: int  # 80 or 81 (column 0 background)
+    label_width: int  # AVA: 80 or 81 (column 0 background); with a label map, its size
     object_dim: int
     cls_prob_dim: int | None  # None: no cls_prob in the objects file
 
@@ -106,7 +118,7 @@ class ActorRows:
 
     features: np.ndarray  # (n, C) float32, pooled
     boxes: np.ndarray  # (n, 4) float32
-    labels: np.ndarray  # (n, 80) uint8, column j is action id j + 1
+    labels: np.ndarray  # (n, K) uint8, column j is the store's j-th class (AVA: K = 80, action id j + 1)
     spatial: np.ndarray | None = None  # (n, C, t, h, w) float32 when asked for
     clipped: int = 0  # box coordinates clipped into [0, 1] (within the box tolerance)
 
@@ -139,6 +151,7 @@ class SourceListing:
 
 class Source(Protocol):
     layout: str
+    label_columns: LabelColumns | None
 
     def describe(self) -> dict[str, str | None]: ...
     def shared_inputs(self) -> dict[str, list[Path]]: ...
@@ -222,10 +235,19 @@ def _check_rows(shape: tuple[int, ...], ndim: int, rows: int | None, name: str, 
         )
 
 
-def _check_label_width(width: int, where: str) -> None:
-    if width not in (NUM_ACTIONS, NUM_ACTIONS + 1):
+def _check_label_width(width: int, where: str, columns: LabelColumns | None) -> None:
+    if columns is not None:
+        if width != columns.width:
+            missing = (f"columns {columns.width + 1}..{width} have no entry" if width > columns.width
+                       else f"entries {width + 1}..{columns.width} have no column")
+            raise SourceError(
+                f"{where}: 'labels' has {width} columns but the label map {columns.labelmap} has {columns.width} "
+                f"entries ({missing}); the label map lists one class per column, in column order"
+            )
+    elif width not in (NUM_ACTIONS, NUM_ACTIONS + 1):
         raise SourceError(
-            f"{where}: 'labels' has {width} columns; expected 81 (column 0 background) or 80"
+            f"{where}: 'labels' has {width} columns; expected 81 (column 0 background) or 80 (AVA), or give "
+            "--labelmap FILE naming the class id of each column"
         )
 
 
@@ -257,9 +279,9 @@ def _check_boxes(boxes: np.ndarray, where: str, tolerance: float) -> tuple[np.nd
     return boxes, clipped
 
 
-def _labels_to_store(labels: np.ndarray, where: str) -> np.ndarray:
-    _check_label_width(labels.shape[1], where)
-    if labels.shape[1] == NUM_ACTIONS + 1:
+def _labels_to_store(labels: np.ndarray, where: str, columns: LabelColumns | None) -> np.ndarray:
+    _check_label_width(labels.shape[1], where, columns)
+    if columns is None and labels.shape[1] == NUM_ACTIONS + 1:
         labels = labels[:, 1:]
     if not np.isin(labels, (0, 1)).all():
         raise SourceError(f"{where}: 'labels' holds values other than 0 and 1")
@@ -467,6 +489,7 @@ class I3DSource:
     """``actors_dir/<video_id>/<timestamp>.h5`` plus ``objects.h5``."""
 
     layout = "i3d"
+    label_columns: LabelColumns | None = None  # None: AVA's 80/81 columns (set by the converter's --labelmap)
 
     def __init__(self, actors_dir: Path, objects_file: Path, missing_objects: MissingObjects = "error",
                  box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> None:
@@ -553,7 +576,7 @@ class I3DSource:
             _check_rows(boxes, 2, None, "boxes", where)
             _check_rows(feats, 5, boxes[0], "features", where)
             _check_rows(labels, 2, boxes[0], "labels", where)
-            _check_label_width(labels[1], where)
+            _check_label_width(labels[1], where, self.label_columns)
             obj = self.objects.scan(video_id, ts)
             kf_dims = SourceDims(feats[1], tuple(feats[2:]), labels[1], obj.dim, obj.cls_prob_dim)
             dims = _merge_dims(dims, kf_dims, f"{path} / {self.objects.path} {video_id}_{ts}")
@@ -578,7 +601,7 @@ class I3DSource:
         _check_finite(pooled, "features", where)
         spatial = feats.astype(np.float32, copy=False) if keep_spatial else None
         boxes, clipped = _check_boxes(boxes, where, self.box_tolerance)
-        return ActorRows(pooled, boxes, _labels_to_store(labels, where), spatial, clipped)
+        return ActorRows(pooled, boxes, _labels_to_store(labels, where, self.label_columns), spatial, clipped)
 
     def read_objects(self, video_id: str, timestamp: int) -> ObjectRows:
         return self.objects.read(video_id, timestamp)
@@ -611,6 +634,7 @@ class SlowFastSource:
     """One h5 per split: group ``<clip_number>_<ts>`` per keyframe, plus a video list."""
 
     layout = "slowfast"
+    label_columns: LabelColumns | None = None  # None: AVA's 80/81 columns (set by the converter's --labelmap)
 
     def __init__(self, slowfast_file: Path, video_list: Path, objects_file: Path | None = None,
                  missing_objects: MissingObjects = "error", box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> None:
@@ -691,7 +715,7 @@ class SlowFastSource:
             _check_rows(boxes, 2, None, "boxes", where)
             _check_rows(feats, 2, boxes[0], "features", where)
             _check_rows(labels, 2, boxes[0], "labels", where)
-            _check_label_width(labels[1], where)
+            _check_label_width(labels[1], where, self.label_columns)
             obj = self.objects.scan(video_id, ts) if self.objects else NO_OBJECTS
             kf_dims = SourceDims(feats[1], None, labels[1], obj.dim, obj.cls_prob_dim)
             dims = _merge_dims(dims, kf_dims, where)
@@ -711,7 +735,7 @@ class SlowFastSource:
         _check_rows(labels.shape, 2, len(boxes), "labels", where)
         _check_finite(feats, "features", where)
         boxes, clipped = _check_boxes(boxes, where, self.box_tolerance)
-        return ActorRows(feats, boxes, _labels_to_store(labels, where), clipped=clipped)
+        return ActorRows(feats, boxes, _labels_to_store(labels, where, self.label_columns), clipped=clipped)
 
     def read_objects(self, video_id: str, timestamp: int) -> ObjectRows:
         if self.objects is None:

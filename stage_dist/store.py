@@ -51,6 +51,8 @@ from stage_dist.schema import (  # the layout names are re-exported for the conv
     SCHEMA_VERSION,
     WINDOW_ARRAYS,
     Compression,
+    store_class_ids,
+    store_class_names,
     StorageConfig,
     StoreLayout,
     StoreShape,
@@ -237,6 +239,8 @@ class FeatureStore:
         self.num_objects: int = counts["num_objects"]
         self.actor_dim: int = dims["actor_dim"]
         self.object_dim: int = dims["object_dim"]
+        self.class_ids: tuple[int, ...] = store_class_ids(attrs)  # class id of each label column
+        self.class_names: tuple[str, ...] | None = store_class_names(attrs)
         self.video_ids: list[str] = tables.video_ids
         self.clip_ptr = tables.clip_ptr
         self.clip_lengths = np.diff(tables.clip_ptr)

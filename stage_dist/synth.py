@@ -10,6 +10,11 @@ Owns the generative model and the writers of:
   (clip number = line index; deliberately not sorted);
 - the AVA ``<split>/groundtruth.csv`` and ``labelmap.pbtxt`` (real AVA names and ids).
 
+With ``--class-ids`` (one id per class, any ids >= 1) the dataset has a non-AVA class set: the
+same classes (AVA names, same generative model), but their ids are the given ones, both layouts'
+``labels`` have one column per class in that order (no background column), and
+``labelmap.pbtxt`` lists them in column order: the label map the converter's ``--labelmap`` needs.
+
 Both layouts hold the same actors, boxes and labels, and the SlowFast features are exactly the
 mean over t, h, w of the I3D features: every feature value lies on a 2**-8 grid and the voxel
 deviations of an actor sum to zero exactly, so the float32 mean is exact in any summation order.
@@ -152,6 +157,10 @@ class SynthConfig:
                                         metavar="N")
     object_dim: int = option(512, help="dimension of object features")
     num_classes: int = option(12, help=f"number of action classes used, 1..{MAX_CLASSES} (AVA ids and names)")
+    class_ids: tuple[int, ...] | None = option(None, metavar="ID",
+                                               help="a non-AVA class set: the id of each of the --num-classes "
+                                                    "classes, in label-column order (distinct, >= 1); labels get "
+                                                    "one column per class and no background column")
     val_false_positives: float = option(0.15, help="expected extra unlabelled val detection boxes per true box")
     val_jitter: float = option(0.02, help="std of the normalised jitter of val detection boxes")
 
@@ -168,6 +177,9 @@ class SynthConfig:
             "num_classes": 1 <= self.num_classes <= MAX_CLASSES,
             "val_false_positives": self.val_false_positives >= 0,
             "val_jitter": self.val_jitter >= 0,
+            "class_ids": self.class_ids is None or (len(self.class_ids) == self.num_classes
+                                                    and len(set(self.class_ids)) == len(self.class_ids)
+                                                    and min(self.class_ids) >= 1),
         }
         for name, ok in checks.items():
             if not ok:
@@ -235,9 +247,18 @@ class Signatures:
     emit: np.ndarray  # (n_interaction, C)
     object: np.ndarray  # (n_object, D)
     object_category: np.ndarray  # (n_object,) detector class of each object class's object
+    # Label column of each action id in the generator's labels (column 0 background): AVA's
+    # id itself (81 columns), or 1 + its place in --class-ids.
+    column: dict[int, int] = field(default_factory=dict)
+    label_width: int = NUM_ACTIONS + 1
+    custom: bool = False  # --class-ids: labels are written without the background column
 
     def ids(self, kind: str) -> np.ndarray:
         return np.array([a.id for a in self.actions if a.kind == kind], dtype=np.int64)
+
+    def columns(self, kind: str) -> np.ndarray:
+        """The label columns of the ``kind`` actions (AVA: their ids)."""
+        return np.array([self.column.get(a.id, a.id) for a in self.actions if a.kind == kind], dtype=np.int64)
 
 
 def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -249,12 +270,18 @@ def make_signatures(config: SynthConfig) -> Signatures:
     rng = np.random.default_rng([config.seed, 0])
     actions = choose_actions(config.num_classes)
     count = {k: sum(a.kind == k for a in actions) for k in ACTION_PRIOR}
+    custom: dict = {}
+    if config.class_ids is not None:
+        actions = [SynthAction(int(i), a.name, a.kind) for a, i in zip(actions, config.class_ids)]
+        custom = dict(column={a.id: 1 + j for j, a in enumerate(actions)}, label_width=len(actions) + 1,
+                      custom=True)
     return Signatures(
         actions=actions,
         direct=_unit_rows(rng, count["direct"], config.actor_dim),
         emit=_unit_rows(rng, count["interaction"], config.actor_dim),
         object=_unit_rows(rng, count["object"], config.object_dim),
         object_category=rng.integers(1, NUM_DETECTOR_CLASSES, size=count["object"]),
+        **custom,
     )
 
 
@@ -349,7 +376,7 @@ class Keyframe:
     timestamp: int
     actor_features: np.ndarray  # (n, C) float32 pooled, on the feature grid
     actor_boxes: np.ndarray  # (n, 4) float32
-    actor_labels: np.ndarray  # (n, 81) float32, column 0 background
+    actor_labels: np.ndarray  # (n, 81) float32, column 0 background (--class-ids: K + 1 columns)
     person_boxes: np.ndarray  # (p, 4) float32 true boxes
     person_labels: np.ndarray  # (p, 81)
     person_ids: np.ndarray  # (p,) int
@@ -407,7 +434,7 @@ class ClipGenerator:
         """Per (keyframe, actor): direct-class states, held object classes, interaction cues
         emitted (each (steps, tracks, n_kind) bool) and the (steps, tracks, 81) labels."""
         steps, tracks = present.shape
-        direct_ids, object_ids, inter_ids = (self.sig.ids(k) for k in ACTION_PRIOR)
+        direct_ids, object_ids, inter_ids = (self.sig.columns(k) for k in ACTION_PRIOR)
         chains = [
             markov_chains(rng, ACTION_PRIOR[kind], (tracks, len(ids)), steps) & present[..., None]
             for kind, ids in zip(ACTION_PRIOR, (direct_ids, object_ids, inter_ids))
@@ -416,7 +443,7 @@ class ClipGenerator:
         self._cap_objects(rng, holds)
         # Interaction: on iff another actor of the same keyframe emits the class's cue.
         others = emit.sum(axis=1, keepdims=True) - emit
-        labels = np.zeros((steps, tracks, NUM_ACTIONS + 1), dtype=np.float32)
+        labels = np.zeros((steps, tracks, self.sig.label_width), dtype=np.float32)
         labels[..., direct_ids] = direct
         labels[..., object_ids] = holds
         labels[..., inter_ids] = (others > 0) & present[..., None]
@@ -470,7 +497,7 @@ class ClipGenerator:
                 dtype=np.float32,
             ).reshape(-1, 4)
             false_positives = int(rng.poisson(cfg.val_false_positives * max(len(on), 1)))
-            fp_labels = np.zeros((false_positives, NUM_ACTIONS + 1), dtype=np.float32)
+            fp_labels = np.zeros((false_positives, self.sig.label_width), dtype=np.float32)
             fp_labels[:, 0] = 1.0
             fp_boxes = np.array(
                 [self._random_person_box(rng) for _ in range(false_positives)], dtype=np.float32
@@ -487,7 +514,7 @@ class ClipGenerator:
             timestamp=timestamp,
             actor_features=actor_features.reshape(-1, cfg.actor_dim),
             actor_boxes=actor_boxes.reshape(-1, 4).astype(np.float32),
-            actor_labels=actor_labels.reshape(-1, NUM_ACTIONS + 1),
+            actor_labels=actor_labels.reshape(-1, self.sig.label_width),
             person_boxes=person_boxes.reshape(-1, 4),
             person_labels=labels[on],
             person_ids=on,
@@ -571,20 +598,23 @@ def _dataset(group: h5py.Group, name: str, data: np.ndarray) -> None:
     group.create_dataset(name, data=data, track_times=False)
 
 
-def write_labelmap(path: Path, actions: Sequence[SynthAction]) -> None:
-    items = [f'item {{\n  name: "{a.name}"\n  id: {a.id}\n}}\n' for a in sorted(actions)]
+def write_labelmap(path: Path, actions: Sequence[SynthAction], in_order: bool = False) -> None:
+    """The pbtxt of ``actions``, sorted by id (AVA), or in their order (``in_order``: column order)."""
+    items = [f'item {{\n  name: "{a.name}"\n  id: {a.id}\n}}\n' for a in (actions if in_order else sorted(actions))]
     path.write_text("".join(items))
 
 
-def groundtruth_rows(clip: Clip, action_ids: Sequence[int]) -> list[str]:
-    """AVA groundtruth rows of a clip; a keyframe with no (person, action) gets ``video,ts``."""
+def groundtruth_rows(clip: Clip, action_ids: Sequence[int], columns: dict[int, int] | None = None) -> list[str]:
+    """AVA groundtruth rows of a clip; a keyframe with no (person, action) gets ``video,ts``.
+    ``columns``: the label column of each action id (default: the id itself, AVA's)."""
+    columns = columns or {}
     rows = []
     for kf in clip.keyframes:
         before = len(rows)
         for box, labels, person in zip(kf.person_boxes, kf.person_labels, kf.person_ids):
             x1, y1, x2, y2 = box
             for action in action_ids:
-                if labels[action]:
+                if labels[columns.get(action, action)]:
                     rows.append(
                         f"{clip.video_id},{kf.timestamp:04d},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},"
                         f"{action},{person}"
@@ -612,7 +642,9 @@ def write_split(
     clips: list[Clip],
     config: SynthConfig,
     action_ids: Sequence[int],
+    signatures: Signatures | None = None,
 ) -> tuple[SplitPaths, SplitCounts]:
+    custom = signatures is not None and signatures.custom
     paths = SplitPaths.under(root / split)
     paths.actors_dir.mkdir(parents=True)
     paths.slowfast_file.parent.mkdir(parents=True)
@@ -633,7 +665,7 @@ def write_split(
                     tensor = i3d_tensor(voxel_rng, kf.actor_features, config.actor_thw)
                     _dataset(f, "features", tensor)
                     _dataset(f, "boxes", kf.actor_boxes)
-                    _dataset(f, "labels", kf.actor_labels)
+                    _dataset(f, "labels", kf.actor_labels[:, 1:] if custom else kf.actor_labels)
                 key = f"{clip.video_id}_{kf.timestamp}"
                 _dataset(objects, f"{key}_features", kf.object_features)
                 _dataset(objects, f"{key}_boxes", kf.object_boxes)
@@ -646,7 +678,7 @@ def write_split(
                 counts.actors += len(kf.actor_boxes)
                 counts.false_positives += kf.false_positives
                 counts.objects += len(kf.object_boxes)
-            gt_rows.extend(groundtruth_rows(clip, action_ids))
+            gt_rows.extend(groundtruth_rows(clip, action_ids, signatures.column if signatures else None))
     paths.groundtruth_csv.write_text("".join(f"{row}\n" for row in gt_rows))
     counts.groundtruth_rows = len(gt_rows)
     counts.bytes = _directory_bytes(root / split)
@@ -710,9 +742,9 @@ def synthesize(
     replaced = sum(_directory_bytes(root / name) if (root / name).is_dir() else 0 for name in SPLITS)
     ensure_free_space(root, _array_bytes(split_clips, config) - replaced, "the arrays")
     _prepare_root(root)
-    write_labelmap(dataset.labelmap, signatures.actions)
+    write_labelmap(dataset.labelmap, signatures.actions, in_order=signatures.custom)
     for split in SPLITS:
-        paths, counts = write_split(root, split, split_clips[split], config, action_ids)
+        paths, counts = write_split(root, split, split_clips[split], config, action_ids, signatures)
         dataset.splits[split] = paths
         dataset.counts[split] = counts
         log.info("%s: %d clips, %d keyframes, %d actors, %d objects", split, counts.clips,

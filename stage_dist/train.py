@@ -78,6 +78,7 @@ from stage_dist.model import ModelConfig, action_logits, build_model, compile_mo
 from stage_dist.precision import resolve_precision
 from stage_dist.runlog import METRICS_NAME, MetricsLog
 from stage_dist.store import FeatureStore
+from stage_dist.schema import describe_classes
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +317,8 @@ class Trainer:
         # Read on every rank before training: a bad file stops all ranks now, not after an epoch.
         self.val_labelmap = read_labelmap(config.data.labelmap) if config.data.labelmap else None
         self.val_groundtruth = read_ava_csv(config.data.val_groundtruth) if config.data.val_groundtruth else None
+        self.class_ids = self.data.steps.class_ids  # the class id of each label column of the train data
+        check_class_sets(self.class_ids, self.data.source, self.val_store, config.data.labelmap, self.val_labelmap)
         if self.val_store is not None and (self.val_groundtruth is None or self.val_labelmap is None):
             log.warning("--val-store without both --val-groundtruth and --labelmap: validation writes results.csv "
                         "but computes no mAP, and best.pt is not chosen")
@@ -325,6 +328,7 @@ class Trainer:
             object_dim=self.data.object_dim,
             num_heads=config.model.num_heads,
             dropout=config.model.dropout,
+            **ModelConfig.head_for(self.class_ids),  # AVA: the published 81-output head
         )
         self.model = build_model(config.model.kind, self.model_config).to(env.device)
         if config.runtime.compile:
@@ -464,6 +468,10 @@ class Trainer:
         if found is None and self.config.run.resume in ("auto", "none"):
             return
         checkpoint = found if found is not None else read_checkpoint(self.config.run.resume)
+        if checkpoint.model_config.classes != self.model_config.classes:
+            raise CheckpointError(f"{checkpoint.path}: the checkpoint predicts "
+                                  f"{describe_classes(checkpoint.model_config.classes)}, the training data "
+                                  f"{self.data.source} holds {describe_classes(self.model_config.classes)}")
         if checkpoint.training is None:  # the published format, or a model-only file: weights only
             try:
                 load_model_state(self.model, checkpoint.model_state)
@@ -560,7 +568,7 @@ class Trainer:
         batch = batch.to(self.env.device, non_blocking=True)
         with self.precision.autocast():
             logits = self.ddp_model(batch)
-        loss = self.loss(action_logits(logits).float(), batch.labels)
+        loss = self.loss(action_logits(logits, self.model_config.class_ids).float(), batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         bad = ~torch.isfinite(loss.detach())
@@ -612,7 +620,7 @@ class Trainer:
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean binary cross-entropy over the actors' 80 actions. A step without actors returns
+        """Mean binary cross-entropy over the actors' classes (AVA: 80 actions). A step without actors returns
         ``logits.sum()`` (0, through the whole model), so every parameter still gets a (zero)
         gradient: DDP's all-reduce and its static graph are the same on every step."""
         if logits.numel() == 0:
@@ -636,7 +644,7 @@ class Trainer:
         class_ids = set(self.val_labelmap) if self.val_labelmap else None
         predictions, keyframes = result.predictions, result.keyframes
         with user_path_errors(train_paths(self.config), writing="--output-dir"):
-            write_predictions(results_csv, predictions, keyframes, class_ids=class_ids)
+            write_predictions(results_csv, predictions, keyframes, class_ids=class_ids, column_ids=self.class_ids)
         if self.val_groundtruth is None or self.val_labelmap is None:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
@@ -662,7 +670,8 @@ class Trainer:
         results.csv just written (``evaluate_predictions`` applies the writer's row selection)."""
         return evaluate_predictions(self.val_groundtruth, self.val_labelmap,
                                     keyframes.video_ids[predictions.keyframe], keyframes.timestamps[predictions.keyframe],
-                                    predictions.boxes, predictions.scores, class_ids=class_ids)
+                                    predictions.boxes, predictions.scores, class_ids=class_ids,
+                                    column_ids=self.class_ids)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -712,6 +721,20 @@ class Trainer:
 class TrainConfigError(UserInputError):
     """An output directory that would overwrite an input or another program's files; found before
     any work starts."""
+
+
+def check_class_sets(class_ids: tuple[int, ...], train: str, val_store: FeatureStore | None,
+                     labelmap_path: str | None, labelmap: dict[int, str] | None) -> None:
+    """The val store must have the train data's class set, and ``--labelmap`` only its classes."""
+    if val_store is not None and val_store.class_ids != class_ids:
+        raise UserInputError(f"--val-store {val_store.path}: holds {describe_classes(val_store.class_ids)}, the "
+                             f"training data {train} {describe_classes(class_ids)}; convert both with the same "
+                             "label map")
+    if labelmap is not None:
+        outside = sorted(set(labelmap) - set(class_ids))
+        if outside:
+            raise UserInputError(f"--labelmap {labelmap_path}: class id(s) {', '.join(map(str, outside[:5]))} are not "
+                                 f"among the {describe_classes(class_ids)} of the training data {train}")
 
 
 def check_output_dir(config: TrainConfig) -> None:

@@ -57,6 +57,7 @@ class WindowSource(Protocol):
 
     actor_dim: int
     object_dim: int
+    class_ids: tuple[int, ...]  # the class id of each label column (the store's class set)
     num_clips: int
     num_keyframes: int
     num_actors: int
