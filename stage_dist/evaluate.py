@@ -53,6 +53,7 @@ from stage_dist.ava import (
     read_detections,
     read_exclusions,
     read_groundtruth,
+    read_label_types,
     read_labelmap,
     results_as_read,
     results_rows,
@@ -69,6 +70,61 @@ MAP_KEY = "PascalBoxes_Precision/mAP@0.5IOU"
 CLASS_KEY_PREFIX = "PascalBoxes_PerformanceByCategory/AP@0.5IOU/"
 
 
+# AVA's three action groups (the AVA paper's pose / person movement, object manipulation and
+# person interaction), named as the v2.2 label map's ``label_type`` names them, and the id
+# ranges of the AVA action list that define them when a label map has no types.
+AVA_GROUP_RANGES = {"PERSON_MOVEMENT": (1, 14), "OBJECT_MANIPULATION": (15, 63), "PERSON_INTERACTION": (64, 80)}
+
+
+@dataclass(frozen=True)
+class ActionGroups:
+    """Action groups of a label map: group name -> class ids, and where the grouping came from.
+
+    ``members`` is empty when the label map has no grouping (``source`` says why).
+    """
+
+    members: dict[str, tuple[int, ...]]
+    source: str
+
+
+def action_groups(labelmap: Mapping[int, str], label_types: Mapping[int, str] | None = None,
+                  path: PathLike | None = None) -> ActionGroups:
+    """The groups of ``labelmap``: from ``label_types`` (the pbtxt's ``label_type``) if every
+    class has one, else from AVA's id ranges if every id is in 1..80, else none."""
+    where = f" of {os.fspath(path)}" if path is not None else ""
+    label_types = label_types or {}
+    typed = [class_id for class_id in labelmap if class_id in label_types]
+    if typed and len(typed) == len(labelmap):
+        members: dict[str, list[int]] = {}
+        for class_id in labelmap:
+            members.setdefault(label_types[class_id], []).append(class_id)
+        return ActionGroups({name: tuple(ids) for name, ids in members.items()}, f"label_type{where}")
+    partial = f" (label_type on only {len(typed)} of {len(labelmap)} classes{where})" if typed else ""
+    if all(1 <= class_id <= 80 for class_id in labelmap):
+        members = {name: [c for c in labelmap if lo <= c <= hi] for name, (lo, hi) in AVA_GROUP_RANGES.items()}
+        return ActionGroups({name: tuple(ids) for name, ids in members.items() if ids},
+                            "AVA id ranges 1-14, 15-63, 64-80" + partial)
+    return ActionGroups({}, f"none: class ids outside AVA's 1..80 and no label_type{where}{partial}")
+
+
+def read_action_groups(labelmap_path: PathLike) -> ActionGroups:
+    """:func:`action_groups` of a label map file (its ``label_type`` fields if it has them)."""
+    return action_groups(read_labelmap(labelmap_path), read_label_types(labelmap_path), labelmap_path)
+
+
+def groups_map(ap_by_id: Mapping[int, float], groups: ActionGroups) -> dict[str, float]:
+    """mAP of each group: the mean AP of its classes with groundtruth (NaN if none has any)."""
+    return {name: _nanmean(np.array([ap_by_id.get(c, math.nan) for c in ids], dtype=np.float64))
+            for name, ids in groups.members.items()}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """``np.nanmean`` without the all-NaN warning (NaN then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values))
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Frame-mAP@0.5 and per-class AP, with the official metric names in ``metrics``."""
@@ -83,6 +139,8 @@ class EvalResult:
     num_detection_rows: int  # rows read from the detections
     num_evaluated_detections: int  # after the label map, keyframe, 50-cap and box filters
     seconds: float = 0.0
+    group_map: dict[str, float] = field(default_factory=dict)  # group name -> mAP (see ActionGroups)
+    grouping: str = ""  # where the groups came from (ActionGroups.source)
 
 
 @dataclass(frozen=True)
@@ -98,11 +156,33 @@ class _Detections:
         return _Detections(self.keyframe[index], self.actions[index], self.boxes[index], self.scores[index])
 
 
+@dataclass(frozen=True)
+class MatchTable:
+    """What scoring fixed, per kept detection and per video: enough to re-score any resample of
+    the groundtruth's videos without matching again (see :mod:`stage_dist.eval_stats`).
+
+    Detections are in the official processing order (the order :func:`_per_class_ap` ranks);
+    ``gt_counts[v, c]`` is the number of evaluated groundtruth boxes of class id ``c`` in video
+    ``videos[v]``. ``videos`` are the groundtruth's videos with an evaluated keyframe.
+    """
+
+    videos: list[str]
+    class_ids: tuple[int, ...]  # the label map's ids, sorted
+    num_classes: int  # the largest class id (AP arrays hold ids 1..num_classes)
+    gt_counts: np.ndarray  # (V, num_classes + 1) int64
+    video: np.ndarray  # (N,) int64 index into videos
+    actions: np.ndarray  # (N,) int64 class id
+    scores: np.ndarray  # (N,) float64
+    true_positive: np.ndarray  # (N,) bool
+
+
 def evaluate(
     groundtruth: PathLike | AvaCsv,
     detections: PathLike | AvaCsv,
     labelmap: PathLike | Mapping[int, str],
     exclusions: PathLike | Iterable[str] | None = None,
+    *,
+    groups: ActionGroups | None = None,
 ) -> EvalResult:
     """Evaluate AVA detections against groundtruth like the official evaluator.
 
@@ -110,13 +190,29 @@ def evaluate(
     scores, see :func:`stage_dist.ava.read_groundtruth` / :func:`~stage_dist.ava.read_detections`);
     ``labelmap`` a pbtxt path or ``{id: name}`` (required: AVA groundtruth files hold all 80
     classes, the protocol evaluates the label map's 60); ``exclusions`` a path or image keys
-    (:func:`stage_dist.ava.image_key`).
+    (:func:`stage_dist.ava.image_key`). ``groups`` (default: :func:`read_action_groups` of a
+    label map path, :func:`action_groups` of a mapping) gives ``EvalResult.group_map``.
 
     Raises :class:`AvaFormatError` on malformed files and on a groundtruth without rows. Logs a
     warning when nothing can score: no detections, none on a groundtruth keyframe, none of a
-    label-map class, or no groundtruth of a label-map class.
+    label-map class, or no groundtruth of a label-map class; and when detection timestamps are
+    written differently from the groundtruth's (``902`` for ``0902``: they still match).
     """
+    return evaluate_with_table(groundtruth, detections, labelmap, exclusions, groups=groups)[0]
+
+
+def evaluate_with_table(
+    groundtruth: PathLike | AvaCsv,
+    detections: PathLike | AvaCsv,
+    labelmap: PathLike | Mapping[int, str],
+    exclusions: PathLike | Iterable[str] | None = None,
+    *,
+    groups: ActionGroups | None = None,
+) -> tuple[EvalResult, MatchTable]:
+    """:func:`evaluate`, and the :class:`MatchTable` behind its numbers."""
     start = time.perf_counter()
+    if groups is None:
+        groups = action_groups(labelmap) if isinstance(labelmap, Mapping) else read_action_groups(labelmap)
     if not isinstance(labelmap, Mapping):
         labelmap = read_labelmap(labelmap)
     if exclusions is None:
@@ -143,6 +239,7 @@ def evaluate(
     num_gt = np.bincount(gt.actions[gt_rows], minlength=num_classes + 1)
     kept = _capped_detections(det, gt, included, in_labelmap)
     _warn_if_nothing_scores(gt, det, gt_rows, kept, in_labelmap)
+    warn_if_spelled_differently(gt, det)
     kept = kept.select((kept.boxes[:, 0] < kept.boxes[:, 2]) & (kept.boxes[:, 1] < kept.boxes[:, 3]))
     true_positive = _match(kept, gt, gt_rows, num_classes)
 
@@ -156,7 +253,7 @@ def evaluate(
     metrics = {MAP_KEY: mean_ap, **{CLASS_KEY_PREFIX + name: ap for name, ap in per_class.items()}}
     seconds = time.perf_counter() - start
     logger.info("frame-mAP@0.5 %.6f in %.2f s", mean_ap, seconds)
-    return EvalResult(
+    result = EvalResult(
         mean_ap=mean_ap,
         per_class=per_class,
         ap_by_id=ap_by_id,
@@ -167,7 +264,22 @@ def evaluate(
         num_detection_rows=det.num_rows,
         num_evaluated_detections=len(kept.scores),
         seconds=seconds,
+        group_map=groups_map(ap_by_id, groups),
+        grouping=groups.source,
     )
+    return result, _match_table(gt, gt_rows, included, kept, true_positive, labelmap, num_classes)
+
+
+def _match_table(gt: AvaCsv, gt_rows, included, kept: _Detections, true_positive, labelmap, num_classes) -> MatchTable:
+    key_video = [key.rsplit(",", 1)[0] for key in gt.keys]
+    videos = sorted({key_video[i] for i in np.flatnonzero(included).tolist()})
+    video_index = {video: v for v, video in enumerate(videos)}
+    keyframe_video = np.array([video_index.get(video, -1) for video in key_video], dtype=np.int64)
+    gt_counts = np.zeros((len(videos), num_classes + 1), dtype=np.int64)
+    np.add.at(gt_counts, (keyframe_video[gt.keyframe[gt_rows]], gt.actions[gt_rows]), 1)
+    return MatchTable(videos=videos, class_ids=tuple(sorted(labelmap)), num_classes=num_classes,
+                      gt_counts=gt_counts, video=keyframe_video[kept.keyframe], actions=kept.actions,
+                      scores=kept.scores, true_positive=true_positive)
 
 
 def evaluate_predictions(
@@ -182,6 +294,7 @@ def evaluate_predictions(
     class_ids: Iterable[int] | None = None,
     topk: int | None = None,
     min_score: float = 0.0,
+    groups: ActionGroups | None = None,
 ) -> EvalResult:
     """Evaluate predictions held in memory, without writing and reading a results.csv.
 
@@ -197,7 +310,7 @@ def evaluate_predictions(
     rows = results_rows(video_ids, timestamps, boxes, scores, class_ids=class_ids, topk=topk, min_score=min_score)
     detections = results_as_read(rows)
     del rows  # its per-row arrays are not needed any more (~40 bytes a row)
-    return evaluate(groundtruth, detections, labelmap, exclusions)
+    return evaluate(groundtruth, detections, labelmap, exclusions, groups=groups)
 
 
 def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections, in_labelmap) -> None:
@@ -215,6 +328,30 @@ def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections,
         elif not _known_class(det.actions, in_labelmap).any():
             logger.warning("%s: no detection has an action id of the label map: every class with groundtruth "
                            "has AP 0", det.path)
+
+
+def timestamp_spellings(gt: AvaCsv, det: AvaCsv) -> list[tuple[str, str, str]]:
+    """(key, detection spelling, groundtruth spelling) of every detection keyframe whose
+    timestamp matches a groundtruth keyframe only as a number (``902`` vs ``0902``)."""
+    if gt.stamp_text is None or det.stamp_text is None:
+        return []
+    gt_index = {key: i for i, key in enumerate(gt.keys)}
+    out = []
+    for key, text in zip(det.keys, det.stamp_text):
+        i = gt_index.get(key)
+        if i is not None and gt.stamp_text[i] != text:
+            out.append((key, text, gt.stamp_text[i]))
+    return out
+
+
+def warn_if_spelled_differently(gt: AvaCsv, det: AvaCsv) -> None:
+    """A warning when timestamps match the groundtruth only after reading them as numbers."""
+    spelled = timestamp_spellings(gt, det)
+    if spelled:
+        key, text, gt_text = spelled[0]
+        logger.warning("%s: %d keyframes have timestamps written differently from %s (first: %s written %r, "
+                       "groundtruth %r); they are matched as numbers here, tools that compare the text "
+                       "would score nothing", det.path, len(spelled), gt.path, key.rsplit(",", 1)[0], text, gt_text)
 
 
 def _known_class(actions: np.ndarray, in_labelmap: np.ndarray) -> np.ndarray:
