@@ -59,7 +59,7 @@ from stage_dist.ava import (
     results_rows,
 )
 from stage_dist.config import build_parser as build_config_parser
-from stage_dist.config import option, parse_config
+from stage_dist.config import ConfigError, option, parse_config
 from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -550,13 +550,34 @@ def _average_precision(scores: np.ndarray, true_positive: np.ndarray, num_gt: in
 # ---------------------------------------------------------------------------------------------
 
 
-def format_table(result: EvalResult, labelmap: Mapping[int, str]) -> str:
-    """mAP line and a per-class AP table (id, AP or n/a, #groundtruth, name)."""
+GROUP_MAP_KEY = "group_mAP@0.5IOU"  # added to the metrics JSON next to the official keys
+GROUP_SOURCE_KEY = "group_source"
+
+
+def group_label(name: str) -> str:
+    """A group name as printed: ``PERSON_MOVEMENT`` -> ``person movement``."""
+    return name.lower().replace("_", " ")
+
+
+def group_line(group_map: Mapping[str, float], grouping: str) -> str:
+    """One line with every group's mAP and where the grouping came from."""
+    if not group_map:
+        return f"group mAP: no groups ({grouping})"
+    shown = ", ".join(f"{group_label(name)} {'n/a' if math.isnan(value) else f'{value:.4f}'}"
+                      for name, value in group_map.items())
+    return f"group mAP ({grouping}): {shown}"
+
+
+def format_table(result: EvalResult, labelmap: Mapping[int, str], *, extra: Sequence[str] = ()) -> str:
+    """mAP line, the group-mAP line, ``extra`` lines (e.g. intervals) and a per-class AP table
+    (id, AP or n/a, #groundtruth, name)."""
     with_gt = sum(1 for ap in result.ap_by_id.values() if not math.isnan(ap))
     lines = [
         f"frame-mAP@{IOU_THRESHOLD}: {result.mean_ap:.4f}  ({with_gt} of {len(labelmap)} classes "
         f"with groundtruth, {result.num_groundtruth_keyframes} keyframes, "
         f"{result.num_evaluated_detections} of {result.num_detection_rows} detections evaluated)",
+        group_line(result.group_map, result.grouping),
+        *extra,
         f"{'id':>4}  {'AP':>6}  {'#gt':>6}  class",
     ]
     for class_id, ap in result.ap_by_id.items():
@@ -566,27 +587,69 @@ def format_table(result: EvalResult, labelmap: Mapping[int, str]) -> str:
     return "\n".join(lines)
 
 
-def write_metrics_json(result: EvalResult, path: PathLike) -> None:
-    """The official metrics dict as JSON (sorted keys, NaN written as null), written atomically."""
-    metrics = {key: (None if math.isnan(value) else value) for key, value in result.metrics.items()}
-    text = json.dumps(metrics, indent=1, sort_keys=True) + "\n"
+def _json_value(value):
+    """NaN as null, recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_value(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def metrics_json(result: EvalResult, extra: Mapping[str, object] | None = None) -> dict:
+    """The official metrics dict, plus the group mAP (``GROUP_MAP_KEY``, ``GROUP_SOURCE_KEY``)
+    and ``extra`` keys (e.g. ``bootstrap``); NaN as None."""
+    return _json_value({**result.metrics, GROUP_MAP_KEY: dict(result.group_map),
+                        GROUP_SOURCE_KEY: result.grouping, **(extra or {})})
+
+
+def write_json(data: Mapping[str, object], path: PathLike) -> None:
+    """``data`` as JSON (sorted keys), written atomically."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def plot_per_class_ap(result: EvalResult, path: PathLike) -> None:
-    """Horizontal bar chart of per-class AP (classes with groundtruth) with the mAP line."""
+def write_metrics_json(result: EvalResult, path: PathLike, extra: Mapping[str, object] | None = None) -> None:
+    """The official metrics (sorted keys, NaN written as null, values as computed) plus the group
+    mAP and ``extra`` keys (:func:`metrics_json`), written atomically."""
+    write_json(metrics_json(result, extra), path)
+
+
+_GROUP_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive")
+
+
+def plot_per_class_ap(result: EvalResult, path: PathLike, groups: ActionGroups | None = None) -> None:
+    """Horizontal bar chart of per-class AP (classes with groundtruth) with the mAP line; bars
+    coloured by action group, each group's mAP in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    items = [(name, ap) for name, ap in result.per_class.items() if not math.isnan(ap)]
-    height = max(3.0, 0.22 * len(items) + 1.2)
-    fig, ax = plt.subplots(figsize=(8, height))
-    ax.barh(range(len(items)), [ap for _, ap in items], color="tab:blue")
-    ax.set_yticks(range(len(items)), [name for name, _ in items], fontsize=7)
-    ax.set_ylim(len(items) - 0.5, -0.5)
+    group_of = {}
+    names = list(groups.members) if groups is not None else []
+    for g, name in enumerate(names):
+        for class_id in groups.members[name]:
+            group_of[class_id] = g
+    ids = [c for c, ap in result.ap_by_id.items() if not math.isnan(ap)]
+    id_names = {c: name for c, name in zip(result.ap_by_id, result.per_class)}
+    colours = [_GROUP_COLOURS[group_of[c] % len(_GROUP_COLOURS)] if c in group_of else "tab:gray" for c in ids]
+    height = max(3.0, 0.22 * len(ids) + 1.2)
+    fig, ax = plt.subplots(figsize=(10.5 if names else 8, height))
+    ax.barh(range(len(ids)), [result.ap_by_id[c] for c in ids], color=colours)
+    ax.set_yticks(range(len(ids)), [id_names[c] for c in ids], fontsize=7)
+    ax.set_ylim(len(ids) - 0.5, -0.5)
     ax.axvline(result.mean_ap, color="tab:red", linestyle="--")
+    if names:
+        handles = [Patch(color=_GROUP_COLOURS[g % len(_GROUP_COLOURS)],
+                         label=f"{group_label(name)}: mAP " + ("n/a" if math.isnan(result.group_map.get(name, math.nan))
+                                                                else f"{result.group_map[name]:.4f}"))
+                   for g, name in enumerate(names)]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+                  title=f"action groups\n({result.grouping})", title_fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"AP@{IOU_THRESHOLD} IoU (dashed: mean)")
     ax.set_title(f"AVA frame-AP per class, mAP {result.mean_ap:.4f}")
@@ -603,32 +666,67 @@ class EvaluateConfig:
 
     groundtruth: str = option(flag=("-g", "--groundtruth"),
                               help="groundtruth CSV: video,ts,x1,y1,x2,y2,action,person (or video,ts)")
-    detections: str = option(flag=("-d", "--detections"),
-                             help="detections CSV (results.csv): video,ts,x1,y1,x2,y2,action,score")
     labelmap: str = option(flag=("-l", "--labelmap"),
-                           help="label map pbtxt (item {name id} or label {name label_id} form)")
+                           help="label map pbtxt (item {name id} or label {name label_id [label_type]} form; "
+                                "label_type, where every class has one, defines the action groups, else AVA's "
+                                "id ranges 1-14 / 15-63 / 64-80)")
+    detections: tuple[str, ...] | None = option(
+        None, flag=("-d", "--detections"), metavar="CSV",
+        help="detections CSV (results.csv): video,ts,x1,y1,x2,y2,action,score; several files = runs of one "
+             "model (e.g. seeds): each is scored, then mean +- sample std of mAP and group mAP")
     exclusions: str | None = option(None, flag=("-e", "--exclusions"),
                                     help="CSV of video,ts keyframes to drop (pre-2020 protocol)")
-    json: str | None = option(None, help="write the metrics with the official key names to this JSON file")
-    plot: str | None = option(None, help="write a per-class AP bar chart (PNG)")
+    json: str | None = option(None, help="write the metrics with the official key names (plus group mAP, and "
+                                         "the interval with --bootstrap) to this JSON file")
+    plot: str | None = option(None, help="write a per-class AP bar chart, coloured by action group (PNG)")
     quiet: bool = option(False, flag=("-q", "--quiet"), help="print only the mAP line, not the per-class table")
+    bootstrap: int = option(0, metavar="N", help="resample the groundtruth's videos N times (with replacement) "
+                                                 "for 95 %% percentile intervals of mAP and group mAP; "
+                                                 "0: off (--compare: 0 means 1000)")
+    seed: int = option(0, help="seed of the bootstrap resamples")
+    compare: tuple[str, ...] | None = option(
+        None, metavar="CSV",
+        help="two detections files A B on the same groundtruth (instead of -d): mAP of each, A - B with a "
+             "paired video-bootstrap 95 %% interval and two-sided p-value, per-class differences; exit 0 "
+             "whatever the difference")
+    check: bool = option(False, help="validate -d against -g and -l without scoring: every problem class "
+                                     "with its count and first example; exit 2 if any problem, 0 if clean")
+
+    def __post_init__(self) -> None:
+        if (self.detections is None) == (self.compare is None):
+            raise ConfigError("give -d/--detections or --compare A.csv B.csv (one of them)")
+        if self.compare is not None and len(self.compare) != 2:
+            raise ConfigError(f"--compare takes two detections files, got {len(self.compare)}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        several = self.detections is not None and len(self.detections) > 1
+        if self.check and (self.compare is not None or several):
+            raise ConfigError("--check validates one -d file")
+        if self.plot is not None and (self.compare is not None or several):
+            raise ConfigError("--plot draws one detections file (give one -d)")
+        if several and self.bootstrap:
+            raise ConfigError("--bootstrap with several -d files: give one -d, or --compare A B")
+
+    @property
+    def comparison_resamples(self) -> int:
+        return self.bootstrap or 1000
 
 
 def _check_outputs(args: EvaluateConfig) -> None:
     """Refuse, before any work, an output that is a directory or would replace an input."""
-    inputs = {flag: getattr(args, name) for flag, name in (("-g", "groundtruth"), ("-d", "detections"),
-                                                           ("-l", "labelmap"), ("-e", "exclusions"))}
+    inputs = [("-g", args.groundtruth), ("-l", args.labelmap), ("-e", args.exclusions),
+              *(("-d", path) for path in args.detections or ()), *(("--compare", path) for path in args.compare or ())]
     outputs = {flag: getattr(args, name) for flag, name in (("--json", "json"), ("--plot", "plot"))}
-    seen: dict[str, str] = {}
+    seen: list[tuple[str, str]] = []
     for flag, path in outputs.items():
         if path is None:
             continue
         if Path(path).is_dir():
             raise AvaFormatError(path, None, f"{flag} is a directory, not a file to write")
-        for other_flag, other in [*inputs.items(), *seen.items()]:
+        for other_flag, other in [*inputs, *seen]:
             if other is not None and _same_file(path, other):
                 raise AvaFormatError(path, None, f"{flag} would overwrite the file given as {other_flag}; refusing")
-        seen[flag] = path
+        seen.append((flag, path))
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:
@@ -639,29 +737,74 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 for malformed or unreadable input)."""
+    """CLI entry point; returns the exit status (2 for malformed or unreadable input, and for
+    ``--check`` finding a problem)."""
     args = parse_config(EvaluateConfig, argv, build_config_parser(
         EvaluateConfig, prog="python -m stage_dist.evaluate",
-        description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020)."))
+        description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020), with action-group "
+                    "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from stage_dist import eval_stats, results_check  # the statistics import this module
+
     try:
         _check_outputs(args)
         labelmap = read_labelmap(args.labelmap)
-        result = evaluate(args.groundtruth, args.detections, labelmap, args.exclusions)
+        groups = read_action_groups(args.labelmap)
+        if args.check:
+            report = results_check.check(args.groundtruth, args.detections[0], labelmap, args.exclusions)
+            print(report.format())
+            return 0 if report.clean else 2
+        if args.compare is not None:
+            output = eval_stats.compare_files(args.groundtruth, *args.compare, labelmap, args.exclusions, groups,
+                                              args.comparison_resamples, args.seed)
+        elif len(args.detections) > 1:
+            output = eval_stats.runs_files(args.groundtruth, args.detections, labelmap, args.exclusions, groups)
+        else:
+            output = _evaluate_one(args, labelmap, groups)
     except AvaFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for write, path in ((write_metrics_json, args.json), (plot_per_class_ap, args.plot)):
+    for path, write in ((args.json, output.write_json), (args.plot, output.write_plot)):
         if path is None:
             continue
         try:
-            write(result, path)
+            write(path)
         except OSError as exc:
             print(f"error: {path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
             return 2
-    table = format_table(result, labelmap)
-    print(table.splitlines()[0] if args.quiet else table)
+    text = output.text
+    print(text.splitlines()[0] if args.quiet else text)
     return 0
+
+
+@dataclass(frozen=True)
+class CliOutput:
+    """What one CLI mode prints and writes."""
+
+    text: str
+    json: Mapping[str, object]
+    plot: object = None  # (result, groups) for --plot, None where the mode has no plot
+
+    def write_json(self, path: PathLike) -> None:
+        write_json(self.json, path)
+
+    def write_plot(self, path: PathLike) -> None:
+        result, groups = self.plot
+        plot_per_class_ap(result, path, groups)
+
+
+def _evaluate_one(args: EvaluateConfig, labelmap: Mapping[int, str], groups: ActionGroups) -> CliOutput:
+    from stage_dist import eval_stats
+
+    result, table = evaluate_with_table(args.groundtruth, args.detections[0], labelmap, args.exclusions,
+                                        groups=groups)
+    extra_lines, extra_json = [], {}
+    if args.bootstrap:
+        found = eval_stats.bootstrap(table, groups, args.bootstrap, args.seed)
+        extra_lines.append(found.format())
+        extra_json["bootstrap"] = found.as_json()
+    return CliOutput(format_table(result, labelmap, extra=extra_lines), metrics_json(result, extra_json),
+                     (result, groups))
 
 
 if __name__ == "__main__":
