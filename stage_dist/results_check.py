@@ -52,7 +52,7 @@ class CheckReport:
                 f"{self.groundtruth}: ")
         if self.clean:
             return head + "no problems"
-        lines = [head + f"{len(self.problems)} kinds of problem"]
+        lines = [head + (f"{len(self.problems)} kinds of problem" if len(self.problems) > 1 else "1 kind of problem")]
         lines += [f"  {p.what}: {p.count} {p.unit}; first: {p.example}" for p in self.problems]
         return "\n".join(lines)
 
@@ -115,9 +115,12 @@ def check(groundtruth: PathLike, detections: PathLike, labelmap: Mapping[int, st
 
     # groundtruth keyframes without any detection
     with_detections = set(det.keys)
-    missing = [key for key in gt.keys if key in gt_keys and key not in with_detections]
+    missing = [k for k, key in enumerate(gt.keys) if key in gt_keys and key not in with_detections]
     if missing:
-        problems.append(Problem("groundtruth keyframes with no detections", len(missing), "keyframes", missing[0]))
+        k = missing[0]
+        stamp = gt.stamp_text[k] if gt.stamp_text else gt.keys[k].rsplit(",", 1)[1]
+        problems.append(Problem("groundtruth keyframes with no detections", len(missing), "keyframes",
+                                f"{_video(gt.keys[k])},{stamp}"))
 
     # per row: classes, boxes, duplicates
     known = np.zeros(max(max(labelmap), int(det.actions.max(initial=0))) + 1, dtype=bool)
