@@ -64,15 +64,15 @@ def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None
         from stage_dist.evaluate import evaluate_with_table, read_action_groups
 
         _, resamples, detections = detections.split(":", 2)
-        result, table = evaluate_with_table(groundtruth, detections, labelmap)
+        evaluated, table = evaluate_with_table(groundtruth, detections, labelmap)
         groups = read_action_groups(labelmap)
 
         def run():
             found = bootstrap(table, groups, int(resamples), seed=0)
             print(f"bootstrap: {len(table.videos)} videos, {int(table.true_positive.sum())} true positives, "
-                  f"{len(table.scores)} detections; mAP {result.mean_ap:.4f}, 95 % interval "
+                  f"{len(table.scores)} detections; mAP {evaluated.mean_ap:.4f}, 95 % interval "
                   f"[{found.mean_ap[0]:.4f}, {found.mean_ap[1]:.4f}]")
-            return result
+            return evaluated
     elif detections.startswith("memory:"):
         _, num_keyframes, seed = detections.split(":")
         data = generated_predictions(int(num_keyframes), int(seed))
@@ -96,7 +96,9 @@ def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None
 def run_child(groundtruth: Path, detections: Path | str, repeat: int) -> dict:
     command = [sys.executable, __file__, "--child", str(groundtruth), str(detections), str(LABELMAP),
                "--repeat", str(repeat)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        sys.exit(f"benchmark child failed:\n{done.stderr}")
     for line in done.stdout.strip().splitlines()[:-1]:
         print(f"  {line}")
     return json.loads(done.stdout.strip().splitlines()[-1])
