@@ -26,8 +26,15 @@ rows evaluates in ~10 s on 2 cores; see bench/eval_bench.py). The rules, in the 
 Only the exact official heap replay (needed for ties) runs in Python, on the few keyframes with
 a score tie at the 50-detection threshold or with equal scores of one class on different boxes.
 
+Around the official number: AVA's action groups (:class:`ActionGroups`, from the label map's
+``label_type`` or AVA's id ranges) and their mAP on every :class:`EvalResult`, and the
+:class:`MatchTable` behind the numbers (:func:`evaluate_with_table`), from which
+:mod:`stage_dist.eval_stats` computes bootstrap intervals and paired comparisons.
+
 CLI: ``python -m stage_dist.evaluate -g GT.csv -d results.csv -l LABELMAP.pbtxt [-e EXCL.csv]
-[--json OUT.json] [--plot OUT.png]``.
+[--json OUT.json] [--plot OUT.png] [--bootstrap N [--seed S]]``; ``-d A.csv B.csv ...`` (runs of
+one model: mean +- sample std), ``--compare A.csv B.csv`` (paired comparison) or ``--check``
+(:mod:`stage_dist.results_check`) instead.
 """
 
 from __future__ import annotations
@@ -58,8 +65,8 @@ from stage_dist.ava import (
     results_as_read,
     results_rows,
 )
-from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import ConfigError, option, parse_config
+from stage_dist.config import build_parser as build_config_parser
 from stage_dist.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -744,7 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020), with action-group "
                     "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from stage_dist import eval_stats, results_check  # the statistics import this module
+    from stage_dist import (  # the statistics import this module
+        eval_stats,
+        results_check,
+    )
 
     try:
         _check_outputs(args)

@@ -21,7 +21,13 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from stage_dist.ava import PathLike, image_key, read_detections, read_exclusions, read_groundtruth
+from stage_dist.ava import (
+    PathLike,
+    image_key,
+    read_detections,
+    read_exclusions,
+    read_groundtruth,
+)
 from stage_dist.evaluate import timestamp_spellings
 
 

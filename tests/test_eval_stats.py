@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, subprocess_env
+
 from stage_dist import eval_stats
 from stage_dist.ava import read_label_types, read_labelmap
 from stage_dist.evaluate import (
