@@ -636,11 +636,9 @@ def plot_per_class_ap(result: EvalResult, path: PathLike, groups: ActionGroups |
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    group_of = {}
-    names = list(groups.members) if groups is not None else []
-    for g, name in enumerate(names):
-        for class_id in groups.members[name]:
-            group_of[class_id] = g
+    members = groups.members if groups is not None else {}
+    names = list(members)
+    group_of = {class_id: g for g, name in enumerate(names) for class_id in members[name]}
     ids = [c for c, ap in result.ap_by_id.items() if not math.isnan(ap)]
     id_names = {c: name for c, name in zip(result.ap_by_id, result.per_class)}
     colours = [_GROUP_COLOURS[group_of[c] % len(_GROUP_COLOURS)] if c in group_of else "tab:gray" for c in ids]
@@ -760,15 +758,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_outputs(args)
         labelmap = read_labelmap(args.labelmap)
         groups = read_action_groups(args.labelmap)
+        detections = args.detections or ()
         if args.check:
-            report = results_check.check(args.groundtruth, args.detections[0], labelmap, args.exclusions)
+            report = results_check.check(args.groundtruth, detections[0], labelmap, args.exclusions)
             print(report.format())
             return 0 if report.clean else 2
         if args.compare is not None:
-            output = eval_stats.compare_files(args.groundtruth, *args.compare, labelmap, args.exclusions, groups,
+            path_a, path_b = args.compare
+            output = eval_stats.compare_files(args.groundtruth, path_a, path_b, labelmap, args.exclusions, groups,
                                               args.comparison_resamples, args.seed)
-        elif len(args.detections) > 1:
-            output = eval_stats.runs_files(args.groundtruth, args.detections, labelmap, args.exclusions, groups)
+        elif len(detections) > 1:
+            output = eval_stats.runs_files(args.groundtruth, detections, labelmap, args.exclusions, groups)
         else:
             output = _evaluate_one(args, labelmap, groups)
     except AvaFormatError as exc:
@@ -793,22 +793,24 @@ class CliOutput:
 
     text: str
     json: Mapping[str, object]
-    plot: object = None  # (result, groups) for --plot, None where the mode has no plot
+    plot: tuple[EvalResult, ActionGroups] | None = None  # what --plot draws (one -d only)
 
     def write_json(self, path: PathLike) -> None:
         write_json(self.json, path)
 
     def write_plot(self, path: PathLike) -> None:
-        result, groups = self.plot
-        plot_per_class_ap(result, path, groups)
+        assert self.plot is not None, "--plot is refused for this mode by EvaluateConfig"
+        plot_per_class_ap(self.plot[0], path, self.plot[1])
 
 
 def _evaluate_one(args: EvaluateConfig, labelmap: Mapping[int, str], groups: ActionGroups) -> CliOutput:
     from stage_dist import eval_stats
 
+    assert args.detections is not None
     result, table = evaluate_with_table(args.groundtruth, args.detections[0], labelmap, args.exclusions,
                                         groups=groups)
-    extra_lines, extra_json = [], {}
+    extra_lines: list[str] = []
+    extra_json: dict[str, object] = {}
     if args.bootstrap:
         found = eval_stats.bootstrap(table, groups, args.bootstrap, args.seed)
         extra_lines.append(found.format())
