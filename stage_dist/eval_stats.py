@@ -56,6 +56,8 @@ _BLOCK_ELEMENTS = 1 << 22  # resamples x true positives per block (~32 MiB per f
 
 def resample_counts(num_videos: int, resamples: int, seed: int) -> np.ndarray:
     """(resamples, num_videos) int64: how often each video is drawn in each resample."""
+    if num_videos == 0:  # every keyframe excluded: nothing to draw (every AP NaN)
+        return np.zeros((resamples, 0), dtype=np.int64)
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, num_videos, size=(resamples, num_videos))
     flat = (np.arange(resamples)[:, None] * num_videos + drawn).ravel()
