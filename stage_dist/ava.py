@@ -12,7 +12,8 @@ This module owns every byte the official AVA evaluator reads or writes, and noth
   named by the official image key ``"<video>,<ts:.6f>"`` with the timestamp read as a decimal
   number, so ``0902``, ``902`` and ``902.0`` are one keyframe.
 - :func:`read_labelmap` reads both pbtxt forms (``item { name id }`` and
-  ``label { name label_id }``); :func:`read_exclusions` reads ``video,ts`` exclusion lists.
+  ``label { name label_id }``), :func:`read_label_types` the v2.2 ``label_type`` of each entry;
+  :func:`read_exclusions` reads ``video,ts`` exclusion lists.
 - :func:`write_results_csv` writes predictions in the AVA format, sorted and deterministic,
   through a temporary file renamed into place. :func:`results_rows` is its row selection and
   order as arrays, and :func:`results_as_read` what reading the written file would give, so
@@ -27,7 +28,7 @@ import io
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
@@ -96,6 +97,8 @@ class AvaCsv:
     actions: np.ndarray  # (N,) int64
     scores: np.ndarray  # (N,) float64
     marked_keyframes: np.ndarray  # (M,) int64 index into keys
+    # the timestamp of each key as first written (``0902``, ``902.0``...); None: not known
+    stamp_text: list[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -183,6 +186,7 @@ class _CsvBlockParser:
         self.score_column = score_column
         self.allowed_columns = allowed_columns
         self.keys: list[str] = []
+        self.stamp_text: list[str] = []
         self._key_ids: dict[str, int] = {}
         self._raw_key_ids: dict[tuple[bytes, bytes], int] = {}
         self.parts: dict[str, list[np.ndarray]] = {
@@ -331,6 +335,7 @@ class _CsvBlockParser:
         key_id = self._key_ids.setdefault(key, len(self.keys))
         if key_id == len(self.keys):
             self.keys.append(key)
+            self.stamp_text.append(timestamp)
         self._raw_key_ids[raw] = key_id
         return key_id
 
@@ -376,6 +381,7 @@ class _CsvBlockParser:
             actions=joined("actions", (0,), np.int64),
             scores=joined("scores", (0,), np.float64),
             marked_keyframes=joined("marked", (0,), np.int64),
+            stamp_text=self.stamp_text,
         )
 
 
@@ -459,8 +465,24 @@ def read_labelmap(path: PathLike) -> dict[int, str]:
     """Class id -> name from an AVA label map, in file order.
 
     Accepts ``item { name: "..." id: N }`` and ``label { name: "..." label_id: N ... }``
-    blocks (other fields, e.g. ``label_type`` or ``display_name``, are ignored).
+    blocks (other fields, e.g. ``label_type`` or ``display_name``, are ignored here; see
+    :func:`read_label_types`).
     """
+    return {class_id: name for class_id, name, _ in _read_labelmap_entries(path)}
+
+
+def read_label_types(path: PathLike) -> dict[int, str]:
+    """Class id -> ``label_type`` (e.g. ``PERSON_MOVEMENT``) of the entries that have one.
+
+    The AVA v2.2 label map writes ``label { name: "..." label_id: 1 label_type: PERSON_MOVEMENT }``;
+    older maps have no types and give ``{}``. Same checks and errors as :func:`read_labelmap`.
+    """
+    return {class_id: label_type for class_id, _, label_type in _read_labelmap_entries(path)
+            if label_type is not None}
+
+
+def _read_labelmap_entries(path: PathLike) -> list[tuple[int, str, str | None]]:
+    """(class id, name, label_type or None) of every entry, in file order."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # a leading BOM is not part of the text
     except OSError as exc:
@@ -470,6 +492,7 @@ def read_labelmap(path: PathLike) -> dict[int, str]:
         raise AvaFormatError(path, line, f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     tokens = _pbtxt_tokens(text, path)
     labelmap: dict[int, str] = {}
+    label_types: dict[int, str | None] = {}
     names: dict[str, int] = {}
     pos = 0
     while pos < len(tokens):
@@ -486,9 +509,11 @@ def read_labelmap(path: PathLike) -> dict[int, str]:
             raise AvaFormatError(path, line, f"class name {name!r} appears twice (ids {names[name]} and {class_id})")
         names[name] = class_id
         labelmap[class_id] = name
+        type_field = fields.get("label_type")
+        label_types[class_id] = None if type_field is None else type_field[1].strip("\"'")
     if not labelmap:
         raise AvaFormatError(path, None, "label map has no entries")
-    return labelmap
+    return [(class_id, name, label_types[class_id]) for class_id, name in labelmap.items()]
 
 
 def _parse_block(tokens, pos: int, path: PathLike, open_line: int):
@@ -746,7 +771,8 @@ def results_as_read(
     changed = np.ones(len(stamps), dtype=bool)
     changed[1:] = (codes[1:] != codes[:-1]) | (stamps[1:] != stamps[:-1])
     heads = np.flatnonzero(changed)
-    keys = [image_key(str(rows.names[c]), "%04d" % t) for c, t in zip(codes[heads].tolist(), stamps[heads].tolist())]
+    stamp_text = ["%04d" % t for t in stamps[heads].tolist()]
+    keys = [image_key(str(rows.names[c]), text) for c, text in zip(codes[heads].tolist(), stamp_text)]
     box_keyframe = np.cumsum(changed) - 1
     return AvaCsv(
         path=path,
@@ -756,6 +782,7 @@ def results_as_read(
         actions=rows.column_ids[rows.column_rows],
         scores=_as_written(rows.scores, score_decimals),
         marked_keyframes=np.empty(0, dtype=np.int64),
+        stamp_text=stamp_text,
     )
 
 

@@ -26,8 +26,15 @@ rows evaluates in ~10 s on 2 cores; see bench/eval_bench.py). The rules, in the 
 Only the exact official heap replay (needed for ties) runs in Python, on the few keyframes with
 a score tie at the 50-detection threshold or with equal scores of one class on different boxes.
 
+Around the official number: AVA's action groups (:class:`ActionGroups`, from the label map's
+``label_type`` or AVA's id ranges) and their mAP on every :class:`EvalResult`, and the
+:class:`MatchTable` behind the numbers (:func:`evaluate_with_table`), from which
+:mod:`stage_dist.eval_stats` computes bootstrap intervals and paired comparisons.
+
 CLI: ``python -m stage_dist.evaluate -g GT.csv -d results.csv -l LABELMAP.pbtxt [-e EXCL.csv]
-[--json OUT.json] [--plot OUT.png]``.
+[--json OUT.json] [--plot OUT.png] [--bootstrap N [--seed S]]``; ``-d A.csv B.csv ...`` (runs of
+one model: mean +- sample std), ``--compare A.csv B.csv`` (paired comparison) or ``--check``
+(:mod:`stage_dist.results_check`) instead.
 """
 
 from __future__ import annotations
@@ -53,12 +60,13 @@ from stage_dist.ava import (
     read_detections,
     read_exclusions,
     read_groundtruth,
+    read_label_types,
     read_labelmap,
     results_as_read,
     results_rows,
 )
+from stage_dist.config import ConfigError, option, parse_config
 from stage_dist.config import build_parser as build_config_parser
-from stage_dist.config import option, parse_config
 from stage_dist.fileio import atomic_write
 from stage_dist.paths import PathError, check_target, user_path_errors
 
@@ -68,6 +76,61 @@ DETECTIONS_PER_KEYFRAME = 50
 IOU_THRESHOLD = 0.5
 MAP_KEY = "PascalBoxes_Precision/mAP@0.5IOU"
 CLASS_KEY_PREFIX = "PascalBoxes_PerformanceByCategory/AP@0.5IOU/"
+
+
+# AVA's three action groups (the AVA paper's pose / person movement, object manipulation and
+# person interaction), named as the v2.2 label map's ``label_type`` names them, and the id
+# ranges of the AVA action list that define them when a label map has no types.
+AVA_GROUP_RANGES = {"PERSON_MOVEMENT": (1, 14), "OBJECT_MANIPULATION": (15, 63), "PERSON_INTERACTION": (64, 80)}
+
+
+@dataclass(frozen=True)
+class ActionGroups:
+    """Action groups of a label map: group name -> class ids, and where the grouping came from.
+
+    ``members`` is empty when the label map has no grouping (``source`` says why).
+    """
+
+    members: dict[str, tuple[int, ...]]
+    source: str
+
+
+def action_groups(labelmap: Mapping[int, str], label_types: Mapping[int, str] | None = None,
+                  path: PathLike | None = None) -> ActionGroups:
+    """The groups of ``labelmap``: from ``label_types`` (the pbtxt's ``label_type``) if every
+    class has one, else from AVA's id ranges if every id is in 1..80, else none."""
+    where = f" of {os.fspath(path)}" if path is not None else ""
+    label_types = label_types or {}
+    typed = [class_id for class_id in labelmap if class_id in label_types]
+    if typed and len(typed) == len(labelmap):
+        members: dict[str, list[int]] = {}
+        for class_id in labelmap:
+            members.setdefault(label_types[class_id], []).append(class_id)
+        return ActionGroups({name: tuple(ids) for name, ids in members.items()}, f"label_type{where}")
+    partial = f" (label_type on only {len(typed)} of {len(labelmap)} classes{where})" if typed else ""
+    if all(1 <= class_id <= 80 for class_id in labelmap):
+        members = {name: [c for c in labelmap if lo <= c <= hi] for name, (lo, hi) in AVA_GROUP_RANGES.items()}
+        return ActionGroups({name: tuple(ids) for name, ids in members.items() if ids},
+                            "AVA id ranges 1-14, 15-63, 64-80" + partial)
+    return ActionGroups({}, f"none: class ids outside AVA's 1..80 and no label_type{where}{partial}")
+
+
+def read_action_groups(labelmap_path: PathLike) -> ActionGroups:
+    """:func:`action_groups` of a label map file (its ``label_type`` fields if it has them)."""
+    return action_groups(read_labelmap(labelmap_path), read_label_types(labelmap_path), labelmap_path)
+
+
+def groups_map(ap_by_id: Mapping[int, float], groups: ActionGroups) -> dict[str, float]:
+    """mAP of each group: the mean AP of its classes with groundtruth (NaN if none has any)."""
+    return {name: _nanmean(np.array([ap_by_id.get(c, math.nan) for c in ids], dtype=np.float64))
+            for name, ids in groups.members.items()}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """``np.nanmean`` without the all-NaN warning (NaN then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values))
 
 
 @dataclass(frozen=True)
@@ -84,6 +147,8 @@ class EvalResult:
     num_detection_rows: int  # rows read from the detections
     num_evaluated_detections: int  # after the label map, keyframe, 50-cap and box filters
     seconds: float = 0.0
+    group_map: dict[str, float] = field(default_factory=dict)  # group name -> mAP (see ActionGroups)
+    grouping: str = ""  # where the groups came from (ActionGroups.source)
 
 
 @dataclass(frozen=True)
@@ -99,11 +164,33 @@ class _Detections:
         return _Detections(self.keyframe[index], self.actions[index], self.boxes[index], self.scores[index])
 
 
+@dataclass(frozen=True)
+class MatchTable:
+    """What scoring fixed, per kept detection and per video: enough to re-score any resample of
+    the groundtruth's videos without matching again (see :mod:`stage_dist.eval_stats`).
+
+    Detections are in the official processing order (the order :func:`_per_class_ap` ranks);
+    ``gt_counts[v, c]`` is the number of evaluated groundtruth boxes of class id ``c`` in video
+    ``videos[v]``. ``videos`` are the groundtruth's videos with an evaluated keyframe.
+    """
+
+    videos: list[str]
+    class_ids: tuple[int, ...]  # the label map's ids, sorted
+    num_classes: int  # the largest class id (AP arrays hold ids 1..num_classes)
+    gt_counts: np.ndarray  # (V, num_classes + 1) int64
+    video: np.ndarray  # (N,) int64 index into videos
+    actions: np.ndarray  # (N,) int64 class id
+    scores: np.ndarray  # (N,) float64
+    true_positive: np.ndarray  # (N,) bool
+
+
 def evaluate(
     groundtruth: PathLike | AvaCsv,
     detections: PathLike | AvaCsv,
     labelmap: PathLike | Mapping[int, str],
     exclusions: PathLike | Iterable[str] | None = None,
+    *,
+    groups: ActionGroups | None = None,
 ) -> EvalResult:
     """Evaluate AVA detections against groundtruth like the official evaluator.
 
@@ -111,13 +198,29 @@ def evaluate(
     scores, see :func:`stage_dist.ava.read_groundtruth` / :func:`~stage_dist.ava.read_detections`);
     ``labelmap`` a pbtxt path or ``{id: name}`` (required: AVA groundtruth files hold all 80
     classes, the protocol evaluates the label map's 60); ``exclusions`` a path or image keys
-    (:func:`stage_dist.ava.image_key`).
+    (:func:`stage_dist.ava.image_key`). ``groups`` (default: :func:`read_action_groups` of a
+    label map path, :func:`action_groups` of a mapping) gives ``EvalResult.group_map``.
 
     Raises :class:`AvaFormatError` on malformed files and on a groundtruth without rows. Logs a
     warning when nothing can score: no detections, none on a groundtruth keyframe, none of a
-    label-map class, or no groundtruth of a label-map class.
+    label-map class, or no groundtruth of a label-map class; and when detection timestamps are
+    written differently from the groundtruth's (``902`` for ``0902``: they still match).
     """
+    return evaluate_with_table(groundtruth, detections, labelmap, exclusions, groups=groups)[0]
+
+
+def evaluate_with_table(
+    groundtruth: PathLike | AvaCsv,
+    detections: PathLike | AvaCsv,
+    labelmap: PathLike | Mapping[int, str],
+    exclusions: PathLike | Iterable[str] | None = None,
+    *,
+    groups: ActionGroups | None = None,
+) -> tuple[EvalResult, MatchTable]:
+    """:func:`evaluate`, and the :class:`MatchTable` behind its numbers."""
     start = time.perf_counter()
+    if groups is None:
+        groups = action_groups(labelmap) if isinstance(labelmap, Mapping) else read_action_groups(labelmap)
     if not isinstance(labelmap, Mapping):
         labelmap = read_labelmap(labelmap)
     if exclusions is None:
@@ -144,6 +247,7 @@ def evaluate(
     num_gt = np.bincount(gt.actions[gt_rows], minlength=num_classes + 1)
     kept = _capped_detections(det, gt, included, in_labelmap)
     _warn_if_nothing_scores(gt, det, gt_rows, kept, in_labelmap)
+    warn_if_spelled_differently(gt, det)
     kept = kept.select((kept.boxes[:, 0] < kept.boxes[:, 2]) & (kept.boxes[:, 1] < kept.boxes[:, 3]))
     true_positive = _match(kept, gt, gt_rows, num_classes)
 
@@ -157,7 +261,7 @@ def evaluate(
     metrics = {MAP_KEY: mean_ap, **{CLASS_KEY_PREFIX + name: ap for name, ap in per_class.items()}}
     seconds = time.perf_counter() - start
     logger.info("frame-mAP@0.5 %.6f in %.2f s", mean_ap, seconds)
-    return EvalResult(
+    result = EvalResult(
         mean_ap=mean_ap,
         per_class=per_class,
         ap_by_id=ap_by_id,
@@ -168,7 +272,22 @@ def evaluate(
         num_detection_rows=det.num_rows,
         num_evaluated_detections=len(kept.scores),
         seconds=seconds,
+        group_map=groups_map(ap_by_id, groups),
+        grouping=groups.source,
     )
+    return result, _match_table(gt, gt_rows, included, kept, true_positive, labelmap, num_classes)
+
+
+def _match_table(gt: AvaCsv, gt_rows, included, kept: _Detections, true_positive, labelmap, num_classes) -> MatchTable:
+    key_video = [key.rsplit(",", 1)[0] for key in gt.keys]
+    videos = sorted({key_video[i] for i in np.flatnonzero(included).tolist()})
+    video_index = {video: v for v, video in enumerate(videos)}
+    keyframe_video = np.array([video_index.get(video, -1) for video in key_video], dtype=np.int64)
+    gt_counts = np.zeros((len(videos), num_classes + 1), dtype=np.int64)
+    np.add.at(gt_counts, (keyframe_video[gt.keyframe[gt_rows]], gt.actions[gt_rows]), 1)
+    return MatchTable(videos=videos, class_ids=tuple(sorted(labelmap)), num_classes=num_classes,
+                      gt_counts=gt_counts, video=keyframe_video[kept.keyframe], actions=kept.actions,
+                      scores=kept.scores, true_positive=true_positive)
 
 
 def evaluate_predictions(
@@ -184,6 +303,7 @@ def evaluate_predictions(
     topk: int | None = None,
     min_score: float = 0.0,
     column_ids: Sequence[int] | None = None,
+    groups: ActionGroups | None = None,
 ) -> EvalResult:
     """Evaluate predictions held in memory, without writing and reading a results.csv.
 
@@ -200,7 +320,7 @@ def evaluate_predictions(
                         column_ids=column_ids)
     detections = results_as_read(rows)
     del rows  # its per-row arrays are not needed any more (~40 bytes a row)
-    return evaluate(groundtruth, detections, labelmap, exclusions)
+    return evaluate(groundtruth, detections, labelmap, exclusions, groups=groups)
 
 
 def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections, in_labelmap) -> None:
@@ -218,6 +338,30 @@ def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections,
         elif not _known_class(det.actions, in_labelmap).any():
             logger.warning("%s: no detection has an action id of the label map: every class with groundtruth "
                            "has AP 0", det.path)
+
+
+def timestamp_spellings(gt: AvaCsv, det: AvaCsv) -> list[tuple[str, str, str]]:
+    """(key, detection spelling, groundtruth spelling) of every detection keyframe whose
+    timestamp matches a groundtruth keyframe only as a number (``902`` vs ``0902``)."""
+    if gt.stamp_text is None or det.stamp_text is None:
+        return []
+    gt_index = {key: i for i, key in enumerate(gt.keys)}
+    out = []
+    for key, text in zip(det.keys, det.stamp_text):
+        i = gt_index.get(key)
+        if i is not None and gt.stamp_text[i] != text:
+            out.append((key, text, gt.stamp_text[i]))
+    return out
+
+
+def warn_if_spelled_differently(gt: AvaCsv, det: AvaCsv) -> None:
+    """A warning when timestamps match the groundtruth only after reading them as numbers."""
+    spelled = timestamp_spellings(gt, det)
+    if spelled:
+        key, text, gt_text = spelled[0]
+        logger.warning("%s: %d keyframes have timestamps written differently from %s (first: %s written %r, "
+                       "groundtruth %r); they are matched as numbers here, tools that compare the text "
+                       "would score nothing", det.path, len(spelled), gt.path, key.rsplit(",", 1)[0], text, gt_text)
 
 
 def _known_class(actions: np.ndarray, in_labelmap: np.ndarray) -> np.ndarray:
@@ -416,13 +560,34 @@ def _average_precision(scores: np.ndarray, true_positive: np.ndarray, num_gt: in
 # ---------------------------------------------------------------------------------------------
 
 
-def format_table(result: EvalResult, labelmap: Mapping[int, str]) -> str:
-    """mAP line and a per-class AP table (id, AP or n/a, #groundtruth, name)."""
+GROUP_MAP_KEY = "group_mAP@0.5IOU"  # added to the metrics JSON next to the official keys
+GROUP_SOURCE_KEY = "group_source"
+
+
+def group_label(name: str) -> str:
+    """A group name as printed: ``PERSON_MOVEMENT`` -> ``person movement``."""
+    return name.lower().replace("_", " ")
+
+
+def group_line(group_map: Mapping[str, float], grouping: str) -> str:
+    """One line with every group's mAP and where the grouping came from."""
+    if not group_map:
+        return f"group mAP: no groups ({grouping})"
+    shown = ", ".join(f"{group_label(name)} {'n/a' if math.isnan(value) else f'{value:.4f}'}"
+                      for name, value in group_map.items())
+    return f"group mAP ({grouping}): {shown}"
+
+
+def format_table(result: EvalResult, labelmap: Mapping[int, str], *, extra: Sequence[str] = ()) -> str:
+    """mAP line, the group-mAP line, ``extra`` lines (e.g. intervals) and a per-class AP table
+    (id, AP or n/a, #groundtruth, name)."""
     with_gt = sum(1 for ap in result.ap_by_id.values() if not math.isnan(ap))
     lines = [
         f"frame-mAP@{IOU_THRESHOLD}: {result.mean_ap:.4f}  ({with_gt} of {len(labelmap)} classes "
         f"with groundtruth, {result.num_groundtruth_keyframes} keyframes, "
         f"{result.num_evaluated_detections} of {result.num_detection_rows} detections evaluated)",
+        group_line(result.group_map, result.grouping),
+        *extra,
         f"{'id':>4}  {'AP':>6}  {'#gt':>6}  class",
     ]
     for class_id, ap in result.ap_by_id.items():
@@ -432,27 +597,67 @@ def format_table(result: EvalResult, labelmap: Mapping[int, str]) -> str:
     return "\n".join(lines)
 
 
-def write_metrics_json(result: EvalResult, path: PathLike) -> None:
-    """The official metrics dict as JSON (sorted keys, NaN written as null), written atomically."""
-    metrics = {key: (None if math.isnan(value) else value) for key, value in result.metrics.items()}
-    text = json.dumps(metrics, indent=1, sort_keys=True) + "\n"
+def _json_value(value):
+    """NaN as null, recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_value(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def metrics_json(result: EvalResult, extra: Mapping[str, object] | None = None) -> dict:
+    """The official metrics dict, plus the group mAP (``GROUP_MAP_KEY``, ``GROUP_SOURCE_KEY``)
+    and ``extra`` keys (e.g. ``bootstrap``); NaN as None."""
+    return _json_value({**result.metrics, GROUP_MAP_KEY: dict(result.group_map),
+                        GROUP_SOURCE_KEY: result.grouping, **(extra or {})})
+
+
+def write_json(data: Mapping[str, object], path: PathLike) -> None:
+    """``data`` as JSON (sorted keys), written atomically."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def plot_per_class_ap(result: EvalResult, path: PathLike) -> None:
-    """Horizontal bar chart of per-class AP (classes with groundtruth) with the mAP line."""
+def write_metrics_json(result: EvalResult, path: PathLike, extra: Mapping[str, object] | None = None) -> None:
+    """The official metrics (sorted keys, NaN written as null, values as computed) plus the group
+    mAP and ``extra`` keys (:func:`metrics_json`), written atomically."""
+    write_json(metrics_json(result, extra), path)
+
+
+_GROUP_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive")
+
+
+def plot_per_class_ap(result: EvalResult, path: PathLike, groups: ActionGroups | None = None) -> None:
+    """Horizontal bar chart of per-class AP (classes with groundtruth) with the mAP line; bars
+    coloured by action group, each group's mAP in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    items = [(name, ap) for name, ap in result.per_class.items() if not math.isnan(ap)]
-    height = max(3.0, 0.22 * len(items) + 1.2)
-    fig, ax = plt.subplots(figsize=(8, height))
-    ax.barh(range(len(items)), [ap for _, ap in items], color="tab:blue")
-    ax.set_yticks(range(len(items)), [name for name, _ in items], fontsize=7)
-    ax.set_ylim(len(items) - 0.5, -0.5)
+    members = groups.members if groups is not None else {}
+    names = list(members)
+    group_of = {class_id: g for g, name in enumerate(names) for class_id in members[name]}
+    ids = [c for c, ap in result.ap_by_id.items() if not math.isnan(ap)]
+    id_names = {c: name for c, name in zip(result.ap_by_id, result.per_class)}
+    colours = [_GROUP_COLOURS[group_of[c] % len(_GROUP_COLOURS)] if c in group_of else "tab:gray" for c in ids]
+    height = max(3.0, 0.22 * len(ids) + 1.2)
+    fig, ax = plt.subplots(figsize=(10.5 if names else 8, height))
+    ax.barh(range(len(ids)), [result.ap_by_id[c] for c in ids], color=colours)
+    ax.set_yticks(range(len(ids)), [id_names[c] for c in ids], fontsize=7)
+    ax.set_ylim(len(ids) - 0.5, -0.5)
     ax.axvline(result.mean_ap, color="tab:red", linestyle="--")
+    if names:
+        handles = [Patch(color=_GROUP_COLOURS[g % len(_GROUP_COLOURS)],
+                         label=f"{group_label(name)}: mAP " + ("n/a" if math.isnan(result.group_map.get(name, math.nan))
+                                                                else f"{result.group_map[name]:.4f}"))
+                   for g, name in enumerate(names)]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+                  title=f"action groups\n({result.grouping})", title_fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"AP@{IOU_THRESHOLD} IoU (dashed: mean)")
     ax.set_title(f"AVA frame-AP per class, mAP {result.mean_ap:.4f}")
@@ -469,32 +674,67 @@ class EvaluateConfig:
 
     groundtruth: str = option(flag=("-g", "--groundtruth"),
                               help="groundtruth CSV: video,ts,x1,y1,x2,y2,action,person (or video,ts)")
-    detections: str = option(flag=("-d", "--detections"),
-                             help="detections CSV (results.csv): video,ts,x1,y1,x2,y2,action,score")
     labelmap: str = option(flag=("-l", "--labelmap"),
-                           help="label map pbtxt (item {name id} or label {name label_id} form)")
+                           help="label map pbtxt (item {name id} or label {name label_id [label_type]} form; "
+                                "label_type, where every class has one, defines the action groups, else AVA's "
+                                "id ranges 1-14 / 15-63 / 64-80)")
+    detections: tuple[str, ...] | None = option(
+        None, flag=("-d", "--detections"), metavar="CSV",
+        help="detections CSV (results.csv): video,ts,x1,y1,x2,y2,action,score; several files = runs of one "
+             "model (e.g. seeds): each is scored, then mean +- sample std of mAP and group mAP")
     exclusions: str | None = option(None, flag=("-e", "--exclusions"),
                                     help="CSV of video,ts keyframes to drop (pre-2020 protocol)")
-    json: str | None = option(None, help="write the metrics with the official key names to this JSON file")
-    plot: str | None = option(None, help="write a per-class AP bar chart (PNG)")
+    json: str | None = option(None, help="write the metrics with the official key names (plus group mAP, and "
+                                         "the interval with --bootstrap) to this JSON file")
+    plot: str | None = option(None, help="write a per-class AP bar chart, coloured by action group (PNG)")
     quiet: bool = option(False, flag=("-q", "--quiet"), help="print only the mAP line, not the per-class table")
+    bootstrap: int = option(0, metavar="N", help="resample the groundtruth's videos N times (with replacement) "
+                                                 "for 95 %% percentile intervals of mAP and group mAP; "
+                                                 "0: off (--compare: 0 means 1000)")
+    seed: int = option(0, help="seed of the bootstrap resamples")
+    compare: tuple[str, ...] | None = option(
+        None, metavar="CSV",
+        help="two detections files A B on the same groundtruth (instead of -d): mAP of each, A - B with a "
+             "paired video-bootstrap 95 %% interval and two-sided p-value, per-class differences; exit 0 "
+             "whatever the difference")
+    check: bool = option(False, help="validate -d against -g and -l without scoring: every problem class "
+                                     "with its count and first example; exit 2 if any problem, 0 if clean")
+
+    def __post_init__(self) -> None:
+        if (self.detections is None) == (self.compare is None):
+            raise ConfigError("give -d/--detections or --compare A.csv B.csv (one of them)")
+        if self.compare is not None and len(self.compare) != 2:
+            raise ConfigError(f"--compare takes two detections files, got {len(self.compare)}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        several = self.detections is not None and len(self.detections) > 1
+        if self.check and (self.compare is not None or several):
+            raise ConfigError("--check validates one -d file")
+        if self.plot is not None and (self.compare is not None or several):
+            raise ConfigError("--plot draws one detections file (give one -d)")
+        if several and self.bootstrap:
+            raise ConfigError("--bootstrap with several -d files: give one -d, or --compare A B")
+
+    @property
+    def comparison_resamples(self) -> int:
+        return self.bootstrap or 1000
 
 
 def _check_outputs(args: EvaluateConfig) -> None:
     """Refuse, before any work, an output that is a directory or would replace an input."""
-    inputs = {flag: getattr(args, name) for flag, name in (("-g", "groundtruth"), ("-d", "detections"),
-                                                           ("-l", "labelmap"), ("-e", "exclusions"))}
+    inputs = [("-g", args.groundtruth), ("-l", args.labelmap), ("-e", args.exclusions),
+              *(("-d", path) for path in args.detections or ()), *(("--compare", path) for path in args.compare or ())]
     outputs = {flag: getattr(args, name) for flag, name in (("--json", "json"), ("--plot", "plot"))}
-    seen: dict[str, str] = {}
+    seen: list[tuple[str, str]] = []
     for flag, path in outputs.items():
         if path is None:
             continue
         if os.path.isdir(path):
             raise AvaFormatError(path, None, f"{flag} is a directory, not a file to write")
-        for other_flag, other in [*inputs.items(), *seen.items()]:
+        for other_flag, other in [*inputs, *seen]:
             if other is not None and _same_file(path, other):
                 raise AvaFormatError(path, None, f"{flag} would overwrite the file given as {other_flag}; refusing")
-        seen[flag] = path
+        seen.append((flag, path))
         check_target(path, flag, kind="file")
 
 
@@ -506,30 +746,82 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 for malformed or unreadable input)."""
+    """CLI entry point; returns the exit status (2 for malformed or unreadable input, and for
+    ``--check`` finding a problem)."""
     args = parse_config(EvaluateConfig, argv, build_config_parser(
         EvaluateConfig, prog="python -m stage_dist.evaluate",
-        description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020)."))
+        description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020), with action-group "
+                    "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from stage_dist import (  # the statistics import this module
+        eval_stats,
+        results_check,
+    )
+
     try:
         _check_outputs(args)
         labelmap = read_labelmap(args.labelmap)
-        result = evaluate(args.groundtruth, args.detections, labelmap, args.exclusions)
+        groups = read_action_groups(args.labelmap)
+        detections = args.detections or ()
+        if args.check:
+            report = results_check.check(args.groundtruth, detections[0], labelmap, args.exclusions)
+            print(report.format())
+            return 0 if report.clean else 2
+        if args.compare is not None:
+            path_a, path_b = args.compare
+            output = eval_stats.compare_files(args.groundtruth, path_a, path_b, labelmap, args.exclusions, groups,
+                                              args.comparison_resamples, args.seed)
+        elif len(detections) > 1:
+            output = eval_stats.runs_files(args.groundtruth, detections, labelmap, args.exclusions, groups)
+        else:
+            output = _evaluate_one(args, labelmap, groups)
     except (AvaFormatError, PathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for write, flag, path in ((write_metrics_json, "--json", args.json), (plot_per_class_ap, "--plot", args.plot)):
+    for flag, path, write in (("--json", args.json, output.write_json), ("--plot", args.plot, output.write_plot)):
         if path is None:
             continue
         try:
             with user_path_errors({flag: path}, writing=flag):
-                write(result, path)
+                write(path)
         except PathError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    table = format_table(result, labelmap)
-    print(table.splitlines()[0] if args.quiet else table)
+    text = output.text
+    print(text.splitlines()[0] if args.quiet else text)
     return 0
+
+
+@dataclass(frozen=True)
+class CliOutput:
+    """What one CLI mode prints and writes."""
+
+    text: str
+    json: Mapping[str, object]
+    plot: tuple[EvalResult, ActionGroups] | None = None  # what --plot draws (one -d only)
+
+    def write_json(self, path: PathLike) -> None:
+        write_json(self.json, path)
+
+    def write_plot(self, path: PathLike) -> None:
+        assert self.plot is not None, "--plot is refused for this mode by EvaluateConfig"
+        plot_per_class_ap(self.plot[0], path, self.plot[1])
+
+
+def _evaluate_one(args: EvaluateConfig, labelmap: Mapping[int, str], groups: ActionGroups) -> CliOutput:
+    from stage_dist import eval_stats
+
+    assert args.detections is not None
+    result, table = evaluate_with_table(args.groundtruth, args.detections[0], labelmap, args.exclusions,
+                                        groups=groups)
+    extra_lines: list[str] = []
+    extra_json: dict[str, object] = {}
+    if args.bootstrap:
+        found = eval_stats.bootstrap(table, groups, args.bootstrap, args.seed)
+        extra_lines.append(found.format())
+        extra_json["bootstrap"] = found.as_json()
+    return CliOutput(format_table(result, labelmap, extra=extra_lines), metrics_json(result, extra_json),
+                     (result, groups))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     setup_logging)
-from stage_dist.evaluate import EvalResult, evaluate_predictions
+from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
@@ -316,6 +316,7 @@ class Trainer:
                                   "the decompressed stores")
         # Read on every rank before training: a bad file stops all ranks now, not after an epoch.
         self.val_labelmap = read_labelmap(config.data.labelmap) if config.data.labelmap else None
+        self.val_groups = read_action_groups(config.data.labelmap) if config.data.labelmap else None
         self.val_groundtruth = read_ava_csv(config.data.val_groundtruth) if config.data.val_groundtruth else None
         self.class_ids = self.data.steps.class_ids  # the class id of each label column of the train data
         check_class_sets(self.class_ids, self.data.source, self.val_store, config.data.labelmap, self.val_labelmap)
@@ -663,6 +664,9 @@ class Trainer:
             for name, ap in result.per_class.items():  # at every validation, not only at the end
                 if not math.isnan(ap):
                     writer.add_scalar(f"val_per_class_AP/{name}", ap, self.global_step)
+            for group, value in result.group_map.items():  # AVA's action groups (EvalResult.grouping)
+                if not math.isnan(value):
+                    writer.add_scalar(f"val_group_mAP/{group}", value, self.global_step)
         return result.mean_ap
 
     def _evaluate(self, predictions: Predictions, keyframes: KeyframeIndex, class_ids: set[int] | None) -> EvalResult:
@@ -671,7 +675,7 @@ class Trainer:
         return evaluate_predictions(self.val_groundtruth, self.val_labelmap,
                                     keyframes.video_ids[predictions.keyframe], keyframes.timestamps[predictions.keyframe],
                                     predictions.boxes, predictions.scores, class_ids=class_ids,
-                                    column_ids=self.class_ids)
+                                    column_ids=self.class_ids, groups=self.val_groups)
 
     # -- reporting ------------------------------------------------------------------------
 

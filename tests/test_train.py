@@ -181,6 +181,17 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     assert {"train/lr", "train/keyframes_per_s", "train/data_wait_fraction", "val/mAP"} <= set(tags)
     per_class = [tag for tag in tags if tag.startswith("val_per_class_AP/")]
     assert per_class and len(events.Scalars(per_class[0])) == len(val_maps), "per-class AP at every validation"
+    from stage_dist.ava import read_labelmap
+    from stage_dist.evaluate import read_action_groups
+
+    groups = read_action_groups(learnable_stores.dataset.labelmap)  # issue 18: group mAP next to per-class AP
+    names = read_labelmap(learnable_stores.dataset.labelmap)
+    for group, ids in groups.members.items():
+        logged = events.Scalars(f"val_group_mAP/{group}")
+        assert len(logged) == len(val_maps), "group mAP at every validation"
+        last = [events.Scalars(f"val_per_class_AP/{names[c]}")[-1].value for c in ids
+                if f"val_per_class_AP/{names[c]}" in tags]
+        assert logged[-1].value == pytest.approx(sum(last) / len(last), abs=1e-6)
     third = max(1, len(losses) // 3)
     assert sum(losses[-third:]) / third < 0.8 * sum(losses[:third]) / third, losses
     assert (tmp_path / "run" / "config.json").exists()
