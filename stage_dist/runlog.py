@@ -119,6 +119,7 @@ class MetricsLog:
     def validation(self, *, step: int, epoch: int, result: Any) -> None:
         """The record of a validation; ``result`` is an :class:`~stage_dist.evaluate.EvalResult`."""
         self.write({"kind": "val", "step": step, "epoch": epoch, "val_map": result.mean_ap,
+                    "group_map": _no_nan(result.group_map), "grouping": result.grouping,
                     "per_class": _no_nan(result.per_class)})
 
     def write(self, record: Mapping[str, Any]) -> None:

@@ -22,12 +22,14 @@ def test_records_round_trip_with_nan_as_null(tmp_path):
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog.open(path, resumed_step=0)
     log.train(step=2, epoch=0, loss=0.25, lr=1e-3, keyframes_per_s=812.5, data_wait=0.125)
-    log.validation(step=4, epoch=1, result=SimpleNamespace(mean_ap=0.5, per_class={"sit": 0.75, "run": math.nan}))
+    log.validation(step=4, epoch=1, result=SimpleNamespace(mean_ap=0.5, per_class={"sit": 0.75, "run": math.nan},
+                                                           group_map={"POSE": 0.75}, grouping="AVA id ranges"))
     log.close()
     train, val = read_metrics(tmp_path)  # the run directory or the file
     assert {k: v for k, v in train.items() if k != "time"} == {
         "kind": "train", "step": 2, "epoch": 0, "loss": 0.25, "lr": 1e-3, "keyframes_per_s": 812.5, "data_wait": 0.125}
     assert val["kind"] == "val" and val["val_map"] == 0.5 and val["per_class"] == {"sit": 0.75, "run": None}
+    assert val["group_map"] == {"POSE": 0.75} and val["grouping"] == "AVA id ranges"
     assert all(json.loads(line) for line in path.read_text().splitlines())  # strict JSON: no NaN tokens
     assert "NaN" not in path.read_text()
 

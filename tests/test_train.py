@@ -205,6 +205,10 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     val = [r for r in records if r["kind"] == "val"]
     assert [r["val_map"] for r in val] == val_maps and [r["epoch"] for r in val] == list(range(1, 9))
     assert val[0]["per_class"].keys() == {tag.split("/", 1)[1] for tag in per_class}
+    assert val[-1]["grouping"] == groups.source and set(val[-1]["group_map"]) == set(groups.members)
+    for group in groups.members:  # the same group mAP as TensorBoard's, at every validation
+        assert [r["group_map"][group] for r in val] == pytest.approx(
+            [event.value for event in events.Scalars(f"val_group_mAP/{group}")], abs=1e-6)
 
 
 @pytest.mark.slow
