@@ -67,8 +67,9 @@ from stage_dist.evaluate import EvalResult, evaluate_predictions
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
-from stage_dist.errors import EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
+from stage_dist.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, INPUT_ERRORS, UserInputError
 from stage_dist.outputs import check_not_input, launch_lock
+from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -163,9 +164,23 @@ class RunConfig:
                                       "(refused if OUTPUT_DIR has checkpoints); or a checkpoint to start from when "
                                       "OUTPUT_DIR has none (one of the published code initialises the weights only)")
 
+    preempt_signals: str = option(DEFAULT_PREEMPT_SIGNALS, help="signals that make every rank finish its step, "
+                                                                "agree at the next log step, write one checkpoint "
+                                                                "and exit 4 (rerun to resume); comma-separated "
+                                                                "names, 'none' to keep the default actions")
+    checkpoint_every_minutes: float = option(0.0, help="also checkpoint when this many minutes have passed since "
+                                                       "the last checkpoint (agreed by all ranks at log steps; "
+                                                       "0: off)")
+
     def __post_init__(self) -> None:
         _at_least(checkpoint_every=(self.checkpoint_every, 0), keep_last=(self.keep_last, 1),
                   val_every=(self.val_every, 0), log_every=(self.log_every, 1))
+        try:
+            parse_signals(self.preempt_signals)
+        except ValueError as err:
+            raise ConfigError(f"--preempt-signals: {err}") from None
+        if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
+            raise ConfigError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
 
 
 @dataclass(frozen=True)
@@ -349,6 +364,9 @@ class Trainer:
         self._first_bad_step = torch.tensor(-1, dtype=torch.int64, device=env.device)
         self._unchecked: dict[int, tuple[int, int]] = {}  # step -> its window's first/last keyframe row
         self._keyframe_names = KeyframeNamer.for_data(self.data)
+        # Preemption signals and --checkpoint-every-minutes, agreed in check_finite's reduction.
+        self.control = RunControl(parse_signals(config.run.preempt_signals), config.run.checkpoint_every_minutes)
+        self._saved_at_step = -1
         # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
         # the RNG states a checkpoint saves are the same in any run of this config.
         torch.manual_seed(config.optim.seed + env.rank)
@@ -433,6 +451,18 @@ class Trainer:
         if self.env.is_main:
             path = self.checkpoints.save(state, epoch=self.epoch, step=self.step_in_epoch, metric=metric)
             log.info("checkpoint %s", path)
+        self._saved_at_step = self.global_step
+        self.control.saved()
+
+    def _obey_control(self) -> None:
+        """Act on what the ranks agreed at the last reduction (the same on every rank): a
+        --checkpoint-every-minutes checkpoint, or a preemption checkpoint and stop."""
+        control = self.control
+        if (control.stop or control.save) and self._saved_at_step != self.global_step:
+            self.save_checkpoint()
+        control.save = False
+        if control.stop:
+            raise PreemptedError(control.stop_signal, self.global_step, self.checkpoints.latest())
 
     def maybe_resume(self) -> None:
         """Continue the run in OUTPUT_DIR if it has checkpoints; else start, from --resume PATH if given.
@@ -488,6 +518,8 @@ class Trainer:
         val_map: float | None = None
         saved_any = False
         finished = self.epoch >= self.config.optim.epochs or self._reached_max_steps()
+        signals = contextlib.ExitStack()  # the preemption handlers, for the loop only
+        signals.enter_context(self.control.handling_signals())
         try:
             while not finished:
                 self.train_epoch(writer, bar)
@@ -503,7 +535,10 @@ class Trainer:
                     metric = val_map = self.validate(writer)
                 self.save_checkpoint(metric=metric)
                 saved_any = True
+                if self.control.stop and not finished:  # agreed at the epoch end's check
+                    raise PreemptedError(self.control.stop_signal, self.global_step, self.checkpoints.latest())
         finally:
+            signals.close()
             bar.close()  # ends the progress line before any error message
             if writer:
                 writer.close()
@@ -533,6 +568,7 @@ class Trainer:
                 self._log_train(stats, writer, bar)
             if self.config.run.checkpoint_every and self.global_step % self.config.run.checkpoint_every == 0:
                 self.save_checkpoint()
+            self._obey_control()
             if self._reached_max_steps():
                 break
 
@@ -566,8 +602,11 @@ class Trainer:
         weights_bad = ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
         never = torch.iinfo(torch.int64).max
         local_first = torch.where(self._first_bad_step < 0, never, self._first_bad_step)
-        flags = all_reduce_min(torch.stack([local_first, -weights_bad.to(torch.int64)]), self.env).tolist()
+        # The preemption and timer flags ride on the same reduction (no collective of their own).
+        flags = all_reduce_min(torch.cat([torch.stack([local_first, -weights_bad.to(torch.int64)]),
+                                          self.control.flags(local_first.device)]), self.env).tolist()
         first_bad, any_weights_bad = int(flags[0]), flags[1] < 0
+        self.control.agree(flags[2:])
         checked = sorted(self._unchecked)
         windows, self._unchecked = self._unchecked, {}
         if first_bad == never and not any_weights_bad:
@@ -734,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
         TrainConfig, prog="torchrun --nproc_per_node=N -m stage_dist.train",
         description="Train STAGE (or the no-graph baseline) on a feature store with DDP. A plain `python -m "
                     "stage_dist.train` runs with world size 1. `--config OUTPUT_DIR/config.json` repeats a run.\n"
-                    "Exit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite loss or weights.")
+                    "Exit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite loss or weights, 4 "
+                    "preempted (a --preempt-signals signal: checkpoint written, rerun to resume).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
         if env is None or env.is_main:
             print(f"error: training stopped: {error}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except PreemptedError as error:
+        if env is None or env.is_main:
+            print(f"stopped: {error}", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
         if env is not None:
             cleanup(env)
