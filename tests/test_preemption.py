@@ -160,3 +160,75 @@ def test_sigterm_to_torchrun_checkpoints_once_and_the_rerun_resumes_exactly(tiny
     subprocess.run(torchrun_command(2, "-m", "stage_dist.train", *to_argv(uninterrupted)), check=True,
                    env=subprocess_env(), capture_output=True, timeout=240)
     assert_same_final_checkpoint(tmp_path / "uninterrupted", output_dir)
+
+
+FAKE_SRUN_WAITING = """#!/usr/bin/env bash
+trap 'echo USR1 > "$STUB_DIR/srun_got"; exit 4' USR1
+touch "$STUB_DIR/srun_started"
+while true; do sleep 0.05; done
+"""
+FAKE_SCONTROL_RECORDING = """#!/usr/bin/env bash
+if [[ "$1" == requeue ]]; then echo "$@" > "$STUB_DIR/scontrol_requeue"; exit 0; fi
+printf 'node-a\\nnode-b\\n'
+"""
+
+
+def test_slurm_script_forwards_usr1_to_srun_and_requeues(tmp_path):
+    """sbatch --signal=B:USR1@120 signals the batch shell only: the script forwards SIGUSR1 to
+    srun (which hands it to every process of the step) and, when srun ends, requeues the job."""
+    from pathlib import Path
+
+    from conftest import REPO
+
+    script = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
+    bin_dir, stub_dir = tmp_path / "bin", tmp_path / "stub"
+    bin_dir.mkdir(), stub_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN_WAITING), ("scontrol", FAKE_SCONTROL_RECORDING)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", STUB_DIR=str(stub_dir), SLURM_JOB_NODELIST="node-[a-b]",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO))
+    batch = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch")], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (stub_dir / "srun_started").exists():
+            assert batch.poll() is None and time.monotonic() < deadline, batch.stdout.read() if batch.stdout else ""
+            time.sleep(0.05)
+        batch.send_signal(signal.SIGUSR1)
+        output, _ = batch.communicate(timeout=30)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+    assert batch.returncode == 0, output
+    assert (stub_dir / "srun_got").read_text().strip() == "USR1"
+    assert Path(stub_dir / "scontrol_requeue").read_text().split() == ["requeue", "4242"], output
+
+
+@pytest.mark.slow
+def test_torchrun_forwards_usr1_with_the_launchers_setting(tmp_path):
+    """launch/common.sh's PET_SIGNALS_TO_HANDLE makes torchrun forward SIGUSR1 to its workers
+    (without it, SIGUSR1 would kill torchrun and leave the workers unsignalled)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import pathlib, signal, sys, time\n"
+        f"out = pathlib.Path({str(tmp_path)!r})\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: ((out / 'got').write_text('USR1'), sys.exit(4)))\n"
+        "(out / 'ready').touch()\n"
+        "while True: time.sleep(0.05)\n")
+    env = dict(subprocess_env(), PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    launcher = subprocess.Popen(torchrun_command(1, str(worker)), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGUSR1)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert (tmp_path / "got").read_text() == "USR1", output
