@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from stage_dist.ava import read_labelmap
 from stage_dist.checkpoint import CheckpointError, read_latest_or_file
 from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
 from stage_dist.data import open_window_source
 from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
-                                    loader_workers, setup_logging)
+                                    loader_workers, report_to_launcher, setup_logging)
 from stage_dist.errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "AVA results.csv.\nExit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite scores.")
 
 
+@record  # an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(InferConfig, argv, build_parser())
     env: DistEnv | None = None
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(config, env, set(labelmap) if labelmap else None)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
+        report_to_launcher(f"error: {error}")
         return EXIT_BAD_INPUT
     finally:
         if env is not None:
@@ -165,6 +168,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     problem = non_finite_scores(predictions, keyframes)
     if problem:
         print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
+        report_to_launcher(f"error: {source.location}: {problem}; {config.out} not written")
         return EXIT_NON_FINITE
     rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
                              min_score=config.min_score)

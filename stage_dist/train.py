@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -62,7 +63,7 @@ from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManage
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
-                                    setup_logging)
+                                    report_to_launcher, setup_logging)
 from stage_dist.evaluate import EvalResult, evaluate_predictions
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
@@ -777,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "preempted (a --preempt-signals signal: checkpoint written, rerun to resume).")
 
 
+@record  # an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, build_parser())
     env: DistEnv | None = None
@@ -798,14 +800,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"val mAP {val} (best {best}); {saved}")
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
+        report_to_launcher(f"error: {error}")
         return 2
     except NonFiniteError as error:
         if env is None or env.is_main:
             print(f"error: training stopped: {error}", file=sys.stderr)
+        report_to_launcher(f"error: training stopped: {error}")
         return EXIT_NON_FINITE
     except PreemptedError as error:
         if env is None or env.is_main:
             print(f"stopped: {error}", file=sys.stderr)
+        report_to_launcher(f"stopped: {error}")
         return EXIT_PREEMPTED
     finally:
         if env is not None:
