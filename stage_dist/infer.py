@@ -34,6 +34,7 @@ from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH,
 from stage_dist.model import compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.precision import resolve_precision
+from stage_dist.progress import DEFAULT_EVERY_SECONDS
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.shard_format import expand_urls, manifest_location
 
@@ -55,6 +56,9 @@ class InferConfig:
     labelmap: str | None = option(None, help="pbtxt label map: write only its classes")
     topk: int | None = option(None, help="write only the K best actions per box")
     min_score: float = option(0.0, help="write only scores >= this")
+    progress_every_seconds: float = option(DEFAULT_EVERY_SECONDS, help="when stderr is not a terminal (a log file), "
+                                                                      "one progress line every this many seconds "
+                                                                      "instead of a tqdm bar")
     runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class InferConfig:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         if self.topk is not None and not 1 <= self.topk <= NUM_ACTIONS:
             raise ConfigError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {self.topk}")
+        if not self.progress_every_seconds > 0:
+            raise ConfigError(f"--progress-every-seconds must be > 0, got {self.progress_every_seconds}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
 
@@ -161,7 +167,8 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     if runtime.compile:
         compile_model(model, env.device)
     result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
-                     precision=precision, num_workers=loader_workers(runtime.workers, env))
+                     precision=precision, num_workers=loader_workers(runtime.workers, env),
+                     progress_every_seconds=config.progress_every_seconds)
     if result is None:  # not rank 0
         return 0
     predictions, keyframes = result.predictions, result.keyframes

@@ -71,6 +71,7 @@ from stage_dist.config import build_parser as build_config_parser
 from stage_dist.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, INPUT_ERRORS, UserInputError
 from stage_dist.outputs import check_not_input, launch_lock
 from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
+from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -173,6 +174,11 @@ class RunConfig:
                                                        "the last checkpoint (agreed by all ranks at log steps; "
                                                        "0: off)")
 
+    progress_every_seconds: float = option(DEFAULT_EVERY_SECONDS, help="when stderr is not a terminal (a log "
+                                                                      "file), one progress line (step, keyframes/s, "
+                                                                      "loss at the last log step, ETA) every this "
+                                                                      "many seconds instead of a tqdm bar")
+
     def __post_init__(self) -> None:
         _at_least(checkpoint_every=(self.checkpoint_every, 0), keep_last=(self.keep_last, 1),
                   val_every=(self.val_every, 0), log_every=(self.log_every, 1))
@@ -182,6 +188,8 @@ class RunConfig:
             raise ConfigError(f"--preempt-signals: {err}") from None
         if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
             raise ConfigError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
+        if not self.progress_every_seconds > 0:
+            raise ConfigError(f"--progress-every-seconds must be > 0, got {self.progress_every_seconds}")
 
 
 @dataclass(frozen=True)
@@ -513,8 +521,9 @@ class Trainer:
         self.maybe_resume()  # before writing anything: a bad --resume leaves OUTPUT_DIR untouched
         writer = self._writer()
         self._log_start()
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
-                   disable=not self.env.is_main, dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                           disable=not self.env.is_main, dynamic_ncols=True,
+                           every_seconds=self.config.run.progress_every_seconds)
         self._restore_rng()
         val_map: float | None = None
         saved_any = False
@@ -564,9 +573,9 @@ class Trainer:
             stats.add(loss, batch.num_keyframes * self.env.world_size, data_ready - step_started,
                       step_done - step_started)
             step_started = step_done
-            bar.update(1)
             if self.global_step % self.config.run.log_every == 0:
                 self._log_train(stats, writer, bar)
+            bar.update(1)  # after the log step's postfix: a log-file line shows that step's loss
             if self.config.run.checkpoint_every and self.global_step % self.config.run.checkpoint_every == 0:
                 self.save_checkpoint()
             self._obey_control()
@@ -645,7 +654,8 @@ class Trainer:
         Non-finite scores (a NaN/Inf in the val store) stop the run on every rank."""
         assert self.val_store is not None
         result = predict(self.model, StoreWindowSource(self.val_store), self.env, window=INFERENCE_WINDOW,
-                         precision=self.precision, num_workers=0)
+                         precision=self.precision, num_workers=0,
+                         progress_every_seconds=self.config.run.progress_every_seconds)
         problem = non_finite_scores(result.predictions, result.keyframes) if result is not None else None
         flag = torch.tensor(-1 if problem else 0, dtype=torch.int64, device=self.env.device)
         if int(all_reduce_min(flag, self.env)) < 0:
