@@ -49,7 +49,11 @@ class InferConfig:
     out: str = option(help="results.csv to write (atomically)")
     store: str | None = option(None, help="feature store (zarr) to predict")
     shards: str | None = option(None, help="WebDataset shards to predict instead of a store: a brace pattern such as "
-                                           "'DIR/val-{000000..000007}.tar' (manifest.json beside them)")
+                                           "'DIR/val-{000000..000007}.tar' (manifest.json beside them), or URLs "
+                                           "('https://...', 'pipe:CMD' with --shards-manifest)")
+    shards_manifest: str | None = option(None, help="manifest.json of --shards (a path or URL) when it is not beside "
+                                                    "the first shard, e.g. for 'pipe:aws s3 cp s3://b/val-{000000.."
+                                                    "000007}.tar -' shards")
     window: int = option(INFERENCE_WINDOW, help="keyframes predicted per window (2 keyframes of context on each "
                                                 "side are added); the scores do not depend on it")
     windows_per_batch: int = option(INFERENCE_WINDOWS_PER_BATCH, help="windows per forward pass")
@@ -64,6 +68,8 @@ class InferConfig:
     def __post_init__(self) -> None:
         if (self.store is None) == (self.shards is None):
             raise ConfigError("give exactly one of --store and --shards")
+        if self.shards_manifest is not None and self.shards is None:
+            raise ConfigError("--shards-manifest is the manifest of --shards: give --shards too")
         for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -121,7 +127,12 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
     inputs = [("--checkpoint", config.checkpoint), ("--labelmap", config.labelmap), ("--store", config.store)]
     if config.shards:
         local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
-        inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
+        inputs += [("--shards", url) for url in local]
+        if config.shards_manifest is not None:
+            remote = "://" in config.shards_manifest or config.shards_manifest.startswith("pipe:")
+            inputs += [] if remote else [("--shards-manifest", config.shards_manifest)]
+        else:
+            inputs += [("manifest", manifest_location(url)) for url in local[:1]]
     out = check_output_file(config.out, inputs=inputs)
     if out.exists() and not _looks_like_results_csv(out):
         raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
@@ -162,7 +173,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     runtime = config.runtime
     started = time.perf_counter()
     precision = resolve_precision(runtime.amp, env.device)
-    source = open_window_source(store=config.store, shards=config.shards)
+    source = open_window_source(store=config.store, shards=config.shards, shards_manifest=config.shards_manifest)
     model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
     if runtime.compile:
         compile_model(model, env.device)

@@ -449,7 +449,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 def manifest_location(url: str) -> str:
     """Where the manifest of the shard at ``url`` is: ``manifest.json`` beside it."""
     if url.startswith("pipe:"):
-        raise ShardError(f"cannot place the manifest of {url!r}: pass manifest= explicitly")
+        raise ShardError(f"cannot place the manifest of {url!r} (a pipe: URL): give its manifest.json with "
+                         "--shards-manifest PATH_OR_URL")
     head, sep, _ = url.rpartition("/")
     return f"{head}/{MANIFEST_NAME}" if sep else MANIFEST_NAME
 

@@ -93,6 +93,9 @@ class DataConfig:
     train_shards: str | None = option(None, help="training WebDataset shards instead of a store: a brace pattern such "
                                                  "as 'DIR/train-{000000..000031}.tar' (local paths or URLs webdataset "
                                                  "reads; manifest.json beside them)")
+    shards_manifest: str | None = option(None, help="manifest.json of --train-shards (a path or URL) when it is not "
+                                                    "beside the first shard, e.g. for 'pipe:aws s3 cp s3://b/train-"
+                                                    "{000000..000063}.tar -' shards")
     shuffle_buffer: int = option(SHUFFLE_BUFFER, help="windows held for shuffling when streaming from --train-shards")
     val_store: str | None = option(None, help="validation feature store; validated every --val-every epochs and at "
                                               "the end")
@@ -108,6 +111,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if (self.train_store is None) == (self.train_shards is None):
             raise ConfigError("give exactly one of --train-store and --train-shards")
+        if self.shards_manifest is not None and self.train_shards is None:
+            raise ConfigError("--shards-manifest is the manifest of --train-shards: give --train-shards too")
         _at_least(window=(self.window, 1), shuffle_buffer=(self.shuffle_buffer, 1))
 
 
@@ -314,7 +319,7 @@ class Trainer:
             windows_per_step=config.optim.windows_per_step, rank=env.rank, world_size=env.world_size,
             seed=config.optim.seed, num_workers=self.workers, pin_memory=env.device.type == "cuda",
             in_memory=config.data.in_memory, memmap_dir=config.data.memmap_dir, shuffle_buffer=config.data.shuffle_buffer,
-            padding=Padding(bucketed=config.runtime.compile),
+            padding=Padding(bucketed=config.runtime.compile), shards_manifest=config.data.shards_manifest,
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
