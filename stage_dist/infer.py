@@ -28,6 +28,7 @@ from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_
 from stage_dist.data import open_window_source
 from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
                                     loader_workers, report_to_launcher, setup_logging)
+from stage_dist.fileio import remove_stale_temporaries
 from stage_dist.errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
@@ -182,6 +183,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
                      progress_every_seconds=config.progress_every_seconds)
     if result is None:  # not rank 0
         return 0
+    remove_stale_temporaries(config.out)  # a killed run's partial file (rank 0 holds --out's lock)
     predictions, keyframes = result.predictions, result.keyframes
     problem = non_finite_scores(predictions, keyframes)
     if problem:
