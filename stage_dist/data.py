@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stage_dist.batch import Batch, Padding, Window, WindowSpec, collate
+from stage_dist.preemption import ignore_stop_signals
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, WindowSource, max_nodes_per_keyframe
@@ -71,7 +72,8 @@ class KeyframeCollate:
 def _loader_options(num_workers: int, pin_memory: bool) -> dict:
     options: dict = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=4)
+        # workers ignore SIGTERM/SIGUSR1: the rank handles them (stage_dist.preemption)
+        options.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_stop_signals)
     return options
 
 

@@ -232,3 +232,33 @@ def test_torchrun_forwards_usr1_with_the_launchers_setting(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     assert (tmp_path / "got").read_text() == "USR1", output
+
+
+@pytest.mark.parametrize("form", ["store", "shards"])
+def test_training_loader_workers_ignore_the_stop_signals(tiny_stores, tmp_path, form):
+    """SLURM signals every process of a step: a loader worker must survive SIGTERM/SIGUSR1 so that
+    its rank can finish the step and checkpoint."""
+    import torch
+
+    from stage_dist.data import open_train_data
+    from stage_dist.shard_format import shard_pattern, write_shards
+    from stage_dist.store import FeatureStore
+
+    shards = None
+    if form == "shards":
+        manifest = write_shards(FeatureStore.open(tiny_stores.train), tmp_path / "shards", max_shard_bytes=50_000)
+        shards = shard_pattern(manifest, tmp_path / "shards")
+    data = open_train_data(store=str(tiny_stores.train) if shards is None else None, shards=shards, window=6,
+                           windows_per_step=1, rank=0, world_size=1, seed=0, num_workers=1, pin_memory=False)
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return torch.tensor([signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
+                                 signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN])
+
+    probe = torch.utils.data.DataLoader(Probe(), num_workers=1, worker_init_fn=data.loader.worker_init_fn)
+    assert next(iter(probe)).tolist() == [[True, True]]
+    assert next(iter(data.loader)) is not None  # the loader itself still works with it
