@@ -6,7 +6,7 @@ else a :class:`LogProgress`: the same interface (iteration, ``update``, ``set_po
 ``every_seconds`` (``--progress-every-seconds``, default 60) and one at the end, instead of a bar
 redrawn every 0.1 s into a SLURM output file::
 
-    train: 1200/30000 steps (4.0%), 3.41 steps/s, loss=0.1234, kf_s=512, wait=3%, ETA 2:20:45
+    train: 3/6 steps (50.0%), 22.5 step/s, loss=0.7232, kf_s=137, wait=37%, ETA 00:00
 
 The line says what the caller last put in the postfix: the trainer sets it at log steps only
 (the loss is read back from the device only there), so a progress line never reads the device.

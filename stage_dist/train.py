@@ -170,7 +170,6 @@ class RunConfig:
     resume: str = option("auto", help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh "
                                       "(refused if OUTPUT_DIR has checkpoints); or a checkpoint to start from when "
                                       "OUTPUT_DIR has none (one of the published code initialises the weights only)")
-
     preempt_signals: str = option(DEFAULT_PREEMPT_SIGNALS, help="signals that make every rank finish its step, "
                                                                 "agree at the next log step, write one checkpoint "
                                                                 "and exit 4 (rerun to resume); comma-separated "
@@ -178,7 +177,6 @@ class RunConfig:
     checkpoint_every_minutes: float = option(0.0, help="also checkpoint when this many minutes have passed since "
                                                        "the last checkpoint (agreed by all ranks at log steps; "
                                                        "0: off)")
-
     progress_every_seconds: float = option(DEFAULT_EVERY_SECONDS, help="when stderr is not a terminal (a log "
                                                                       "file), one progress line (step, keyframes/s, "
                                                                       "loss at the last log step, ETA) every this "
