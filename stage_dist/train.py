@@ -61,7 +61,7 @@ from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
-from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup, configure_determinism,
+from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     report_to_launcher, setup_logging)
 from stage_dist.evaluate import EvalResult, evaluate_predictions
@@ -474,7 +474,13 @@ class Trainer:
             self.save_checkpoint()
         control.save = False
         if control.stop:
-            raise PreemptedError(control.stop_signal, self.global_step, self.checkpoints.latest())
+            self._stop_preempted()
+
+    def _stop_preempted(self) -> None:
+        """Every rank waits until rank 0 has written the checkpoint, then stops: a rank that exited
+        first could get the others killed mid-write (``srun --kill-on-bad-exit``, torchrun)."""
+        barrier(self.env)
+        raise PreemptedError(self.control.stop_signal, self.global_step, self.checkpoints.latest())
 
     def maybe_resume(self) -> None:
         """Continue the run in OUTPUT_DIR if it has checkpoints; else start, from --resume PATH if given.
@@ -549,7 +555,7 @@ class Trainer:
                 self.save_checkpoint(metric=metric)
                 saved_any = True
                 if self.control.stop and not finished:  # agreed at the epoch end's check
-                    raise PreemptedError(self.control.stop_signal, self.global_step, self.checkpoints.latest())
+                    self._stop_preempted()
         finally:
             signals.close()
             bar.close()  # ends the progress line before any error message

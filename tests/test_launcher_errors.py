@@ -44,8 +44,8 @@ def test_a_one_line_error_is_in_torchruns_summary(tiny_stores, tmp_path):
     missing = tmp_path / "missing.pt"
     args = ["--store", str(tiny_stores.val), "--checkpoint", str(missing), "--out", str(tmp_path / "r.csv"),
             "--device", "cpu", "--workers", "0"]
-    result = subprocess.run(torchrun_command(2, "-m", "stage_dist.infer", *args), env=subprocess_env(), capture_output=True,
-                            text=True, timeout=180)
+    result = subprocess.run(torchrun_command(2, "-m", "stage_dist.infer", *args), env=subprocess_env(),
+                            capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     summary = result.stderr[result.stderr.index("Root Cause"):]
     assert "exitcode  : 2" in summary and str(missing) in summary, summary

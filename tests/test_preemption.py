@@ -149,7 +149,8 @@ def test_sigterm_to_torchrun_checkpoints_once_and_the_rerun_resumes_exactly(tiny
     checkpoints = sorted((output_dir / "checkpoints").glob("ckpt_*.pt"))
     newest = read_checkpoint(checkpoints[-1]).training
     assert f"at step {newest.global_step};" in output, output
-    assert newest.global_step % 2 == 0 or newest.global_step % 3 == 0, newest.global_step  # agreed at a log or checkpoint step
+    agreed_at_a_log_or_checkpoint_step = newest.global_step % 2 == 0 or newest.global_step % 3 == 0
+    assert agreed_at_a_log_or_checkpoint_step, newest.global_step
     assert newest.epoch < 4, "the signal came after training ended"
 
     rerun = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
