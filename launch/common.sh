@@ -10,6 +10,11 @@
 #                   which is torchrun)
 #   OMP_NUM_THREADS threads per process; torchrun sets 1 when it is unset and
 #                   NPROC_PER_NODE > 1
+#   PET_SIGNALS_TO_HANDLE  signals torchrun forwards to its workers (default
+#                   SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1: the trainer checkpoints and stops on
+#                   SIGTERM and SIGUSR1, see --preempt-signals)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for its workers after forwarding
+#                   such a signal before it kills them (default 100, inside slurm.sbatch's 120)
 
 visible_gpus() {
     if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
@@ -42,4 +47,9 @@ if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
     echo "error: MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'" >&2
     exit 2
 fi
+# torchrun with --signals-to-handle (torch 2.13 has it) reads it from PET_SIGNALS_TO_HANDLE; earlier ones read
+# TORCHELASTIC_SIGNALS_TO_HANDLE where they support it at all (then SIGUSR1 is not forwarded).
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export TORCHELASTIC_SIGNALS_TO_HANDLE="${TORCHELASTIC_SIGNALS_TO_HANDLE:-$PET_SIGNALS_TO_HANDLE}"
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
 read -r -a TORCHRUN_CMD <<<"${TORCHRUN:-$PYTHON -m torch.distributed.run}"

@@ -26,6 +26,7 @@ checkpoint and restore each rank's own.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -93,8 +94,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"{path}: a checkpoint must be a dict, got {type(state).__name__}")
     _check_loadable(state, "")
+    # Serialised in memory first (one checkpoint's size on the saving rank): torch.save's zip writer
+    # turns a failed file write (a full disk) into an opaque RuntimeError; a plain write of the bytes
+    # keeps the OSError, which atomic_write reports as NoSpaceError with the previous file kept.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as err:
         raise CheckpointError(f"{path}: cannot write checkpoint: {err}") from err
 

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import zarr
-from tqdm import tqdm
+from stage_dist.progress import progress_bar
 
 from stage_dist import __version__
 from stage_dist.ava import AvaFormatError, read_labelmap
@@ -820,8 +820,8 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         all_tasks = make_tasks(ctx, skip_done=False)
         tasks = make_tasks(ctx) if todo else []
         read_bytes = sum(t.input_bytes for t in tasks)
-        with tqdm(total=read_bytes, unit="B", unit_scale=True, desc="converting", disable=not cfg.progress,
-                  dynamic_ncols=True) as bar:
+        with progress_bar(total=read_bytes, unit="B", unit_scale=True, desc="converting", disable=not cfg.progress,
+                          dynamic_ncols=True) as bar:
             keyframes_done = [0]
 
             def on_progress(nbytes: int, keyframes: int) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stage_dist.batch import Batch, Padding, Window, WindowSpec, collate
+from stage_dist.preemption import ignore_stop_signals
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, WindowSource, max_nodes_per_keyframe
@@ -71,7 +72,8 @@ class KeyframeCollate:
 def _loader_options(num_workers: int, pin_memory: bool) -> dict:
     options: dict = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=4)
+        # workers ignore SIGTERM/SIGUSR1: the rank handles them (stage_dist.preemption)
+        options.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=ignore_stop_signals)
     return options
 
 
@@ -171,15 +173,18 @@ def open_window_source(
     in_memory: bool = False,
     memmap_dir: str | None = None,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    shards_manifest: str | None = None,
 ) -> WindowSource:
-    """A split from a store path or a shard URL pattern (exactly one of them)."""
+    """A split from a store path or a shard URL pattern (exactly one of them); ``shards_manifest``:
+    the shards' manifest.json (a path or URL) when it is not beside the first shard (``pipe:`` URLs)."""
     if (store is None) == (shards is None):
         raise ValueError("give exactly one of a store or shards")
     if shards is not None:
         from stage_dist.shard_stream import ShardWindowStream  # imports this module (KeyframeCollate)
 
         return ShardWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
-                                 world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
+                                 world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                                 manifest=shards_manifest)
     feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
     return StoreWindowSource(feature_store, window=window, windows_per_step=windows_per_step, rank=rank,
                              world_size=world_size, seed=seed)
@@ -215,12 +220,14 @@ def open_train_data(
     memmap_dir: str | None = None,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     padding: Padding = Padding(),
+    shards_manifest: str | None = None,
 ) -> TrainData:
     if (store is None) == (shards is None):
         raise ValueError("give exactly one of a training store (--train-store) or shards (--train-shards)")
     source = open_window_source(store=store, shards=shards, window=window, windows_per_step=windows_per_step,
                                 rank=rank, world_size=world_size, seed=seed, in_memory=in_memory,
-                                memmap_dir=memmap_dir, shuffle_buffer=shuffle_buffer)
+                                memmap_dir=memmap_dir, shuffle_buffer=shuffle_buffer,
+                                shards_manifest=shards_manifest)
     loader = source.train_loader(num_workers=num_workers, pin_memory=pin_memory, padding=padding)
     return TrainData(source, loader, source.actor_dim, source.object_dim, source.num_keyframes, source.num_clips,
                      source.location)

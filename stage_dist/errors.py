@@ -15,6 +15,7 @@ class UserInputError(Exception):
 
 EXIT_BAD_INPUT = 2  # a user mistake, reported as one line
 EXIT_NON_FINITE = 3  # train/infer: a NaN/Inf loss, weight or score (the run stops; nothing non-finite is saved)
+EXIT_PREEMPTED = 4  # train: stopped by a --preempt-signals signal after writing a checkpoint; rerun to resume
 
 # What the command-line tools report as one line with exit code 2: the project's own user errors,
 # and the OS's verdict on a path the user gave (it names the path).

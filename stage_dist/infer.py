@@ -26,13 +26,15 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from stage_dist.ava import read_labelmap
 from stage_dist.checkpoint import CheckpointError, read_latest_or_file
 from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
 from stage_dist.data import open_window_source
 from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
-                                    loader_workers, setup_logging)
+                                    loader_workers, report_to_launcher, setup_logging)
+from stage_dist.fileio import remove_stale_temporaries
 from stage_dist.errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
@@ -40,7 +42,12 @@ from stage_dist.model import ModelConfig, compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.paths import user_message, user_path_errors
 from stage_dist.precision import resolve_precision
+<<<<<<< HEAD
 from stage_dist.schema import describe_classes
+=======
+from stage_dist.progress import DEFAULT_EVERY_SECONDS
+from stage_dist.schema import NUM_ACTIONS
+>>>>>>> i15run
 from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
@@ -56,23 +63,39 @@ class InferConfig:
     out: str = option(help="results.csv to write (atomically)")
     store: str | None = option(None, help="feature store (zarr) to predict")
     shards: str | None = option(None, help="WebDataset shards to predict instead of a store: a brace pattern such as "
-                                           "'DIR/val-{000000..000007}.tar' (manifest.json beside them)")
+                                           "'DIR/val-{000000..000007}.tar' (manifest.json beside them), or URLs "
+                                           "('https://...', 'pipe:CMD' with --shards-manifest)")
+    shards_manifest: str | None = option(None, help="manifest.json of --shards (a path or URL) when it is not beside "
+                                                    "the first shard, e.g. for 'pipe:aws s3 cp s3://b/val-{000000.."
+                                                    "000007}.tar -' shards")
     window: int = option(INFERENCE_WINDOW, help="keyframes predicted per window (2 keyframes of context on each "
                                                 "side are added); the scores do not depend on it")
     windows_per_batch: int = option(INFERENCE_WINDOWS_PER_BATCH, help="windows per forward pass")
     labelmap: str | None = option(None, help="pbtxt label map: write only its classes")
     topk: int | None = option(None, help="write only the K best actions per box (1..the store's class count)")
     min_score: float = option(0.0, help="write only scores >= this")
+    progress_every_seconds: float = option(DEFAULT_EVERY_SECONDS, help="when stderr is not a terminal (a log file), "
+                                                                      "one progress line every this many seconds "
+                                                                      "instead of a tqdm bar")
     runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
 
     def __post_init__(self) -> None:
         if (self.store is None) == (self.shards is None):
             raise ConfigError("give exactly one of --store and --shards")
+        if self.shards_manifest is not None and self.shards is None:
+            raise ConfigError("--shards-manifest is the manifest of --shards: give --shards too")
         for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+<<<<<<< HEAD
         if self.topk is not None and self.topk < 1:  # its upper bound is the store's class count (run)
             raise ConfigError(f"--topk must be >= 1 (actions per box), got {self.topk}")
+=======
+        if self.topk is not None and not 1 <= self.topk <= NUM_ACTIONS:
+            raise ConfigError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {self.topk}")
+        if not self.progress_every_seconds > 0:
+            raise ConfigError(f"--progress-every-seconds must be > 0, got {self.progress_every_seconds}")
+>>>>>>> i15run
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
 
@@ -152,7 +175,12 @@ def check_inputs(config: InferConfig) -> dict[int, str] | None:
               ("--store", config.store)]
     if config.shards:
         local = [url for url in expand_urls(config.shards) if "://" not in url and not url.startswith("pipe:")]
-        inputs += [("--shards", url) for url in local] + [("manifest", manifest_location(url)) for url in local[:1]]
+        inputs += [("--shards", url) for url in local]
+        if config.shards_manifest is not None:
+            remote = "://" in config.shards_manifest or config.shards_manifest.startswith("pipe:")
+            inputs += [] if remote else [("--shards-manifest", config.shards_manifest)]
+        else:
+            inputs += [("manifest", manifest_location(url)) for url in local[:1]]
     out = check_output_file(config.out, inputs=inputs)
     if out.exists() and not _looks_like_results_csv(out):
         raise InferArgumentError(f"{config.out}: exists and is not an AVA results CSV; refusing to replace it "
@@ -181,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "AVA results.csv.\nExit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite scores.")
 
 
+@record  # an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(InferConfig, argv, build_parser())
     env: DistEnv | None = None
@@ -192,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
             return run(config, env, set(labelmap) if labelmap else None)
+<<<<<<< HEAD
     except (OSError, *INPUT_ERRORS) as error:
         print(f"error: {user_message(error, {'--out': config.out})}", file=sys.stderr)
+=======
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        report_to_launcher(f"error: {error}")
+>>>>>>> i15run
         return EXIT_BAD_INPUT
     finally:
         if env is not None:
@@ -205,6 +240,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     runtime = config.runtime
     started = time.perf_counter()
     precision = resolve_precision(runtime.amp, env.device)
+<<<<<<< HEAD
     source = open_window_source(store=config.store, shards=config.shards)
     check_classes(config, source.class_ids, class_ids, source.location)
     models = load_models(config.checkpoint, source.actor_dim, source.object_dim, env.device, source.class_ids,
@@ -214,14 +250,25 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
             compile_model(model, env.device)
     result = predict(models, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
                      precision=precision, num_workers=loader_workers(runtime.workers, env))
+=======
+    source = open_window_source(store=config.store, shards=config.shards, shards_manifest=config.shards_manifest)
+    model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
+    if runtime.compile:
+        compile_model(model, env.device)
+    result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
+                     precision=precision, num_workers=loader_workers(runtime.workers, env),
+                     progress_every_seconds=config.progress_every_seconds)
+>>>>>>> i15run
     if result is None:  # not rank 0
         return 0
+    remove_stale_temporaries(config.out)  # a killed run's partial file (rank 0 holds --out's lock)
     predictions, keyframes = result.predictions, result.keyframes
     if len(models) > 1:
         log.info("ensemble of %d checkpoints: %s", len(models), ", ".join(config.checkpoint))
     problem = non_finite_scores(predictions, keyframes)
     if problem:
         print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
+        report_to_launcher(f"error: {source.location}: {problem}; {config.out} not written")
         return EXIT_NON_FINITE
     with user_path_errors({"--out": config.out}, writing="--out"):
         rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,

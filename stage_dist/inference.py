@@ -25,14 +25,17 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from stage_dist.ava import write_results_csv
 from stage_dist.batch import Batch, Padding
 from stage_dist.distributed import DistEnv, gather_to_main
 from stage_dist.model import ModelConfig, action_logits
 from stage_dist.precision import Precision, resolve_precision
+<<<<<<< HEAD
 from stage_dist.schema import AVA_CLASS_IDS
+=======
+from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
+>>>>>>> i15run
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import InferenceBatch, WindowSource
 
@@ -146,6 +149,7 @@ def predict(
     precision: Precision | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    progress_every_seconds: float = DEFAULT_EVERY_SECONDS,
 ) -> InferenceResult | None:
     """Score every actor of ``source`` once across all ranks; the result on rank 0, None elsewhere.
     Several models: one pass over the data, the mean of their sigmoid scores (an ensemble)."""
@@ -161,7 +165,8 @@ def predict(
             read.extend(keyframes)
             yield batch, owned
 
-    bar = tqdm(batches, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False)
+    bar = progress_bar(batches, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False,
+                       every_seconds=progress_every_seconds)
     local = score_batches(model, scored(bar), env, precision or resolve_precision("off", env.device))
     gathered = gather_to_main((local, read), env)
     if gathered is None:

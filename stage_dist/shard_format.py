@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
+from stage_dist.progress import progress_bar
 
 from stage_dist.errors import UserInputError
 from stage_dist.outputs import claim_output_dir
@@ -355,7 +355,7 @@ def _write_shards(store: FeatureStore, out: Path, *, prefix: str | None, max_sha
     extra = extra_arrays(store.row_arrays())
     sink = _ShardSink(out, prefix, max_shard_bytes)
     dtypes: dict[str, str] = {}
-    for clip in tqdm(range(num_clips), desc=f"shards {prefix}", unit="clip", leave=False):
+    for clip in progress_bar(range(num_clips), desc=f"shards {prefix}", unit="clip", leave=False):
         pieces = _clip_samples_to_write(store, clip, window, extra)
         if not pieces:
             continue
@@ -451,7 +451,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 def manifest_location(url: str) -> str:
     """Where the manifest of the shard at ``url`` is: ``manifest.json`` beside it."""
     if url.startswith("pipe:"):
-        raise ShardError(f"cannot place the manifest of {url!r}: pass manifest= explicitly")
+        raise ShardError(f"cannot place the manifest of {url!r} (a pipe: URL): give its manifest.json with "
+                         "--shards-manifest PATH_OR_URL")
     head, sep, _ = url.rpartition("/")
     return f"{head}/{MANIFEST_NAME}" if sep else MANIFEST_NAME
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stage_dist.batch import Padding, Window, collate
 from stage_dist.data import KeyframeCollate
+from stage_dist.preemption import ignore_stop_signals
 from stage_dist.sampler import EpochPosition, clip_windows, epoch_generator, plan_inference_windows, window_offsets
 from stage_dist.schema import store_class_ids
 from stage_dist.shard_format import (ShardError, check_complete, clip_groups, cut_clip, decode_clip, decode_sample,
@@ -268,7 +269,8 @@ class ShardWindowStream(EpochPosition, IterableDataset):
         """This rank's steps as collated batches. Workers are not persistent: each epoch's
         iterator must see the stream's new epoch."""
         return DataLoader(self, batch_size=None, collate_fn=partial(collate, padding=padding), num_workers=num_workers,
-                          pin_memory=pin_memory, generator=torch.Generator())
+                          pin_memory=pin_memory, generator=torch.Generator(),
+                          worker_init_fn=ignore_stop_signals if num_workers else None)  # the rank handles them
 
     # ---- inference
 

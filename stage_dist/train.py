@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -61,16 +62,26 @@ from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
                                    rng_state, set_rng_state)
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
-from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, cleanup, configure_determinism,
+from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
+<<<<<<< HEAD
                                     setup_logging)
 from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
+=======
+                                    report_to_launcher, setup_logging)
+from stage_dist.evaluate import EvalResult, evaluate_predictions
+>>>>>>> i15run
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
-from stage_dist.errors import EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
+from stage_dist.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, INPUT_ERRORS, UserInputError
 from stage_dist.outputs import check_not_input, launch_lock
+<<<<<<< HEAD
 from stage_dist.paths import check_target, ensure_free_space, user_message, user_path_errors
+=======
+from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
+from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
+>>>>>>> i15run
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -94,6 +105,9 @@ class DataConfig:
     train_shards: str | None = option(None, help="training WebDataset shards instead of a store: a brace pattern such "
                                                  "as 'DIR/train-{000000..000031}.tar' (local paths or URLs webdataset "
                                                  "reads; manifest.json beside them)")
+    shards_manifest: str | None = option(None, help="manifest.json of --train-shards (a path or URL) when it is not "
+                                                    "beside the first shard, e.g. for 'pipe:aws s3 cp s3://b/train-"
+                                                    "{000000..000063}.tar -' shards")
     shuffle_buffer: int = option(SHUFFLE_BUFFER, help="windows held for shuffling when streaming from --train-shards")
     val_store: str | None = option(None, help="validation feature store; validated every --val-every epochs and at "
                                               "the end")
@@ -109,6 +123,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if (self.train_store is None) == (self.train_shards is None):
             raise ConfigError("give exactly one of --train-store and --train-shards")
+        if self.shards_manifest is not None and self.train_shards is None:
+            raise ConfigError("--shards-manifest is the manifest of --train-shards: give --train-shards too")
         _at_least(window=(self.window, 1), shuffle_buffer=(self.shuffle_buffer, 1))
 
 
@@ -166,10 +182,29 @@ class RunConfig:
     resume: str = option("auto", help="auto: continue the run in OUTPUT_DIR if it has checkpoints; none: start afresh "
                                       "(refused if OUTPUT_DIR has checkpoints); or a checkpoint to start from when "
                                       "OUTPUT_DIR has none (one of the published code initialises the weights only)")
+    preempt_signals: str = option(DEFAULT_PREEMPT_SIGNALS, help="signals that make every rank finish its step, "
+                                                                "agree at the next log step, write one checkpoint "
+                                                                "and exit 4 (rerun to resume); comma-separated "
+                                                                "names, 'none' to keep the default actions")
+    checkpoint_every_minutes: float = option(0.0, help="also checkpoint when this many minutes have passed since "
+                                                       "the last checkpoint (agreed by all ranks at log steps; "
+                                                       "0: off)")
+    progress_every_seconds: float = option(DEFAULT_EVERY_SECONDS, help="when stderr is not a terminal (a log "
+                                                                      "file), one progress line (step, keyframes/s, "
+                                                                      "loss at the last log step, ETA) every this "
+                                                                      "many seconds instead of a tqdm bar")
 
     def __post_init__(self) -> None:
         _at_least(checkpoint_every=(self.checkpoint_every, 0), keep_last=(self.keep_last, 1),
                   val_every=(self.val_every, 0), log_every=(self.log_every, 1))
+        try:
+            parse_signals(self.preempt_signals)
+        except ValueError as err:
+            raise ConfigError(f"--preempt-signals: {err}") from None
+        if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
+            raise ConfigError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
+        if not self.progress_every_seconds > 0:
+            raise ConfigError(f"--progress-every-seconds must be > 0, got {self.progress_every_seconds}")
 
 
 @dataclass(frozen=True)
@@ -294,7 +329,7 @@ class Trainer:
             windows_per_step=config.optim.windows_per_step, rank=env.rank, world_size=env.world_size,
             seed=config.optim.seed, num_workers=self.workers, pin_memory=env.device.type == "cuda",
             in_memory=config.data.in_memory, memmap_dir=config.data.memmap_dir, shuffle_buffer=config.data.shuffle_buffer,
-            padding=Padding(bucketed=config.runtime.compile),
+            padding=Padding(bucketed=config.runtime.compile), shards_manifest=config.data.shards_manifest,
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
@@ -367,6 +402,9 @@ class Trainer:
         self._first_bad_step = torch.tensor(-1, dtype=torch.int64, device=env.device)
         self._unchecked: dict[int, tuple[int, int]] = {}  # step -> its window's first/last keyframe row
         self._keyframe_names = KeyframeNamer.for_data(self.data)
+        # Preemption signals and --checkpoint-every-minutes, agreed in check_finite's reduction.
+        self.control = RunControl(parse_signals(config.run.preempt_signals), config.run.checkpoint_every_minutes)
+        self._saved_at_step = -1
         # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
         # the RNG states a checkpoint saves are the same in any run of this config.
         torch.manual_seed(config.optim.seed + env.rank)
@@ -453,6 +491,24 @@ class Trainer:
         if self.env.is_main:
             path = self.checkpoints.save(state, epoch=self.epoch, step=self.step_in_epoch, metric=metric)
             log.info("checkpoint %s", path)
+        self._saved_at_step = self.global_step
+        self.control.saved()
+
+    def _obey_control(self) -> None:
+        """Act on what the ranks agreed at the last reduction (the same on every rank): a
+        --checkpoint-every-minutes checkpoint, or a preemption checkpoint and stop."""
+        control = self.control
+        if (control.stop or control.save) and self._saved_at_step != self.global_step:
+            self.save_checkpoint()
+        control.save = False
+        if control.stop:
+            self._stop_preempted()
+
+    def _stop_preempted(self) -> None:
+        """Every rank waits until rank 0 has written the checkpoint, then stops: a rank that exited
+        first could get the others killed mid-write (``srun --kill-on-bad-exit``, torchrun)."""
+        barrier(self.env)
+        raise PreemptedError(self.control.stop_signal, self.global_step, self.checkpoints.latest())
 
     def maybe_resume(self) -> None:
         """Continue the run in OUTPUT_DIR if it has checkpoints; else start, from --resume PATH if given.
@@ -508,12 +564,15 @@ class Trainer:
         if self.env.is_main:  # drops the lines a killed run wrote after the checkpoint resumed
             self.metrics = MetricsLog.open(self.output_dir / METRICS_NAME, resumed_step=self.global_step)
         self._log_start()
-        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
-                   disable=not self.env.is_main, dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                           disable=not self.env.is_main, dynamic_ncols=True,
+                           every_seconds=self.config.run.progress_every_seconds)
         self._restore_rng()
         val_map: float | None = None
         saved_any = False
         finished = self.epoch >= self.config.optim.epochs or self._reached_max_steps()
+        signals = contextlib.ExitStack()  # the preemption handlers, for the loop only
+        signals.enter_context(self.control.handling_signals())
         try:
             while not finished:
                 self.train_epoch(writer, bar)
@@ -529,7 +588,10 @@ class Trainer:
                     metric = val_map = self.validate(writer)
                 self.save_checkpoint(metric=metric)
                 saved_any = True
+                if self.control.stop and not finished:  # agreed at the epoch end's check
+                    self._stop_preempted()
         finally:
+            signals.close()
             bar.close()  # ends the progress line before any error message
             if writer:
                 writer.close()
@@ -556,11 +618,12 @@ class Trainer:
             stats.add(loss, batch.num_keyframes * self.env.world_size, data_ready - step_started,
                       step_done - step_started)
             step_started = step_done
-            bar.update(1)
             if self.global_step % self.config.run.log_every == 0:
                 self._log_train(stats, writer, bar)
+            bar.update(1)  # after the log step's postfix: a log-file line shows that step's loss
             if self.config.run.checkpoint_every and self.global_step % self.config.run.checkpoint_every == 0:
                 self.save_checkpoint()
+            self._obey_control()
             if self._reached_max_steps():
                 break
 
@@ -594,8 +657,11 @@ class Trainer:
         weights_bad = ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
         never = torch.iinfo(torch.int64).max
         local_first = torch.where(self._first_bad_step < 0, never, self._first_bad_step)
-        flags = all_reduce_min(torch.stack([local_first, -weights_bad.to(torch.int64)]), self.env).tolist()
+        # The preemption and timer flags ride on the same reduction (no collective of their own).
+        flags = all_reduce_min(torch.cat([torch.stack([local_first, -weights_bad.to(torch.int64)]),
+                                          self.control.flags(local_first.device)]), self.env).tolist()
         first_bad, any_weights_bad = int(flags[0]), flags[1] < 0
+        self.control.agree(flags[2:])
         checked = sorted(self._unchecked)
         windows, self._unchecked = self._unchecked, {}
         if first_bad == never and not any_weights_bad:
@@ -633,7 +699,8 @@ class Trainer:
         Non-finite scores (a NaN/Inf in the val store) stop the run on every rank."""
         assert self.val_store is not None
         result = predict(self.model, StoreWindowSource(self.val_store), self.env, window=INFERENCE_WINDOW,
-                         precision=self.precision, num_workers=0)
+                         precision=self.precision, num_workers=0,
+                         progress_every_seconds=self.config.run.progress_every_seconds)
         problem = non_finite_scores(result.predictions, result.keyframes) if result is not None else None
         flag = torch.tensor(-1 if problem else 0, dtype=torch.int64, device=self.env.device)
         if int(all_reduce_min(flag, self.env)) < 0:
@@ -806,9 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
         TrainConfig, prog="torchrun --nproc_per_node=N -m stage_dist.train",
         description="Train STAGE (or the no-graph baseline) on a feature store with DDP. A plain `python -m "
                     "stage_dist.train` runs with world size 1. `--config OUTPUT_DIR/config.json` repeats a run.\n"
-                    "Exit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite loss or weights.")
+                    "Exit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite loss or weights, 4 "
+                    "preempted (a --preempt-signals signal: checkpoint written, rerun to resume).")
 
 
+@record  # an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, build_parser())
     env: DistEnv | None = None
@@ -828,13 +897,25 @@ def main(argv: list[str] | None = None) -> int:
                      "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
                   f"val mAP {val} (best {best}); {saved}")
+<<<<<<< HEAD
     except (OSError, *INPUT_ERRORS) as error:
         print(f"error: {user_message(error, train_paths(config))}", file=sys.stderr)
+=======
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        report_to_launcher(f"error: {error}")
+>>>>>>> i15run
         return 2
     except NonFiniteError as error:
         if env is None or env.is_main:
             print(f"error: training stopped: {error}", file=sys.stderr)
+        report_to_launcher(f"error: training stopped: {error}")
         return EXIT_NON_FINITE
+    except PreemptedError as error:
+        if env is None or env.is_main:
+            print(f"stopped: {error}", file=sys.stderr)
+        report_to_launcher(f"stopped: {error}")
+        return EXIT_PREEMPTED
     finally:
         if env is not None:
             cleanup(env)
