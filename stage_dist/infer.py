@@ -42,12 +42,8 @@ from stage_dist.model import ModelConfig, compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.paths import user_message, user_path_errors
 from stage_dist.precision import resolve_precision
-<<<<<<< HEAD
-from stage_dist.schema import describe_classes
-=======
 from stage_dist.progress import DEFAULT_EVERY_SECONDS
-from stage_dist.schema import NUM_ACTIONS
->>>>>>> i15run
+from stage_dist.schema import describe_classes
 from stage_dist.shard_format import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
@@ -87,15 +83,10 @@ class InferConfig:
         for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-<<<<<<< HEAD
         if self.topk is not None and self.topk < 1:  # its upper bound is the store's class count (run)
             raise ConfigError(f"--topk must be >= 1 (actions per box), got {self.topk}")
-=======
-        if self.topk is not None and not 1 <= self.topk <= NUM_ACTIONS:
-            raise ConfigError(f"--topk must be in 1..{NUM_ACTIONS} (actions per box), got {self.topk}")
         if not self.progress_every_seconds > 0:
             raise ConfigError(f"--progress-every-seconds must be > 0, got {self.progress_every_seconds}")
->>>>>>> i15run
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
 
@@ -221,14 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
             return run(config, env, set(labelmap) if labelmap else None)
-<<<<<<< HEAD
     except (OSError, *INPUT_ERRORS) as error:
-        print(f"error: {user_message(error, {'--out': config.out})}", file=sys.stderr)
-=======
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        report_to_launcher(f"error: {error}")
->>>>>>> i15run
+        message = f"error: {user_message(error, {'--out': config.out})}"
+        print(message, file=sys.stderr)
+        report_to_launcher(message)
         return EXIT_BAD_INPUT
     finally:
         if env is not None:
@@ -240,8 +227,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     runtime = config.runtime
     started = time.perf_counter()
     precision = resolve_precision(runtime.amp, env.device)
-<<<<<<< HEAD
-    source = open_window_source(store=config.store, shards=config.shards)
+    source = open_window_source(store=config.store, shards=config.shards, shards_manifest=config.shards_manifest)
     check_classes(config, source.class_ids, class_ids, source.location)
     models = load_models(config.checkpoint, source.actor_dim, source.object_dim, env.device, source.class_ids,
                          source.location)
@@ -249,16 +235,8 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
         for model in models:
             compile_model(model, env.device)
     result = predict(models, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
-                     precision=precision, num_workers=loader_workers(runtime.workers, env))
-=======
-    source = open_window_source(store=config.store, shards=config.shards, shards_manifest=config.shards_manifest)
-    model = load_model(config.checkpoint, source.actor_dim, source.object_dim, env.device)
-    if runtime.compile:
-        compile_model(model, env.device)
-    result = predict(model, source, env, window=config.window, windows_per_batch=config.windows_per_batch,
                      precision=precision, num_workers=loader_workers(runtime.workers, env),
                      progress_every_seconds=config.progress_every_seconds)
->>>>>>> i15run
     if result is None:  # not rank 0
         return 0
     remove_stale_temporaries(config.out)  # a killed run's partial file (rank 0 holds --out's lock)

@@ -31,11 +31,8 @@ from stage_dist.batch import Batch, Padding
 from stage_dist.distributed import DistEnv, gather_to_main
 from stage_dist.model import ModelConfig, action_logits
 from stage_dist.precision import Precision, resolve_precision
-<<<<<<< HEAD
-from stage_dist.schema import AVA_CLASS_IDS
-=======
 from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
->>>>>>> i15run
+from stage_dist.schema import AVA_CLASS_IDS
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import InferenceBatch, WindowSource
 

@@ -64,24 +64,16 @@ from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManage
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
-<<<<<<< HEAD
-                                    setup_logging)
-from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
-=======
                                     report_to_launcher, setup_logging)
-from stage_dist.evaluate import EvalResult, evaluate_predictions
->>>>>>> i15run
+from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, INPUT_ERRORS, UserInputError
 from stage_dist.outputs import check_not_input, launch_lock
-<<<<<<< HEAD
 from stage_dist.paths import check_target, ensure_free_space, user_message, user_path_errors
-=======
 from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
 from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
->>>>>>> i15run
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
@@ -897,14 +889,10 @@ def main(argv: list[str] | None = None) -> int:
                      "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
                   f"val mAP {val} (best {best}); {saved}")
-<<<<<<< HEAD
     except (OSError, *INPUT_ERRORS) as error:
-        print(f"error: {user_message(error, train_paths(config))}", file=sys.stderr)
-=======
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        report_to_launcher(f"error: {error}")
->>>>>>> i15run
+        message = f"error: {user_message(error, train_paths(config))}"
+        print(message, file=sys.stderr)
+        report_to_launcher(message)
         return 2
     except NonFiniteError as error:
         if env is None or env.is_main:
