@@ -116,14 +116,14 @@ class ShardLayout:
     chunk_rows: int
     sharded: bool
     zstd: dict[str, Any] | None  # the zstd codec's configuration (level, checksum); None: raw bytes
-    index_dtype: np.dtype = np.dtype("<u8")
+    index_dtype: np.dtype  # of the shard index's offsets and sizes (uint64, either byte order)
     index_at_end: bool = True
     index_crc: bool = True
     key_prefix: str = "c"  # "c" for the default chunk key encoding, "" for v2
     separator: str = "/"
 
     @classmethod
-    def from_zarr_json(cls, doc: Any) -> "ShardLayout":
+    def from_zarr_json(cls, doc: Any) -> ShardLayout:
         """The layout of the array described by ``doc`` (a parsed zarr.json); :class:`UnknownLayout`
         for anything else, naming what it does not know."""
         if not isinstance(doc, dict):
@@ -154,7 +154,7 @@ class ShardLayout:
             if not isinstance(codecs, list) or not codecs:
                 raise UnknownLayout(f"codecs {codecs!r}")
             name, sharding = _extension(codecs[0], "codec")
-            layout: dict[str, Any] = {}
+            layout: dict[str, Any] = {"index_dtype": np.dtype("<u8")}
             if name == "sharding_indexed":
                 if len(codecs) != 1:
                     raise UnknownLayout(f"codecs after sharding_indexed: {codecs[1:]!r}")
@@ -189,7 +189,7 @@ class ShardLayout:
             raise UnknownLayout(f"metadata {e!r}") from None
 
     @classmethod
-    def read(cls, array_dir: Path) -> "ShardLayout":
+    def read(cls, array_dir: Path) -> ShardLayout:
         """The layout of the array stored in ``array_dir``; KeyError if it has no zarr.json,
         StoreError if it cannot be read."""
         meta_path = Path(array_dir) / "zarr.json"
