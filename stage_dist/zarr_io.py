@@ -481,8 +481,8 @@ class ShardStreamWriter:
             if layout.sharded:
                 return True
             reason = "not sharded"
-        if array.path not in _WARNED:
-            _WARNED.add(array.path)
+        if (str(root), array.path) not in _WARNED:
+            _WARNED.add((str(root), array.path))
             log.warning("%s: array %s is written through zarr (a whole shard in memory): %s", root, array.path, reason)
         return False
 
@@ -539,7 +539,7 @@ class ShardStreamWriter:
             raise RuntimeError(f"{where}: wrote rows up to {self.chunk_start}, expected {self.stop}")
 
 
-_WARNED: set[str] = set()  # arrays the streaming writer fell back on, warned once per process
+_WARNED: set[tuple[str, str]] = set()  # (store, array) the streaming writer fell back on: warned once per process
 
 
 def row_writer(array: Any, root: Path, start: int, stop: int, shard_rows: int) -> Any:
