@@ -6,8 +6,10 @@ chunks (``bytes`` [+ ``zstd``]) followed by an index of (offset, size) per chunk
 decoded with numcodecs) and returns what zarr returns; :func:`open_reader` falls back to zarr
 for a layout it does not know. :class:`ShardStreamWriter` writes whole shards a chunk at a time
 (memory: one chunk, not one shard) in the layout zarr reads; :func:`row_writer` falls back to
-buffered zarr writes for other layouts. Damaged files raise :class:`~stage_dist.schema.StoreError`
-naming the array and shard.
+buffered zarr writes for other layouts. Every layout decision both make comes from the array's
+zarr.json alone (:class:`ShardLayout`, the zarr v3 spec), never from zarr-python's objects, whose
+attribute types change between zarr versions; a layout it does not know is handed to zarr with a
+warning. Damaged files raise :class:`~stage_dist.schema.StoreError` naming the array and shard.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,98 +40,221 @@ class UnknownLayout(Exception):
 MAX_OPEN_FILES = 64  # per array and process
 _NO_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written (all fill value)
 
+# The zarr v3 core spec's data types this module reads (numpy names them alike) and the keys of
+# an array's zarr.json; any other key must be an extension marked ``"must_understand": false``.
+_DATA_TYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                         "float16", "float32", "float64"})
+_ARRAY_KEYS = frozenset({"zarr_format", "node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding",
+                         "fill_value", "codecs", "attributes", "storage_transformers", "dimension_names"})
+_FLOAT_FILLS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
-def _codec_name(codec: Any) -> str:
-    return codec if isinstance(codec, str) else codec.get("name", "")
+
+def _extension(entry: Any, what: str) -> tuple[str, dict[str, Any]]:
+    """(name, configuration) of a zarr v3 extension entry: ``{"name": ..., "configuration": {...}}``
+    (configuration optional, other keys ignored) or its name-only short form, a string."""
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        config = entry.get("configuration")
+        if config is None:
+            return entry["name"], {}
+        if isinstance(config, dict):
+            return entry["name"], config
+    raise UnknownLayout(f"{what} {entry!r}")
 
 
-def _parse_codecs(codecs: list[Any], dtype: np.dtype) -> tuple[np.dtype, bool]:
-    """(dtype with byte order, zstd or not) of a ``bytes`` [+ ``zstd``] codec chain."""
-    if not codecs or _codec_name(codecs[0]) != "bytes":
-        raise UnknownLayout(f"codecs {codecs}")
-    config = codecs[0].get("configuration", {}) if isinstance(codecs[0], dict) else {}
+def _bytes_dtype(entry: Any, dtype: np.dtype, what: str) -> np.dtype:
+    """``dtype`` in the byte order of a ``bytes`` codec entry (no ``endian``: little, as zarr)."""
+    name, config = _extension(entry, what)
+    if name != "bytes":
+        raise UnknownLayout(f"{what} {entry!r}")
     endian = config.get("endian", "little")
     if endian not in ("little", "big"):
-        raise UnknownLayout(f"endian {endian}")
-    dtype = dtype.newbyteorder("<" if endian == "little" else ">")
-    rest = [_codec_name(c) for c in codecs[1:]]
-    if rest not in ([], ["zstd"]):
-        raise UnknownLayout(f"codecs {codecs}")
-    return dtype, rest == ["zstd"]
+        raise UnknownLayout(f"{what}: endian {endian!r}")
+    return dtype.newbyteorder("<" if endian == "little" else ">")
+
+
+def _fill_value(fill: Any, dtype: np.dtype) -> int | float | bool:
+    """The fill value of the spec's JSON forms for ``dtype``: a number (a bool for ``bool``), and
+    for floats "NaN", "Infinity", "-Infinity" or the hex string of the value's bytes."""
+    if dtype.kind == "b":
+        if isinstance(fill, bool):
+            return fill
+    elif isinstance(fill, bool):
+        pass
+    elif dtype.kind in "iu" and isinstance(fill, int):
+        if np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max:
+            return fill
+    elif dtype.kind == "f" and isinstance(fill, (int, float)):
+        return float(fill)
+    elif dtype.kind == "f" and fill in _FLOAT_FILLS:
+        return _FLOAT_FILLS[fill]
+    elif dtype.kind == "f" and isinstance(fill, str) and fill.startswith("0x") and len(fill) == 2 + 2 * dtype.itemsize:
+        try:
+            return float(np.frombuffer(bytes.fromhex(fill[2:]), dtype=dtype.newbyteorder(">"))[0])
+        except ValueError:
+            pass
+    raise UnknownLayout(f"fill value {fill!r} for {dtype}")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Every layout decision the direct reader and writer make, from an array's zarr.json.
+
+    Built by :meth:`from_zarr_json` from the JSON document alone (the zarr v3 core spec and its
+    ``sharding_indexed`` codec spec), never from zarr-python's objects, whose attribute types
+    change between versions. It covers regular-grid arrays whose chunks span whole rows, with a
+    ``bytes`` codec (either byte order) and optionally ``zstd``, plain or inside
+    ``sharding_indexed`` shards (index at the end or the start, ``bytes`` [+ ``crc32c``]), with
+    the ``default`` or ``v2`` chunk key encoding.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype  # in the byte order of the stored chunks
+    fill_value: int | float | bool
+    shard_rows: int  # rows per file: a shard, or one chunk when not sharded
+    chunk_rows: int
+    sharded: bool
+    zstd: dict[str, Any] | None  # the zstd codec's configuration (level, checksum); None: raw bytes
+    index_dtype: np.dtype  # of the shard index's offsets and sizes (uint64, either byte order)
+    index_at_end: bool = True
+    index_crc: bool = True
+    key_prefix: str = "c"  # "c" for the default chunk key encoding, "" for v2
+    separator: str = "/"
+
+    @classmethod
+    def from_zarr_json(cls, doc: Any) -> ShardLayout:
+        """The layout of the array described by ``doc`` (a parsed zarr.json); :class:`UnknownLayout`
+        for anything else, naming what it does not know."""
+        if not isinstance(doc, dict):
+            raise UnknownLayout("zarr.json is not an object")
+        if doc.get("zarr_format") != 3 or doc.get("node_type") != "array" or doc.get("storage_transformers"):
+            raise UnknownLayout("not a plain zarr v3 array")
+        extra = [k for k in doc if k not in _ARRAY_KEYS
+                 and not (isinstance(doc[k], dict) and doc[k].get("must_understand") is False)]
+        if extra:
+            raise UnknownLayout(f"metadata keys {sorted(extra)} (without \"must_understand\": false)")
+        try:
+            shape = tuple(int(n) for n in doc["shape"])
+            data_type, data_config = _extension(doc["data_type"], "data type")
+            if data_type not in _DATA_TYPES or data_config:
+                raise UnknownLayout(f"data type {doc['data_type']!r}")
+            dtype = np.dtype(data_type)
+            grid_name, grid = _extension(doc["chunk_grid"], "chunk grid")
+            if grid_name != "regular" or not shape:
+                raise UnknownLayout(f"chunk grid {doc['chunk_grid']!r} of shape {shape}")
+            outer = tuple(int(n) for n in grid["chunk_shape"])
+            key_name, keys = _extension(doc.get("chunk_key_encoding", "default"), "chunk key encoding")
+            if key_name not in ("default", "v2"):
+                raise UnknownLayout(f"chunk key encoding {key_name!r}")
+            separator = keys.get("separator", "/" if key_name == "default" else ".")
+            if separator not in ("/", "."):
+                raise UnknownLayout(f"chunk key separator {separator!r}")
+            codecs = doc["codecs"]
+            if not isinstance(codecs, list) or not codecs:
+                raise UnknownLayout(f"codecs {codecs!r}")
+            name, sharding = _extension(codecs[0], "codec")
+            layout: dict[str, Any] = {"index_dtype": np.dtype("<u8")}
+            if name == "sharding_indexed":
+                if len(codecs) != 1:
+                    raise UnknownLayout(f"codecs after sharding_indexed: {codecs[1:]!r}")
+                inner = tuple(int(n) for n in sharding["chunk_shape"])
+                location = sharding.get("index_location", "end")
+                if location not in ("end", "start"):
+                    raise UnknownLayout(f"index_location {location!r}")
+                index_codecs = sharding["index_codecs"]
+                if not isinstance(index_codecs, list) or len(index_codecs) not in (1, 2) or \
+                        (len(index_codecs) == 2 and _extension(index_codecs[1], "index codec")[0] != "crc32c"):
+                    raise UnknownLayout(f"index codecs {index_codecs!r}")
+                layout.update(index_dtype=_bytes_dtype(index_codecs[0], np.dtype("u8"), "index codec"),
+                              index_at_end=location == "end", index_crc=len(index_codecs) == 2)
+                codecs = sharding["codecs"]
+                if not isinstance(codecs, list) or not codecs:
+                    raise UnknownLayout(f"inner codecs {codecs!r}")
+                if len(inner) != len(shape) or inner[0] <= 0 or outer[0] % inner[0]:
+                    raise UnknownLayout(f"shard rows {outer[0]} not a multiple of chunk rows {inner}")
+            else:
+                inner = outer
+            stored = _bytes_dtype(codecs[0], dtype, "codecs")
+            rest = [_extension(c, "codec") for c in codecs[1:]]
+            if [n for n, _ in rest] not in ([], ["zstd"]):
+                raise UnknownLayout(f"codecs {[n for n, _ in rest]} after bytes")
+            if len(outer) != len(shape) or outer[1:] != shape[1:] or inner[1:] != shape[1:] or outer[0] <= 0:
+                raise UnknownLayout(f"chunks {inner} / {outer} do not span whole rows of {shape}")
+            return cls(shape=shape, dtype=stored, fill_value=_fill_value(doc.get("fill_value", 0), dtype),
+                       shard_rows=outer[0], chunk_rows=inner[0], sharded=name == "sharding_indexed",
+                       zstd=dict(rest[0][1]) if rest else None, key_prefix="c" if key_name == "default" else "",
+                       separator=separator, **layout)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UnknownLayout(f"metadata {e!r}") from None
+
+    @classmethod
+    def read(cls, array_dir: Path) -> ShardLayout:
+        """The layout of the array stored in ``array_dir``; KeyError if it has no zarr.json,
+        StoreError if it cannot be read."""
+        meta_path = Path(array_dir) / "zarr.json"
+        try:
+            doc = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise KeyError(Path(array_dir).name) from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{meta_path}: unreadable array metadata: {e}") from None
+        return cls.from_zarr_json(doc)
+
+    @property
+    def chunks_per_file(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of a shard's index: (offset, size) per chunk, then its crc32c."""
+        return 16 * self.chunks_per_file + 4 * self.index_crc
+
+    def file_key(self, file_index: int) -> str:
+        """The key (path below the array) of shard (or chunk) ``file_index``."""
+        coords = [str(file_index), *["0"] * (len(self.shape) - 1)]
+        return self.separator.join([self.key_prefix, *coords] if self.key_prefix else coords)
+
+    def zstd_codec(self) -> Zstd | None:
+        if self.zstd is None:
+            return None
+        return Zstd(level=int(self.zstd.get("level", 0)), checksum=bool(self.zstd.get("checksum", False)))
 
 
 class ArrayReader:
     """Rows of one zarr v3 array of a local store, read from its files without zarr-python.
 
-    Reads regular-grid arrays whose chunks span whole rows, with the ``bytes`` codec and
-    optionally ``zstd``, plain or inside ``sharding_indexed`` shards (index at the end or the
-    start, ``bytes`` + ``crc32c``, checked), with the default chunk key encoding; chunks never
-    written read as the fill value, as in zarr. Anything else raises :class:`UnknownLayout`.
+    Reads the layouts :class:`ShardLayout` describes (the shard index's crc32c checked); chunks
+    never written read as the fill value, as in zarr. Anything else raises :class:`UnknownLayout`.
     A reader holds open file descriptors: one per process (see :class:`FeatureStore`).
     """
 
-    def __init__(self, root: Path, name: str, meta: dict[str, Any]) -> None:
+    def __init__(self, root: Path, name: str, layout: ShardLayout) -> None:
         self.name = name
         self.dir = Path(root) / name
-        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
-            raise UnknownLayout("not a plain zarr v3 array")
-        self.shape: tuple[int, ...] = tuple(int(n) for n in meta["shape"])
-        data_type = meta["data_type"]
-        if isinstance(data_type, dict) and not data_type.get("configuration"):
-            data_type = data_type.get("name")
-        if not isinstance(data_type, str):
-            raise UnknownLayout(f"data type {data_type}")
-        grid = meta["chunk_grid"]
-        keys = meta.get("chunk_key_encoding", {"name": "default"})
-        self.separator = keys.get("configuration", {}).get("separator", "/")
-        if grid.get("name") != "regular" or keys.get("name") != "default" or not self.shape:
-            raise UnknownLayout(f"chunk grid {grid}, key encoding {keys}")
-        outer = tuple(int(n) for n in grid["configuration"]["chunk_shape"])
-        codecs = meta["codecs"]
-        self.sharded = len(codecs) == 1 and _codec_name(codecs[0]) == "sharding_indexed"
-        if self.sharded:
-            sharding = codecs[0]["configuration"]
-            inner = tuple(int(n) for n in sharding["chunk_shape"])
-            self.index_at_end = sharding.get("index_location", "end") == "end"
-            index_codecs = [_codec_name(c) for c in sharding["index_codecs"]]
-            if index_codecs not in (["bytes"], ["bytes", "crc32c"]) or \
-                    _parse_codecs(sharding["index_codecs"][:1], np.dtype("<u8"))[0] != np.dtype("<u8"):
-                raise UnknownLayout(f"index codecs {sharding['index_codecs']}")
-            self.index_crc = index_codecs[-1] == "crc32c"
-            self.dtype, self.zstd = _parse_codecs(sharding["codecs"], np.dtype(data_type))
-            if outer[0] % inner[0]:
-                raise UnknownLayout(f"shard rows {outer[0]} not a multiple of chunk rows {inner[0]}")
-        else:
-            inner = outer
-            self.dtype, self.zstd = _parse_codecs(codecs, np.dtype(data_type))
-        if outer[1:] != self.shape[1:] or inner[1:] != self.shape[1:]:
-            raise UnknownLayout(f"chunks {inner} / {outer} do not span whole rows of {self.shape}")
-        fill = meta.get("fill_value", 0)
-        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-            raise UnknownLayout(f"fill value {fill!r}")
-        self.fill_value = fill
-        self.chunk_rows = inner[0]
-        self.chunks_per_file = outer[0] // self.chunk_rows  # a file is a shard, or one chunk
+        self.layout = layout
+        self.shape = layout.shape
+        self.sharded = layout.sharded
+        self.index_at_end, self.index_crc = layout.index_at_end, layout.index_crc
+        self.dtype, self.zstd = layout.dtype, layout.zstd is not None
+        self.fill_value = layout.fill_value
+        self.chunk_rows = layout.chunk_rows
+        self.chunks_per_file = layout.chunks_per_file  # a file is a shard, or one chunk
         self.row_shape = self.shape[1:]
         self._chunk_items = self.chunk_rows * math.prod(self.row_shape)
-        self._codec = Zstd() if self.zstd else None
+        self._codec = layout.zstd_codec()
         self._fds: OrderedDict[int, int | None] = OrderedDict()  # file index -> descriptor (None: no file)
         self._indexes: dict[int, np.ndarray | None] = {}  # shard index -> (chunks, 2) offsets, sizes
 
     @classmethod
     def open(cls, root: Path, name: str) -> "ArrayReader":
-        """The reader of array ``name``; KeyError if the store has no such array."""
-        meta_path = Path(root) / name / "zarr.json"
+        """The reader of array ``name``; KeyError if the store has no such array,
+        :class:`UnknownLayout` if its zarr.json describes a layout it does not read."""
         try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
+            layout = ShardLayout.read(Path(root) / name)
+        except KeyError:
             raise KeyError(name) from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{meta_path}: unreadable array metadata: {e}") from None
-        try:
-            return cls(root, name, meta)
-        except (KeyError, TypeError, ValueError) as e:
-            raise UnknownLayout(f"metadata {e!r}") from None
+        return cls(root, name, layout)
 
     @property
     def nbytes(self) -> int:
@@ -146,9 +272,8 @@ class ArrayReader:
         if file_index in self._fds:
             self._fds.move_to_end(file_index)
             return self._fds[file_index]
-        key = self.separator.join(["c", str(file_index), *["0"] * len(self.row_shape)])
         try:
-            fd: int | None = os.open(self.dir / key, os.O_RDONLY)
+            fd: int | None = os.open(self.dir / self.layout.file_key(file_index), os.O_RDONLY)
         except FileNotFoundError:
             fd = None
         self._fds[file_index] = fd
@@ -164,14 +289,14 @@ class ArrayReader:
             fd = self._fd(shard)
             index = None
             if fd is not None:
-                size = 16 * self.chunks_per_file + 4 * self.index_crc
+                size = self.layout.index_nbytes
                 file_size = os.fstat(fd).st_size
                 if file_size < size:
                     raise StoreError(f"{self.dir}: shard {shard} is truncated; reconvert the store")
                 raw = os.pread(fd, size, file_size - size if self.index_at_end else 0)
                 if self.index_crc and google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                     raise StoreError(f"{self.dir}: shard {shard} index fails its checksum; reconvert the store")
-                index = np.frombuffer(raw[: 16 * self.chunks_per_file], dtype="<u8").reshape(-1, 2)
+                index = np.frombuffer(raw[: 16 * self.chunks_per_file], dtype=self.layout.index_dtype).reshape(-1, 2)
             self._indexes[shard] = index
         return self._indexes[shard]
 
@@ -320,41 +445,46 @@ _NO_CHUNK_INDEX = np.uint64(2**64 - 1)  # offset and size of an absent chunk in 
 class ShardStreamWriter:
     """Writes rows ``start:stop`` (whole shards) of one sharded zarr v3 array, a chunk at a time.
 
-    Each chunk is encoded (bytes, little endian, then zstd if the array has it) as soon as its
-    rows are in and appended to its shard's file; the shard index (offset, size per chunk) and
-    its crc32c go last, then the file is renamed into place: the layout zarr's
-    ``sharding_indexed`` codec reads. Memory is one chunk per array, not one shard (a full-AVA
-    objects shard at 2048 dims is 256 MB raw).
+    Each chunk is encoded (bytes in the array's byte order, then zstd if the array has it) as
+    soon as its rows are in and appended to its shard's file; the shard index (offset, size per
+    chunk) and its crc32c go at the end (or, for ``index_location`` "start", into the room left
+    for it at the start), then the file is renamed into place: the layout zarr's
+    ``sharding_indexed`` codec reads. Every layout decision comes from the array's zarr.json
+    (:class:`ShardLayout`). Memory is one chunk per array, not one shard (a full-AVA objects
+    shard at 2048 dims is 256 MB raw).
     """
 
     def __init__(self, array: Any, root: Path, start: int, stop: int) -> None:
-        codec = array.metadata.codecs[0]
         self.array, self.root, self.stop = array, Path(root), stop
-        self.chunk_rows, self.shard_rows = codec.chunk_shape[0], array.shards[0]
-        self.chunks_per_shard = self.shard_rows // self.chunk_rows
-        self.buffer = np.zeros((self.chunk_rows, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
+        self.dir = self.root / array.path
+        self.layout = layout = ShardLayout.read(self.dir)
+        if not layout.sharded:
+            raise UnknownLayout(f"{self.dir}: not sharded")
+        self.shape = layout.shape
+        self.chunk_rows, self.shard_rows = layout.chunk_rows, layout.shard_rows
+        self.chunks_per_shard = layout.chunks_per_file
+        self.buffer = np.zeros((self.chunk_rows, *self.shape[1:]), dtype=layout.dtype)
         self.fill, self.chunk_start = 0, start
-        zstd = [c for c in codec.codecs if type(c).__name__ == "ZstdCodec"]
-        if zstd:
-            self._compress = Zstd(level=zstd[0].level, checksum=zstd[0].checksum).encode
-        else:
-            self._compress = bytes
+        codec = layout.zstd_codec()
+        self._compress = codec.encode if codec is not None else bytes
         self._file: Any = None
 
     @staticmethod
-    def supports(array: Any) -> bool:
-        """Whether ``array`` is sharded along rows only with the codecs this writer produces."""
-        codecs = array.metadata.codecs
-        if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec" or array.shards is None:
-            return False
-        codec = codecs[0]
-        inner = [type(c).__name__ for c in codec.codecs]
-        index = [type(c).__name__ for c in codec.index_codecs]
-        return (tuple(codec.chunk_shape[1:]) == tuple(array.shape[1:]) == tuple(array.shards[1:])
-                and inner in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
-                and all(str(getattr(c.endian, "value", c.endian)) in ("little", "None")
-                        for c in codec.codecs if type(c).__name__ == "BytesCodec")
-                and index == ["BytesCodec", "Crc32cCodec"] and str(codec.index_location.value) == "end")
+    def supports(array: Any, root: Path) -> bool:
+        """Whether ``array`` (in the store at ``root``) is sharded along rows only with codecs
+        this writer produces, by its zarr.json (False, with the reason logged, otherwise)."""
+        try:
+            layout = ShardLayout.read(Path(root) / array.path)
+        except (UnknownLayout, KeyError, StoreError) as e:
+            reason = str(e)
+        else:
+            if layout.sharded:
+                return True
+            reason = "not sharded"
+        if (str(root), array.path) not in _WARNED:
+            _WARNED.add((str(root), array.path))
+            log.warning("%s: array %s is written through zarr (a whole shard in memory): %s", root, array.path, reason)
+        return False
 
     def append(self, rows: np.ndarray) -> None:
         while len(rows):
@@ -368,15 +498,17 @@ class ShardStreamWriter:
         """Encode the buffered chunk (zero-padded past the array's end) into its shard's file."""
         shard, position = divmod(self.chunk_start // self.chunk_rows, self.chunks_per_shard)
         if self._file is None:
-            key = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
-            self._path = self.root / self.array.path / key
+            self._path = self.dir / self.layout.file_key(shard)
             self._path.parent.mkdir(parents=True, exist_ok=True)
             for stale in self._path.parent.glob(f".{self._path.name}.tmp*"):  # left by a killed writer
                 stale.unlink(missing_ok=True)
             self._tmp = self._path.with_name(f".{self._path.name}.tmp{os.getpid()}")
             self._file = open(self._tmp, "wb")
-            self._index = np.full((self.chunks_per_shard, 2), _NO_CHUNK_INDEX, dtype="<u8")
+            self._index = np.full((self.chunks_per_shard, 2), _NO_CHUNK_INDEX, dtype=self.layout.index_dtype)
             self._offset = 0
+            if not self.layout.index_at_end:  # room for the index, written when the shard is complete
+                self._offset = self.layout.index_nbytes
+                self._file.write(bytes(self._offset))
         self.buffer[self.fill:] = 0
         encoded = self._compress(self.buffer.tobytes())
         self._file.write(encoded)
@@ -384,27 +516,34 @@ class ShardStreamWriter:
         self._offset += len(encoded)
         self.chunk_start += self.chunk_rows
         self.fill = 0
-        if position + 1 == self.chunks_per_shard or self.chunk_start >= self.array.shape[0]:
+        if position + 1 == self.chunks_per_shard or self.chunk_start >= self.shape[0]:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
         index = self._index.tobytes()
-        self._file.write(index + np.uint32(google_crc32c.value(index)).astype("<u4").tobytes())
+        if self.layout.index_crc:  # the crc32c codec appends a little-endian uint32
+            index += np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
+        if not self.layout.index_at_end:
+            self._file.seek(0)
+        self._file.write(index)
         self._file.close()
         self._file = None
         os.replace(self._tmp, self._path)
 
     def close(self, where: str) -> None:
         if self.fill:
-            if self.chunk_start + self.fill != self.array.shape[0]:
+            if self.chunk_start + self.fill != self.shape[0]:
                 raise RuntimeError(f"{where}: a partial chunk at row {self.chunk_start} before the array's end")
             self._emit()
-        if self._file is not None or self.chunk_start < min(self.stop, self.array.shape[0]):
+        if self._file is not None or self.chunk_start < min(self.stop, self.shape[0]):
             raise RuntimeError(f"{where}: wrote rows up to {self.chunk_start}, expected {self.stop}")
 
 
+_WARNED: set[tuple[str, str]] = set()  # (store, array) the streaming writer fell back on: warned once per process
+
+
 def row_writer(array: Any, root: Path, start: int, stop: int, shard_rows: int) -> Any:
-    """The streaming writer where the array's layout allows it, else the buffered one."""
-    if ShardStreamWriter.supports(array):
+    """The streaming writer where the array's layout allows it, else the buffered one (zarr)."""
+    if ShardStreamWriter.supports(array, root):
         return ShardStreamWriter(array, root, start, stop)
     return BufferedRowWriter(array, start, stop, shard_rows)

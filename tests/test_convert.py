@@ -681,7 +681,7 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
                                      shards=(shards, *shape[1:]), compressors=_compressors(compression), fill_value=0)
         reference = root.create_array(f"{name}_ref", shape=shape, dtype="float16", chunks=(chunks, *shape[1:]),
                                       shards=(shards, *shape[1:]), compressors=_compressors(compression), fill_value=0)
-        assert ShardStreamWriter.supports(streamed)
+        assert ShardStreamWriter.supports(streamed, tmp_path / "s")
         for start in range(0, shape[0], shards):  # one writer per shard, rows in uneven pieces
             stop = min(start + shards, shape[0])
             writer = ShardStreamWriter(streamed, tmp_path / "s", start, stop)

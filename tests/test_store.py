@@ -212,6 +212,198 @@ def test_layouts_the_direct_reader_does_not_know_are_read_through_zarr(tmp_path,
     assert sum(counts.zarr_calls.values()) == 1
 
 
+# ----------------------------------------------------------------------------- layouts from zarr.json
+
+
+def _zarr_json(**changes) -> dict:
+    """An array's zarr.json as zarr-python 3.1 writes the store's row arrays."""
+    doc = {
+        "zarr_format": 3, "node_type": "array", "shape": [203, 7], "data_type": "float16",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 7]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0.0,
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [16, 7],
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "zstd", "configuration": {"level": 1, "checksum": False}}],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end"}}],
+        "attributes": {}, "dimension_names": None, "storage_transformers": [],
+    }
+    return {**doc, **changes}
+
+
+def _sharding(**changes) -> list:
+    config = {**_zarr_json()["codecs"][0]["configuration"], **changes}
+    return [{"name": "sharding_indexed", "configuration": config}]
+
+
+_CANONICAL = zarr_io.ShardLayout(shape=(203, 7), dtype=np.dtype("<f2"), fill_value=0.0, shard_rows=64,
+                                 chunk_rows=16, sharded=True, zstd={"level": 1, "checksum": False},
+                                 index_dtype=np.dtype("<u8"))
+
+_SAME_LAYOUT = {  # every form the zarr v3 spec allows for the same layout, and keys a later writer may add
+    "as written": {},
+    "name-only strings": {"codecs": _sharding(codecs=["bytes", {"name": "zstd", "configuration": {"level": 1,
+                                                                                                  "checksum": False}}],
+                                              index_codecs=["bytes", "crc32c"])},
+    "no or null configuration": {"codecs": _sharding(codecs=[{"name": "bytes", "configuration": None},
+                                                             {"name": "zstd", "configuration": {"level": 1,
+                                                                                                "checksum": False}}],
+                                                     index_codecs=[{"name": "bytes"}, {"name": "crc32c"}]),
+                                 "chunk_key_encoding": {"name": "default"}},
+    "defaults left out": {"codecs": _sharding(index_location=None), "chunk_key_encoding": "default",
+                          "storage_transformers": None},
+    "data type as an object": {"data_type": {"name": "float16", "configuration": {}}},
+    "fill value forms": {"fill_value": 0},
+    "unknown keys inside entries": {"codecs": [{"name": "sharding_indexed", "must_understand": True, "configuration": {
+        **_zarr_json()["codecs"][0]["configuration"], "subchunk_write_order": "morton"}}]},
+    "extension the reader may ignore": {"consolidated": {"must_understand": False, "anything": [1, 2]}},
+}
+
+
+@pytest.mark.parametrize("form", list(_SAME_LAYOUT))
+def test_layout_from_zarr_json_in_every_form_of_the_spec(form):
+    doc = _zarr_json(**_SAME_LAYOUT[form])
+    if form == "defaults left out":
+        del doc["codecs"][0]["configuration"]["index_location"], doc["storage_transformers"]
+    assert zarr_io.ShardLayout.from_zarr_json(json.loads(json.dumps(doc))) == _CANONICAL
+
+
+def test_layout_from_zarr_json_reads_each_decision():
+    big = zarr_io.ShardLayout.from_zarr_json(_zarr_json(
+        codecs=_sharding(codecs=[{"name": "bytes", "configuration": {"endian": "big"}}],
+                         index_codecs=[{"name": "bytes", "configuration": {"endian": "big"}}], index_location="start"),
+        chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}, fill_value="NaN"))
+    assert (big.dtype, big.index_dtype, big.index_at_end, big.index_crc, big.zstd) == \
+        (np.dtype(">f2"), np.dtype(">u8"), False, False, None)
+    assert np.isnan(big.fill_value) and big.index_nbytes == 4 * 16 and big.file_key(3) == "3.0"
+    assert _CANONICAL.file_key(3) == "c/3/0" and _CANONICAL.index_nbytes == 4 * 16 + 4
+    plain = zarr_io.ShardLayout.from_zarr_json(_zarr_json(
+        data_type="int32", fill_value=-7, codecs=["bytes"],
+        chunk_key_encoding={"name": "default", "configuration": {"separator": "."}}))
+    assert (plain.sharded, plain.chunk_rows, plain.shard_rows, plain.dtype, plain.fill_value, plain.file_key(2)) == \
+        (False, 64, 64, np.dtype("<i4"), -7, "c.2.0")
+    assert zarr_io.ShardLayout.from_zarr_json(_zarr_json(fill_value="0x3c00")).fill_value == 1.0  # float16 1.0
+
+
+_UNKNOWN = {  # layouts the direct path does not read: zarr reads them, after a warning
+    "unknown key": ({"future_key": 1}, "future_key"),
+    "extension zarr must understand": ({"ext": {"must_understand": True}}, "ext"),
+    "storage transformer": ({"storage_transformers": [{"name": "t"}]}, "plain zarr v3"),
+    "zarr v2": ({"zarr_format": 2}, "plain zarr v3"),
+    "blosc": ({"codecs": _sharding(codecs=["bytes", "blosc"])}, "blosc"),
+    "transpose": ({"codecs": _sharding(codecs=["transpose", "bytes"])}, "transpose"),
+    "codecs after the shards": ({"codecs": [*_sharding(), "crc32c"]}, "after sharding"),
+    "nested shards": ({"codecs": _sharding(codecs=_sharding())}, "sharding_indexed"),
+    "index location": ({"codecs": _sharding(index_location="middle")}, "middle"),
+    "endian": ({"codecs": _sharding(codecs=[{"name": "bytes", "configuration": {"endian": "native"}}])}, "native"),
+    "index codecs": ({"codecs": _sharding(index_codecs=["bytes", "zstd"])}, "index codecs"),
+    "index codec entry": ({"codecs": _sharding(index_codecs=[3])}, "index codec"),
+    "data type": ({"data_type": "r16"}, "r16"),
+    "data type with configuration": ({"data_type": {"name": "float16", "configuration": {"x": 1}}}, "data type"),
+    "chunk grid": ({"chunk_grid": {"name": "rectilinear", "configuration": {}}}, "rectilinear"),
+    "key encoding": ({"chunk_key_encoding": {"name": "custom"}}, "custom"),
+    "fill value": ({"fill_value": "lots"}, "lots"),
+    "bool fill for float": ({"fill_value": True}, "fill value"),
+    "chunks across rows": ({"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 3]}}}, "whole rows"),
+    "shard not whole chunks": ({"codecs": _sharding(chunk_shape=[24, 7])}, "multiple"),
+    "missing codecs": ({"codecs": None}, "codecs"),
+    "missing shape": ({"shape": "big"}, "metadata"),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNKNOWN))
+def test_layouts_zarr_json_describes_but_the_direct_path_does_not_know(case):
+    changes, reason = _UNKNOWN[case]
+    with pytest.raises(UnknownLayout, match=reason):
+        zarr_io.ShardLayout.from_zarr_json(json.loads(json.dumps(_zarr_json(**changes))))
+
+
+def _spec_forms(doc: dict) -> dict:
+    """``doc`` rewritten into another form of the spec with the same meaning: name-only strings,
+    defaults left out, an extension marked ``"must_understand": false``."""
+    def short(codec):
+        config = codec.get("configuration")
+        if codec["name"] == "bytes" and config == {"endian": "little"} or not config:
+            return codec["name"]
+        return {**codec, "configuration": {**config, "added_by_a_later_zarr": True}}
+
+    doc = json.loads(json.dumps(doc))
+    doc["codecs"] = [short(c) for c in doc["codecs"]]
+    if isinstance(doc["codecs"][0], dict) and doc["codecs"][0]["name"] == "sharding_indexed":
+        config = doc["codecs"][0]["configuration"]
+        config["codecs"] = [short(c) for c in config["codecs"]]
+        config["index_codecs"] = [short(c) for c in config["index_codecs"]]
+        config.pop("index_location")
+    doc["chunk_key_encoding"] = "default"
+    doc.pop("storage_transformers", None)
+    doc["data_type"] = {"name": doc["data_type"]}
+    doc["an_extension"] = {"must_understand": False, "configuration": {"x": 1}}
+    return doc
+
+
+def test_a_store_in_another_form_of_the_spec_reads_identical_arrays(store_path, tmp_path, caplog):
+    path = copy_store(store_path, tmp_path)
+    names = [*FeatureStore.open(store_path).row_arrays(), "keyframes/actor_ptr", "keyframes/timestamp"]
+    for name in names:
+        meta = path / name / "zarr.json"
+        meta.write_text(json.dumps(_spec_forms(json.loads(meta.read_text()))))
+    root = zarr.open_group(store_path, mode="r")
+    for name in names:
+        reader = open_reader(path, name)
+        assert isinstance(reader, ArrayReader), name
+        n = root[name].shape[0]
+        for start, stop in [(0, n), (1, n - 1), (n // 3, n // 2)]:
+            got, expected = reader.read(start, stop), root[name][start:stop]
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+            assert got.dtype == expected.dtype
+    assert "read through zarr" not in caplog.text
+    edited = path / "actors" / "features" / "zarr.json"  # an inner codec the direct path does not know
+    doc = json.loads(edited.read_text())
+    doc["codecs"][0]["configuration"]["codecs"][1] = "lz5"
+    edited.write_text(json.dumps(doc))
+    with pytest.raises(UnknownLayout, match="lz5"):
+        ArrayReader.open(path, "actors/features")
+
+
+@pytest.mark.parametrize("options", [
+    {"index_location": "start", "index_codecs": (zarr.codecs.BytesCodec(endian="big"),)},
+    {"index_location": "end", "codecs": (zarr.codecs.BytesCodec(endian="big"), ZstdCodec(level=2, checksum=True))},
+], ids=["index at the start, big endian, no crc32c", "big-endian data, zstd with checksum"])
+def test_streamed_shards_in_other_spec_layouts_read_back_in_zarr(tmp_path, options):
+    """The writer takes every decision from zarr.json: it is handed only the array's path."""
+    from types import SimpleNamespace
+
+    root = zarr.open_group(tmp_path / "s", mode="w", zarr_format=3)
+    values = np.random.default_rng(3).standard_normal((150, 2, 3)).astype(np.float32)
+    array = root.create_array("x", shape=values.shape, dtype=values.dtype, chunks=(48, 2, 3), fill_value=0,
+                              chunk_key_encoding={"name": "v2", "separator": "."}, compressors=None,
+                              serializer=zarr.codecs.ShardingCodec(chunk_shape=(16, 2, 3), **options))
+    assert zarr_io.ShardStreamWriter.supports(array, tmp_path / "s")
+    for start in range(0, 150, 48):
+        writer = zarr_io.ShardStreamWriter(SimpleNamespace(path="x"), tmp_path / "s", start, min(start + 48, 150))
+        writer.append(values[start: start + 48])
+        writer.close("x")
+    assert sorted(p.name for p in (tmp_path / "s" / "x").iterdir()) == ["0.0.0", "1.0.0", "2.0.0", "3.0.0", "zarr.json"]
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "s" / "x", mode="r")[:], values)
+    np.testing.assert_array_equal(ArrayReader.open(tmp_path / "s", "x").read(0, 150), values)
+
+
+def test_arrays_the_streaming_writer_does_not_know_are_written_through_zarr(tmp_path, caplog):
+    root = zarr.open_group(tmp_path / "s", mode="w", zarr_format=3)
+    values = np.arange(200 * 3, dtype=np.int16).reshape(200, 3)
+    array = root.create_array("blosc", shape=values.shape, dtype=values.dtype, chunks=(16, 3), shards=(64, 3),
+                              compressors=(zarr.codecs.BloscCodec(),))
+    for start in range(0, 200, 64):
+        writer = zarr_io.row_writer(array, tmp_path / "s", start, min(start + 64, 200), 64)
+        assert isinstance(writer, zarr_io.BufferedRowWriter)
+        writer.append(values[start: start + 64])
+        writer.close("blosc")
+    assert caplog.text.count("blosc is written through zarr") == 1  # once per array and process
+    np.testing.assert_array_equal(array[:], values)
+
+
 def test_direct_reads_equal_zarr_on_a_converted_store(store_path):
     root = zarr.open_group(store_path, mode="r")
     store = FeatureStore.open(store_path, cache_mb=0)
