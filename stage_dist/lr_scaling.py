@@ -1,0 +1,82 @@
+"""The learning rate a run gets for its effective batch, and why (issue 17).
+
+The base LR (``--lr``) is the LR of ONE window per optimizer step (the published recipe). A run
+with ``windows_per_step`` windows on each of ``world_size`` ranks has the effective batch
+``B = windows_per_step x world_size`` windows, and its LR is ``base x factor(B)`` with the factor of
+``--lr-scaling``: ``none`` 1, ``sqrt`` sqrt(B), ``linear`` B. A run whose LR is scaled up (factor
+> 1) ramps it up linearly over ``--warmup-keyframes`` keyframes, i.e.
+``ceil(warmup_keyframes / (window x B))`` steps; ``--warmup-steps N`` (N > 0) sets the ramp in
+steps instead, whatever the factor. With factor 1 and no ``--warmup-steps`` there is no warmup,
+so the published recipe (``--lr-scaling none``, one window, one rank) is unchanged bit for bit.
+
+The defaults come from ``bench/time_to_accuracy.py`` (README, "Scaling out"); its table covers
+effective batches ``MEASURED_BATCHES``; a run outside them gets a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+RULES = ("none", "linear", "sqrt")
+DEFAULT_RULE = "linear"  # measured: reaches the recipe's accuracy in the fewest keyframes at B = 8..32
+DEFAULT_WARMUP_KEYFRAMES = 0  # measured: warmup did not help (bench/results/time_to_accuracy.md)
+MEASURED_BATCHES = (1, 128)  # the smallest and largest effective batch the bench measured
+
+
+def lr_factor(rule: str, effective_batch: int) -> float:
+    """How much the base LR grows at ``effective_batch`` windows per step under ``rule``."""
+    if effective_batch < 1:
+        raise ValueError(f"effective batch must be >= 1, got {effective_batch}")
+    if rule == "none":
+        return 1.0
+    if rule == "linear":
+        return float(effective_batch)
+    if rule == "sqrt":
+        return math.sqrt(effective_batch)
+    raise ValueError(f"unknown LR scaling rule {rule!r} (one of {', '.join(RULES)})")
+
+
+@dataclass(frozen=True)
+class LRChoice:
+    """The LR of a run and how it was chosen."""
+
+    effective_batch: int  # windows per optimizer step, all ranks
+    base_lr: float
+    rule: str
+    factor: float
+    warmup_steps: int
+    warmup_reason: str  # "--warmup-steps", "--warmup-keyframes K" or "none"
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.factor
+
+    def describe(self) -> str:
+        warmup = f"warmup {self.warmup_steps} steps ({self.warmup_reason})" if self.warmup_steps else "no warmup"
+        return (f"effective batch {self.effective_batch} windows: lr {self.lr:.4g} = base {self.base_lr:.4g} x "
+                f"{self.factor:.4g} (--lr-scaling {self.rule}), {warmup}")
+
+    def coverage_warning(self) -> str | None:
+        """A message when the effective batch lies outside what the measured table covers."""
+        low, high = MEASURED_BATCHES
+        if low <= self.effective_batch <= high:
+            return None
+        return (f"effective batch {self.effective_batch} windows is outside the measured range {low}-{high} "
+                f"(README, 'Scaling out'): the LR rule and warmup are untested there; check val mAP against "
+                "a run at a measured batch")
+
+
+def choose_lr(base_lr: float, rule: str, windows_per_step: int, world_size: int, window: int,
+              warmup_steps: int = 0, warmup_keyframes: int = DEFAULT_WARMUP_KEYFRAMES) -> LRChoice:
+    """The LR and warmup of a run with ``windows_per_step`` windows of ``window`` keyframes on
+    each of ``world_size`` ranks (see the module docstring for the rules)."""
+    batch = windows_per_step * world_size
+    factor = lr_factor(rule, batch)
+    if warmup_steps > 0:
+        steps, reason = warmup_steps, "--warmup-steps"
+    elif warmup_keyframes > 0 and factor > 1.0:
+        steps, reason = math.ceil(warmup_keyframes / (window * batch)), f"--warmup-keyframes {warmup_keyframes}"
+    else:
+        steps, reason = 0, "none"
+    return LRChoice(batch, base_lr, rule, factor, steps, reason)
