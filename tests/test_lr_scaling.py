@@ -109,3 +109,40 @@ def test_published_recipe_is_plain_adam_at_the_base_lr_bit_for_bit(tiny_stores, 
     for name, value in model.state_dict().items():
         assert torch.equal(value, trainer.model.state_dict()[name]), name
     assert math.isclose(trainer.optimizer.param_groups[0]["lr"], lr)
+
+
+def test_lamb_matches_a_hand_computation_and_moves_each_tensor_by_lr_times_its_norm():
+    from stage_dist.lamb import Lamb
+
+    w0 = torch.tensor([[3.0, -4.0], [0.5, 2.0]], dtype=torch.float64)
+    bias = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # ||w|| = 0: trust ratio 1
+    w = w0.clone().requires_grad_(True)
+    grads = [torch.tensor([[0.1, 0.2], [-0.3, 0.4]], dtype=torch.float64),
+             torch.tensor([[-0.2, 0.1], [0.3, 0.05]], dtype=torch.float64)]
+    lr, b1, b2, eps, wd = 0.01, 0.9, 0.999, 1e-6, 0.1
+    optimizer = Lamb([w, bias], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    expected, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, start=1):
+        w.grad, bias.grad = g.clone(), torch.ones(2, dtype=torch.float64)
+        optimizer.step()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps) + wd * expected
+        before = expected.clone()
+        expected = expected - lr * (expected.norm() / u.norm()) * u
+        assert torch.allclose(w.detach(), expected, rtol=1e-12, atol=1e-14), t
+        assert float((w.detach() - before).norm()) == pytest.approx(lr * float(before.norm()), rel=1e-12)
+    # the zero bias: trust ratio 1 at step 1 (a plain Adam step of ~lr, m_hat / sqrt(v_hat) = 1 for a
+    # constant gradient), then lr x ||bias|| = lr x lr x sqrt(2) along (1, 1)
+    assert torch.allclose(bias.detach(), torch.full((2,), -(lr + lr * lr), dtype=torch.float64), rtol=1e-4)
+
+
+def test_trainer_uses_lamb_when_asked(tiny_stores, tmp_path):
+    from stage_dist.lamb import Lamb
+
+    trainer = Trainer(_config(tiny_stores, tmp_path, optimizer="lamb", lr=1e-2, max_steps=3, epochs=1),
+                      init_distributed("cpu"))
+    assert isinstance(trainer.optimizer, Lamb)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
