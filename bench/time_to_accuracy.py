@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-keyframes", type=int, default=4800, help="warmup length of warmup=on runs")
     p.add_argument("--no-warmup-for-none", action="store_true", default=True,
                    help="skip warmup=on with rule none (the LR is not raised)")
+    p.add_argument("--warmups", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="warmup settings of the B>1 runs")
     p.add_argument("--optimizers", nargs="+", default=["adam"], choices=["adam", "lamb"],
                    help="optimizers of the B>1 runs")
     p.add_argument("--only-batches", type=int, nargs="*", default=None, help="run only these B>1 batches")
@@ -223,8 +225,9 @@ def recipe_band(results: dict, seeds: int) -> tuple[float, float, float]:
 def sweep(args: argparse.Namespace) -> None:
     data = prepare_data(args)
     results = load_results(args.json)
-    results["setup"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results["setup"]["synth"] = json.loads(data["synth"])
+    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results.setdefault("setup", {**setup, "synth": json.loads(data["synth"])})  # the first invocation's
+    results.setdefault("invocations", []).append(sys.argv[1:])
     recipe = [(RunSpec(1, "none", False, s), args.recipe_epochs, 0, None) for s in range(args.seeds)]
     run_all(recipe, data, args, results)
     mean, std, band = recipe_band(results, args.seeds)
@@ -240,7 +243,7 @@ def sweep(args: argparse.Namespace) -> None:
     for batch in sorted(batches, reverse=True):  # the cheap large batches first
         for optimizer in args.optimizers:
             for rule in args.rules:
-                for warmup in (False, True):
+                for warmup in [w == "on" for w in args.warmups]:
                     if warmup and rule == "none" and args.no_warmup_for_none:
                         continue
                     steps = math.ceil(args.warmup_keyframes / (WINDOW * batch)) if warmup else 0
@@ -252,6 +255,10 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 # -- the summary ---------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(results: dict) -> list[dict]:
@@ -272,6 +279,7 @@ def summarize(results: dict) -> list[dict]:
         for r in runs:
             hit = next((c["keyframes"] for c in r["curve"] if c["val_map"] >= band), None)
             reached.append(hit)
+        best = [max(c["val_map"] for c in r["curve"]) for r in runs]
         first = runs[0]
         rows.append({"group": group, "batch": first["batch"], "rule": first["rule"], "warmup": first["warmup"],
                      "optimizer": first.get("optimizer", "adam"), "lr": first["lr"],
@@ -279,7 +287,7 @@ def summarize(results: dict) -> list[dict]:
                      "keyframes_per_epoch": first["keyframes_per_epoch"], "seeds": len(runs),
                      "per_epoch": per_epoch, "keyframes_to_band": reached,
                      "all_reached_at": max(reached) if all(x is not None for x in reached) else None,
-                     "wall_s_mean": statistics.mean(r["wall_s"] for r in runs)})
+                     "wall_s_mean": statistics.mean(r["wall_s"] for r in runs), "best": _mean_std(best)})
     rows.sort(key=lambda r: (r["batch"], r["optimizer"], RULES.index(r["rule"]), r["warmup"]))
     return rows
 
@@ -287,14 +295,14 @@ def summarize(results: dict) -> list[dict]:
 def write_markdown(results: dict, args: argparse.Namespace) -> None:
     rows = summarize(results)
     recipe = results["recipe"]
-    lines = [f"# Time to accuracy (bench/time_to_accuracy.py)", "",
+    lines = ["# Time to accuracy (bench/time_to_accuracy.py)", "",
              f"Recipe (B=1, lr {args.base_lr:g}, no scaling, no warmup, {args.recipe_epochs} epochs, "
              f"{recipe['keyframes']} keyframes): final val mAP {recipe['final_mean']:.4f} +- {recipe['final_std']:.4f} "
              f"over {args.seeds} seeds; band = mean - std = {recipe['band']:.4f}. Other runs: at most "
              f"{recipe['max_epochs_others']} epochs ({args.max_factor:g}x the recipe's keyframes), stopped at the "
              "first epoch that reaches the band (a stopped run's last value is carried in the later means, marked *).",
              "", "| B | rule | warmup (steps) | opt | LR | steps/epoch | keyframes to band (per seed) | all seeds by | "
-             "val mAP mean +- std per epoch |", "|---|---|---|---|---|---|---|---|---|"]
+             "best val mAP (mean +- std) | val mAP mean +- std per epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         counts = [len(x["curve"]) for x in results["runs"].values() if x["group"] == r["group"]]
         epochs = " ".join(f"{m:.3f}+-{s:.3f}{'*' if e + 1 > min(counts) else ''}"
@@ -302,7 +310,8 @@ def write_markdown(results: dict, args: argparse.Namespace) -> None:
         to_band = ", ".join("-" if x is None else f"{x}" for x in r["keyframes_to_band"])
         by = "not reached" if r["all_reached_at"] is None else f"{r['all_reached_at']} ({r['all_reached_at'] / recipe['keyframes']:.2f}x)"
         lines.append(f"| {r['batch']} | {r['rule']} | {'on (%d)' % r['warmup_steps'] if r['warmup'] else 'off'} | "
-                     f"{r['optimizer']} | {r['lr']:.3g} | {r['steps_per_epoch']} | {to_band} | {by} | {epochs} |")
+                     f"{r['optimizer']} | {r['lr']:.3g} | {r['steps_per_epoch']} | {to_band} | {by} | {r['best'][0]:.3f} +- "
+                     f"{r['best'][1]:.3f} | {epochs} |")
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

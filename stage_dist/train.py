@@ -136,8 +136,8 @@ class OptimConfig:
     lr: float = option(PUBLISHED_LR, help="Adam learning rate for ONE window per step (the published recipe)")
     lr_scaling: Literal["none", "linear", "sqrt"] = option(DEFAULT_RULE, help="how the LR grows with the effective "
                                                                               "batch B (windows per step x ranks): "
-                                                                              "none 1, sqrt sqrt(B), linear B (the "
-                                                                              "default, measured: README 'Scaling out')")
+                                                                              "none 1, sqrt sqrt(B) (measured best, "
+                                                                              "README 'Scaling out'), linear B")
     warmup_steps: int = option(0, help="linear LR warmup steps (> 0: overrides --warmup-keyframes)")
     warmup_keyframes: int = option(DEFAULT_WARMUP_KEYFRAMES, help="linear LR warmup over this many keyframes, i.e. "
                                                                   "ceil(K / (window x B)) steps, when the LR is scaled "

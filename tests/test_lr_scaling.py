@@ -11,7 +11,7 @@ import torch
 from conftest import Stores
 from stage_dist.config import from_flat
 from stage_dist.distributed import init_distributed
-from stage_dist.lr_scaling import DEFAULT_RULE, MEASURED_BATCHES, choose_lr, lr_factor
+from stage_dist.lr_scaling import DEFAULT_RULE, MEASURED_BATCHES, RECOVERED_UP_TO, choose_lr, lr_factor
 from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.train import TrainConfig, Trainer
 
@@ -45,10 +45,12 @@ def test_warmup_keyframes_become_steps_of_the_effective_batch():
 
 def test_coverage_warning_outside_the_measured_batches():
     low, high = MEASURED_BATCHES
-    assert choose_lr(1e-4, DEFAULT_RULE, high, 1, window=6).coverage_warning() is None
+    assert choose_lr(1e-4, DEFAULT_RULE, RECOVERED_UP_TO, 1, window=6).coverage_warning() is None
     assert choose_lr(1e-4, DEFAULT_RULE, low, 1, window=6).coverage_warning() is None
-    warning = choose_lr(1e-4, DEFAULT_RULE, high, 2, window=6).coverage_warning()
-    assert warning is not None and f"effective batch {2 * high} windows" in warning
+    above = choose_lr(1e-4, DEFAULT_RULE, RECOVERED_UP_TO, 2, window=6).coverage_warning()
+    assert above is not None and "no measured LR rule" in above
+    outside = choose_lr(1e-4, DEFAULT_RULE, high, 2, window=6).coverage_warning()
+    assert outside is not None and f"effective batch {2 * high} windows is outside the measured range" in outside
 
 
 def _config(stores: Stores, tmp_path, **flags) -> TrainConfig:
@@ -74,6 +76,15 @@ def test_trainer_logs_its_choice_and_warms_up(tiny_stores, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="stage_dist.train"):
         wide._log_start()
     assert any(r.levelno == logging.WARNING and "outside the measured range" in r.getMessage() for r in caplog.records)
+
+
+def test_default_rule_is_the_measured_one_and_the_recipe_is_unchanged():
+    """The evidence chose sqrt (the previous default) and no warmup: a default run's LR is as before."""
+    from stage_dist.train import OptimConfig, effective_lr
+
+    optim = OptimConfig(windows_per_step=8, lr=1e-4)
+    assert (optim.lr_scaling, optim.warmup_keyframes, optim.optimizer) == ("sqrt", 0, "adam")
+    assert effective_lr(optim, 1) == (8, pytest.approx(1e-4 * math.sqrt(8)))
 
 
 def test_published_recipe_is_plain_adam_at_the_base_lr_bit_for_bit(tiny_stores, tmp_path):
