@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass
 
 RULES = ("none", "linear", "sqrt")
-# Measured (bench/results/time_to_accuracy.md): sqrt reached the recipe's val mAP in the fewest
-# keyframes at B = 8 and 32 (linear diverged to a plateau at 32 and missed one seed in three at 8);
-# a warmup over 4,800 keyframes did not help at any B (at 32 it delayed sqrt by 2+ epochs).
+# Measured (bench/results/time_to_accuracy.md): sqrt without warmup is the one setting that reached
+# the recipe's val mAP at both B = 8 (1.5x its keyframes) and B = 32 (4.0x). linear needs a warmup
+# at 8 (then 1.25x, the fastest there; without one it missed 2 seeds in 3) and stalls at 32 with or
+# without one; a 4,800-keyframe warmup kept sqrt at 32 from the band. Nothing recovered at 128.
 DEFAULT_RULE = "sqrt"
 DEFAULT_WARMUP_KEYFRAMES = 0
 MEASURED_BATCHES = (1, 128)  # the smallest and largest effective batch the bench measured
