@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe-epochs", type=int, default=4, help="epochs of the recipe (B=1)")
     p.add_argument("--max-factor", type=float, default=4.0, help="other runs stop at this x the recipe's keyframes")
     p.add_argument("--warmup-keyframes", type=int, default=4800, help="warmup length of warmup=on runs")
-    p.add_argument("--no-warmup-for-none", action="store_true", default=True,
-                   help="skip warmup=on with rule none (the LR is not raised)")
+    p.add_argument("--warmup-for-none", action="store_true",
+                   help="also run warmup=on with rule none (skipped by default: the LR is not raised)")
     p.add_argument("--warmups", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="warmup settings of the B>1 runs")
     p.add_argument("--optimizers", nargs="+", default=["adam"], choices=["adam", "lamb"],
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-early-stop", action="store_true", help="train every run for the full keyframe budget")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--per-step", action="store_true", help="only time training steps per B (no sweep)")
-    p.add_argument("--per-step-seconds", type=float, default=20.0, help="timed seconds per B for --per-step")
+    p.add_argument("--per-step-seconds", type=float, default=20.0, help="--per-step doubles the timed steps until a run takes this long (at most one epoch)")
     p.add_argument("--check-ranks", action="store_true",
                    help="only compare 2 gloo ranks x k windows with 1 rank x 2k windows (torchrun)")
     return p.parse_args(argv)
@@ -244,7 +244,7 @@ def sweep(args: argparse.Namespace) -> None:
         for optimizer in args.optimizers:
             for rule in args.rules:
                 for warmup in [w == "on" for w in args.warmups]:
-                    if warmup and rule == "none" and args.no_warmup_for_none:
+                    if warmup and rule == "none" and not args.warmup_for_none:
                         continue
                     steps = math.ceil(args.warmup_keyframes / (WINDOW * batch)) if warmup else 0
                     for seed in range(args.seeds):
