@@ -22,6 +22,8 @@ Modules, one concept each:
 - ``graph``         the banded spatio-temporal graph of a batch of windows, and attention over it
 - ``model``         the STAGE graph-attention model, the no-graph baseline, ``compile_model``
 - ``precision``     AMP modes (bf16, fp16 with a grad scaler, off)
+- ``lr_scaling``    the LR and warmup of an effective batch, why, and where it was measured
+- ``lamb``          the LAMB optimizer (Adam with a layer-wise trust ratio), ``--optimizer lamb``
 - ``checkpoint``    the one checkpoint module: typed ``Checkpoint`` of either format, atomic saves,
                     newest-complete fallback, RNG state
 - ``distributed``   the torchrun environment, process group, gathering to rank 0, threads, logging

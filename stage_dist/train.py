@@ -70,6 +70,8 @@ from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, pa
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, INPUT_ERRORS, UserInputError
+from stage_dist.lamb import Lamb
+from stage_dist.lr_scaling import DEFAULT_RULE, DEFAULT_WARMUP_KEYFRAMES, LRChoice, choose_lr, lr_factor
 from stage_dist.outputs import check_not_input, launch_lock
 from stage_dist.paths import check_target, ensure_free_space, user_message, user_path_errors
 from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
@@ -144,17 +146,25 @@ class OptimConfig:
     max_steps: int = option(0, help="stop after this many optimizer steps in total (0: no limit)")
     windows_per_step: int = option(1, help="windows per optimizer step on each rank")
     lr: float = option(PUBLISHED_LR, help="Adam learning rate for ONE window per step (the published recipe)")
-    lr_scaling: Literal["none", "linear", "sqrt"] = option("sqrt", help="how the LR grows with the effective batch "
-                                                                        "(windows per step x ranks)")
-    warmup_steps: int = option(0, help="linear LR warmup steps")
+    lr_scaling: Literal["none", "linear", "sqrt"] = option(DEFAULT_RULE, help="how the LR grows with the effective "
+                                                                              "batch B (windows per step x ranks): "
+                                                                              "none 1, sqrt sqrt(B) (measured best, "
+                                                                              "README 'Scaling out'), linear B")
+    warmup_steps: int = option(0, help="linear LR warmup steps (> 0: overrides --warmup-keyframes)")
+    warmup_keyframes: int = option(DEFAULT_WARMUP_KEYFRAMES, help="linear LR warmup over this many keyframes, i.e. "
+                                                                  "ceil(K / (window x B)) steps, when the LR is scaled "
+                                                                  "up (B > 1 and --lr-scaling sqrt/linear)")
     schedule: Literal["constant", "cosine"] = option("constant", help="LR schedule after warmup")
+    optimizer: Literal["adam", "lamb"] = option("adam", help="adam (the published recipe), or lamb: Adam with a "
+                                                            "layer-wise trust ratio, its LR a relative step size "
+                                                            "(stage_dist/lamb.py; README 'Scaling out')")
     weight_decay: float = option(0.0, help="Adam weight decay")
     grad_clip: float = option(0.0, help="clip the gradient norm to this (0: off)")
     seed: int = option(0, help="seed of weights, window sampling and dropout")
 
     def __post_init__(self) -> None:
         _at_least(epochs=(self.epochs, 0), max_steps=(self.max_steps, 0), windows_per_step=(self.windows_per_step, 1),
-                  warmup_steps=(self.warmup_steps, 0))
+                  warmup_steps=(self.warmup_steps, 0), warmup_keyframes=(self.warmup_keyframes, 0))
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         for flag, value in (("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip)):
@@ -257,11 +267,17 @@ class TrainSummary:
     history: list[dict] = field(default_factory=list)
 
 
+def lr_choice(config: TrainConfig, world_size: int) -> LRChoice:
+    """The run's LR and warmup for its effective batch, and why (:mod:`stage_dist.lr_scaling`)."""
+    optim = config.optim
+    return choose_lr(optim.lr, optim.lr_scaling, optim.windows_per_step, world_size, config.data.window,
+                     warmup_steps=optim.warmup_steps, warmup_keyframes=optim.warmup_keyframes)
+
+
 def effective_lr(optim: OptimConfig, world_size: int) -> tuple[int, float]:
     """The effective batch (windows per optimizer step, all ranks) and the LR it gets."""
     effective_batch = optim.windows_per_step * world_size
-    factor = {"none": 1.0, "linear": effective_batch, "sqrt": math.sqrt(effective_batch)}[optim.lr_scaling]
-    return effective_batch, optim.lr * factor
+    return effective_batch, optim.lr * lr_factor(optim.lr_scaling, effective_batch)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
@@ -368,16 +384,19 @@ class Trainer:
             # `loss`), so DDP skips its per-step search for unused parameters and can overlap more.
             gradient_as_bucket_view=True, static_graph=True,
         )
-        self.effective_batch, lr = effective_lr(config.optim, env.world_size)
+        self.lr_choice = lr_choice(config, env.world_size)
+        self.effective_batch, lr = self.lr_choice.effective_batch, self.lr_choice.lr
         # fused: one kernel for all parameters (on CPU 2-6x faster than the per-tensor loop)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay,
-                                          fused=True)
+        self.optimizer: torch.optim.Optimizer = (
+            Lamb(self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay)
+            if config.optim.optimizer == "lamb" else
+            torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=config.optim.weight_decay, fused=True))
         with user_path_errors(train_paths(config)):  # a checkpoint holds the weights and Adam's 2 moments
             ensure_free_space(self.output_dir, 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()),
                               "a checkpoint")
         self.total_steps = self._planned_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(config.optim.warmup_steps, self.total_steps, config.optim.schedule)
+            self.optimizer, lr_lambda(self.lr_choice.warmup_steps, self.total_steps, config.optim.schedule)
         )
         self.precision = resolve_precision(config.runtime.amp, env.device)
         self.scaler = self.precision.grad_scaler()
@@ -540,7 +559,8 @@ class Trainer:
     def _warn_on_config_change(self, saved: dict, path: Path) -> None:
         """A resumed run keeps the checkpoint's optimizer, LR schedule and position in the epoch;
         changing what a step means makes that position (and the LR) wrong."""
-        keys = ("window", "windows_per_step", "seed", "lr", "lr_scaling", "schedule", "warmup_steps")
+        keys = ("window", "windows_per_step", "seed", "lr", "lr_scaling", "schedule", "warmup_steps", "warmup_keyframes",
+                "optimizer")
         saved = {k: v for part in saved.values() if isinstance(part, dict) for k, v in part.items()} or saved
         now = flat_dict(self.config)
         changed = [f"{key} {saved[key]} -> {now[key]}" for key in keys if key in saved and saved[key] != now[key]]
@@ -757,6 +777,10 @@ class Trainer:
             self.optimizer.param_groups[0]["initial_lr"], self.config.optim.lr, self.config.optim.lr_scaling,
             self.precision.mode, self.env.device,
         )
+        log.info("%s", self.lr_choice.describe())
+        warning = self.lr_choice.coverage_warning()
+        if warning:
+            log.warning("%s", warning)
 
     def _log_train(self, stats: StepStats, writer: SummaryWriter | None, bar: tqdm) -> None:
         self.check_finite()
