@@ -24,6 +24,11 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 class NoSpaceError(UserInputError):
     """The disk (or quota) filled up while writing a file; nothing under its name changed."""
 
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.detail = detail  # what happened and what was kept, without the path
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace ``path`` with what ``write(file)`` writes, atomically."""
@@ -43,8 +48,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         Path(temporary).unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
             kept = "the previous file is kept" if target.exists() else "nothing was written"
-            raise NoSpaceError(f"{target}: no space left on the device while writing it ({err.strerror}); {kept}; "
-                               "free some space and rerun") from None
+            raise NoSpaceError(target, f"no space left on the device while writing it ({err.strerror}); {kept}; "
+                                       "free some space and rerun") from None
         raise
     _fsync_directory(target.parent)
 

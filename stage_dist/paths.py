@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Mapping
 
 from stage_dist.errors import INPUT_ERRORS, UserInputError
-from stage_dist.fileio import TMP_PREFIX
+from stage_dist.fileio import TMP_PREFIX, NoSpaceError
 
 UserPaths = Mapping[str, "str | os.PathLike[str] | None"]  # flag (or config key) -> the path as given
 
@@ -172,6 +172,18 @@ def user_path_errors(paths: UserPaths, *, writing: str | None = None) -> Iterato
         if error is None:
             raise
         raise error from None
+    except NoSpaceError as err:  # an atomic write that filled the disk: name the flag too
+        error = _no_space_error(err, paths)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _no_space_error(err: NoSpaceError, paths: UserPaths) -> PathError | None:
+    for flag, path in paths.items():
+        if path is not None and _covers(os.fspath(path), os.fspath(err.path)):
+            return PathError(error_message(flag, path, err.detail, err.path))
+    return None
 
 
 def path_error(err: OSError, paths: UserPaths, *, writing: str | None = None) -> PathError | None:
@@ -194,6 +206,10 @@ def user_message(error: BaseException, paths: UserPaths) -> str:
     raised again with its traceback (it is not about a path the user gave)."""
     if isinstance(error, OSError):
         problem = path_error(error, paths)
+        if problem is not None:
+            return str(problem)
+    if isinstance(error, NoSpaceError):
+        problem = _no_space_error(error, paths)
         if problem is not None:
             return str(problem)
     if isinstance(error, INPUT_ERRORS):

@@ -68,8 +68,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_a_rerun_succee
 
     assert train_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"error: {out}/checkpoints/ckpt_e0000_s000006.pt: no space left on the device while writing "
-                       "it (No space left on device); nothing was written; free some space and rerun"), err
+    assert err[-1] == (f"error: {out}: cannot write --output-dir: {out}/checkpoints/ckpt_e0000_s000006.pt: no space "
+                       "left on the device while writing it (No space left on device); nothing was written; free "
+                       "some space and rerun"), err
     (kept,) = sorted((out / "checkpoints").glob("ckpt_*.pt"))
     assert read_checkpoint(kept).training.global_step == 3
     assert _temporaries(out) == []
@@ -103,7 +104,7 @@ def test_disk_full_during_results_csv_keeps_the_previous_file_and_a_rerun_succee
 
     assert infer_main([*base, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"error: {out}: no space left on the device while writing it (No space left on device); "
+    assert err[-1] == (f"error: {out}: cannot write --out: no space left on the device while writing it (No space left on device); "
                        "the previous file is kept; free some space and rerun"), err
     assert out.read_bytes() == previous and _temporaries(disk) == []
 

@@ -371,7 +371,8 @@ def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, checkpo
                                     "--device", "cpu", "--workers", "0"], capsys)
     monkeypatch.setattr(fileio.os, "fsync", real_fsync)
     message = assert_clean_failure(outcome, before, snapshot(tmp_path), code=2, names=["--out", str(out)])
-    assert message == f"error: {out}: cannot write --out: No space left on device"
+    assert message == (f"error: {out}: cannot write --out: no space left on the device while writing it (No space "
+                       "left on device); the previous file is kept; free some space and rerun")
 
 
 def test_ensure_free_space_of_a_path_not_made_yet(tmp_path):
