@@ -408,7 +408,8 @@ def check_ranks(args: argparse.Namespace, data: dict, results: dict, k: int = 2,
     one.fit()
 
     class PerRankMean(Trainer):
-        """1 rank x 2k windows with the loss DDP optimises: the mean over ranks of each rank's mean."""
+        """1 rank x 2k windows with the loss DDP optimised before ranks were weighted by their actor
+        share: the plain mean over ranks of each rank's mean (kept to show what the weight changes)."""
 
         def train_step(self, batch):
             self._rank_of_actor = batch.actor_window // k

@@ -242,6 +242,18 @@ def all_reduce_mean(value: float, env: DistEnv) -> float:
     return tensor.item() / env.world_size
 
 
+def share_of_all(count: int, env: DistEnv) -> torch.Tensor:
+    """``world_size x count / (sum of count over the ranks)`` on the device, with no host read: the
+    weight that makes DDP's mean over ranks of per-rank means a mean over every rank's items (1 on
+    one rank; 0 where every rank has none)."""
+    if not env.distributed:
+        return torch.ones((), dtype=torch.float32, device=env.device)
+    mine = torch.tensor(float(count), dtype=torch.float32, device=env.device)
+    total = mine.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return mine * env.world_size / total.clamp(min=1.0)
+
+
 def all_reduce_min(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The element-wise minimum of ``tensor`` over all ranks (``tensor`` itself at world size 1)."""
     if not env.distributed:

@@ -23,7 +23,10 @@ A training step reads nothing back from the device: the loss, the non-finite fla
 finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
 the step's window is named from the batch's host bookkeeping. Under DDP the gradients live in the
 all-reduce buckets (``gradient_as_bucket_view``) and the graph is static: every step gives every
-parameter a gradient, a step without actors included (:meth:`Trainer.loss`). ``--workers`` defaults
+parameter a gradient, a step without actors included (:meth:`Trainer.loss`). Each rank's mean
+loss is weighted by its share of the step's actors (:func:`~stage_dist.distributed.share_of_all`,
+one scalar all-reduce on the device), so DDP's mean over ranks is the mean over all the step's
+actors: R ranks x k windows make the same update as one rank x Rk windows. ``--workers`` defaults
 to the rank's share of its cores (:func:`~stage_dist.distributed.loader_workers`).
 
 ``--deterministic`` (:func:`~stage_dist.distributed.configure_determinism`): on a GPU, two runs of
@@ -64,7 +67,7 @@ from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManage
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
-                                    report_to_launcher, setup_logging)
+                                    report_to_launcher, setup_logging, share_of_all)
 from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
@@ -645,6 +648,8 @@ class Trainer:
         with self.precision.autocast():
             logits = self.ddp_model(batch)
         loss = self.loss(action_logits(logits, self.model_config.class_ids).float(), batch.labels)
+        if self.env.distributed:  # each actor weighs the same whatever its rank's actor count
+            loss = loss * share_of_all(batch.labels.shape[0], self.env)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         bad = ~torch.isfinite(loss.detach())

@@ -437,3 +437,39 @@ def test_deterministic_training_runs_and_changes_no_number_on_cpu(tiny_stores, t
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
     assert_same_final_checkpoint(tmp_path / "plain", tmp_path / "deterministic")
+
+
+@pytest.mark.slow
+def test_ranks_and_windows_per_step_make_the_same_update(tiny_stores, tmp_path):
+    """2 gloo ranks x 1 window per step = 1 rank x 2 windows per step (same windows per step, each
+    actor weighted alike whatever its rank's actor count), to float rounding."""
+    flags = dict(val_store=None, max_steps=8, epochs=1, lr=1e-2, lr_scaling="none", dropout=0.0, log_every=4,
+                 checkpoint_every=8)
+    two = make_config(tiny_stores, tmp_path / "two", windows_per_step=1, **flags)
+    save_json(two, tmp_path / "two.json")
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import torch
+        from stage_dist.config import load_json
+        from stage_dist.distributed import cleanup, init_distributed
+        from stage_dist.train import TrainConfig, Trainer
+        env = init_distributed("cpu")
+        trainer = Trainer(load_json(TrainConfig, "{tmp_path}/two.json"), env)
+        trainer.fit()
+        if env.is_main:
+            torch.save(trainer.model.state_dict(), "{tmp_path}/two.pt")
+        cleanup(env)
+    """))
+    subprocess.run(torchrun_command(2, str(driver)), check=True, env=subprocess_env(), timeout=300)
+
+    torch.set_num_threads(1)
+    start = Trainer(make_config(tiny_stores, tmp_path / "start", windows_per_step=2, **{**flags, "max_steps": 0}),
+                    init_distributed("cpu")).model.state_dict()
+    one = Trainer(make_config(tiny_stores, tmp_path / "one", windows_per_step=2, **flags), init_distributed("cpu"))
+    one.fit()
+    two_ranks, one_rank = torch.load(tmp_path / "two.pt"), one.model.state_dict()
+    update = max(float((one_rank[n] - start[n]).norm()) for n in one_rank)
+    assert update > 1e-2, "the runs must move the weights for the comparison to mean anything"
+    for name in one_rank:
+        moved = float((one_rank[name] - start[name]).norm())
+        assert float((two_ranks[name] - one_rank[name]).norm()) <= 1e-4 * max(moved, 1e-3), name
