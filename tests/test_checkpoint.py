@@ -280,17 +280,15 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 KILLED_WRITER = """
-import sys, time, torch
+import os, sys, time, torch
 from stage_dist.checkpoint import CheckpointManager
 
-def stalling_save(obj, f):
-    f.write(b"PK\\x03\\x04 first bytes of a large checkpoint")
-    f.flush()
+def stalling_fsync(fd):  # the checkpoint's bytes are in its temporary file, not yet renamed
     print("writing", flush=True)
     time.sleep(60)
 
 manager = CheckpointManager(sys.argv[1])
-torch.save = stalling_save
+os.fsync = stalling_fsync
 manager.save({"step": torch.tensor(2)}, epoch=0, step=2)
 """
 
