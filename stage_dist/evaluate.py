@@ -76,6 +76,7 @@ DETECTIONS_PER_KEYFRAME = 50
 IOU_THRESHOLD = 0.5
 MAP_KEY = "PascalBoxes_Precision/mAP@0.5IOU"
 CLASS_KEY_PREFIX = "PascalBoxes_PerformanceByCategory/AP@0.5IOU/"
+MAX_RESAMPLES = 100_000  # --bootstrap: the (resamples x videos) draw table stays small
 
 
 # AVA's three action groups (the AVA paper's pose / person movement, object manipulation and
@@ -690,8 +691,8 @@ class EvaluateConfig:
     quiet: bool = option(False, flag=("-q", "--quiet"), help="print only the mAP line, not the per-class table")
     bootstrap: int = option(0, metavar="N", help="resample the groundtruth's videos N times (with replacement) "
                                                  "for 95 %% percentile intervals of mAP and group mAP; "
-                                                 "0: off (--compare: 0 means 1000)")
-    seed: int = option(0, help="seed of the bootstrap resamples")
+                                                 f"0: off (--compare: 0 means 1000); at most {MAX_RESAMPLES}")
+    seed: int = option(0, help="seed of the bootstrap resamples (>= 0)")
     compare: tuple[str, ...] | None = option(
         None, metavar="CSV",
         help="two detections files A B on the same groundtruth (instead of -d): mAP of each, A - B with a "
@@ -707,6 +708,15 @@ class EvaluateConfig:
             raise ConfigError(f"--compare takes two detections files, got {len(self.compare)}")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if self.bootstrap > MAX_RESAMPLES:
+            raise ConfigError(f"--bootstrap must be at most {MAX_RESAMPLES}, got {self.bootstrap}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.check:
+            given = [flag for flag, value in (("--json", self.json), ("--plot", self.plot),
+                                              ("--bootstrap", self.bootstrap)) if value]
+            if given:
+                raise ConfigError(f"--check scores nothing and writes nothing: drop {', '.join(given)}")
         several = self.detections is not None and len(self.detections) > 1
         if self.check and (self.compare is not None or several):
             raise ConfigError("--check validates one -d file")

@@ -270,6 +270,11 @@ def test_several_detections_files_give_mean_and_sample_std(tmp_path, capsys):
     ([], "give -d/--detections or --compare"),
     (["-d", "a.csv", "b.csv", "--bootstrap", "10"], "--bootstrap with several -d files"),
     (["-d", "a.csv", "--bootstrap", "-1"], "--bootstrap must be >= 0"),
+    (["-d", "a.csv", "--bootstrap", "100000000000"], "--bootstrap must be at most 100000"),
+    (["-d", "a.csv", "--bootstrap", "5", "--seed", "-3"], "--seed must be >= 0"),
+    (["-d", "a.csv", "--check", "--json", "a.json"], "--check scores nothing and writes nothing: drop --json"),
+    (["-d", "a.csv", "--check", "--plot", "a.png", "--bootstrap", "3"], "drop --plot, --bootstrap"),
+    (["--compare", "a.csv", "b.csv", "--check"], "--check validates one -d file"),
 ])
 def test_bad_flag_combinations_are_one_line_exit_2(tmp_path, flags, what):
     done = cli("-g", "gt.csv", "-l", "labels.pbtxt", *flags)
