@@ -310,15 +310,18 @@ def test_check_reports_every_problem_class_with_counts_and_first_example(tmp_pat
         "vid,0903,0.1,0.1,0.5,0.9,99,0.7\n"  # class outside the label map
         "vid ,0903.4,0.1,0.1,0.5,0.9,5,0.6\n"  # matches only after stripping and rounding
         "other,0902,0.1,0.1,0.5,0.9,2,0.5\n"  # not in the groundtruth
+        "vid,1e400,0.1,0.1,0.5,0.9,2,0.5\n"  # not in the groundtruth, no whole second to round to
     )
     report = check(tmp_path / "gt.csv", det, LABELMAP)
     found = {p.what.split(" (")[0]: p for p in report.problems}
     assert not report.clean
-    assert found["keyframes not in the groundtruth"].count == 2
+    assert found["keyframes not in the groundtruth"].count == 3
     assert found["timestamps written differently from the groundtruth"].count == 1
     assert "written '902', groundtruth '0902'" in found["timestamps written differently from the groundtruth"].example
     assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces " 
                  "from the video id"].count == 1
+    assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces "
+                 "from the video id"].example.endswith("would be groundtruth keyframe 'vid,0903'")  # as written
     assert found["groundtruth keyframes with no detections"].example == "vid,0904"
     assert found["action ids outside the label map"].count == 1 and "99" in \
         next(p.what for p in report.problems if p.what.startswith("action ids"))
