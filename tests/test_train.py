@@ -163,8 +163,8 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
             json.dump([h["val_map"] for h in summary.history], open("{tmp_path}/val_maps.json", "w"))
         cleanup(env)
     """))
-    done = subprocess.run(torchrun_command(2, str(driver)), env=subprocess_env(), timeout=300, capture_output=True,
-                          text=True)
+    done = subprocess.run(torchrun_command(2, str(driver)), check=False, env=subprocess_env(), timeout=300,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
