@@ -343,15 +343,21 @@ def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections,
 
 def timestamp_spellings(gt: AvaCsv, det: AvaCsv) -> list[tuple[str, str, str]]:
     """(key, detection spelling, groundtruth spelling) of every detection keyframe whose
-    timestamp matches a groundtruth keyframe only as a number (``902`` vs ``0902``)."""
+    timestamp matches a groundtruth keyframe only as a number (``902`` vs ``0902``) on some of
+    its rows (the first such spelling)."""
     if gt.stamp_text is None or det.stamp_text is None:
         return []
     gt_index = {key: i for i, key in enumerate(gt.keys)}
+    others = det.other_stamp_text or {}
     out = []
-    for key, text in zip(det.keys, det.stamp_text):
+    for k, (key, text) in enumerate(zip(det.keys, det.stamp_text)):
         i = gt_index.get(key)
-        if i is not None and gt.stamp_text[i] != text:
+        if i is None:
+            continue
+        if gt.stamp_text[i] != text:
             out.append((key, text, gt.stamp_text[i]))
+        elif k in others:  # the first rows are written as the groundtruth is, later ones not
+            out.append((key, others[k], gt.stamp_text[i]))
     return out
 
 

@@ -112,10 +112,13 @@ def check(groundtruth: PathLike, detections: PathLike, labelmap: Mapping[int, st
     if spelled:
         key, text, gt_text = spelled[0]
         det_index = {key: k for k, key in enumerate(det.keys)}
+        k = det_index[key]
+        where = (f"({row_text(int(first_row[k]))})" if det.stamp_text and det.stamp_text[k] == text
+                 else "(on some of its rows; its first rows are written as the groundtruth)")
         problems.append(Problem(
             "timestamps written differently from the groundtruth (matched here as numbers; tools comparing "
             "text score nothing)", len(spelled), "keyframes",
-            f"{_video(key)} written {text!r}, groundtruth {gt_text!r} ({row_text(int(first_row[det_index[key]]))})"))
+            f"{_video(key)} written {text!r}, groundtruth {gt_text!r} {where}"))
     if reformatted:
         k, target = reformatted[0]
         problems.append(Problem(

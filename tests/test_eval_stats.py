@@ -334,6 +334,23 @@ def test_check_reports_every_problem_class_with_counts_and_first_example(tmp_pat
     assert len(done.stdout.strip().splitlines()) == 8
 
 
+def test_check_finds_a_timestamp_respelled_on_later_rows_of_a_keyframe(tmp_path):
+    """A keyframe whose first rows are written as the groundtruth writes it and later rows not
+    (e.g. two tools' files concatenated): still a spelling problem, and the plain evaluation warns."""
+    (tmp_path / "gt.csv").write_text(GT)
+    det = tmp_path / "det.csv"
+    det.write_text("".join(line.rsplit(",", 1)[0] + ",0.5\n" for line in GT.splitlines())
+                   + "vid,903.0,0.2,0.1,0.5,0.9,5,0.4\n")
+    report = check(tmp_path / "gt.csv", det, LABELMAP)
+    assert [p.what.split(" (")[0] for p in report.problems] == ["timestamps written differently from the groundtruth"]
+    assert report.problems[0].count == 1 and "vid written '903.0', groundtruth '0903'" in report.problems[0].example
+    from stage_dist.ava import read_detections, read_groundtruth
+    from stage_dist.evaluate import timestamp_spellings
+
+    assert timestamp_spellings(read_groundtruth(tmp_path / "gt.csv"), read_detections(det)) == [
+        ("vid,903.000000", "903.0", "0903")]
+
+
 def test_check_of_a_clean_file_exits_zero(tmp_path):
     (tmp_path / "gt.csv").write_text(GT)
     det = tmp_path / "det.csv"
