@@ -767,7 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_config(EvaluateConfig, argv, build_config_parser(
         EvaluateConfig, prog="python -m stage_dist.evaluate",
         description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020), with action-group "
-                    "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check."))
+                    "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check. "
+                    "Learning curves of training runs (metrics.jsonl): python -m stage_dist.curves RUN_DIR ... "
+                    "--out curves.png."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from stage_dist import (  # the statistics import this module
         eval_stats,
