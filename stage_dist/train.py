@@ -68,7 +68,7 @@ from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     report_to_launcher, setup_logging, share_of_all)
-from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
+from stage_dist.evaluate import EvalResult, evaluate_predictions, group_line, read_action_groups
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
@@ -741,8 +741,9 @@ class Trainer:
                              "val_map": result.mean_ap, "per_class": result.per_class})
         if self.metrics:
             self.metrics.validation(step=self.global_step, epoch=self.epoch, result=result)
-        log.info("validation at epoch %d (step %d): mAP@0.5 %.4f (best %.4f)",
-                 self.epoch, self.global_step, result.mean_ap, self.best_map)
+        log.info("validation at epoch %d (step %d): mAP@0.5 %.4f (best %.4f); %s",
+                 self.epoch, self.global_step, result.mean_ap, self.best_map,
+                 group_line(result.group_map, result.grouping))
         if writer:
             writer.add_scalar("val/mAP", result.mean_ap, self.global_step)
             for name, ap in result.per_class.items():  # at every validation, not only at the end
