@@ -234,12 +234,33 @@ def test_train_memmap_dir(kind, places, tiny_stores, capsys):
     assert not run.exists() or not any(run.rglob("*.pt")), message
 
 
-@pytest.mark.parametrize("kind", ["read_only", "name_too_long", "through_a_file", "symlink_loop"])
+@pytest.mark.parametrize("kind", CLASSES)
 def test_train_tensorboard_dir(kind, places, tiny_stores, capsys):
     target = places.target(kind, "tb")
     run = places.root / "run"
     check_refused(train.main, _train_argv(tiny_stores, "--output-dir", str(run), "--tensorboard-dir", str(target)),
                   "--tensorboard-dir", target, capsys, watched=(tiny_stores.train,))
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_train_resume_input(kind, places, tiny_stores, capsys):
+    """--resume is an input: a path the OS refuses to look up (a name too long, through a file, a
+    symlink loop) or that is not there is one line naming the flag and the path, before any work."""
+    target = places.target(kind, "model.pt")
+    run = places.root / "run"
+    check_refused(train.main, _train_argv(tiny_stores, "--output-dir", str(run), "--resume", str(target)),
+                  "--resume", target, capsys, watched=(tiny_stores.train,))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_infer_checkpoint_input(kind, places, tiny_stores, capsys):
+    target = places.target(kind, "model.pt")
+    out = places.root / "results.csv"
+    check_refused(infer.main, ["--store", str(tiny_stores.val), "--checkpoint", str(target), "--out", str(out),
+                               "--device", "cpu", "--workers", "0"], "--checkpoint", target, capsys,
+                  watched=(tiny_stores.val,))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("kind", CLASSES)
