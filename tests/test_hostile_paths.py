@@ -284,6 +284,16 @@ SYNTH_FLAGS = ["--train-clips", "2", "--val-clips", "1", "--keyframes-per-clip",
 
 
 @pytest.mark.parametrize("kind", CLASSES)
+def test_curves_out(kind, places, tmp_path, capsys):
+    from stage_dist.curves import main as curves_main
+    from test_curves import make_run
+
+    run = make_run(tmp_path / "run", {1: 0.7, 2: 0.5}, {2: 0.4})
+    target = places.target(kind, "curves.png")
+    check_refused(curves_main, [str(run), "--out", str(target)], "--out", target, capsys, watched=(run,))
+
+
+@pytest.mark.parametrize("kind", CLASSES)
 def test_synth_out(kind, places, capsys):
     target = places.target(kind, "data")
     check_refused(synth.main, ["--out", str(target), *SYNTH_FLAGS], "--out", target, capsys)
