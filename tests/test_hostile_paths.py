@@ -264,6 +264,16 @@ def test_infer_checkpoint_input(kind, places, tiny_stores, capsys):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
+def test_train_config_input(kind, places, tiny_stores, capsys):
+    """--config FILE is an input: one line naming the flag and the file, whatever the OS says."""
+    target = places.target(kind, "config.json")
+    run = places.root / "run"
+    check_refused(train.main, _train_argv(tiny_stores, "--output-dir", str(run), "--config", str(target)),
+                  "--config", target, capsys, watched=(tiny_stores.train,))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
 def test_infer_out(kind, places, tiny_stores, checkpoint, capsys):
     target = places.target(kind, "results.csv")
     argv = ["--store", str(tiny_stores.val), "--checkpoint", str(checkpoint), "--out", str(target), "--device", "cpu",
