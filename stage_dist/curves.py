@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:
-        print(f"error: {config.out}: cannot write: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {config.out}: cannot write --out: {error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"curves of {len(paths)} run(s) -> {config.out}")
     return 0
