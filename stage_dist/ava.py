@@ -99,6 +99,8 @@ class AvaCsv:
     marked_keyframes: np.ndarray  # (M,) int64 index into keys
     # the timestamp of each key as first written (``0902``, ``902.0``...); None: not known
     stamp_text: list[str] | None = field(default=None, repr=False, compare=False)
+    # key index -> another spelling of its timestamp in the same file (``902`` on some rows of ``0902``)
+    other_stamp_text: dict[int, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -187,6 +189,7 @@ class _CsvBlockParser:
         self.allowed_columns = allowed_columns
         self.keys: list[str] = []
         self.stamp_text: list[str] = []
+        self.other_stamp_text: dict[int, str] = {}
         self._key_ids: dict[str, int] = {}
         self._raw_key_ids: dict[tuple[bytes, bytes], int] = {}
         self.parts: dict[str, list[np.ndarray]] = {
@@ -336,6 +339,8 @@ class _CsvBlockParser:
         if key_id == len(self.keys):
             self.keys.append(key)
             self.stamp_text.append(timestamp)
+        elif timestamp != self.stamp_text[key_id]:
+            self.other_stamp_text.setdefault(key_id, timestamp)
         self._raw_key_ids[raw] = key_id
         return key_id
 
@@ -382,6 +387,7 @@ class _CsvBlockParser:
             scores=joined("scores", (0,), np.float64),
             marked_keyframes=joined("marked", (0,), np.int64),
             stamp_text=self.stamp_text,
+            other_stamp_text=self.other_stamp_text,
         )
 
 

@@ -35,6 +35,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,9 +109,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def _load_file(path: Path, map_location: Any = "cpu") -> dict:
     """The dict a checkpoint file holds, read with ``weights_only=True``; every failure is a
     one-line :class:`CheckpointError` naming the file (never torch's advice to load unsafely)."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except OSError as err:  # ENAMETOOLONG, ENOTDIR, ELOOP, EACCES: the OS's verdict on the path
+        raise CheckpointError(f"{path}: cannot read checkpoint: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
         raise CheckpointError(f"{path}: not a file")
     try:
         with open(path, "rb") as handle:
@@ -271,7 +276,11 @@ def read_latest_or_file(path: str | os.PathLike) -> Checkpoint:
     """``path`` itself if it is a file, else the newest checkpoint of the run directory ``path``
     (a run's ``checkpoints/`` directory) that loads."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(path.stat().st_mode)
+    except OSError:  # missing, or a path the OS refuses (ENAMETOOLONG ...): read_checkpoint says which
+        is_dir = False
+    if is_dir:
         found = CheckpointManager(path).load_latest()
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint (ckpt_e*_s*.pt) in this directory")

@@ -199,7 +199,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:  # ENOTDIR, ELOOP, ENAMETOOLONG, EACCES: the OS's verdict on the path
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: cannot read config file: {err}") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not JSON (line {err.lineno}: {err.msg})") from None
@@ -349,7 +351,10 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, parser: argparse.Argu
     file = namespace.pop(CONFIG_FLAG)
     flags = {name: list(v) if isinstance(v, tuple) else v for name, v in namespace.items()}
     try:
-        base = _read_json(Path(file)) if file else {}
+        try:
+            base = _read_json(Path(file)) if file else {}
+        except ConfigError as err:
+            raise ConfigError(f"--{CONFIG_FLAG} {err}") from None
         where = file or "command line"
         if not isinstance(base, dict):
             raise ConfigError(f"{file}: expected an object of settings")

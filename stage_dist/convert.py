@@ -225,7 +225,8 @@ def check_output(cfg: ConvertConfig) -> OutputDir:
 def build_source(cfg: ConvertConfig) -> Source:
     source = _build_source(cfg)
     if cfg.labelmap is not None:
-        source.label_columns = LabelColumns(len(read_class_set(cfg)[0]), str(cfg.labelmap))
+        ids = read_class_set(cfg)[0]
+        source.label_columns = LabelColumns(len(ids), str(cfg.labelmap), ids)
     return source
 
 

@@ -75,13 +75,26 @@ class Curves:
 
 def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike) -> None:
     """Loss (left) and val mAP (right) against the optimizer step, one line per run (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(runs)
+    try:
+        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def curves_figure(runs: Sequence[tuple[str, list[dict]]]):
+    """The matplotlib figure of :func:`plot_curves`: both panels on one step axis (a run validated
+    only at its end shows that point at its last step, not on an axis of its own); a run without
+    validation is named in the mAP legend as such."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (loss_ax, map_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (loss_ax, map_ax) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     any_val = False
     for index, (name, records) in enumerate(runs):
         colour = f"C{index % 10}"
@@ -91,6 +104,8 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike)
             any_val = True
             map_ax.plot(curves.val_steps, curves.val_map, color=colour, marker="o", markersize=3.5, linewidth=1.2,
                         label=f"{name} (last {curves.val_map[-1]:.4f}, best {max(curves.val_map):.4f})")
+        else:
+            map_ax.plot([], [], color=colour, marker="o", markersize=3.5, linewidth=1.2, label=f"{name} (no validation)")
     loss_ax.set_title("training loss (mean over each log interval)")
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("binary cross-entropy (log scale)")
@@ -104,6 +119,7 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike)
     map_ax.set_ylabel("mAP (0-1)")
     if not any_val:
         map_ax.text(0.5, 0.5, "no validation in these runs", ha="center", va="center", transform=map_ax.transAxes)
+    map_ax.tick_params(labelbottom=True)  # sharex keeps both panels' step labels
     for ax in (loss_ax, map_ax):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -111,10 +127,7 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike)
     loss_ax.title.set_fontsize(10)
     map_ax.title.set_fontsize(10)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def build_parser():
@@ -135,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:
-        print(f"error: {config.out}: cannot write: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {config.out}: cannot write --out: {error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"curves of {len(paths)} run(s) -> {config.out}")
     return 0

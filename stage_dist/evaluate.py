@@ -76,6 +76,7 @@ DETECTIONS_PER_KEYFRAME = 50
 IOU_THRESHOLD = 0.5
 MAP_KEY = "PascalBoxes_Precision/mAP@0.5IOU"
 CLASS_KEY_PREFIX = "PascalBoxes_PerformanceByCategory/AP@0.5IOU/"
+MAX_RESAMPLES = 100_000  # --bootstrap: the (resamples x videos) draw table stays small
 
 
 # AVA's three action groups (the AVA paper's pose / person movement, object manipulation and
@@ -342,15 +343,21 @@ def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections,
 
 def timestamp_spellings(gt: AvaCsv, det: AvaCsv) -> list[tuple[str, str, str]]:
     """(key, detection spelling, groundtruth spelling) of every detection keyframe whose
-    timestamp matches a groundtruth keyframe only as a number (``902`` vs ``0902``)."""
+    timestamp matches a groundtruth keyframe only as a number (``902`` vs ``0902``) on some of
+    its rows (the first such spelling)."""
     if gt.stamp_text is None or det.stamp_text is None:
         return []
     gt_index = {key: i for i, key in enumerate(gt.keys)}
+    others = det.other_stamp_text or {}
     out = []
-    for key, text in zip(det.keys, det.stamp_text):
+    for k, (key, text) in enumerate(zip(det.keys, det.stamp_text)):
         i = gt_index.get(key)
-        if i is not None and gt.stamp_text[i] != text:
+        if i is None:
+            continue
+        if gt.stamp_text[i] != text:
             out.append((key, text, gt.stamp_text[i]))
+        elif k in others:  # the first rows are written as the groundtruth is, later ones not
+            out.append((key, others[k], gt.stamp_text[i]))
     return out
 
 
@@ -690,8 +697,8 @@ class EvaluateConfig:
     quiet: bool = option(False, flag=("-q", "--quiet"), help="print only the mAP line, not the per-class table")
     bootstrap: int = option(0, metavar="N", help="resample the groundtruth's videos N times (with replacement) "
                                                  "for 95 %% percentile intervals of mAP and group mAP; "
-                                                 "0: off (--compare: 0 means 1000)")
-    seed: int = option(0, help="seed of the bootstrap resamples")
+                                                 f"0: off (--compare: 0 means 1000); at most {MAX_RESAMPLES}")
+    seed: int = option(0, help="seed of the bootstrap resamples (>= 0)")
     compare: tuple[str, ...] | None = option(
         None, metavar="CSV",
         help="two detections files A B on the same groundtruth (instead of -d): mAP of each, A - B with a "
@@ -707,6 +714,15 @@ class EvaluateConfig:
             raise ConfigError(f"--compare takes two detections files, got {len(self.compare)}")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if self.bootstrap > MAX_RESAMPLES:
+            raise ConfigError(f"--bootstrap must be at most {MAX_RESAMPLES}, got {self.bootstrap}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.check:
+            given = [flag for flag, value in (("--json", self.json), ("--plot", self.plot),
+                                              ("--bootstrap", self.bootstrap)) if value]
+            if given:
+                raise ConfigError(f"--check scores nothing and writes nothing: drop {', '.join(given)}")
         several = self.detections is not None and len(self.detections) > 1
         if self.check and (self.compare is not None or several):
             raise ConfigError("--check validates one -d file")
@@ -751,7 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_config(EvaluateConfig, argv, build_config_parser(
         EvaluateConfig, prog="python -m stage_dist.evaluate",
         description="AVA frame-mAP@0.5, reproducing the official ActivityNet evaluator (2020), with action-group "
-                    "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check."))
+                    "mAP, video-bootstrap intervals, paired comparisons, runs of one model and a results.csv check. "
+                    "Learning curves of training runs (metrics.jsonl): python -m stage_dist.curves RUN_DIR ... "
+                    "--out curves.png."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from stage_dist import (  # the statistics import this module
         eval_stats,

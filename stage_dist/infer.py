@@ -106,13 +106,21 @@ def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: 
     return load_models([checkpoint], actor_dim, object_dim, device, class_ids, data)[0]
 
 
+def _read_checkpoint(path: str | Path):
+    """:func:`read_latest_or_file`, its one-line error naming the flag."""
+    try:
+        return read_latest_or_file(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--checkpoint {err}") from None
+
+
 def load_models(checkpoints: Sequence[str | Path], actor_dim: int, object_dim: int, device: torch.device,
                 class_ids: Sequence[int] | None = None, data: str = "the data") -> list[nn.Module]:
     """The models of ``checkpoints`` (files or run checkpoint directories), for data of
     ``actor_dim``/``object_dim`` features and, if given, the class set ``class_ids``. Several (an
     ensemble) must have the same class set and feature sizes: a mismatch is a
     :class:`CheckpointError` naming both files."""
-    found = [read_latest_or_file(checkpoint) for checkpoint in checkpoints]
+    found = [_read_checkpoint(checkpoint) for checkpoint in checkpoints]
     first = found[0]
     for other in found[1:]:
         mismatch = _incompatible(first.model_config, other.model_config)

@@ -98,20 +98,27 @@ def check(groundtruth: PathLike, detections: PathLike, labelmap: Mapping[int, st
         k = outside[0]
         problems.append(Problem("keyframes not in the groundtruth", len(outside),
                                 f"keyframes ({int(rows_per_key[outside].sum())} rows)", row_text(int(first_row[k]))))
+    gt_spelling = {key: f"{_video(key)},{text}" for key, text in zip(gt.keys, gt.stamp_text or ())}
     reformatted = []
     for k in outside:
         video, stamp = _video(det.keys[k]), det.keys[k].rsplit(",", 1)[1]
-        rounded = image_key(video.strip(), str(Decimal(stamp).to_integral_value()))
+        try:
+            rounded = image_key(video.strip(), str(Decimal(stamp).to_integral_value()))
+        except (ValueError, ArithmeticError):  # e.g. 1e400: no whole second to round to
+            continue
         if rounded in gt_keys:
-            reformatted.append((k, rounded))
+            reformatted.append((k, gt_spelling.get(rounded, rounded)))
     spelled = timestamp_spellings(gt, det)
     if spelled:
         key, text, gt_text = spelled[0]
         det_index = {key: k for k, key in enumerate(det.keys)}
+        k = det_index[key]
+        where = (f"({row_text(int(first_row[k]))})" if det.stamp_text and det.stamp_text[k] == text
+                 else "(on some of its rows; its first rows are written as the groundtruth)")
         problems.append(Problem(
             "timestamps written differently from the groundtruth (matched here as numbers; tools comparing "
             "text score nothing)", len(spelled), "keyframes",
-            f"{_video(key)} written {text!r}, groundtruth {gt_text!r} ({row_text(int(first_row[det_index[key]]))})"))
+            f"{_video(key)} written {text!r}, groundtruth {gt_text!r} {where}"))
     if reformatted:
         k, target = reformatted[0]
         problems.append(Problem(

@@ -84,6 +84,7 @@ class LabelColumns:
 
     width: int
     labelmap: str
+    ids: tuple[int, ...] = ()  # the label map's ids in file order (for the error messages)
 
 
 @dataclass(frozen=True)
@@ -243,12 +244,22 @@ def _check_label_width(width: int, where: str, columns: LabelColumns | None) -> 
             raise SourceError(
                 f"{where}: 'labels' has {width} columns but the label map {columns.labelmap} has {columns.width} "
                 f"entries ({missing}); the label map lists one class per column, in column order"
+                + _ava_hint(width, columns)
             )
     elif width not in (NUM_ACTIONS, NUM_ACTIONS + 1):
         raise SourceError(
             f"{where}: 'labels' has {width} columns; expected 81 (column 0 background) or 80 (AVA), or give "
             "--labelmap FILE naming the class id of each column"
         )
+
+
+def _ava_hint(width: int, columns: LabelColumns) -> str:
+    """A pointer for AVA labels given with an AVA label map (e.g. the 60-class evaluation list)."""
+    if width in (NUM_ACTIONS, NUM_ACTIONS + 1) and columns.ids and all(1 <= i <= NUM_ACTIONS for i in columns.ids):
+        return (f" (AVA's {width}-column labels need no --labelmap: leave it out for action ids 1..80"
+                + (", column 0 background" if width > NUM_ACTIONS else "")
+                + ", and give the label map to train, infer and the evaluator)")
+    return ""
 
 
 def _check_finite(values: np.ndarray, name: str, where: str) -> None:

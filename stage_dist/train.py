@@ -68,7 +68,7 @@ from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     report_to_launcher, setup_logging, share_of_all)
-from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
+from stage_dist.evaluate import EvalResult, evaluate_predictions, group_line, read_action_groups
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
@@ -538,7 +538,13 @@ class Trainer:
             )
         if found is None and self.config.run.resume in ("auto", "none"):
             return
-        checkpoint = found if found is not None else read_checkpoint(self.config.run.resume)
+        if found is not None:
+            checkpoint = found
+        else:
+            try:
+                checkpoint = read_checkpoint(self.config.run.resume)
+            except CheckpointError as err:  # the file, or the OS's verdict on its path: name the flag
+                raise CheckpointError(f"--resume {err}") from None
         if checkpoint.model_config.classes != self.model_config.classes:
             raise CheckpointError(f"{checkpoint.path}: the checkpoint predicts "
                                   f"{describe_classes(checkpoint.model_config.classes)}, the training data "
@@ -741,8 +747,9 @@ class Trainer:
                              "val_map": result.mean_ap, "per_class": result.per_class})
         if self.metrics:
             self.metrics.validation(step=self.global_step, epoch=self.epoch, result=result)
-        log.info("validation at epoch %d (step %d): mAP@0.5 %.4f (best %.4f)",
-                 self.epoch, self.global_step, result.mean_ap, self.best_map)
+        log.info("validation at epoch %d (step %d): mAP@0.5 %.4f (best %.4f); %s",
+                 self.epoch, self.global_step, result.mean_ap, self.best_map,
+                 group_line(result.group_map, result.grouping))
         if writer:
             writer.add_scalar("val/mAP", result.mean_ap, self.global_step)
             for name, ap in result.per_class.items():  # at every validation, not only at the end
@@ -769,7 +776,11 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with user_path_errors(train_paths(self.config), writing="--output-dir"):
             save_json(self.config, self.output_dir / CONFIG_NAME)
-        return SummaryWriter(self.config.run.tensorboard_dir or str(self.output_dir / "tensorboard"))
+        # the writer creates its event file at once (its thread's ENOSPC names no file)
+        tensorboard_dir = self.config.run.tensorboard_dir
+        writing = "--tensorboard-dir" if tensorboard_dir else "--output-dir"
+        with user_path_errors(train_paths(self.config), writing=writing):
+            return SummaryWriter(tensorboard_dir or str(self.output_dir / "tensorboard"))
 
     def _log_start(self) -> None:
         log.info(
@@ -850,7 +861,11 @@ def check_output_dir(config: TrainConfig) -> None:
             f"{Path(store).name}-{'0' * 16}" for store in (data.train_store, data.val_store) if store])
     if config.run.tensorboard_dir:
         check_target(config.run.tensorboard_dir, "--tensorboard-dir", kind="dir",
-                     inside=[f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"])
+                     inside=[f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"],
+                     need_bytes=TENSORBOARD_MIN_BYTES)
+
+
+TENSORBOARD_MIN_BYTES = 4096  # one block: the event file's header and first records
 
 
 def train_paths(config: TrainConfig) -> dict[str, str | None]:

@@ -301,3 +301,22 @@ def test_custom_class_set_end_to_end_stage_beats_the_baseline(tmp_path):
         assert history[-1]["val_map"] == pytest.approx(val_map[model], abs=1e-9)
     assert val_map["stage"] > val_map["baseline"] + 0.15, val_map
     shutil.rmtree(tmp_path / "synth")
+
+
+def test_ava_labels_with_the_ava_evaluation_label_map_point_to_leaving_it_out(tiny_dataset, tmp_path, capsys):
+    """81-column AVA labels with the official 60-class list (the evaluator's label map) are refused
+    (a label map names every column) with a pointer to AVA's meaning; a map of other ids gets none."""
+    paths = tiny_dataset.splits["val"]
+    out = tmp_path / "a.zarr"
+    argv = ["--actors-dir", str(paths.actors_dir), "--objects-file", str(paths.objects_file), "--out", str(out),
+            "--workers", "1", "--labelmap"]
+    ava_map = Path(__file__).parent / "fixtures" / "ava" / "ava_action_list_v2.1_for_activitynet_2018.pbtxt"
+    assert exit_code(convert_main, [*argv, str(ava_map)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "'labels' has 81 columns" in line and "has 60 entries" in line
+    assert "leave it out for action ids 1..80, column 0 background" in line
+    assert not out.exists()
+    other = _labelmap(tmp_path / "other.pbtxt", [101, 102])
+    assert exit_code(convert_main, [*argv, str(other)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "has 2 entries" in line and "leave it out" not in line

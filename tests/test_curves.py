@@ -42,6 +42,25 @@ def test_two_runs_side_by_side_make_one_png(tmp_path, capsys):
     assert "2 run(s)" in capsys.readouterr().out
 
 
+def test_both_panels_share_the_step_axis_and_a_run_without_validation_is_named():
+    """A run validated once at its end: its point sits at that step of the loss panel's axis (not
+    on an axis of its own around it); a run without validation is in the mAP legend as such."""
+    import matplotlib.pyplot as plt
+
+    from stage_dist.curves import curves_figure
+
+    ended = [*({"kind": "train", "step": s, "loss": 1 / s} for s in range(10, 1001, 10)),
+             {"kind": "val", "step": 1000, "val_map": 0.4}]
+    fig = curves_figure([("ended", ended), ("no val", [{"kind": "train", "step": 500, "loss": 0.2}])])
+    try:
+        loss_ax, map_ax = fig.axes
+        assert map_ax.get_xlim() == loss_ax.get_xlim() and map_ax.get_xlim()[0] < 100
+        labels = [text.get_text() for text in map_ax.get_legend().get_texts()]
+        assert labels == ["ended (last 0.4000, best 0.4000)", "no val (no validation)"]
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"),
     ("", "holds no metrics records"),

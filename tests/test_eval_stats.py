@@ -270,6 +270,11 @@ def test_several_detections_files_give_mean_and_sample_std(tmp_path, capsys):
     ([], "give -d/--detections or --compare"),
     (["-d", "a.csv", "b.csv", "--bootstrap", "10"], "--bootstrap with several -d files"),
     (["-d", "a.csv", "--bootstrap", "-1"], "--bootstrap must be >= 0"),
+    (["-d", "a.csv", "--bootstrap", "100000000000"], "--bootstrap must be at most 100000"),
+    (["-d", "a.csv", "--bootstrap", "5", "--seed", "-3"], "--seed must be >= 0"),
+    (["-d", "a.csv", "--check", "--json", "a.json"], "--check scores nothing and writes nothing: drop --json"),
+    (["-d", "a.csv", "--check", "--plot", "a.png", "--bootstrap", "3"], "drop --plot, --bootstrap"),
+    (["--compare", "a.csv", "b.csv", "--check"], "--check validates one -d file"),
 ])
 def test_bad_flag_combinations_are_one_line_exit_2(tmp_path, flags, what):
     done = cli("-g", "gt.csv", "-l", "labels.pbtxt", *flags)
@@ -305,15 +310,18 @@ def test_check_reports_every_problem_class_with_counts_and_first_example(tmp_pat
         "vid,0903,0.1,0.1,0.5,0.9,99,0.7\n"  # class outside the label map
         "vid ,0903.4,0.1,0.1,0.5,0.9,5,0.6\n"  # matches only after stripping and rounding
         "other,0902,0.1,0.1,0.5,0.9,2,0.5\n"  # not in the groundtruth
+        "vid,1e400,0.1,0.1,0.5,0.9,2,0.5\n"  # not in the groundtruth, no whole second to round to
     )
     report = check(tmp_path / "gt.csv", det, LABELMAP)
     found = {p.what.split(" (")[0]: p for p in report.problems}
     assert not report.clean
-    assert found["keyframes not in the groundtruth"].count == 2
+    assert found["keyframes not in the groundtruth"].count == 3
     assert found["timestamps written differently from the groundtruth"].count == 1
     assert "written '902', groundtruth '0902'" in found["timestamps written differently from the groundtruth"].example
     assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces " 
                  "from the video id"].count == 1
+    assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces "
+                 "from the video id"].example.endswith("would be groundtruth keyframe 'vid,0903'")  # as written
     assert found["groundtruth keyframes with no detections"].example == "vid,0904"
     assert found["action ids outside the label map"].count == 1 and "99" in \
         next(p.what for p in report.problems if p.what.startswith("action ids"))
@@ -324,6 +332,23 @@ def test_check_reports_every_problem_class_with_counts_and_first_example(tmp_pat
     done = cli("-g", str(tmp_path / "gt.csv"), "-d", str(det), "-l", str(labels), "--check")
     assert done.returncode == 2 and "7 kinds of problem" in done.stdout
     assert len(done.stdout.strip().splitlines()) == 8
+
+
+def test_check_finds_a_timestamp_respelled_on_later_rows_of_a_keyframe(tmp_path):
+    """A keyframe whose first rows are written as the groundtruth writes it and later rows not
+    (e.g. two tools' files concatenated): still a spelling problem, and the plain evaluation warns."""
+    (tmp_path / "gt.csv").write_text(GT)
+    det = tmp_path / "det.csv"
+    det.write_text("".join(line.rsplit(",", 1)[0] + ",0.5\n" for line in GT.splitlines())
+                   + "vid,903.0,0.2,0.1,0.5,0.9,5,0.4\n")
+    report = check(tmp_path / "gt.csv", det, LABELMAP)
+    assert [p.what.split(" (")[0] for p in report.problems] == ["timestamps written differently from the groundtruth"]
+    assert report.problems[0].count == 1 and "vid written '903.0', groundtruth '0903'" in report.problems[0].example
+    from stage_dist.ava import read_detections, read_groundtruth
+    from stage_dist.evaluate import timestamp_spellings
+
+    assert timestamp_spellings(read_groundtruth(tmp_path / "gt.csv"), read_detections(det)) == [
+        ("vid,903.000000", "903.0", "0903")]
 
 
 def test_check_of_a_clean_file_exits_zero(tmp_path):

@@ -234,12 +234,43 @@ def test_train_memmap_dir(kind, places, tiny_stores, capsys):
     assert not run.exists() or not any(run.rglob("*.pt")), message
 
 
-@pytest.mark.parametrize("kind", ["read_only", "name_too_long", "through_a_file", "symlink_loop"])
+@pytest.mark.parametrize("kind", CLASSES)
 def test_train_tensorboard_dir(kind, places, tiny_stores, capsys):
     target = places.target(kind, "tb")
     run = places.root / "run"
     check_refused(train.main, _train_argv(tiny_stores, "--output-dir", str(run), "--tensorboard-dir", str(target)),
                   "--tensorboard-dir", target, capsys, watched=(tiny_stores.train,))
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_train_resume_input(kind, places, tiny_stores, capsys):
+    """--resume is an input: a path the OS refuses to look up (a name too long, through a file, a
+    symlink loop) or that is not there is one line naming the flag and the path, before any work."""
+    target = places.target(kind, "model.pt")
+    run = places.root / "run"
+    check_refused(train.main, _train_argv(tiny_stores, "--output-dir", str(run), "--resume", str(target)),
+                  "--resume", target, capsys, watched=(tiny_stores.train,))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_infer_checkpoint_input(kind, places, tiny_stores, capsys):
+    target = places.target(kind, "model.pt")
+    out = places.root / "results.csv"
+    check_refused(infer.main, ["--store", str(tiny_stores.val), "--checkpoint", str(target), "--out", str(out),
+                               "--device", "cpu", "--workers", "0"], "--checkpoint", target, capsys,
+                  watched=(tiny_stores.val,))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_train_config_input(kind, places, tiny_stores, capsys):
+    """--config FILE is an input: one line naming the flag and the file, whatever the OS says."""
+    target = places.target(kind, "config.json")
+    run = places.root / "run"
+    check_refused(train.main, _train_argv(tiny_stores, "--output-dir", str(run), "--config", str(target)),
+                  "--config", target, capsys, watched=(tiny_stores.train,))
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("kind", CLASSES)
@@ -260,6 +291,16 @@ def test_evaluate_outputs(kind, flag, places, eval_files, capsys):
 
 SYNTH_FLAGS = ["--train-clips", "2", "--val-clips", "1", "--keyframes-per-clip", "3", "--actor-dim", "8",
                "--object-dim", "8", "--actor-thw", "1", "1", "1", "--log-level", "WARNING"]
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_curves_out(kind, places, tmp_path, capsys):
+    from stage_dist.curves import main as curves_main
+    from test_curves import make_run
+
+    run = make_run(tmp_path / "run", {1: 0.7, 2: 0.5}, {2: 0.4})
+    target = places.target(kind, "curves.png")
+    check_refused(curves_main, [str(run), "--out", str(target)], "--out", target, capsys, watched=(run,))
 
 
 @pytest.mark.parametrize("kind", CLASSES)

@@ -215,6 +215,22 @@ def test_single_checkpoint_in_a_list_writes_the_same_bytes(tiny_stores, checkpoi
     assert (tmp_path / "library.csv").read_bytes() == one
 
 
+def test_the_same_model_twice_writes_the_single_models_bytes(tiny_stores, checkpoint, tmp_path):
+    """The mean of two identical sigmoid scores is the score itself (x + x is exact, so is / 2): an
+    ensemble of one checkpoint named twice, as its file and as a run's checkpoints/ directory
+    holding it, writes the bytes of the one model."""
+    import shutil
+
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copyfile(checkpoint, run / "ckpt_e0001_s000010.pt")
+    args = ["--store", str(tiny_stores.val), "--device", "cpu", "--workers", "0"]
+    assert infer_main([*args, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "one.csv")]) == 0
+    assert infer_main([*args, "--checkpoint", str(checkpoint), str(run), "--out", str(tmp_path / "two.csv")]) == 0
+    one = (tmp_path / "one.csv").read_bytes()
+    assert len(one.splitlines()) > 10 and (tmp_path / "two.csv").read_bytes() == one
+
+
 @pytest.mark.parametrize("mismatch", [dict(num_outputs=61), dict(actor_dim=8)])
 def test_incompatible_ensemble_is_one_line_naming_both_files(tiny_stores, checkpoint, tmp_path, capsys, mismatch):
     store = FeatureStore.open(tiny_stores.train)

@@ -148,8 +148,9 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     save_json(config, tmp_path / "config.json")
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
-        import json, torch
+        import json, logging, torch
         from stage_dist.config import load_json
+        logging.basicConfig(level=logging.INFO)  # the validation log lines, checked below
         from stage_dist.distributed import cleanup, init_distributed
         from stage_dist.train import TrainConfig, Trainer
         env = init_distributed("cpu")
@@ -162,7 +163,9 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
             json.dump([h["val_map"] for h in summary.history], open("{tmp_path}/val_maps.json", "w"))
         cleanup(env)
     """))
-    subprocess.run(torchrun_command(2, str(driver)), check=True, env=subprocess_env(), timeout=300)
+    done = subprocess.run(torchrun_command(2, str(driver)), check=False, env=subprocess_env(), timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for name in rank0:
@@ -192,6 +195,8 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
         last = [events.Scalars(f"val_per_class_AP/{names[c]}")[-1].value for c in ids
                 if f"val_per_class_AP/{names[c]}" in tags]
         assert logged[-1].value == pytest.approx(sum(last) / len(last), abs=1e-6)
+    logged_lines = [line for line in done.stderr.splitlines() if "validation at epoch" in line]
+    assert len(logged_lines) == len(val_maps) and f"; group mAP ({groups.source}): " in logged_lines[-1]
     third = max(1, len(losses) // 3)
     assert sum(losses[-third:]) / third < 0.8 * sum(losses[:third]) / third, losses
     assert (tmp_path / "run" / "config.json").exists()
