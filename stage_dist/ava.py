@@ -438,6 +438,15 @@ def read_exclusions(path: PathLike) -> set[str]:
     return {rows.keys[i] for i in rows.marked_keyframes.tolist()}
 
 
+def excluded_keys(exclusions: PathLike | Iterable[str] | None) -> set[str]:
+    """The excluded image keys: none, those of an excluded-timestamps CSV, or the keys given."""
+    if exclusions is None:
+        return set()
+    if isinstance(exclusions, (str, os.PathLike)):
+        return read_exclusions(exclusions)
+    return set(exclusions)
+
+
 # ---------------------------------------------------------------------------------------------
 # Label maps
 # ---------------------------------------------------------------------------------------------

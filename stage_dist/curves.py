@@ -22,6 +22,7 @@ from stage_dist.config import ConfigError, build_parser as build_config_parser, 
 from stage_dist.errors import EXIT_BAD_INPUT, INPUT_ERRORS
 from stage_dist.fileio import atomic_write
 from stage_dist.outputs import check_output_file
+from stage_dist.paths import user_path_errors
 from stage_dist.runlog import METRICS_NAME, read_metrics
 
 
@@ -143,12 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = [metrics_path(run) for run in config.runs]
         check_output_file(config.out, inputs=[("metrics", path) for path in paths])
         names = list(config.names) if config.names else run_names(config.runs)
-        plot_curves([(name, read_metrics(path)) for name, path in zip(names, paths)], config.out)
+        runs = [(name, read_metrics(path)) for name, path in zip(names, paths)]
+        with user_path_errors({"--out": config.out}, writing="--out"):
+            plot_curves(runs, config.out)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as error:
-        print(f"error: {config.out}: cannot write --out: {error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"curves of {len(paths)} run(s) -> {config.out}")
     return 0

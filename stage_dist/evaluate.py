@@ -58,7 +58,7 @@ from stage_dist.ava import (
     AvaFormatError,
     PathLike,
     read_detections,
-    read_exclusions,
+    excluded_keys,
     read_groundtruth,
     read_label_types,
     read_labelmap,
@@ -224,12 +224,7 @@ def evaluate_with_table(
         groups = action_groups(labelmap) if isinstance(labelmap, Mapping) else read_action_groups(labelmap)
     if not isinstance(labelmap, Mapping):
         labelmap = read_labelmap(labelmap)
-    if exclusions is None:
-        excluded: set[str] = set()
-    elif isinstance(exclusions, (str, os.PathLike)):
-        excluded = read_exclusions(exclusions)
-    else:
-        excluded = set(exclusions)
+    excluded = excluded_keys(exclusions)
     gt = groundtruth if isinstance(groundtruth, AvaCsv) else read_groundtruth(groundtruth)
     det = detections if isinstance(detections, AvaCsv) else read_detections(detections)
     logger.info("read %d groundtruth and %d detection rows in %.2f s",

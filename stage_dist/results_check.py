@@ -25,7 +25,7 @@ from stage_dist.ava import (
     PathLike,
     image_key,
     read_detections,
-    read_exclusions,
+    excluded_keys,
     read_groundtruth,
 )
 from stage_dist.evaluate import timestamp_spellings
@@ -71,12 +71,7 @@ def check(groundtruth: PathLike, detections: PathLike, labelmap: Mapping[int, st
           exclusions: PathLike | Iterable[str] | None = None) -> CheckReport:
     """Every problem of ``detections`` against ``groundtruth`` and ``labelmap`` (nothing scored)."""
     gt, det = read_groundtruth(groundtruth), read_detections(detections)
-    if exclusions is None:
-        excluded: set[str] = set()
-    elif isinstance(exclusions, (str, os.PathLike)):
-        excluded = read_exclusions(exclusions)
-    else:
-        excluded = set(exclusions)
+    excluded = excluded_keys(exclusions)
     gt_keys = {key for key in gt.keys if key not in excluded}
     problems: list[Problem] = []
 

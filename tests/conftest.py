@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -72,3 +73,15 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     """One thread per process: torchrun tests start 2+ processes on a 2-core machine."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture
+def restore_logging():
+    """main() points the root logger at this test's stderr; give the next test a clean one."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    # An earlier test's main() may have left a handler on a stream pytest has closed since.
+    root.handlers[:] = [h for h in handlers if not getattr(getattr(h, "stream", None), "closed", False)]
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -32,15 +32,6 @@ def no_torchrun(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_plain_run_is_world_size_one(no_torchrun):
     env = init_distributed("cpu")
     assert env == DistEnv(0, 1, 0, torch.device("cpu"), None)

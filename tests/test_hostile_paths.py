@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -42,15 +41,7 @@ from stage_dist.store import FeatureStore
 CLASSES = ("read_only", "name_too_long", "no_space", "through_a_file", "symlink_loop")
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() points the root logger at this test's stderr; give the next test a clean one."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    root.handlers[:] = [h for h in handlers if not getattr(getattr(h, "stream", None), "closed", False)]
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def _mount_tmpfs(at: Path, options: str) -> bool:

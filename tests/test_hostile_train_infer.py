@@ -4,7 +4,6 @@ one-line message names the file (or step and window), and that no input changed 
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -24,16 +23,7 @@ from stage_dist.errors import EXIT_NON_FINITE
 from stage_dist.train import main as train_main
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() points the root logger at this test's stderr; give the next test a clean one."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    # An earlier test's main() may have left a handler on a stream pytest has closed since.
-    root.handlers[:] = [h for h in handlers if not getattr(getattr(h, "stream", None), "closed", False)]
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def digest(*paths: Path) -> dict[str, str]:
