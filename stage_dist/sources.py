@@ -143,6 +143,7 @@ class Source(Protocol):
     def describe(self) -> dict[str, str | None]: ...
     def shared_inputs(self) -> dict[str, list[Path]]: ...
     def list_keyframes(self) -> SourceListing: ...
+    def keyframe_files(self) -> dict[str, list[tuple[int, Path]]] | None: ...
     def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]: ...
     def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows: ...
     def read_objects(self, video_id: str, timestamp: int) -> ObjectRows: ...
@@ -490,7 +491,22 @@ class I3DSource:
         name = self._other_names.get((video_id, timestamp), f"{timestamp:04d}.h5")
         return self.actors_dir / video_id / name
 
+    def keyframe_files(self) -> dict[str, list[tuple[int, Path]]]:
+        """Each clip's keyframes as (timestamp, actor file), sorted, listed from the directory
+        alone (no HDF5 file is opened): what a rerun compares with the store's record."""
+        listing = self._list_files()
+        return {v: [(ts, self.actor_path(v, ts)) for ts in stamps] for v, stamps in listing.clips.items()}
+
     def list_keyframes(self) -> SourceListing:
+        listing = self._list_files()
+        self.objects.clip_ids = frozenset(listing.clips)
+        extra = self.objects.unused_keyframes(listing.clips)
+        if extra:
+            listing.skipped.append(f"{self.objects.path}: objects of {extra} keyframes with no actor file ignored")
+        return listing
+
+    def _list_files(self) -> SourceListing:
+        """The clips and keyframe files of the actors directory (names only)."""
         if not self.actors_dir.is_dir():
             problem = "is not a directory" if self.actors_dir.exists() else "actors directory not found"
             raise SourceError(f"{self.actors_dir}: {problem}")
@@ -531,10 +547,6 @@ class I3DSource:
                 listing.clips[video_id] = sorted(stamps)
             else:
                 listing.skipped.append(f"{entry.path}: no keyframe files, clip left out")
-        self.objects.clip_ids = frozenset(listing.clips)
-        extra = self.objects.unused_keyframes(listing.clips)
-        if extra:
-            listing.skipped.append(f"{self.objects.path}: objects of {extra} keyframes with no actor file ignored")
         return listing
 
     def scan_clip(self, video_id: str, timestamps: list[int]) -> tuple[list[KeyframeInfo], SourceDims]:
@@ -630,6 +642,10 @@ class SlowFastSource:
         """Files every keyframe of a row group depends on."""
         return {"actors": [self.slowfast_file, self.video_list],
                 "objects": [self.objects.path] if self.objects else []}
+
+    def keyframe_files(self) -> None:
+        """None: the keyframes live inside the SlowFast file (its size and mtime stand for them)."""
+        return None
 
     def _file(self) -> h5py.File:
         return self._handles.get(self.slowfast_file)
