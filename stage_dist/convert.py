@@ -35,6 +35,7 @@ them on one line and exits 2. Verification mismatches exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -63,6 +64,7 @@ from stage_dist.outputs import (
     OutputDir,
     OutputError,
     check_not_input,
+    empty_directory,
     lock_output,
     prepare_output_dir,
     resolve_output,
@@ -483,7 +485,12 @@ def prepare_store(plan: Plan, source: Source, cfg: ConvertConfig, target: Output
                 record_path(cfg.out, group, index).unlink(missing_ok=True)
         _set_attrs(cfg.out, complete=False, inputs=inputs)
         return True
-    create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint, inputs))
+    try:
+        create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint, inputs))
+    except BaseException:  # e.g. disk full: a half-created store is none, leave the directory empty for a rerun
+        with contextlib.suppress(OSError, OutputError):
+            empty_directory(cfg.out)
+        raise
     return True
 
 
