@@ -643,7 +643,7 @@ class SlowFastSource:
         return {"actors": [self.slowfast_file, self.video_list],
                 "objects": [self.objects.path] if self.objects else []}
 
-    def keyframe_files(self) -> None:
+    def keyframe_files(self) -> dict[str, list[tuple[int, Path]]] | None:
         """None: the keyframes live inside the SlowFast file (its size and mtime stand for them)."""
         return None
 

@@ -815,7 +815,7 @@ def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
+                                           capture_output=True, check=False).returncode != 0:
         pytest.skip("cannot mount a size-limited tmpfs here")
     try:
         yield disk
@@ -883,7 +883,7 @@ def test_sigterm_or_sigint_mid_conversion_leaves_a_resumable_store(split, tmp_pa
     assert main(i3d_args(split, reference) + args) == 0
     script = _SIGNALLED_CONVERTER.format(shards=2, signum=int(signum), group=group)
     run = subprocess.run([sys.executable, "-c", script, *i3d_args(split, out), *args], capture_output=True,
-                         text=True, start_new_session=True, timeout=120)
+                         text=True, start_new_session=True, timeout=120, check=False)
     assert run.returncode == 128 + signum, run.stderr
     assert f"stopped by {signal.Signals(signum).name}" in run.stderr and "Traceback" not in run.stderr
     assert not lock_path(out).exists() and _partial_files(out) == []
