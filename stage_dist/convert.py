@@ -320,10 +320,8 @@ def plan_fingerprint(plan: Plan, source: Source, cfg: ConvertConfig) -> str:
 
 def _clip_digest(stamps: Iterable[tuple[int, tuple[int, int]]]) -> str:
     """One clip's record: a digest of its keyframes' (timestamp, (size, mtime_ns) of the actor file)."""
-    h = hashlib.sha256()
-    for timestamp, stat in stamps:
-        h.update(f"{timestamp}:{tuple(stat)};".encode())
-    return h.hexdigest()[:16]
+    text = "".join(f"{timestamp}:({size}, {mtime_ns});" for timestamp, (size, mtime_ns) in stamps)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def shared_files_record(source: Source) -> dict[str, dict[str, list[int]]]:
