@@ -25,7 +25,14 @@ output's lock, so a second converter writing the same ``--out`` stops at once.
 
 A rerun resumes only a store of the same plan; the store records each source file's size and
 mtime (per clip for actor files), and the shards that depend on a file that changed since are
-converted again, so nothing stale is reported complete.
+converted again, so nothing stale is reported complete. A rerun on a complete store compares
+those records only (:func:`unchanged_store`: no HDF5 file is opened) and scans again only when
+one differs.
+
+A write error (disk full) or SIGTERM/SIGINT (:func:`main` turns both signals into
+:class:`Interrupted`, exit 128 + signal number) stops the workers, removes the partial files of
+the shards in flight (:func:`drop_partial_files`) and releases the lock: the finished shards stay
+recorded and the next run resumes.
 
 Errors in the input stop the run with :class:`~stage_dist.sources.SourceError` (file and key
 named), errors of the output with :class:`~stage_dist.outputs.OutputError`; the CLI prints
@@ -998,10 +1005,12 @@ def _main(config: ConvertConfig) -> int:
         print(f"convert_features: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
-        hint = ("; the finished shards are kept: free space and rerun the same command to resume"
-                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-        print(f"convert_features: error: --out {config.out}: cannot write {e.filename or config.out}: "
-              f"{e.strerror or e}{hint}", file=sys.stderr)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"convert_features: error: --out {config.out}: cannot write {e.filename or config.out}: "
+                  f"{e.strerror or e}; the finished shards are kept: free space and rerun the same command to "
+                  "resume", file=sys.stderr)
+        else:
+            print(f"convert_features: error: {e.filename or config.out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

@@ -14,7 +14,9 @@ A source does three things: list its keyframes (names only), :meth:`scan` a clip
 used to count rows before anything is written) and read one keyframe's actor or object rows
 (values, validated, actor features pooled over t, h, w in float32). Every problem is raised as
 :class:`SourceError` naming the file and key. Sources hold only paths, so they pickle into
-worker processes; HDF5 handles are opened lazily, once per process.
+worker processes; HDF5 handles are opened lazily, once per process. An I3D source also lists
+its keyframe files without opening any (:meth:`I3DSource.keyframe_files`): a rerun compares
+their sizes and mtimes with the store's record before deciding to scan.
 
 Datasets are opened and read with h5py's low-level API (``h5f``/``h5d``): the converter opens
 every actor file twice (scan, read) and the high-level ``File``/``Dataset`` objects cost more
