@@ -249,11 +249,11 @@ def measure_rerun(work: Path, keyframes: int, workers: int, repeats: int, compar
         cmd = [sys.executable, "-m", "stage_dist.convert", "--actors-dir", str(actors_dir), "--objects-file",
                str(objects_file), "--out", str(out), "--workers", str(workers), "--no-progress",
                "--log-level", "ERROR"]
-        env = dict(os.environ, PYTHONPATH=code)
+        env = dict(os.environ, PYTHONPATH=code)  # run in `work`: `-m` puts the cwd first on sys.path
         times, stdout = [], ""
         for attempt in range(1 + repeats):  # the first run converts; the others are reruns
             start = time.perf_counter()
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            run = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, check=False)
             times.append(time.perf_counter() - start)
             if run.returncode != 0:
                 raise SystemExit(f"converter ({code}) failed ({run.returncode}):\n{run.stderr}")
