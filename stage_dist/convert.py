@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.pool
 import os
 import shutil
 import signal
@@ -683,12 +684,27 @@ class Runner:
             on_progress(*queue.get())
         return clipped
 
-    def close(self) -> None:
-        if self._pool is not None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Stop the workers. ``abandon`` (after an error or a signal): a worker may have died while
+        holding one of the pool's queue locks (a SIGTERM to the whole process group), and
+        ``Pool.terminate()`` and the pool's exit hook take those locks (CPython's known deadlock),
+        so the workers are killed and reaped directly and the pool is dropped without them."""
+        if self._pool is None:
+            return
+        if abandon:  # Pool has no public handle on any of this
+            pool = self._pool
+            pool._worker_handler._state = mp.pool.TERMINATE  # no replacement for a killed worker
+            for _ in range(2):  # again for one the handler may have started meanwhile
+                for worker in list(pool._pool):
+                    worker.kill()
+                    worker.join()
+                pool._worker_handler.join(timeout=2.0)
+            pool._terminate.cancel()  # its exit hook would terminate() the pool and wait on those locks
+        else:
             self._pool.terminate()
             self._pool.join()
             self._queue.close()
-            self._pool = None
+        self._pool = None
 
 
 # --------------------------------------------------------------------------- verification
@@ -934,7 +950,10 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         summary.seconds = time.perf_counter() - start
         return summary
     except BaseException:
-        runner.close()  # no worker writes any more
+        if threading.current_thread() is threading.main_thread():
+            for stop in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+                signal.signal(stop, signal.SIG_IGN)
+        runner.close(abandon=True)  # no worker writes any more
         if lock is not None:
             drop_partial_files(target.path)
         raise
