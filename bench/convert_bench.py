@@ -21,6 +21,12 @@ the raw bytes of the largest shard it writes (target <= 1.5x). Both reads see a 
 cache (one untimed raw read first), so the ratio compares CPU work. Raw read and conversion are
 timed ``--repeats`` times, alternating, and the fastest of each is reported (other load on the
 machine only ever slows a run down).
+
+``--rerun N`` measures instead a rerun on a complete store (issue 15.7): I3D input of N keyframes
+(50 per clip, small arrays: the cost is per file, not per byte), converted once, then the same
+command timed ``--repeats`` times from start to exit (``python -m stage_dist.convert``, whose
+code comes from the environment's PYTHONPATH); ``--compare DIR`` does the same with the code
+at DIR (e.g. another checkout) first, each into its own store, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -206,6 +212,60 @@ def measure_worker_rss(work: Path, workers: int) -> int:
     return worst
 
 
+def write_small_input(root: Path, keyframes: int, seed: int = 0) -> tuple[Path, Path]:
+    """I3D layout of ``keyframes`` keyframes with small arrays (many files, few bytes)."""
+    rng = np.random.default_rng(seed)
+    actors_dir, objects_file = root / "actors", root / "objects.h5"
+    actors_dir.mkdir(parents=True)
+    with h5py.File(objects_file, "w") as objects:
+        for k in range(keyframes):
+            video_id, ts = f"-rerun_{k // KEYFRAMES_PER_CLIP:05d}", 902 + k % KEYFRAMES_PER_CLIP
+            (actors_dir / video_id).mkdir(exist_ok=True)
+            n, m = int(rng.integers(0, 4)), int(rng.integers(0, 6))
+            labels = np.zeros((n, 81), np.float32)
+            labels[:, 1] = 1
+            with h5py.File(actors_dir / video_id / f"{ts:04d}.h5", "w") as f:
+                f["features"] = rng.standard_normal((n, 16, 1, 1, 1), dtype=np.float32)
+                f["boxes"] = np.tile(np.array([[0.1, 0.1, 0.5, 0.5]], np.float32), (n, 1))
+                f["labels"] = labels
+            objects[f"{video_id}_{ts}_features"] = rng.standard_normal((m, 32), dtype=np.float32)
+            objects[f"{video_id}_{ts}_boxes"] = np.tile(np.array([[0.2, 0.2, 0.6, 0.6]], np.float32), (m, 1))
+            objects[f"{video_id}_{ts}_cls_prob"] = rng.random((m, 81), dtype=np.float32)
+    return actors_dir, objects_file
+
+
+def measure_rerun(work: Path, keyframes: int, workers: int, repeats: int, compare: Path | None) -> None:
+    """Convert ``keyframes`` keyframes once per code version, then time reruns on the complete store."""
+    t = time.perf_counter()
+    actors_dir, objects_file = write_small_input(work / "input", keyframes)
+    print(f"input: {keyframes} keyframes in {keyframes // KEYFRAMES_PER_CLIP} clips, written in "
+          f"{time.perf_counter() - t:.0f} s (workers {workers}, cpus {os.cpu_count()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+    versions = [("compare", str(compare))] if compare is not None else []
+    versions.append(("this", os.environ.get("PYTHONPATH", str(REPO))))
+    best = {}
+    for name, code in versions:
+        out = work / f"store_{name}.zarr"
+        cmd = [sys.executable, "-m", "stage_dist.convert", "--actors-dir", str(actors_dir), "--objects-file",
+               str(objects_file), "--out", str(out), "--workers", str(workers), "--no-progress",
+               "--log-level", "ERROR"]
+        env = dict(os.environ, PYTHONPATH=code)  # run in `work`: `-m` puts the cwd first on sys.path
+        times, stdout = [], ""
+        for attempt in range(1 + repeats):  # the first run converts; the others are reruns
+            start = time.perf_counter()
+            run = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, check=False)
+            times.append(time.perf_counter() - start)
+            if run.returncode != 0:
+                raise SystemExit(f"converter ({code}) failed ({run.returncode}):\n{run.stderr}")
+            stdout = run.stdout
+        best[name] = min(times[1:])
+        phases = next((line for line in stdout.splitlines() if line.startswith("seconds by")), "")
+        print(f"{name} code ({code}): conversion {times[0]:.1f} s; rerun on the complete store "
+              f"{' '.join(f'{x:.2f}' for x in times[1:])} s (best {best[name]:.2f} s; last rerun: {phases})")
+    if compare is not None:
+        print(f"rerun time ratio, compare / this: {best['compare'] / best['this']:.1f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="input size in GB (1 and 2 GB are measured by default)")
@@ -215,7 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated input and stores")
     parser.add_argument("--rss", action="store_true",
                         help="only measure per-worker peak RSS writing a full-AVA objects shard (65,536 x 2048)")
+    parser.add_argument("--rerun", type=int, metavar="N", default=None,
+                        help="only time a rerun on a complete store of N keyframes (small arrays)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="with --rerun: also time the code at this directory (PYTHONPATH), first")
     args = parser.parse_args(argv)
+    if args.rerun is not None:
+        work = Path(tempfile.mkdtemp(prefix="convert_bench_rerun_", dir=args.tmp))
+        try:
+            measure_rerun(work, args.rerun, args.workers, args.repeats, args.compare)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return 0
     if args.rss:
         work = Path(tempfile.mkdtemp(prefix="convert_bench_rss_", dir=args.tmp))
         try:

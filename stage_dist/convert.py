@@ -25,7 +25,14 @@ output's lock, so a second converter writing the same ``--out`` stops at once.
 
 A rerun resumes only a store of the same plan; the store records each source file's size and
 mtime (per clip for actor files), and the shards that depend on a file that changed since are
-converted again, so nothing stale is reported complete.
+converted again, so nothing stale is reported complete. A rerun on a complete store compares
+those records only (:func:`unchanged_store`: no HDF5 file is opened) and scans again only when
+one differs.
+
+A write error (disk full) or SIGTERM/SIGINT (:func:`main` turns both signals into
+:class:`Interrupted`, exit 128 + signal number) stops the workers, removes the partial files of
+the shards in flight (:func:`drop_partial_files`) and releases the lock: the finished shards stay
+recorded and the next run resumes.
 
 Errors in the input stop the run with :class:`~stage_dist.sources.SourceError` (file and key
 named), errors of the output with :class:`~stage_dist.outputs.OutputError`; the CLI prints
@@ -35,13 +42,18 @@ them on one line and exits 2. Verification mismatches exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.pool
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -61,6 +73,7 @@ from stage_dist.outputs import (
     OutputDir,
     OutputError,
     check_not_input,
+    empty_directory,
     lock_output,
     prepare_output_dir,
     resolve_output,
@@ -108,6 +121,22 @@ PROGRESS_EVERY_BYTES = 8 * 2**20  # a task reports progress after this much inpu
 
 class ConvertError(Exception):
     """The conversion cannot go on (e.g. the output holds another store); message says why."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the converter (raised by :func:`main`'s handlers, so that the
+    run stops its workers, drops partial files and releases its lock on the way out)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 Format = Literal["zarr", "zarr,webdataset", "webdataset"]
@@ -330,17 +359,67 @@ def plan_fingerprint(plan: Plan, source: Source, cfg: ConvertConfig) -> str:
     return h.hexdigest()
 
 
+def _clip_digest(stamps: Iterable[tuple[int, tuple[int, int]]]) -> str:
+    """One clip's record: a digest of its keyframes' (timestamp, (size, mtime_ns) of the actor file)."""
+    text = "".join(f"{timestamp}:({size}, {mtime_ns});" for timestamp, (size, mtime_ns) in stamps)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shared_files_record(source: Source) -> dict[str, dict[str, list[int]]]:
+    """Size and mtime_ns of the files a whole row group depends on, by group and resolved path."""
+    return {group: {str(Path(p).resolve()): list(file_stat(p)) for p in paths}
+            for group, paths in source.shared_inputs().items()}
+
+
 def input_record(plan: Plan, source: Source) -> dict[str, Any]:
     """Size and mtime_ns of every source file, as the store records them: the files a whole row
-    group depends on by path, the actor files of each clip as one digest per clip."""
-    digests: dict[str, Any] = {}
+    group depends on by path, the actor files of each clip as one digest per clip; and the
+    scan's :func:`plan_summary`, for a rerun that finds them unchanged."""
+    stamps: dict[str, list[tuple[int, tuple[int, int]]]] = {}
     for k in plan.keyframes:
-        digests.setdefault(k.video_id, hashlib.sha256()).update(f"{k.timestamp}:{k.file_stat};".encode())
-    return {
-        "files": {group: {str(Path(p).resolve()): list(file_stat(p)) for p in paths}
-                  for group, paths in source.shared_inputs().items()},
-        "clips": {video_id: h.hexdigest()[:16] for video_id, h in digests.items()},
-    }
+        stamps.setdefault(k.video_id, []).append((k.timestamp, k.file_stat))
+    return {"files": shared_files_record(source),
+            "clips": {video_id: _clip_digest(items) for video_id, items in stamps.items()},
+            "summary": plan_summary(plan)}
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """What a rerun on the complete, unchanged store reports without scanning the source again."""
+    return {"keyframes": len(plan.keyframes), "actors": plan.layout.shape.num_actors,
+            "objects": plan.layout.shape.num_objects, "clips": plan.layout.shape.num_clips,
+            "input_bytes": plan.input_bytes,
+            "shards": len(plan.layout.actors.shard_ranges()) + len(plan.layout.objects.shard_ranges()),
+            "missing_objects": plan.missing_objects, "stripped_object_keys": plan.stripped_object_keys,
+            "skipped": list(plan.skipped)}
+
+
+def unchanged_store(existing: dict[str, Any] | None, source: Source, cfg: ConvertConfig) -> dict[str, Any] | None:
+    """The :func:`plan_summary` recorded in the complete store ``existing`` (its attributes) when
+    this run would convert nothing, told from the source files' sizes and mtimes alone: the same
+    arguments and input paths, every shared file and every clip's actor files as recorded, no
+    keyframe file added or removed. No HDF5 file is opened. None when that cannot be told (not
+    complete, ``--overwrite``, a file changed, a store of an older converter): the full scan decides.
+    """
+    if existing is None or cfg.overwrite or not existing.get("complete"):
+        return None
+    inputs = existing.get("inputs")
+    summary = inputs.get("summary") if isinstance(inputs, dict) else None
+    if not isinstance(summary, dict):
+        return None
+    if existing.get("converter", {}).get("arguments") != json.loads(json.dumps(cfg.store_arguments())):
+        return None
+    described = source.describe()
+    if {k: v for k, v in existing.get("source", {}).items() if k in described} != described:
+        return None
+    if inputs.get("files") != shared_files_record(source):
+        return None
+    files = source.keyframe_files()  # None: the keyframes live in a shared file, checked above
+    if files is not None:
+        clips = {video_id: _clip_digest((ts, file_stat(path)) for ts, path in items)
+                 for video_id, items in files.items()}
+        if clips != inputs.get("clips"):
+            return None
+    return summary
 
 
 def store_attrs(plan: Plan, source: Source, cfg: ConvertConfig, fingerprint: str,
@@ -451,7 +530,12 @@ def prepare_store(plan: Plan, source: Source, cfg: ConvertConfig, target: Output
                 record_path(cfg.out, group, index).unlink(missing_ok=True)
         _set_attrs(cfg.out, complete=False, inputs=inputs)
         return True
-    create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint, inputs))
+    try:
+        create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint, inputs))
+    except BaseException:  # e.g. disk full: a half-created store is none, leave the directory empty for a rerun
+        with contextlib.suppress(OSError, OutputError):
+            empty_directory(cfg.out)
+        raise
     return True
 
 
@@ -585,6 +669,10 @@ _progress_queue: Any = None  # a pool worker's end of the Runner's progress queu
 def _init_worker(queue: Any) -> None:
     global _progress_queue
     _progress_queue = queue
+    # the main process handles SIGINT (a terminal's Ctrl-C reaches the whole group) and SIGTERM,
+    # then terminates the workers: a worker just stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _pool_task(ctx: TaskContext, task: ShardTask) -> int:
@@ -635,11 +723,27 @@ class Runner:
             on_progress(*queue.get())
         return clipped
 
-    def close(self) -> None:
-        if self._pool is not None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Stop the workers. ``abandon`` (after an error or a signal): a worker may have died while
+        holding one of the pool's queue locks (a SIGTERM to the whole process group), and
+        ``Pool.terminate()`` and the pool's exit hook take those locks (CPython's known deadlock),
+        so the workers are killed and reaped directly and the pool is dropped without them."""
+        if self._pool is None:
+            return
+        if abandon:  # Pool has no public handle on any of this
+            pool = self._pool
+            pool._worker_handler._state = mp.pool.TERMINATE  # no replacement for a killed worker
+            for _ in range(2):  # again for one the handler may have started meanwhile
+                for worker in list(pool._pool):
+                    worker.kill()
+                    worker.join()
+                pool._worker_handler.join(timeout=2.0)
+            pool._terminate.cancel()  # its exit hook would terminate() the pool and wait on those locks
+        else:
             self._pool.terminate()
             self._pool.join()
             self._queue.close()
+        self._pool = None
 
 
 # --------------------------------------------------------------------------- verification
@@ -780,6 +884,20 @@ class ConvertSummary:
         return out
 
 
+def drop_partial_files(out: Path) -> None:
+    """Remove what writers stopped mid-file left in the store ``out`` (the run holds its lock and
+    no worker runs): shard files being streamed, progress records and zarr's metadata being
+    written. Finished shards, their records and the metadata stay, so a rerun resumes."""
+    out = Path(out)
+    partial = [*out.glob(f"{PROGRESS_DIR}/*.tmp*"), *out.rglob(".*.tmp[0-9]*"), *out.rglob("*.partial")]
+    for path in partial:
+        try:
+            if path.is_file():
+                path.unlink()
+        except OSError:
+            pass
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -808,6 +926,28 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         target = check_output(cfg)  # again under the lock: another run may have written it meanwhile
         cfg = replace(cfg, out=target.path)
         source = build_source(cfg)
+        recorded = unchanged_store(read_attrs(cfg.out) if target.state == "ours" else None, source, cfg)
+        if recorded is not None:  # complete, and no source file changed: nothing is opened
+            phases["scan"] = time.perf_counter() - start
+            log.info("%s: store already complete, nothing to convert (every source file's size and mtime as "
+                     "recorded)", cfg.out)
+            for line in recorded["skipped"]:
+                log.warning("%s", line)
+            summary = ConvertSummary(
+                keyframes=recorded["keyframes"], actors=recorded["actors"], objects=recorded["objects"],
+                clips=recorded["clips"], mb_in=recorded["input_bytes"] / 1e6, mb_read=0.0,
+                mb_out=_dir_bytes(cfg.out) / 1e6, seconds=0.0, shards=recorded["shards"],
+                shards_resumed=recorded["shards"], missing_objects=recorded["missing_objects"],
+                stripped_object_keys=recorded["stripped_object_keys"], skipped=list(recorded["skipped"]),
+                box_tolerance=cfg.box_tolerance, phases=phases)
+            if cfg.verify or cfg.verify_sample is not None:
+                source.list_keyframes()  # what reading keyframes needs (the objects' key rule)
+                store = FeatureStore.open(cfg.out, cache_mb=0)
+                summary.verified, summary.mismatches = verify(store, source, cfg.keep_spatial, runner,
+                                                              cfg.verify_sample)
+                phases["verify"] = time.perf_counter() - start - sum(phases.values())
+            summary.seconds = time.perf_counter() - start
+            return summary
         plan = make_plan(source, cfg, runner)
         phases["scan"] = time.perf_counter() - start
         for line in plan.skipped:
@@ -848,6 +988,14 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             phases["verify"] = time.perf_counter() - start - sum(phases.values())
         summary.seconds = time.perf_counter() - start
         return summary
+    except BaseException:
+        if threading.current_thread() is threading.main_thread():
+            for stop in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+                signal.signal(stop, signal.SIG_IGN)
+        runner.close(abandon=True)  # no worker writes any more
+        if lock is not None:
+            drop_partial_files(target.path)
+        raise
     finally:
         runner.close()
         if created and lock is not None and target.path.is_dir() and not any(target.path.iterdir()):
@@ -865,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert published STAGE features (I3D layout: --actors-dir + --objects-file; SlowFast: "
                     "--slowfast-file + --video-list) into a sharded, clip-ordered zarr v3 feature store.\nResumable: "
                     "rerun the same command after an interruption. Exit codes: 0 ok, 1 --verify found mismatches, "
-                    "2 bad input or output.")
+                    "2 bad input or output (disk full included), 130 SIGINT, 143 SIGTERM.")
 
 
 def store_out(cfg: ConvertConfig) -> Path:
@@ -884,6 +1032,20 @@ def shards_out(cfg: ConvertConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(ConvertConfig, argv, build_parser())
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS} if in_main_thread else {}
+    try:
+        return _main(config)
+    except Interrupted as e:
+        print(f"convert_features: stopped by {signal.Signals(e.signum).name}; the finished shards are kept: "
+              "rerun the same command to resume", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(config: ConvertConfig) -> int:
     streaming = "webdataset" in config.streaming.format
     try:
         store_config = replace(config, out=store_out(config), split=config.split_name)
@@ -902,7 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
         problem = path_error(e, {"--out": config.out, "--shards-out": config.streaming.shards_out}, writing="--out")
-        print(f"convert_features: error: {problem or f'{e.filename or config.out}: {e.strerror or e}'}", file=sys.stderr)
+        message = problem or f"{e.filename or config.out}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            message = f"{message}; the finished shards are kept: free space and rerun the same command to resume"
+        print(f"convert_features: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

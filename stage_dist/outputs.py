@@ -6,14 +6,19 @@ infer's ``--out``) calls these before it does any work, so that:
 - an output never is, contains or lies inside one of the run's inputs (:func:`check_not_input`);
 - a directory is only emptied when this project made it: it holds a marker file
   (:data:`MARKER_NAME`, written by :func:`write_marker` at creation) naming its *kind* (or,
-  for outputs older than markers, a store's zarr.json or a shards manifest), or it is empty. A directory holding anything else, or an output of another kind, is never touched
+  for outputs older than markers, a store's zarr.json or a shards manifest), or it is empty. A
+  directory holding anything else, or an output of another kind, is never touched
   (:func:`prepare_output_dir`, :func:`clear_output_dir`); the directory itself is kept when
   it is emptied, so its permissions and ownership stay the user's;
 - one process writes an output at a time (:func:`lock_output`): an advisory ``flock`` on a lock
   file beside the output (``.<name>.lock`` in its parent; inside an existing directory whose
   parent is read-only) that records the holder's pid, host and start time. A second writer
   stops at once naming the holder; the kernel releases the lock of a dead process, so a lock
-  left by a killed run is taken over (and said so). The file is removed on release.
+  left by a killed run is taken over (and said so). The file is removed on release. On a
+  filesystem without ``flock`` (Lustre mounted without ``-o flock``, NFS without lockd: ENOSYS,
+  ENOLCK, EOPNOTSUPP) the lock file's exclusive creation is the lock instead, with a warning; a
+  file left by a dead holder on the same host is stale and removed, one from another host is
+  reported with its holder (remove it by hand once that job is gone).
 
 :func:`claim_output_dir` does all of it for a directory output (the shard writer, the demo);
 the converter uses the parts (its store is marked by its zarr.json), and so does the trainer
@@ -282,6 +287,41 @@ def _holder(text: str) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+# flock errors that mean "this filesystem has no flock", not "someone holds it"
+FLOCK_UNSUPPORTED = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
+UNWRITTEN_LOCK_GRACE_SECONDS = 30.0  # an empty lock file younger than this is being written by its holder
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """Open (creating it if absent) the lock file; also say whether this call created it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+
+
+def _is_current(path: Path, fd: int) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not removed or replaced since it was opened)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _stale_without_flock(holder: dict, mtime: float) -> str | None:
+    """Why a lock file is stale when there is no flock to tell (None: it may be held).
+
+    A holder on this host is stale when its pid is gone; a holder on another host cannot be
+    checked from here and is held until removed by hand."""
+    pid, host = holder.get("pid"), holder.get("host")
+    if not isinstance(pid, int) or not isinstance(host, str):
+        age = time.time() - mtime
+        return f"no holder recorded, {age:.0f} s old" if age > UNWRITTEN_LOCK_GRACE_SECONDS else None
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return "no longer running"
+    return None
+
+
 class OutputLock:
     """An exclusive advisory lock on one output; use :func:`lock_output`. Context manager."""
 
@@ -294,27 +334,25 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         while True:
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fd, created = _open_lock_file(self.file)
+            except FileNotFoundError:
+                continue  # the holder removed it between our two opens: try again
             except OSError as e:
                 raise OutputError(f"{self.what} {self.output}: cannot create the lock file {self.file}: "
                                   f"{e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in FLOCK_UNSUPPORTED:
+                    if self._acquire_without_flock(fd, created, e):
+                        return self
+                    continue
                 holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise OutputError(f"{self.what} {self.output}: cannot lock {self.file}: {e.strerror or e}") from None
-                since = (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['time']))}"
-                         if isinstance(holder.get("time"), (int, float)) else "")
-                raise OutputError(f"{self.what} {self.output}: another process is writing it (pid "
-                                  f"{holder.get('pid', '?')} on {holder.get('host', '?')}{since}; lock file "
-                                  f"{self.file})") from None
-            try:  # the holder before us may have removed the file after we opened it: lock the current one
-                same = os.stat(self.file).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+                raise self._held_by(holder) from None
+            if _is_current(self.file, fd):  # the holder before us may have removed it after we opened it
                 break
             os.close(fd)
         old = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
@@ -324,9 +362,45 @@ class OutputLock:
                         "still running but no longer holding it"
                         if old.get("host") == socket.gethostname() and _pid_alive(int(old["pid"]))
                         else "no longer running")
+        self._own(fd)
+        return self
+
+    def _acquire_without_flock(self, fd: int, created: bool, error: OSError) -> bool:
+        """The lock where ``flock`` is not available (Lustre without ``-o flock``, NFS without
+        lockd): the lock file's exclusive creation is the lock, and its pid/host record decides
+        whether an existing file is stale. Returns False when a stale file was removed (retry)."""
+        if created:
+            log.warning("%s: the filesystem of %s does not support flock (%s); locking by exclusive "
+                        "creation of the lock file instead", self.output, self.file, error.strerror or error)
+            self._own(fd)
+            return True
+        holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+        stale = _stale_without_flock(holder, os.fstat(fd).st_mtime)
+        if stale is None:
+            os.close(fd)
+            raise self._held_by(holder, "; no flock on this filesystem: once that job is gone, remove the "
+                                        "lock file by hand")
+        log.warning("%s: flock is not supported on %s's filesystem; removing the stale lock file left by "
+                    "pid %s on %s (%s)", self.output, self.file, holder.get("pid", "?"), holder.get("host", "?"),
+                    stale)
+        if _is_current(self.file, fd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.file)
+        os.close(fd)
+        return False
+
+    def _held_by(self, holder: dict, hint: str = "") -> OutputError:
+        since = (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['time']))}"
+                 if isinstance(holder.get("time"), (int, float)) else "")
+        return OutputError(f"{self.what} {self.output}: another process is writing it (pid "
+                           f"{holder.get('pid', '?')} on {holder.get('host', '?')}{since}; lock file "
+                           f"{self.file}{hint})")
+
+    def _own(self, fd: int) -> None:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(), 0)
+            os.fsync(fd)
         except OSError as e:  # a full disk: no lock file left behind
             with contextlib.suppress(OSError):
                 os.unlink(self.file)
@@ -334,7 +408,6 @@ class OutputLock:
             raise OutputError(f"{self.what} {self.output}: cannot write the lock file {self.file}: "
                               f"{e.strerror or e}") from None
         self._fd = fd
-        return self
 
     def release(self) -> None:
         """Remove the lock file and unlock (a writer that dies leaves the file, named as stale)."""

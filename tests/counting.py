@@ -12,6 +12,7 @@ counted per array name::
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,3 +62,23 @@ def count_reads() -> Iterator[ReadCounts]:
     finally:
         ArrayReader._decode = decode  # type: ignore[method-assign]
         zarr.Array.__getitem__ = getitem  # type: ignore[method-assign]
+
+
+@contextmanager
+def count_h5_opens() -> Iterator[list[str]]:
+    """Paths of the HDF5 files opened inside the block (this process): every open, high-level
+    ``h5py.File`` or low-level, goes through ``h5py.h5f.open``."""
+    import h5py
+
+    opened: list[str] = []
+    h5f_open = h5py.h5f.open
+
+    def counted_open(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(os.fsdecode(name))
+        return h5f_open(name, *args, **kwargs)
+
+    h5py.h5f.open = counted_open
+    try:
+        yield opened
+    finally:
+        h5py.h5f.open = h5f_open

@@ -744,3 +744,155 @@ def test_changed_slowfast_file_converts_actors_again(split, tmp_path, caplog):
     fresh = tmp_path / "fresh.zarr"
     assert main(slowfast_args(split, fresh) + SMALL) == 0
     assert_same_store(out, fresh, compare_sources=False)
+
+
+# --------------------------------------------------------------------------- rerun by stats, faults
+
+
+def _summary_lines(text: str) -> list[str]:
+    """The summary without what differs between a first run and a rerun (bytes read, seconds,
+    shards resumed, phase times)."""
+    return [line for line in text.splitlines() if not line.startswith(("MB in", "shards ", "seconds by"))]
+
+
+@pytest.mark.parametrize("layout", ["i3d", "slowfast"])
+def test_rerun_of_unchanged_store_opens_no_source_file(split, tmp_path, capsys, caplog, layout):
+    """A complete store whose sources kept their sizes and mtimes: the rerun compares the recorded
+    stats only (no HDF5 open) and reports what the first run did; --verify still reads the sources."""
+    from counting import count_h5_opens
+
+    caplog.set_level("INFO", logger="stage_dist.convert")
+    out = tmp_path / "s.zarr"
+    args = (i3d_args(split, out) if layout == "i3d" else slowfast_args(split, out)) + SMALL
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    shards = int(next(line for line in first.splitlines() if line.startswith("shards ")).split()[1])
+    with count_h5_opens() as opened:
+        assert main(args) == 0
+    rerun = capsys.readouterr().out
+    assert opened == []
+    assert "store already complete, nothing to convert" in caplog.text
+    assert f"shards {shards} ({shards} done by an earlier run)" in rerun
+    assert _summary_lines(rerun) == _summary_lines(first)
+    mb_in = next(line for line in first.splitlines() if line.startswith("MB in")).split()[2]
+    assert f"MB in {mb_in}  MB read 0.0" in rerun
+    with count_h5_opens() as opened:
+        assert main(args + ["--verify"]) == 0
+    assert opened and "verified 24 keyframes: 0 mismatches" in capsys.readouterr().out
+
+
+def test_rerun_by_stats_still_sees_touched_and_added_files(split, tmp_path, capsys, caplog):
+    """A touched actor file (same bytes, new mtime) is found by its stat and its shards are converted
+    again (the next rerun opens nothing); an added keyframe file is another plan (refused)."""
+    from counting import count_h5_opens
+
+    out = tmp_path / "s.zarr"
+    args = i3d_args(split, out) + SMALL + ["--split", "train"]
+    assert main(args) == 0
+    capsys.readouterr()
+    file = first_actor_file(split)
+    _touch_later(file)
+    caplog.clear()
+    with count_h5_opens() as opened:
+        assert main(args) == 0
+    assert str(file) in opened
+    assert str(file.parent) in caplog.text and "changed since the store was written" in caplog.text
+    resumed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shards "))
+    total, earlier = int(resumed.split()[1]), int(resumed.split()[2].lstrip("("))
+    assert 0 < total - earlier < total  # some shards converted again, not all
+    assert_same_store(_fresh(split, tmp_path), out, compare_sources=False)
+    with count_h5_opens() as opened:
+        assert main(args) == 0
+    assert opened == []
+    shutil.copy(file, file.with_name("9999.h5"))
+    assert main(args) == EXIT_BAD_INPUT  # the new file is scanned: its keyframe has no objects
+    assert "9999" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only; skipped where it cannot be mounted), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a size-limited tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _partial_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("free_fraction,workers", [(0.1, 1), (0.6, 1), (0.6, 2)])
+def test_disk_full_during_conversion_exits_2_and_resumes(split, tmp_path, small_disk, capsys, free_fraction, workers):
+    """ENOSPC at creation or mid-shards: one line naming --out and the reason, exit 2, no partial
+    file left, the finished shards kept; with space freed the rerun completes the same store."""
+    reference = tmp_path / "ref.zarr"
+    args = SMALL[:-2] + ["--workers", str(workers), "--split", "train"]
+    assert main(i3d_args(split, reference) + args) == 0
+    need = sum(-(-f.stat().st_size // 4096) * 4096 for f in reference.rglob("*") if f.is_file())
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - int(need * free_fraction)))
+    out = small_disk / "s.zarr"
+    capsys.readouterr()
+    assert main(i3d_args(split, out) + args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"convert_features: error: --out {out}: cannot write ")
+    assert "No space left on device" in err and "rerun the same command to resume" in err
+    assert not out.exists() or _partial_files(out) == []  # at creation: the directory made by the run is removed
+    with pytest.raises(StoreError, match="incomplete|not a stage_dist feature store"):
+        FeatureStore.open(out)
+    done = len(list((out / "_progress").glob("*.json")))
+    if free_fraction > 0.5:
+        assert done > 0  # stopped mid-shards, with finished shards recorded
+    filler.unlink()
+    assert main(i3d_args(split, out) + args + ["--verify"]) == 0
+    text = capsys.readouterr().out
+    assert f"({done} done by an earlier run)" in text and "verified 24 keyframes: 0 mismatches" in text
+    assert_same_store(reference, out)
+
+
+# Runs the converter with its shard recording wrapped: once `shards` shards are recorded, the next
+# finished shard sends `signal` to the converter's main process (or, with `group`, to its whole process
+# group, as a terminal's Ctrl-C does); the conversion goes on until the signal is handled.
+_SIGNALLED_CONVERTER = """
+import os, signal, sys
+from stage_dist import convert
+record, main_pid, sent = convert.record_shard_done, os.getpid(), []
+def record_and_signal(out, *args, **kwargs):
+    if not sent and len(list((out / "_progress").glob("*.json"))) >= {shards}:
+        sent.append(1)
+        (os.killpg(os.getpgid(0), {signum}) if {group} else os.kill(main_pid, {signum}))
+    record(out, *args, **kwargs)
+convert.record_shard_done = record_and_signal
+sys.exit(convert.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,group,workers", [(signal.SIGTERM, False, 2), (signal.SIGINT, True, 2),
+                                                  (signal.SIGTERM, False, 1)])
+def test_sigterm_or_sigint_mid_conversion_leaves_a_resumable_store(split, tmp_path, signum, group, workers):
+    from stage_dist.outputs import lock_path
+
+    reference, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    args = SMALL[:-2] + ["--workers", str(workers), "--split", "train"]
+    assert main(i3d_args(split, reference) + args) == 0
+    script = _SIGNALLED_CONVERTER.format(shards=2, signum=int(signum), group=group)
+    run = subprocess.run([sys.executable, "-c", script, *i3d_args(split, out), *args], capture_output=True,
+                         text=True, start_new_session=True, timeout=120, check=False)
+    assert run.returncode == 128 + signum, run.stderr
+    assert f"stopped by {signal.Signals(signum).name}" in run.stderr and "Traceback" not in run.stderr
+    assert not lock_path(out).exists() and _partial_files(out) == []
+    records = list((out / "_progress").glob("*.json"))
+    assert len(records) >= 2
+    with pytest.raises(StoreError, match="incomplete"):
+        FeatureStore.open(out)
+    rerun = _cli(i3d_args(split, out) + args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({len(records)} done by an earlier run)" in rerun.stdout
+    assert_same_store(reference, out)
