@@ -400,7 +400,6 @@ class OutputLock:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(), 0)
-            os.fsync(fd)
         except OSError as e:  # a full disk: no lock file left behind
             with contextlib.suppress(OSError):
                 os.unlink(self.file)

@@ -841,7 +841,7 @@ def test_disk_full_during_conversion_exits_2_and_resumes(split, tmp_path, small_
     capsys.readouterr()
     assert main(i3d_args(split, out) + args) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"convert_features: error: --out {out}: cannot write ")
+    assert err.count("\n") == 1 and err.startswith(f"convert_features: error: {out}: cannot write --out: ")
     assert "No space left on device" in err and "rerun the same command to resume" in err
     assert not out.exists() or _partial_files(out) == []  # at creation: the directory made by the run is removed
     with pytest.raises(StoreError, match="incomplete|not a stage_dist feature store"):
