@@ -5,6 +5,7 @@ Modules, one concept each:
 - ``config``        typed settings dataclasses -> every command line, ``--config FILE``, config.json
 - ``errors``        ``UserInputError`` and ``INPUT_ERRORS``: what the CLIs report as one line, exit 2
 - ``outputs``       output safety: never over an input or others' files, ownership markers, locks
+- ``paths``         an OS error about a user's path (read-only, name length, space) as one line naming the flag
 - ``fileio``        atomic file writes
 - ``synth``         synthetic AVA-like dataset in both published layouts
 - ``sources``       readers of the published I3D and SlowFast HDF5 layouts, with input validation
@@ -27,11 +28,17 @@ Modules, one concept each:
 - ``checkpoint``    the one checkpoint module: typed ``Checkpoint`` of either format, atomic saves,
                     newest-complete fallback, RNG state
 - ``distributed``   the torchrun environment, process group, gathering to rank 0, threads, logging
+- ``preemption``    preemption signals and ``--checkpoint-every-minutes``: when every rank stops or saves
+- ``progress``      a tqdm bar on a terminal, one log line every N seconds in a log file
 - ``train``         the torchrun trainer and its command line
+- ``runlog``        ``OUTPUT_DIR/metrics.jsonl``: rank 0's resume-safe appender and its reader
+- ``curves``        learning curves of runs from their metrics.jsonl (its command line)
 - ``inference``     the inference library: ``predict`` over any window source, exactly once, batch-invariant
 - ``infer``         the inference command line (input and output checks, model loading)
 - ``ava``           AVA CSV / pbtxt reading and results.csv writing
 - ``evaluate``      the official AVA frame-mAP@0.5, reproduced, on files or predictions in memory
+- ``eval_stats``    video-bootstrap intervals, paired comparisons, runs of one model
+- ``results_check`` ``evaluate --check``: every problem of a results.csv at once
 - ``demo``          the end-to-end demo behind ``make demo``
 """
 
