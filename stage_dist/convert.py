@@ -396,7 +396,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
 def unchanged_store(existing: dict[str, Any] | None, source: Source, cfg: ConvertConfig) -> dict[str, Any] | None:
     """The :func:`plan_summary` recorded in the complete store ``existing`` (its attributes) when
     this run would convert nothing, told from the source files' sizes and mtimes alone: the same
-    arguments and input paths, every shared file and every clip's actor files as recorded, no
+    arguments, input paths and class set, every shared file and every clip's actor files as recorded, no
     keyframe file added or removed. No HDF5 file is opened. None when that cannot be told (not
     complete, ``--overwrite``, a file changed, a store of an older converter): the full scan decides.
     """
@@ -412,6 +412,9 @@ def unchanged_store(existing: dict[str, Any] | None, source: Source, cfg: Conver
     if {k: v for k, v in existing.get("source", {}).items() if k in described} != described:
         return None
     if inputs.get("files") != shared_files_record(source):
+        return None
+    ids, names = read_class_set(cfg)  # a --labelmap edited in place is not a source file's stat
+    if existing.get("class_ids", list(ids)) != list(ids) or existing.get("class_names") != (list(names) if names else None):
         return None
     files = source.keyframe_files()  # None: the keyframes live in a shared file, checked above
     if files is not None:
