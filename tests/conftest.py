@@ -85,3 +85,21 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def model_checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
+    """A randomly initialised STAGE checkpoint (seed 0) for the tiny val store's feature sizes."""
+    import torch
+    from dataclasses import asdict
+
+    from stage_dist.model import ModelConfig, build_model
+    from stage_dist.store import FeatureStore
+
+    store = FeatureStore.open(tiny_stores.val)
+    torch.manual_seed(0)
+    config = ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save({"model_state": build_model("stage", config).state_dict(), "model_kind": "stage",
+                "model_config": asdict(config)}, path)
+    return path

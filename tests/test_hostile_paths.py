@@ -24,17 +24,14 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 from conftest import Stores
 from hostile import assert_clean_failure, run_main, snapshot
 from stage_dist import convert, demo, evaluate, infer, shards, synth, train
-from stage_dist.model import ModelConfig, build_model
 from stage_dist.paths import PathError, check_target, ensure_free_space, path_error, user_path_errors
 from stage_dist.store import FeatureStore
 
@@ -149,17 +146,6 @@ def check_refused(main: Callable, argv: list[str], flag: str, target: Path, caps
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
-    store = FeatureStore.open(tiny_stores.val)
-    torch.manual_seed(0)
-    config = ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"model_state": build_model("stage", config).state_dict(), "model_kind": "stage",
-                "model_config": asdict(config)}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def eval_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     files = {"gt": "vid,0902,0.1,0.1,0.5,0.9,1,0\nvid,0902,0.6,0.1,0.9,0.9,2,1\n",
@@ -265,11 +251,11 @@ def test_train_config_input(kind, places, tiny_stores, capsys):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
-def test_infer_out(kind, places, tiny_stores, checkpoint, capsys):
+def test_infer_out(kind, places, tiny_stores, model_checkpoint, capsys):
     target = places.target(kind, "results.csv")
-    argv = ["--store", str(tiny_stores.val), "--checkpoint", str(checkpoint), "--out", str(target), "--device", "cpu",
+    argv = ["--store", str(tiny_stores.val), "--checkpoint", str(model_checkpoint), "--out", str(target), "--device", "cpu",
             "--workers", "0"]
-    check_refused(infer.main, argv, "--out", target, capsys, watched=(tiny_stores.val, checkpoint))
+    check_refused(infer.main, argv, "--out", target, capsys, watched=(tiny_stores.val, model_checkpoint))
 
 
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
@@ -385,7 +371,7 @@ def test_user_path_errors_names_only_user_paths(tmp_path):
             raise KeyError("bug")
 
 
-def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, checkpoint, tmp_path, monkeypatch, capsys):
+def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, model_checkpoint, tmp_path, monkeypatch, capsys):
     """Without a mount: results.csv's write fails with ENOSPC on the open file (no file name in
     the error): one line naming --out, the earlier results and the directory as they were."""
     from stage_dist import fileio
@@ -399,7 +385,7 @@ def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, checkpo
 
     monkeypatch.setattr(fileio.os, "fsync", full)
     before = snapshot(tmp_path)
-    outcome = run_main(infer.main, ["--store", str(tiny_stores.val), "--checkpoint", str(checkpoint), "--out", str(out),
+    outcome = run_main(infer.main, ["--store", str(tiny_stores.val), "--checkpoint", str(model_checkpoint), "--out", str(out),
                                     "--device", "cpu", "--workers", "0"], capsys)
     monkeypatch.setattr(fileio.os, "fsync", real_fsync)
     message = assert_clean_failure(outcome, before, snapshot(tmp_path), code=2, names=["--out", str(out)])

@@ -137,17 +137,6 @@ def test_nan_in_shards_stops_training(tiny_stores, nan_store, tmp_path, capsys):
 # -- inference ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
-    store = FeatureStore.open(tiny_stores.val)
-    torch.manual_seed(0)
-    config = ModelConfig(actor_dim=store.actor_dim, object_dim=store.object_dim)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"model_state": build_model("stage", config).state_dict(), "model_kind": "stage",
-                "model_config": asdict(config)}, path)
-    return path
-
-
 def infer_args(store: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
     return ["--store", str(store), "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu",
             "--workers", "0", *extra]
