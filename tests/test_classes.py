@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import TINY, convert_split, subprocess_env, torchrun_command
-from test_hostile_train_infer import error_line, exit_code, model_checkpoint  # noqa: F401 (a fixture)
+from test_hostile_train_infer import error_line, exit_code
 from stage_dist.ava import read_ava_csv, read_labelmap, write_results_csv
 from stage_dist.convert import main as convert_main
 from stage_dist.evaluate import main as evaluate_main
