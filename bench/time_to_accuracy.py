@@ -373,7 +373,8 @@ from stage_dist.distributed import cleanup, init_distributed
 from stage_dist.train import TrainConfig, Trainer
 env = init_distributed("cpu")
 trainer = Trainer(load_json(TrainConfig, sys.argv[1]), env)
-trainer.fit()
+with trainer:
+    trainer.fit()
 if env.rank == 0:
     torch.save(trainer.model.state_dict(), sys.argv[2])
 cleanup(env)

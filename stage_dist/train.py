@@ -497,6 +497,18 @@ class Trainer:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
+    def close(self) -> None:
+        """Drop the DDP wrapper: its reducer holds the process group and Gloo's last work, and one
+        freed during interpreter shutdown (a trainer kept in a global) can abort the process
+        (SIGABRT) after a successful run. Call it before ``cleanup``; ``with Trainer(...)`` does."""
+        self.ddp_model = self.model
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def save_checkpoint(self, metric: float | None = None) -> None:
         self.check_finite()  # never write non-finite weights over the last good checkpoint
         state = self.state_dict()  # collective: every rank takes part
@@ -618,6 +630,7 @@ class Trainer:
                 writer.close()
             if self.metrics:
                 self.metrics.close()
+        barrier(self.env)  # every rank returns once rank 0 has written the last checkpoint (see _stop_preempted)
         return TrainSummary(self.global_step, self.epoch, val_map, self.best_map,
                             self.checkpoints.directory if saved_any else None, self.history)
 
@@ -924,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
             env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
-            summary = Trainer(config, env).fit()
+            with Trainer(config, env) as trainer:
+                summary = trainer.fit()
         if env.is_main:
             val = "n/a" if summary.val_map is None else f"{summary.val_map:.4f}"
             best = "n/a" if summary.best_map is None else f"{summary.best_map:.4f}"

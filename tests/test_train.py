@@ -161,6 +161,7 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
         torch.save(trainer.model.state_dict(), "{tmp_path}/rank%d.pt" % env.rank)
         if env.is_main:
             json.dump([h["val_map"] for h in summary.history], open("{tmp_path}/val_maps.json", "w"))
+        trainer.close()
         cleanup(env)
     """))
     done = subprocess.run(torchrun_command(2, str(driver)), check=False, env=subprocess_env(), timeout=300,
@@ -460,7 +461,8 @@ def test_ranks_and_windows_per_step_make_the_same_update(tiny_stores, tmp_path):
         from stage_dist.train import TrainConfig, Trainer
         env = init_distributed("cpu")
         trainer = Trainer(load_json(TrainConfig, "{tmp_path}/two.json"), env)
-        trainer.fit()
+        with trainer:
+            trainer.fit()
         if env.is_main:
             torch.save(trainer.model.state_dict(), "{tmp_path}/two.pt")
         cleanup(env)
