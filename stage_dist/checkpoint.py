@@ -47,7 +47,7 @@ from torch import nn
 
 from stage_dist.errors import UserInputError
 from stage_dist.fileio import TMP_PREFIX, atomic_write
-from stage_dist.model import GEOMETRY_DIM, ModelConfig, ModelConfigError, build_model
+from stage_dist.model import GEOMETRY_DIM, MODEL_KINDS, ModelConfig, ModelConfigError, build_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ CHECKPOINT_PATTERN = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 BEST_NAME = "best.pt"
 BEST_INFO_NAME = "best.json"
 
-MODEL_KINDS = ("stage", "baseline")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 PICKLE_PROTOCOL = b"\x80"  # the legacy format (the published checkpoints may use it) starts with a pickle
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from stage_dist.batch import Batch, Padding, Window, WindowSpec, collate
 from stage_dist.preemption import ignore_stop_signals
 from stage_dist.sampler import ClipWindowSampler, InferenceWindow, plan_inference_windows, shard_for_rank
+from stage_dist.split_config import SplitConfig
 from stage_dist.store import FeatureStore
 from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, WindowSource, max_nodes_per_keyframe
 
@@ -205,29 +206,14 @@ class TrainData:
     source: str
 
 
-def open_train_data(
-    *,
-    store: str | None,
-    shards: str | None,
-    window: int,
-    windows_per_step: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    num_workers: int,
-    pin_memory: bool,
-    in_memory: bool = False,
-    memmap_dir: str | None = None,
-    shuffle_buffer: int = SHUFFLE_BUFFER,
-    padding: Padding = Padding(),
-    shards_manifest: str | None = None,
-) -> TrainData:
-    if (store is None) == (shards is None):
-        raise ValueError("give exactly one of a training store (--train-store) or shards (--train-shards)")
-    source = open_window_source(store=store, shards=shards, window=window, windows_per_step=windows_per_step,
-                                rank=rank, world_size=world_size, seed=seed, in_memory=in_memory,
-                                memmap_dir=memmap_dir, shuffle_buffer=shuffle_buffer,
-                                shards_manifest=shards_manifest)
+def open_train_data(split: SplitConfig, *, window: int, windows_per_step: int, seed: int, rank: int, world_size: int,
+                    num_workers: int, pin_memory: bool, padding: Padding = Padding()) -> TrainData:
+    """This rank's training data from ``split``: windows of ``window`` keyframes, ``windows_per_step``
+    per step, shuffled by ``seed``; the loader collates with ``padding``."""
+    source = open_window_source(store=split.store, shards=split.shards, window=window,
+                                windows_per_step=windows_per_step, rank=rank, world_size=world_size, seed=seed,
+                                in_memory=split.in_memory, memmap_dir=split.memmap_dir,
+                                shuffle_buffer=split.shuffle_buffer, shards_manifest=split.shards_manifest)
     loader = source.train_loader(num_workers=num_workers, pin_memory=pin_memory, padding=padding)
     return TrainData(source, loader, source.actor_dim, source.object_dim, source.num_keyframes, source.num_clips,
                      source.location)

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +46,7 @@ from stage_dist.precision import resolve_precision
 from stage_dist.progress import DEFAULT_EVERY_SECONDS
 from stage_dist.schema import describe_classes
 from stage_dist.shard_format import expand_urls, manifest_location
+from stage_dist.split_config import SplitConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,7 @@ class InferConfig:
     runtime: RuntimeConfig = section(RuntimeConfig, help="runtime")
 
     def __post_init__(self) -> None:
-        if (self.store is None) == (self.shards is None):
-            raise ConfigError("give exactly one of --store and --shards")
-        if self.shards_manifest is not None and self.shards is None:
-            raise ConfigError("--shards-manifest is the manifest of --shards: give --shards too")
+        _ = self.split  # made, and so validated, once: here
         for flag, value in (("--window", self.window), ("--windows-per-batch", self.windows_per_batch)):
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -89,6 +88,11 @@ class InferConfig:
             raise ConfigError(f"--progress-every-seconds must be > 0, got {self.progress_every_seconds}")
         if not 0.0 <= self.min_score <= 1.0:
             raise ConfigError(f"--min-score must be in [0, 1] (scores are sigmoids), got {self.min_score}")
+
+    @cached_property
+    def split(self) -> SplitConfig:
+        """The split to predict: exactly one of --store and --shards."""
+        return SplitConfig(self.store, self.shards, self.shards_manifest)
 
 
 class InferArgumentError(UserInputError):

@@ -44,18 +44,22 @@ transcription of the files above.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stage_dist.batch import Batch
+from stage_dist.config import ConfigError, option
 from stage_dist.errors import UserInputError
 from stage_dist.graph import Graph, box_centres
 from stage_dist.schema import AVA_CLASS_IDS
 
 GEOMETRY_DIM = 4  # h, w, xc, yc
+
+ModelKind = Literal["stage", "baseline"]  # the published model, or the no-graph baseline (classes: MODELS)
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 
 
 class ModelConfigError(UserInputError, ValueError):
@@ -123,6 +127,29 @@ class ModelConfig:
                                            or min(self.class_ids, default=0) < 1):
             raise ModelConfigError(f"class_ids must be {self.num_outputs} distinct ids >= 1 (one per output), "
                                    f"got {self.class_ids}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The model settings of a training run (``TrainConfig.model``): which model and its shape;
+    the feature sizes and the class set come from the store (:meth:`model_config`)."""
+
+    kind: ModelKind = option("stage", flag="--model",
+                             help="STAGE, or the no-graph baseline (actor features and geometry only) for ablations")
+    num_heads: int = option(ModelConfig.num_heads, help="attention heads per layer")
+    dropout: float = option(ModelConfig.dropout, help="dropout of the graph-attention layers")
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ConfigError(f"--num-heads must be >= 1, got {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    def model_config(self, actor_dim: int, object_dim: int, class_ids: Sequence[int]) -> ModelConfig:
+        """The :class:`ModelConfig` of this model for data of these feature sizes and classes
+        (AVA's: the published 81-output head)."""
+        return ModelConfig(actor_dim=actor_dim, object_dim=object_dim, num_heads=self.num_heads, dropout=self.dropout,
+                           **ModelConfig.head_for(class_ids))
 
 
 def box_geometry(boxes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -300,14 +327,15 @@ class NoGraphBaseline(_BatchModel):
         return rows(self.logits, actors, row_block)
 
 
-_MODELS = {"stage": STAGE, "baseline": NoGraphBaseline}
+MODELS: dict[str, type[_BatchModel]] = {"stage": STAGE, "baseline": NoGraphBaseline}  # one per MODEL_KINDS
+assert tuple(MODELS) == MODEL_KINDS
 
 
 def build_model(kind: str, config: ModelConfig) -> nn.Module:
-    """``kind``: ``"stage"`` (the published model) or ``"baseline"`` (no graph)."""
-    if kind not in _MODELS:
-        raise ModelConfigError(f"unknown model kind {kind!r}; choose from {sorted(_MODELS)}")
-    return _MODELS[kind](config)
+    """``kind``: one of :data:`MODEL_KINDS`, ``"stage"`` (the published model) or ``"baseline"`` (no graph)."""
+    if kind not in MODELS:
+        raise ModelConfigError(f"unknown model kind {kind!r}; choose from {sorted(MODELS)}")
+    return MODELS[kind](config)
 
 
 def action_logits(logits: torch.Tensor, class_ids: Sequence[int] | None = None) -> torch.Tensor:

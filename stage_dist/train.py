@@ -50,6 +50,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Iterator, Literal
 from pathlib import Path
 
@@ -82,11 +83,12 @@ from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
-from stage_dist.model import ModelConfig, action_logits, build_model, compile_model
+from stage_dist.model import ModelSection, action_logits, build_model, compile_model
 from stage_dist.precision import resolve_precision
 from stage_dist.runlog import METRICS_NAME, MetricsLog
 from stage_dist.store import FeatureStore
 from stage_dist.schema import describe_classes
+from stage_dist.split_config import SplitConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,27 +120,15 @@ class DataConfig:
                                                "shared by all the node's ranks and loader workers")
 
     def __post_init__(self) -> None:
-        if (self.train_store is None) == (self.train_shards is None):
-            raise ConfigError("give exactly one of --train-store and --train-shards")
-        if self.shards_manifest is not None and self.train_shards is None:
-            raise ConfigError("--shards-manifest is the manifest of --train-shards: give --train-shards too")
+        _ = self.train_split  # made, and so validated, once: here
         _at_least(window=(self.window, 1), shuffle_buffer=(self.shuffle_buffer, 1))
 
-
-@dataclass(frozen=True)
-class ModelSection:
-    """Which model and its shape (feature sizes come from the store)."""
-
-    kind: Literal["stage", "baseline"] = option("stage", flag="--model",
-                                                help="STAGE, or the no-graph baseline (actor features and geometry "
-                                                     "only) for ablations")
-    num_heads: int = option(4, help="attention heads per layer")
-    dropout: float = option(0.5, help="dropout of the graph-attention layers")
-
-    def __post_init__(self) -> None:
-        _at_least(num_heads=(self.num_heads, 1))
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+    @cached_property
+    def train_split(self) -> SplitConfig:
+        """The training split: exactly one of --train-store and --train-shards, and how to read it."""
+        return SplitConfig(self.train_store, self.train_shards, self.shards_manifest, in_memory=self.in_memory,
+                           memmap_dir=self.memmap_dir, shuffle_buffer=self.shuffle_buffer,
+                           store_flag="--train-store", shards_flag="--train-shards")
 
 
 @dataclass(frozen=True)
@@ -336,11 +326,9 @@ class Trainer:
         configure_determinism(config.runtime.deterministic)  # main did it before CUDA; here for library use
         self.workers = loader_workers(config.runtime.workers, env)
         self.data = open_train_data(
-            store=config.data.train_store, shards=config.data.train_shards, window=config.data.window,
-            windows_per_step=config.optim.windows_per_step, rank=env.rank, world_size=env.world_size,
-            seed=config.optim.seed, num_workers=self.workers, pin_memory=env.device.type == "cuda",
-            in_memory=config.data.in_memory, memmap_dir=config.data.memmap_dir, shuffle_buffer=config.data.shuffle_buffer,
-            padding=Padding(bucketed=config.runtime.compile), shards_manifest=config.data.shards_manifest,
+            config.data.train_split, window=config.data.window, windows_per_step=config.optim.windows_per_step,
+            seed=config.optim.seed, rank=env.rank, world_size=env.world_size, num_workers=self.workers,
+            pin_memory=env.device.type == "cuda", padding=Padding(bucketed=config.runtime.compile),
         )
         self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
@@ -370,13 +358,7 @@ class Trainer:
             log.warning("--val-store without both --val-groundtruth and --labelmap: validation writes results.csv "
                         "but computes no mAP, and best.pt is not chosen")
         torch.manual_seed(config.optim.seed)  # identical initial weights on every rank
-        self.model_config = ModelConfig(
-            actor_dim=self.data.actor_dim,
-            object_dim=self.data.object_dim,
-            num_heads=config.model.num_heads,
-            dropout=config.model.dropout,
-            **ModelConfig.head_for(self.class_ids),  # AVA: the published 81-output head
-        )
+        self.model_config = config.model.model_config(self.data.actor_dim, self.data.object_dim, self.class_ids)
         self.model = build_model(config.model.kind, self.model_config).to(env.device)
         if config.runtime.compile:
             compile_model(self.model, env.device)

@@ -308,13 +308,14 @@ def test_an_epoch_compiles_once_per_bucketed_shape(tiny_stores):
     from torch._dynamo.testing import CompileCounter
 
     from stage_dist.data import open_train_data
+    from stage_dist.split_config import SplitConfig
 
     torch._dynamo.reset()
-    data = open_train_data(store=str(tiny_stores.train), shards=None, window=4, windows_per_step=2, rank=0,
-                           world_size=1, seed=0, num_workers=0, pin_memory=False,
-                           padding=Padding(bucketed=True))
-    exact = open_train_data(store=str(tiny_stores.train), shards=None, window=4, windows_per_step=2, rank=0,
-                            world_size=1, seed=0, num_workers=0, pin_memory=False)
+    split = SplitConfig(store=str(tiny_stores.train))
+    data = open_train_data(split, window=4, windows_per_step=2, seed=0, rank=0, world_size=1, num_workers=0,
+                           pin_memory=False, padding=Padding(bucketed=True))
+    exact = open_train_data(split, window=4, windows_per_step=2, seed=0, rank=0, world_size=1, num_workers=0,
+                            pin_memory=False)
     config = ModelConfig(actor_dim=data.actor_dim, object_dim=data.object_dim)
     counter = CompileCounter()  # counts dynamo compilations, runs the traced graph eagerly
     model = compile_model(STAGE(config).train(), "cpu", backend=counter)

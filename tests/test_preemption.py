@@ -243,14 +243,16 @@ def test_training_loader_workers_ignore_the_stop_signals(tiny_stores, tmp_path, 
 
     from stage_dist.data import open_train_data
     from stage_dist.shard_format import shard_pattern, write_shards
+    from stage_dist.split_config import SplitConfig
     from stage_dist.store import FeatureStore
 
     shards = None
     if form == "shards":
         manifest = write_shards(FeatureStore.open(tiny_stores.train), tmp_path / "shards", max_shard_bytes=50_000)
         shards = shard_pattern(manifest, tmp_path / "shards")
-    data = open_train_data(store=str(tiny_stores.train) if shards is None else None, shards=shards, window=6,
-                           windows_per_step=1, rank=0, world_size=1, seed=0, num_workers=1, pin_memory=False)
+    split = SplitConfig(store=str(tiny_stores.train) if shards is None else None, shards=shards)
+    data = open_train_data(split, window=6, windows_per_step=1, seed=0, rank=0, world_size=1, num_workers=1,
+                           pin_memory=False)
 
     class Probe(torch.utils.data.Dataset):
         def __len__(self):
