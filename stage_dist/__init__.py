@@ -19,9 +19,11 @@ Modules, one concept each:
 - ``batch``         WindowSpec / Window / Batch, ``collate`` (graph built on the host), ``Padding``
 - ``window_source`` the ``WindowSource`` protocol (store or shards) and the one window cut
 - ``sampler``       clip-aware distributed window sampler and resume position; inference window plan
+- ``split_config``  which split a command reads: a store or shards (exactly one), and how
 - ``data``          the store path of the window-source contract, DataLoaders, opening a split
 - ``graph``         the banded spatio-temporal graph of a batch of windows, and attention over it
-- ``model``         the STAGE graph-attention model, the no-graph baseline, ``compile_model``
+- ``model``         the STAGE graph-attention model, the no-graph baseline, the model kinds and the
+                    model's config section (``ModelSection``), ``compile_model``
 - ``precision``     AMP modes (bf16, fp16 with a grad scaler, off)
 - ``lr_scaling``    the LR and warmup of an effective batch, why, and where it was measured
 - ``lamb``          the LAMB optimizer (Adam with a layer-wise trust ratio), ``--optimizer lamb``

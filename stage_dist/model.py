@@ -37,6 +37,11 @@ The classifier's class set (``ModelConfig.class_ids``): ``None`` is AVA's, the p
 any other class set (a store converted with a label map) has one output per class, column j =
 ``class_ids[j]``, no background column. :func:`action_logits` gives the class columns of either.
 
+The model kinds are defined here once (:data:`ModelKind`, :data:`MODEL_KINDS`; :data:`MODELS` maps
+each to its class, :func:`build_model` builds one), and so is the training run's model section
+(:class:`ModelSection`: ``--model``, ``--num-heads``, ``--dropout``), which gives the
+:class:`ModelConfig` for the data's feature sizes and class set.
+
 Tests (``tests/test_model.py``) check this module against ``tests/reference_stage.py``, a
 transcription of the files above.
 """
