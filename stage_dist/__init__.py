@@ -3,7 +3,8 @@
 Modules, one concept each:
 
 - ``config``        typed settings dataclasses -> every command line, ``--config FILE``, config.json
-- ``errors``        ``UserInputError`` and ``INPUT_ERRORS``: what the CLIs report as one line, exit 2
+- ``errors``        ``UserInputError`` and ``INPUT_ERRORS`` (what the CLIs report as one line), the exit codes
+- ``cli``           ``Command``: how every command's main ends (one-line errors, exit codes, torchrun's summary)
 - ``outputs``       output safety: never over an input or others' files, ownership markers, locks
 - ``paths``         an OS error about a user's path (read-only, name length, space) as one line naming the flag
 - ``fileio``        atomic file writes

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -67,7 +66,8 @@ from stage_dist.progress import progress_bar
 from stage_dist import __version__
 from stage_dist.ava import AvaFormatError, read_labelmap
 from stage_dist.config import ConfigError, option, parse_config, section
-from stage_dist.errors import EXIT_BAD_INPUT
+from stage_dist.cli import Command, Stop
+from stage_dist.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, UserInputError
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.outputs import (
     OutputDir,
@@ -78,7 +78,6 @@ from stage_dist.outputs import (
     prepare_output_dir,
     resolve_output,
 )
-from stage_dist.paths import PathError, path_error
 from stage_dist.sources import (
     DEFAULT_BOX_TOLERANCE,
     I3DSource,
@@ -97,7 +96,6 @@ from stage_dist.store import (
     PROGRESS_DIR,
     FeatureStore,
     StorageConfig,
-    StoreError,
     StoreLayout,
     StoreShape,
     Tables,
@@ -115,11 +113,10 @@ from stage_dist.zarr_io import row_writer
 
 log = logging.getLogger(__name__)
 
-EXIT_VERIFY_FAILED = 1
 PROGRESS_EVERY_BYTES = 8 * 2**20  # a task reports progress after this much input
 
 
-class ConvertError(Exception):
+class ConvertError(UserInputError):
     """The conversion cannot go on (e.g. the output holds another store); message says why."""
 
 
@@ -1032,17 +1029,24 @@ def shards_out(cfg: ConvertConfig) -> Path:
     return cfg.out.with_suffix(".shards") if "zarr" in cfg.streaming.format.split(",") else cfg.out
 
 
+CONVERT_COMMAND = Command(
+    prefix="convert_features: error: ",
+    every_os_error=True,  # the filesystem refused a write (disk full, permissions inside --out)
+    disk_full_hint="; the finished shards are kept: free space and rerun the same command to resume",
+    stops=(Stop(Interrupted, lambda e: EXIT_SIGNAL_BASE + e.signum, prefix="convert_features: ",
+                message=lambda e: f"stopped by {signal.Signals(e.signum).name}; the finished shards are kept: "
+                                  "rerun the same command to resume"),),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(ConvertConfig, argv, build_parser())
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
     previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS} if in_main_thread else {}
     try:
-        return _main(config)
-    except Interrupted as e:
-        print(f"convert_features: stopped by {signal.Signals(e.signum).name}; the finished shards are kept: "
-              "rerun the same command to resume", file=sys.stderr)
-        return 128 + e.signum
+        return CONVERT_COMMAND.run(lambda: _main(config), writing="--out",
+                                   paths={"--out": config.out, "--shards-out": config.streaming.shards_out})
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -1050,29 +1054,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(config: ConvertConfig) -> int:
     streaming = "webdataset" in config.streaming.format
-    try:
-        store_config = replace(config, out=store_out(config), split=config.split_name)
-        if streaming:  # refuse a bad --shards-out before converting
-            check_not_input(shards_out(config), [*config_inputs(config), ("the store", store_config.out)],
-                            "--shards-out")
-        summary = convert(store_config)
-        for line in summary.lines():
-            print(line)
-        if summary.mismatches:
-            return EXIT_VERIFY_FAILED
-        if streaming:
-            print(write_streaming_form(config))
-    except (SourceError, StoreError, ConvertError, OutputError, PathError) as e:
-        print(f"convert_features: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:  # the filesystem refused a write (disk full, permissions inside --out)
-        problem = path_error(e, {"--out": config.out, "--shards-out": config.streaming.shards_out}, writing="--out")
-        message = problem or f"{e.filename or config.out}: {e.strerror or e}"
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            message = f"{message}; the finished shards are kept: free space and rerun the same command to resume"
-        print(f"convert_features: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    store_config = replace(config, out=store_out(config), split=config.split_name)
+    if streaming:  # refuse a bad --shards-out before converting
+        check_not_input(shards_out(config), [*config_inputs(config), ("the store", store_config.out)],
+                        "--shards-out")
+    summary = convert(store_config)
+    for line in summary.lines():
+        print(line)
+    if summary.mismatches:
+        return EXIT_FAILED
+    if streaming:
+        print(write_streaming_form(config))
+    return EXIT_OK
 
 
 def write_streaming_form(cfg: ConvertConfig) -> str:

@@ -13,13 +13,13 @@ atomically and never over an input.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from stage_dist.cli import Command
 from stage_dist.config import ConfigError, build_parser as build_config_parser, option, parse_config
-from stage_dist.errors import EXIT_BAD_INPUT, INPUT_ERRORS
+from stage_dist.errors import EXIT_OK
 from stage_dist.fileio import atomic_write
 from stage_dist.outputs import check_output_file
 from stage_dist.paths import user_path_errors
@@ -138,20 +138,23 @@ def build_parser():
                                            "naming the file and line).")
 
 
+CURVES_COMMAND = Command()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(CurvesConfig, argv, build_parser())
-    try:
-        paths = [metrics_path(run) for run in config.runs]
-        check_output_file(config.out, inputs=[("metrics", path) for path in paths])
-        names = list(config.names) if config.names else run_names(config.runs)
-        runs = [(name, read_metrics(path)) for name, path in zip(names, paths)]
-        with user_path_errors({"--out": config.out}, writing="--out"):
-            plot_curves(runs, config.out)
-    except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return CURVES_COMMAND.run(lambda: _draw(config))
+
+
+def _draw(config: CurvesConfig) -> int:
+    paths = [metrics_path(run) for run in config.runs]
+    check_output_file(config.out, inputs=[("metrics", path) for path in paths])
+    names = list(config.names) if config.names else run_names(config.runs)
+    runs = [(name, read_metrics(path)) for name, path in zip(names, paths)]
+    with user_path_errors({"--out": config.out}, writing="--out"):
+        plot_curves(runs, config.out)
     print(f"curves of {len(paths)} run(s) -> {config.out}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

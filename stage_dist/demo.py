@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stage_dist.cli import Command, Stop
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import option, parse_config
-from stage_dist.outputs import OutputError, claim_output_dir
-from stage_dist.paths import PathError
+from stage_dist.errors import EXIT_FAILED, EXIT_OK
+from stage_dist.outputs import claim_output_dir
 
 PY = sys.executable
 
@@ -54,19 +55,22 @@ def _earlier_demo(directory: Path) -> bool:
     return {p.name for p in directory.iterdir()} <= {"data", "stores", "runs"}
 
 
+DEMO_COMMAND = Command(stops=(  # a step that failed printed its own error
+    Stop(subprocess.CalledProcessError, lambda err: err.returncode if err.returncode > 0 else EXIT_FAILED,
+         prefix="demo stopped: ", message=lambda err: f"{shlex.join(map(str, err.cmd))} exited with {err.returncode}"),
+))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(DemoConfig, argv, build_config_parser(DemoConfig, prog="python -m stage_dist.demo",
                                                              description=__doc__))
     started = time.perf_counter()
-    try:
-        with claim_output_dir(args.out, "stage_dist demo", overwrite=True, recognise=_earlier_demo) as claimed:
-            return _run_demo(args, claimed.path, started)
-    except (OutputError, PathError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as err:  # the step printed its own error
-        print(f"demo stopped: {shlex.join(map(str, err.cmd))} exited with {err.returncode}", file=sys.stderr)
-        return err.returncode if err.returncode > 0 else 1
+    return DEMO_COMMAND.run(lambda: _demo(args, started))
+
+
+def _demo(args: DemoConfig, started: float) -> int:
+    with claim_output_dir(args.out, "stage_dist demo", overwrite=True, recognise=_earlier_demo) as claimed:
+        return _run_demo(args, claimed.path, started)
 
 
 def _run_demo(args: DemoConfig, out: Path, started: float) -> int:
@@ -121,7 +125,7 @@ def _run_demo(args: DemoConfig, out: Path, started: float) -> int:
               f"results {run_dir / 'results.csv'}, per-class AP plot {run_dir / 'per_class_ap.png'}")
     print(f"TensorBoard: tensorboard --logdir {runs}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

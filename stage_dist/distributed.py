@@ -9,10 +9,8 @@ only rank that logs at INFO and prefixes every line with its rank.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any
@@ -261,23 +259,6 @@ def all_reduce_min(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     reduced = tensor.clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
     return reduced
-
-
-def report_to_launcher(message: str) -> None:
-    """Write ``message`` as this worker's error for torchrun's failure summary (the file named by
-    ``TORCHELASTIC_ERROR_FILE``, in the format of torch.distributed.elastic's error handler), so
-    that a rank that stops with a one-line error (bad input, non-finite numbers, preemption) is
-    named with that line instead of ``error_file: <N/A>``. An uncaught exception is written by
-    the entry points' ``@record`` instead, with its traceback. Outside torchrun: nothing."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as handle:
-            json.dump(data, handle)
-    except OSError as err:  # the summary is a convenience: never fail the exit over it
-        log.debug("could not write torchrun's error file %s: %s", path, err)
 
 
 def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:

@@ -65,10 +65,12 @@ from stage_dist.ava import (
     results_as_read,
     results_rows,
 )
+from stage_dist.cli import Command
 from stage_dist.config import ConfigError, option, parse_config
 from stage_dist.config import build_parser as build_config_parser
+from stage_dist.errors import EXIT_BAD_INPUT, EXIT_OK
 from stage_dist.fileio import atomic_write
-from stage_dist.paths import PathError, check_target, user_path_errors
+from stage_dist.paths import check_target, user_path_errors
 
 logger = logging.getLogger(__name__)
 
@@ -756,6 +758,9 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+EVALUATE_COMMAND = Command()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for malformed or unreadable input, and for
     ``--check`` finding a problem)."""
@@ -766,43 +771,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "Learning curves of training runs (metrics.jsonl): python -m stage_dist.curves RUN_DIR ... "
                     "--out curves.png."))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return EVALUATE_COMMAND.run(lambda: _evaluate(args))
+
+
+def _evaluate(args: EvaluateConfig) -> int:
     from stage_dist import (  # the statistics import this module
         eval_stats,
         results_check,
     )
 
-    try:
-        _check_outputs(args)
-        labelmap = read_labelmap(args.labelmap)
-        groups = read_action_groups(args.labelmap)
-        detections = args.detections or ()
-        if args.check:
-            report = results_check.check(args.groundtruth, detections[0], labelmap, args.exclusions)
-            print(report.format())
-            return 0 if report.clean else 2
-        if args.compare is not None:
-            path_a, path_b = args.compare
-            output = eval_stats.compare_files(args.groundtruth, path_a, path_b, labelmap, args.exclusions, groups,
-                                              args.comparison_resamples, args.seed)
-        elif len(detections) > 1:
-            output = eval_stats.runs_files(args.groundtruth, detections, labelmap, args.exclusions, groups)
-        else:
-            output = _evaluate_one(args, labelmap, groups)
-    except (AvaFormatError, PathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _check_outputs(args)
+    labelmap = read_labelmap(args.labelmap)
+    groups = read_action_groups(args.labelmap)
+    detections = args.detections or ()
+    if args.check:
+        report = results_check.check(args.groundtruth, detections[0], labelmap, args.exclusions)
+        print(report.format())
+        return EXIT_OK if report.clean else EXIT_BAD_INPUT  # the results file is the input at fault
+    if args.compare is not None:
+        path_a, path_b = args.compare
+        output = eval_stats.compare_files(args.groundtruth, path_a, path_b, labelmap, args.exclusions, groups,
+                                          args.comparison_resamples, args.seed)
+    elif len(detections) > 1:
+        output = eval_stats.runs_files(args.groundtruth, detections, labelmap, args.exclusions, groups)
+    else:
+        output = _evaluate_one(args, labelmap, groups)
     for flag, path, write in (("--json", args.json, output.write_json), ("--plot", args.plot, output.write_plot)):
-        if path is None:
-            continue
-        try:
+        if path is not None:
             with user_path_errors({flag: path}, writing=flag):
                 write(path)
-        except PathError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     text = output.text
     print(text.splitlines()[0] if args.quiet else text)
-    return 0
+    return EXIT_OK
 
 
 @dataclass(frozen=True)

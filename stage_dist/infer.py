@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,14 +33,15 @@ from stage_dist.checkpoint import CheckpointError, read_latest_or_file
 from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
 from stage_dist.data import open_window_source
 from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
-                                    loader_workers, report_to_launcher, setup_logging)
+                                    loader_workers, setup_logging)
 from stage_dist.fileio import remove_stale_temporaries
-from stage_dist.errors import EXIT_BAD_INPUT, EXIT_NON_FINITE, INPUT_ERRORS, UserInputError
+from stage_dist.cli import Command, Stop
+from stage_dist.errors import EXIT_NON_FINITE, EXIT_OK, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
 from stage_dist.model import ModelConfig, compile_model
 from stage_dist.outputs import check_output_file, launch_lock
-from stage_dist.paths import user_message, user_path_errors
+from stage_dist.paths import user_path_errors
 from stage_dist.precision import resolve_precision
 from stage_dist.progress import DEFAULT_EVERY_SECONDS
 from stage_dist.schema import describe_classes
@@ -97,6 +97,10 @@ class InferConfig:
 
 class InferArgumentError(UserInputError):
     """A label map or output path of the inference CLI that cannot work; found before any work."""
+
+
+class NonFiniteScoresError(Exception):
+    """The predicted scores hold NaN or Inf (exit code 3): results.csv is not written."""
 
 
 def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device,
@@ -212,9 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "AVA results.csv.\nExit codes: 0 ok, 2 bad input (one line naming it), 3 non-finite scores.")
 
 
+INFER_COMMAND = Command(to_launcher=True, stops=(Stop(NonFiniteScoresError, EXIT_NON_FINITE),))
+
+
 @record  # an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(InferConfig, argv, build_parser())
+    return INFER_COMMAND.run(lambda: infer(config), paths={"--out": config.out})
+
+
+def infer(config: InferConfig) -> int:
+    """One inference job on this rank, from the checks before the process group to its cleanup."""
     env: DistEnv | None = None
     try:
         labelmap = check_inputs(config)  # fail before the process group and the compute
@@ -224,11 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
             return run(config, env, set(labelmap) if labelmap else None)
-    except (OSError, *INPUT_ERRORS) as error:
-        message = f"error: {user_message(error, {'--out': config.out})}"
-        print(message, file=sys.stderr)
-        report_to_launcher(message)
-        return EXIT_BAD_INPUT
     finally:
         if env is not None:
             cleanup(env)
@@ -250,16 +257,14 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
                      precision=precision, num_workers=loader_workers(runtime.workers, env),
                      progress_every_seconds=config.progress_every_seconds)
     if result is None:  # not rank 0
-        return 0
+        return EXIT_OK
     remove_stale_temporaries(config.out)  # a killed run's partial file (rank 0 holds --out's lock)
     predictions, keyframes = result.predictions, result.keyframes
     if len(models) > 1:
         log.info("ensemble of %d checkpoints: %s", len(models), ", ".join(config.checkpoint))
     problem = non_finite_scores(predictions, keyframes)
     if problem:
-        print(f"error: {source.location}: {problem}; {config.out} not written", file=sys.stderr)
-        report_to_launcher(f"error: {source.location}: {problem}; {config.out} not written")
-        return EXIT_NON_FINITE
+        raise NonFiniteScoresError(f"{source.location}: {problem}; {config.out} not written")
     with user_path_errors({"--out": config.out}, writing="--out"):
         rows = write_predictions(config.out, predictions, keyframes, class_ids=class_ids, topk=config.topk,
                                  min_score=config.min_score, column_ids=source.class_ids)
@@ -267,7 +272,7 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
     num_keyframes = len(keyframes.timestamps)
     print(f"inference: {num_keyframes} keyframes, {len(predictions.actor_index)} actors, {rows} rows -> {config.out} "
           f"in {seconds:.1f} s ({num_keyframes / seconds:.0f} keyframes/s, {env.world_size} rank(s))")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

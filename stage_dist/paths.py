@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Mapping
 
-from stage_dist.errors import INPUT_ERRORS, UserInputError
+from stage_dist.errors import UserInputError
 from stage_dist.fileio import TMP_PREFIX, NoSpaceError
 
 UserPaths = Mapping[str, "str | os.PathLike[str] | None"]  # flag (or config key) -> the path as given
@@ -199,22 +199,15 @@ def path_error(err: OSError, paths: UserPaths, *, writing: str | None = None) ->
     return None
 
 
-def user_message(error: BaseException, paths: UserPaths) -> str:
-    """The one line a CLI prints for ``error`` caught as ``(OSError, *INPUT_ERRORS)``: an OSError
-    about one of ``paths`` names its flag; the project's user errors (and the OS's verdict on an
-    input, :data:`~stage_dist.errors.INPUT_ERRORS`) are printed as they are; any other OSError is
-    raised again with its traceback (it is not about a path the user gave)."""
+def user_path_message(error: BaseException, paths: UserPaths, *, writing: str | None = None) -> str | None:
+    """The line naming the flag for an OSError (or an atomic write's full disk) about one of
+    ``paths`` (``writing`` as in :func:`user_path_errors`); None for any other error."""
+    problem = None
     if isinstance(error, OSError):
-        problem = path_error(error, paths)
-        if problem is not None:
-            return str(problem)
-    if isinstance(error, NoSpaceError):
+        problem = path_error(error, paths, writing=writing)
+    elif isinstance(error, NoSpaceError):
         problem = _no_space_error(error, paths)
-        if problem is not None:
-            return str(problem)
-    if isinstance(error, INPUT_ERRORS):
-        return str(error)
-    raise error
+    return None if problem is None else str(problem)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -13,17 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from stage_dist.cli import Command
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.config import option, parse_config
-from stage_dist.outputs import OutputError
-from stage_dist.paths import PathError, check_target, path_error
+from stage_dist.errors import EXIT_OK
+from stage_dist.paths import check_target
 from stage_dist.schema import DEFAULT_TAR_SHARD_MB
-from stage_dist.shard_format import ShardError, shard_pattern, shards_to_store, write_shards
-from stage_dist.store import FeatureStore, StoreError
+from stage_dist.shard_format import shard_pattern, shards_to_store, write_shards
+from stage_dist.store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -51,31 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --to-store, rebuild the store from its shards.")
 
 
+SHARDS_COMMAND = Command(every_os_error=True)  # the filesystem refused a write (disk full, permissions)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_config(ShardsConfig, argv, build_parser())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.to_store:
-            if not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir):  # (a file: refused below)
-                check_target(args.out_dir, "OUT_DIR", kind="dir")
-            store = shards_to_store(args.store, args.out_dir, overwrite=args.overwrite)
-            print(f"{store.num_clips} clips, {store.num_keyframes} keyframes, {store.num_actors} actors -> {store.path}")
-            return 0
-        manifest = write_shards(FeatureStore.open(args.store), args.out_dir, prefix=args.prefix,
-                                max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window,
-                                what="OUT_DIR")
-    except (ShardError, StoreError, OutputError, PathError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the filesystem refused a write (disk full, permissions)
-        problem = path_error(err, {"OUT_DIR": args.out_dir}, writing="OUT_DIR")
-        print(f"error: {problem or f'{err.filename or args.out_dir}: {err.strerror or err}'}", file=sys.stderr)
-        return 2
+    return SHARDS_COMMAND.run(lambda: _convert(args), paths={"OUT_DIR": args.out_dir}, writing="OUT_DIR")
+
+
+def _convert(args: ShardsConfig) -> int:
+    if args.to_store:
+        if not os.path.exists(args.out_dir) or os.path.isdir(args.out_dir):  # (a file: refused below)
+            check_target(args.out_dir, "OUT_DIR", kind="dir")
+        store = shards_to_store(args.store, args.out_dir, overwrite=args.overwrite)
+        print(f"{store.num_clips} clips, {store.num_keyframes} keyframes, {store.num_actors} actors -> {store.path}")
+        return EXIT_OK
+    manifest = write_shards(FeatureStore.open(args.store), args.out_dir, prefix=args.prefix,
+                            max_shard_bytes=int(args.max_shard_mb * (1 << 20)), window=args.window, what="OUT_DIR")
     print(
         f"{manifest['num_shards']} shards, {manifest['num_samples']} samples, {manifest['num_clips']} clips, "
         f"{manifest['num_keyframes']} keyframes: {shard_pattern(manifest, args.out_dir)}"
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

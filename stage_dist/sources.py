@@ -44,6 +44,7 @@ from typing import Literal, Protocol
 import h5py
 import numpy as np
 
+from stage_dist.errors import UserInputError
 from stage_dist.schema import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ _I3D_FILE = re.compile(r"(\d+)\.h5")
 MissingObjects = Literal["error", "empty"]
 
 
-class SourceError(Exception):
+class SourceError(UserInputError):
     """A problem with the input files; the message names the file, the key and what is wrong."""
 
 

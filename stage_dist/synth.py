@@ -51,9 +51,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from stage_dist.cli import Command
 from stage_dist.config import ConfigError, option, parse_config, section
 from stage_dist.config import build_parser as build_parser_for
-from stage_dist.paths import PathError, check_target, ensure_free_space, user_path_errors
+from stage_dist.errors import EXIT_OK, UserInputError
+from stage_dist.paths import check_target, ensure_free_space, user_path_errors
 from stage_dist.schema import NUM_ACTIONS
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ MEAN_ACTION_SECONDS = 6.0
 EMPTY_DISTRACTOR_PROB = 0.35
 
 
-class SynthError(ValueError):
+class SynthError(UserInputError, ValueError):
     """Invalid synthesis request (bad config value or an output directory that is not ours)."""
 
 
@@ -773,15 +775,18 @@ def build_parser() -> argparse.ArgumentParser:
         "feature layouts, with AVA groundtruth CSVs and a pbtxt label map.")
 
 
+SYNTH_COMMAND = Command()
+
+
 def main(argv: list[str] | None = None) -> int:
     job = parse_config(SynthJob, argv, build_parser())
     logging.basicConfig(level=job.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with user_path_errors({"--out": job.out}, writing="--out"):  # it writes nothing else
-            dataset = synthesize(job.out, job.data, progress=True)
-    except (SynthError, PathError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return SYNTH_COMMAND.run(lambda: _synthesize(job))
+
+
+def _synthesize(job: SynthJob) -> int:
+    with user_path_errors({"--out": job.out}, writing="--out"):  # it writes nothing else
+        dataset = synthesize(job.out, job.data, progress=True)
     print(f"synthetic AVA dataset at {dataset.root}")
     print(f"  labelmap: {dataset.labelmap} ({len(dataset.actions)} classes: "
           + ", ".join(f"{a.id}:{a.kind}" for a in sorted(dataset.actions)) + ")")
@@ -795,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {name}: {path}")
     total = sum(c.bytes for c in dataset.counts.values())
     print(f"  total: {total / 1e6:.1f} MB written")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -68,16 +67,17 @@ from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManage
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
-                                    report_to_launcher, setup_logging, share_of_all)
+                                    setup_logging, share_of_all)
 from stage_dist.evaluate import EvalResult, evaluate_predictions, group_line, read_action_groups
 from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
-from stage_dist.errors import EXIT_NON_FINITE, EXIT_PREEMPTED, INPUT_ERRORS, UserInputError
+from stage_dist.cli import Command, Stop
+from stage_dist.errors import EXIT_NON_FINITE, EXIT_OK, EXIT_PREEMPTED, UserInputError
 from stage_dist.lamb import Lamb
 from stage_dist.lr_scaling import DEFAULT_RULE, DEFAULT_WARMUP_KEYFRAMES, LRChoice, choose_lr, lr_factor
 from stage_dist.outputs import check_not_input, launch_lock
-from stage_dist.paths import check_target, ensure_free_space, user_message, user_path_errors
+from stage_dist.paths import check_target, ensure_free_space, user_path_errors
 from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
 from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
 from stage_dist.window_source import SHUFFLE_BUFFER
@@ -908,9 +908,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "preempted (a --preempt-signals signal: checkpoint written, rerun to resume).")
 
 
+TRAIN_COMMAND = Command(to_launcher=True, stops=(
+    Stop(NonFiniteError, EXIT_NON_FINITE, prefix="error: training stopped: ", main_rank_only=True),
+    Stop(PreemptedError, EXIT_PREEMPTED, prefix="stopped: ", main_rank_only=True),
+))
+
+
 @record  # an uncaught exception's traceback reaches torchrun's failure summary
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, build_parser())
+    return TRAIN_COMMAND.run(lambda: train(config), paths=train_paths(config))
+
+
+def train(config: TrainConfig) -> int:
+    """One training run on this rank, from the checks before the process group to its cleanup."""
     env: DistEnv | None = None
     try:
         check_output_dir(config)  # before the process group: every rank fails the same way, at once
@@ -929,25 +940,10 @@ def main(argv: list[str] | None = None) -> int:
                      "no checkpoint written")
             print(f"done: {summary.global_step} steps, {summary.epochs_completed} epochs, "
                   f"val mAP {val} (best {best}); {saved}")
-    except (OSError, *INPUT_ERRORS) as error:
-        message = f"error: {user_message(error, train_paths(config))}"
-        print(message, file=sys.stderr)
-        report_to_launcher(message)
-        return 2
-    except NonFiniteError as error:
-        if env is None or env.is_main:
-            print(f"error: training stopped: {error}", file=sys.stderr)
-        report_to_launcher(f"error: training stopped: {error}")
-        return EXIT_NON_FINITE
-    except PreemptedError as error:
-        if env is None or env.is_main:
-            print(f"stopped: {error}", file=sys.stderr)
-        report_to_launcher(f"stopped: {error}")
-        return EXIT_PREEMPTED
     finally:
         if env is not None:
             cleanup(env)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
