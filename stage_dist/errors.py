@@ -13,6 +13,12 @@ class UserInputError(Exception):
     """Bad input a user can fix; the message names the file, key or flag and what is wrong."""
 
 
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be written, read or loaded into the model; the message names the
+    file (and the key). The project's only checkpoint error (here, below both the checkpoint file
+    code and the model's side of a checkpoint, :mod:`stage_dist.saved_model`, which raise it)."""
+
+
 EXIT_BAD_INPUT = 2  # a user mistake, reported as one line
 EXIT_NON_FINITE = 3  # train/infer: a NaN/Inf loss, weight or score (the run stops; nothing non-finite is saved)
 EXIT_PREEMPTED = 4  # train: stopped by a --preempt-signals signal after writing a checkpoint; rerun to resume

@@ -23,7 +23,6 @@ from stage_dist.batch import collate
 from stage_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    load_model_state,
     read_checkpoint,
     read_latest_or_file,
     rng_state,
@@ -32,6 +31,7 @@ from stage_dist.checkpoint import (
 )
 from stage_dist.errors import UserInputError
 from stage_dist.model import STAGE, ModelConfig, build_model
+from stage_dist.saved_model import load_model_state
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
 TINY = ModelConfig(actor_dim=4, object_dim=8, num_heads=1)
