@@ -180,7 +180,8 @@ class TrainingState:
         if not training.scaler_state:  # a disabled GradScaler saves {}
             training = replace(training, scaler_state=None)
         if len(training.rng_per_rank) != training.world_size:
-            raise CheckpointError(f"{path}: {len(training.rng_per_rank)} RNG states for world size {training.world_size}")
+            raise CheckpointError(f"{path}: {len(training.rng_per_rank)} RNG states for world size "
+                                  f"{training.world_size}")
         return training
 
 

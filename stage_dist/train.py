@@ -11,13 +11,14 @@ checkpoint was taken (the Python, NumPy and torch generators are seeded per rank
 after all start-up code).
 
 Non-finite numbers stop the run with exit code 3 (2 is a bad input, given as one line naming the
-file or flag). Every step ORs ``~isfinite(loss)`` (and, with ``--grad-clip``, of the gradient norm
-it computes anyway, except under fp16 where the GradScaler skips such steps) into a flag on the
-device that keeps the first bad step; the flag and the finiteness of the weights are read back at
-log steps and before every checkpoint and validation, so there is no per-step host sync, the
-error names the first bad step and its window (clip, video, keyframes), and no checkpoint ever
-holds non-finite weights: the last good one stays the newest. A finite loss with non-finite
-gradients and no ``--grad-clip`` shows in the weights at the next check and is named as a step range.
+file or flag); the guard is :mod:`stage_dist.nonfinite`. Every step ORs ``~isfinite(loss)`` (and,
+with ``--grad-clip``, of the gradient norm it computes anyway, except under fp16 where the
+GradScaler skips such steps) into a flag on the device that keeps the first bad step; the flag
+and the finiteness of the weights are read back at log steps and before every checkpoint and
+validation, so there is no per-step host sync, the error names the first bad step and its window
+(clip, video, keyframes), and no checkpoint ever holds non-finite weights: the last good one stays
+the newest. A finite loss with non-finite gradients and no ``--grad-clip`` shows in the weights at
+the next check and is named as a step range.
 
 A training step reads nothing back from the device: the loss, the non-finite flag and the
 finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
@@ -436,7 +437,8 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
             scaler_state=self.scaler.state_dict(), epoch=self.epoch, step=self.step_in_epoch,
             global_step=self.global_step, best_map=self.best_map, history=self.history,
-            world_size=self.env.world_size, rng_per_rank=rng_per_rank, train_config=to_dict(self.config))
+            world_size=self.env.world_size, rng_per_rank=rng_per_rank or [],  # []: not rank 0, which saves
+            train_config=to_dict(self.config))
         return checkpoint_state(model, training)
 
     def load_state_dict(self, checkpoint: Checkpoint) -> None:
@@ -693,13 +695,13 @@ class Trainer:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
             return None
-        result = self._evaluate(predictions, keyframes, class_ids)
-        if self.best_map is None or result.mean_ap > self.best_map:
-            self.best_map = result.mean_ap
+        evaluated = self._evaluate(predictions, keyframes, class_ids)
+        if self.best_map is None or evaluated.mean_ap > self.best_map:
+            self.best_map = evaluated.mean_ap
         self.history.append({"epoch": self.epoch, "global_step": self.global_step,
-                             "val_map": result.mean_ap, "per_class": result.per_class})
-        self.run_log.validation(step=self.global_step, epoch=self.epoch, result=result, best_map=self.best_map)
-        return result.mean_ap
+                             "val_map": evaluated.mean_ap, "per_class": evaluated.per_class})
+        self.run_log.validation(step=self.global_step, epoch=self.epoch, result=evaluated, best_map=self.best_map)
+        return evaluated.mean_ap
 
     def _evaluate(self, predictions: Predictions, keyframes: KeyframeIndex, class_ids: set[int] | None) -> EvalResult:
         """Frame-mAP@0.5 of the val predictions, in memory: the same numbers as evaluating the
