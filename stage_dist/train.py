@@ -582,8 +582,9 @@ class Trainer:
 
     def fit(self) -> TrainSummary:
         self.maybe_resume()  # before writing anything: a bad --resume leaves OUTPUT_DIR untouched
+        self.run_log.open(self.config, resumed_step=self.global_step)
         self._log_start()
-        self.run_log.open(self.config, resumed_step=self.global_step, total_steps=self.total_steps)
+        self.run_log.start_progress(initial=self.global_step, total=self.total_steps)
         self._restore_rng()
         val_map: float | None = None
         saved_any = False

@@ -3,10 +3,10 @@
 :class:`RunLog` owns what a run reports, and the trainer tells it what happened:
 
 - :meth:`RunLog.open`: the run's ``config.json`` (which ``--config`` reads back), its TensorBoard
-  writer (``--tensorboard-dir``, default OUTPUT_DIR/tensorboard), its ``metrics.jsonl``
-  (:class:`~stage_dist.runlog.MetricsLog`, cut back to the step the run resumes from) and its
-  progress bar (:func:`~stage_dist.progress.progress_bar`: a tqdm bar on a terminal, log lines in
-  a log file);
+  writer (``--tensorboard-dir``, default OUTPUT_DIR/tensorboard) and its ``metrics.jsonl``
+  (:class:`~stage_dist.runlog.MetricsLog`, cut back to the step the run resumes from); then
+  :meth:`RunLog.start_progress`, once the trainer has logged what it runs: the progress bar
+  (:func:`~stage_dist.progress.progress_bar`: a tqdm bar on a terminal, log lines in a log file);
 - :meth:`RunLog.train` at a log step: TensorBoard ``train/loss``, ``train/lr``,
   ``train/keyframes_per_s``, ``train/data_wait_fraction``, a metrics.jsonl record and the bar's
   postfix (so a progress line shows the loss of the last log step: no progress line reads the
@@ -54,9 +54,9 @@ class RunLog:
         self._metrics: MetricsLog | None = None
         self._bar = None  # a tqdm bar or a LogProgress
 
-    def open(self, config: object, *, resumed_step: int, total_steps: int) -> None:
-        """Start reporting a run at ``resumed_step`` (0: a fresh run) of ``total_steps``: save
-        ``config`` (a dataclass), open TensorBoard and metrics.jsonl, start the progress bar."""
+    def open(self, config: object, *, resumed_step: int) -> None:
+        """Start the record of a run at ``resumed_step`` (0: a fresh run): save ``config`` (a
+        dataclass), open TensorBoard and metrics.jsonl."""
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -68,8 +68,12 @@ class RunLog:
             self._writer = SummaryWriter(self.tensorboard_dir or str(self.output_dir / "tensorboard"))
         # drops the lines a killed run wrote after the checkpoint this run resumes
         self._metrics = MetricsLog.open(self.output_dir / METRICS_NAME, resumed_step=resumed_step)
-        self._bar = progress_bar(total=total_steps, initial=resumed_step, desc="train", unit="step",
-                                 dynamic_ncols=True, every_seconds=self.progress_every_seconds)
+
+    def start_progress(self, *, initial: int, total: int) -> None:
+        """The progress bar, from step ``initial`` of ``total``."""
+        if self.enabled:
+            self._bar = progress_bar(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                                     every_seconds=self.progress_every_seconds)
 
     def train(self, *, step: int, epoch: int, loss: float, lr: float, keyframes_per_s: float,
               data_wait: float) -> None:
