@@ -1200,7 +1200,7 @@ def worker_inference(spec: dict) -> dict:
 
     from stage_dist.data import open_window_source
     from stage_dist.distributed import init_distributed
-    from stage_dist.infer import load_model
+    from stage_dist.checkpoint import load_model
     from stage_dist.inference import predict
     from stage_dist.model import ModelConfig, build_model
     from stage_dist.precision import resolve_precision

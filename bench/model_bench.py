@@ -43,7 +43,7 @@ from reference_stage import (  # noqa: E402
     ReferenceStage, random_window, reference_adjacency, reference_logits,
 )
 from stage_dist.batch import Batch, collate  # noqa: E402
-from stage_dist.checkpoint import load_model_state  # noqa: E402
+from stage_dist.saved_model import load_model_state  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig  # noqa: E402
 
 KEYFRAMES = 6

@@ -162,8 +162,8 @@ def run_one(spec: RunSpec, data: dict[str, str], base_lr: float, epochs: int, wa
     started = time.perf_counter()
 
     class Timed(Trainer):
-        def validate(self, writer):
-            value = super().validate(writer)
+        def validate(self):
+            value = super().validate()
             curve.append({"epoch": self.epoch, "step": self.global_step, "val_map": value,
                           "keyframes": self.epoch * self.data.num_keyframes,
                           "wall_s": round(time.perf_counter() - started, 2)})

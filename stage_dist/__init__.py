@@ -25,19 +25,22 @@ Modules, one concept each:
 - ``graph``         the banded spatio-temporal graph of a batch of windows, and attention over it
 - ``model``         the STAGE graph-attention model, the no-graph baseline, the model kinds and the
                     model's config section (``ModelSection``), ``compile_model``
+- ``saved_model``   the model's part of a checkpoint (either format; published weights' config), strict load
 - ``precision``     AMP modes (bf16, fp16 with a grad scaler, off)
 - ``lr_scaling``    the LR and warmup of an effective batch, why, and where it was measured
 - ``lamb``          the LAMB optimizer (Adam with a layer-wise trust ratio), ``--optimizer lamb``
-- ``checkpoint``    the one checkpoint module: typed ``Checkpoint`` of either format, atomic saves,
-                    newest-complete fallback, RNG state
+- ``checkpoint``    the one checkpoint module: its layout (``TrainingState``), typed ``Checkpoint`` of
+                    either format, atomic saves, newest-complete fallback, RNG state, ``load_models``
 - ``distributed``   the torchrun environment, process group, gathering to rank 0, threads, logging
 - ``preemption``    preemption signals and ``--checkpoint-every-minutes``: when every rank stops or saves
 - ``progress``      a tqdm bar on a terminal, one log line every N seconds in a log file
+- ``nonfinite``     the trainer's non-finite guard (first bad step and window, no per-step host sync)
+- ``trainlog``      rank 0's run log: config.json, TensorBoard, metrics.jsonl, progress bar, log lines
 - ``train``         the torchrun trainer and its command line
 - ``runlog``        ``OUTPUT_DIR/metrics.jsonl``: rank 0's resume-safe appender and its reader
 - ``curves``        learning curves of runs from their metrics.jsonl (its command line)
 - ``inference``     the inference library: ``predict`` over any window source, exactly once, batch-invariant
-- ``infer``         the inference command line (input and output checks, model loading)
+- ``infer``         the inference command line (input and output checks)
 - ``ava``           AVA CSV / pbtxt reading and results.csv writing
 - ``evaluate``      the official AVA frame-mAP@0.5, reproduced, on files or predictions in memory
 - ``eval_stats``    video-bootstrap intervals, paired comparisons, runs of one model

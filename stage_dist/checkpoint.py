@@ -1,14 +1,20 @@
 """Checkpoints: the one place that writes, reads and validates them, in every accepted format.
 
+The layout, defined once: a checkpoint of this project is the model's keys
+(:class:`~stage_dist.saved_model.SavedModel`: ``model_state``, ``model_kind``, ``model_config``)
+followed by the fields of :class:`TrainingState` when it holds a run's state
+(:func:`checkpoint_state` writes it; :func:`read_checkpoint` reads it back). The published STAGE
+code's ``{"model_state", "optimizer_state", "epoch", "iteration"}`` is read as weights only.
+
 Reading: :func:`read_checkpoint` turns a file into a typed :class:`Checkpoint` -- its format
-(``"stage_dist"``: written by :mod:`stage_dist.train`; ``"published"``: the published STAGE code's
-``{"model_state", "optimizer_state", "epoch", "iteration"}``), the model kind and
-:class:`~stage_dist.model.ModelConfig` (for published weights read from the tensors' shapes), the
-weights, and the training state when the file holds a run's. Files are loaded with
+(``"stage_dist"``: written by :mod:`stage_dist.train`; ``"published"``), the model (kind,
+:class:`~stage_dist.model.ModelConfig`, weights; read by :mod:`stage_dist.saved_model`, next to
+the model), and the training state when the file holds a run's. Files are loaded with
 ``torch.load(weights_only=True)``; anything wrong -- missing, not a torch file (a CSV, random
 bytes, a zip that is not torch's), truncated, a pickle that would run code, entries missing, a
 key the model does not have -- is a one-line :class:`CheckpointError` naming the file, the
-project's only checkpoint error. :meth:`Checkpoint.build_model` loads the weights strictly.
+project's only checkpoint error. :meth:`Checkpoint.build_model` loads the weights strictly;
+:func:`load_models` is the models of one or more checkpoints (an ensemble) for given data.
 
 Writing: a checkpoint is a ``dict`` of tensors, numbers, strings, ``None`` and lists/tuples/dicts
 of them, so it loads with ``weights_only=True``; :func:`save_checkpoint` refuses anything else
@@ -37,17 +43,21 @@ import re
 import shutil
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from stage_dist.errors import UserInputError
+from stage_dist.errors import CheckpointError
 from stage_dist.fileio import TMP_PREFIX, atomic_write
-from stage_dist.model import GEOMETRY_DIM, MODEL_KINDS, ModelConfig, ModelConfigError, build_model
+from stage_dist.saved_model import SavedModel
+from stage_dist.schema import describe_classes
+
+if TYPE_CHECKING:  # the type only: the model's configuration is read by stage_dist.saved_model
+    from stage_dist.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +71,6 @@ PICKLE_PROTOCOL = b"\x80"  # the legacy format (the published checkpoints may us
 _SCALARS = (str, bytes, bytearray, int, float, bool, complex, type(None))
 _OBJECTS = (torch.Tensor, torch.Size, torch.device, torch.dtype)
 _CONTAINERS = (list, tuple, set)
-
-
-class CheckpointError(UserInputError):
-    """A checkpoint that cannot be written, read or loaded into the model; the message names the
-    file (and the key). The project's only checkpoint error."""
 
 
 def _check_loadable(value: Any, key: str) -> None:
@@ -142,11 +147,12 @@ def _load_file(path: Path, map_location: Any = "cpu") -> dict:
 
 @dataclass(frozen=True)
 class TrainingState:
-    """What a run of :mod:`stage_dist.train` needs besides the weights to continue exactly."""
+    """What a run of :mod:`stage_dist.train` needs besides the weights to continue exactly; its
+    fields are the checkpoint's keys, in the order written."""
 
     optimizer_state: dict
     scheduler_state: dict
-    scaler_state: dict | None  # None: saved without an active GradScaler (--amp off/bf16)
+    scaler_state: dict | None  # None (read from {}): saved without an active GradScaler (--amp off/bf16)
     epoch: int
     step: int  # steps of ``epoch`` already taken
     global_step: int
@@ -156,40 +162,68 @@ class TrainingState:
     rng_per_rank: list  # one :func:`rng_state` per rank, in rank order
     train_config: dict
 
+    def to_state(self) -> dict[str, Any]:
+        """The checkpoint's training keys (the values as they are, not copied)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], path: Path) -> "TrainingState | None":
+        """The training state of a checkpoint's dict; ``None`` if it holds none (a model-only
+        file), a :class:`CheckpointError` naming ``path`` if it holds only part of one."""
+        keys = [field.name for field in fields(cls)]
+        if not any(key in state for key in keys):
+            return None
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: incomplete training state: missing {', '.join(missing)}")
+        training = cls(**{key: state[key] for key in keys})
+        if not training.scaler_state:  # a disabled GradScaler saves {}
+            training = replace(training, scaler_state=None)
+        if len(training.rng_per_rank) != training.world_size:
+            raise CheckpointError(f"{path}: {len(training.rng_per_rank)} RNG states for world size "
+                                  f"{training.world_size}")
+        return training
+
+
+def checkpoint_state(model: SavedModel, training: TrainingState | None = None) -> dict[str, Any]:
+    """The dict a checkpoint of this project holds: the model's keys, then the training state's."""
+    return {**model.to_state(), **(training.to_state() if training is not None else {})}
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint of any format the project accepts, read from ``path``.
-
-    ``kind`` is ``"stage_dist"`` (written by :mod:`stage_dist.train`; ``training`` set when it
-    holds a run's state) or ``"published"`` (the published STAGE code's ``{"model_state",
-    "optimizer_state", "epoch", "iteration"}``: weights only, ``training`` is ``None``, the
-    model configuration read from the weights' shapes).
-    """
+    """A checkpoint of any format the project accepts, read from ``path``: its model and, when it
+    holds a run's state (only this project's format can), ``training``."""
 
     path: Path
-    kind: Literal["stage_dist", "published"]
-    model_kind: str  # "stage" | "baseline"
-    model_config: ModelConfig
-    model_state: dict[str, torch.Tensor]
+    model: SavedModel
     training: TrainingState | None
+
+    @property
+    def kind(self) -> Literal["stage_dist", "published"]:
+        """``"stage_dist"`` (written by :mod:`stage_dist.train`) or ``"published"`` (the published
+        STAGE code's: weights only, the model configuration read from the weights' shapes)."""
+        return "published" if self.model.published else "stage_dist"
+
+    @property
+    def model_kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state
 
     def build_model(self) -> nn.Module:
         """The model with these weights, loaded strictly (a missing, unexpected or mis-shaped key
         is a :class:`CheckpointError` naming the file and the key)."""
         try:
-            model = build_model(self.model_kind, self.model_config)
-        except ModelConfigError as err:
-            raise CheckpointError(f"{self.path}: unusable model configuration: {err}") from None
-        try:
-            load_model_state(model, self.model_state)
+            return self.model.build()
         except CheckpointError as err:
             raise CheckpointError(f"{self.path}: {err}") from None
-        return model
-
-
-TRAINING_KEYS = ("optimizer_state", "scheduler_state", "scaler_state", "epoch", "step", "global_step", "best_map",
-                 "history", "world_size", "rng_per_rank", "train_config")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
@@ -199,76 +233,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
     or one without the entries of either format, raises :class:`CheckpointError` naming it.
     """
     path = Path(path)
-    return _parse(_load_file(path, map_location), path)
-
-
-def _parse(state: dict, path: Path) -> Checkpoint:
-    weights = state.get("model_state")
-    if not isinstance(weights, dict):
-        found = ", ".join(sorted(map(str, state))[:8]) or "nothing"
-        raise CheckpointError(f"{path}: not a STAGE checkpoint: no 'model_state' dict of weights (found {found})")
-    if "model_config" not in state:
-        return Checkpoint(path, "published", "stage", published_model_config(weights, path), weights, None)
-    model_kind = state.get("model_kind", "stage")
-    if model_kind not in MODEL_KINDS:
-        raise CheckpointError(f"{path}: unknown model_kind {model_kind!r} (expected one of {', '.join(MODEL_KINDS)})")
-    try:
-        config = ModelConfig(**state["model_config"])
-    except TypeError as err:
-        raise CheckpointError(f"{path}: malformed model_config: {err}") from None
-    present = [key for key in TRAINING_KEYS if key in state]
-    if not present:
-        return Checkpoint(path, "stage_dist", model_kind, config, weights, None)
-    missing = [key for key in TRAINING_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete training state: missing {', '.join(missing)}")
-    training = TrainingState(**{key: state[key] for key in TRAINING_KEYS})
-    if not training.scaler_state:  # a disabled GradScaler saves {}
-        training = replace(training, scaler_state=None)
-    if len(training.rng_per_rank) != training.world_size:
-        raise CheckpointError(f"{path}: {len(training.rng_per_rank)} RNG states for world size {training.world_size}")
-    return Checkpoint(path, "stage_dist", model_kind, config, weights, training)
-
-
-def published_model_config(weights: dict, path: Path | str = "checkpoint") -> ModelConfig:
-    """The :class:`ModelConfig` of published STAGE weights, read from the tensors: feature sizes
-    from the first head's ``W`` and ``obj_reducer``, the head count from the heads present,
-    the classes from ``logits``. Dropout and tau are the published 0.5 and 1."""
-    first = weights.get("gat1.attention_0.W")
-    if not isinstance(first, torch.Tensor) or first.dim() != 2:
-        raise CheckpointError(f"{path}: not a STAGE model_state: no 2-D tensor gat1.attention_0.W")
-    num_heads = 0
-    while f"gat1.attention_{num_heads}.W" in weights:
-        num_heads += 1
-    actor_dim = int(first.shape[0]) - GEOMETRY_DIM
-    reducer = weights.get("obj_reducer.weight")
-    object_dim = int(reducer.shape[1]) if isinstance(reducer, torch.Tensor) and reducer.dim() == 2 else actor_dim
-    logits = weights.get("logits.weight")
-    num_outputs = int(logits.shape[0]) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 81
-    # A missing or mis-shaped key is named by the strict load (Checkpoint.build_model).
-    return ModelConfig(actor_dim=actor_dim, object_dim=object_dim, num_heads=num_heads, num_outputs=num_outputs)
-
-
-def load_model_state(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
-    """Load ``state_dict`` into ``model`` strictly: any missing, unexpected or mis-shaped key
-    raises :class:`CheckpointError` naming it."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    for key in sorted(set(expected) & set(state_dict)):
-        value = state_dict[key]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
-        elif value.shape != expected[key].shape:
-            problems.append(f"{key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
-    if problems:
-        raise CheckpointError("state dict does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
+    state = _load_file(path, map_location)
+    model = SavedModel.from_state(state, path)
+    return Checkpoint(path, model, None if model.published else TrainingState.from_state(state, path))
 
 
 def read_latest_or_file(path: str | os.PathLike) -> Checkpoint:
@@ -285,6 +252,51 @@ def read_latest_or_file(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"{path}: no checkpoint (ckpt_e*_s*.pt) in this directory")
         return found
     return read_checkpoint(path)
+
+
+
+def load_models(checkpoints: Sequence[str | os.PathLike], actor_dim: int, object_dim: int, device: torch.device,
+                class_ids: Sequence[int] | None = None, data: str = "the data",
+                what: str = "--checkpoint") -> list[nn.Module]:
+    """The models of ``checkpoints`` (files of this project or of the published STAGE code, or run
+    checkpoint directories: their newest complete checkpoint), on ``device``, for data of
+    ``actor_dim``/``object_dim`` features and, if given, the class set ``class_ids`` (a checkpoint
+    trained on other classes is refused naming both; ``data`` names the data). Several (an
+    ensemble) must have the same class set and feature sizes: a mismatch is a
+    :class:`CheckpointError` naming both files. A file that does not load is named after ``what``,
+    the flag that gave it."""
+    found = [_read_named(checkpoint, what) for checkpoint in checkpoints]
+    first = found[0]
+    for other in found[1:]:
+        mismatch = first.model.incompatible(other.model)
+        if mismatch:
+            raise CheckpointError(f"{other.path}: cannot be ensembled with {first.path}: {mismatch}")
+    config = first.model_config
+    if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
+        raise CheckpointError(
+            f"{first.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
+            f"dims, the data has {actor_dim}/{object_dim}"
+        )
+    if class_ids is not None and config.classes != tuple(class_ids):
+        raise CheckpointError(
+            f"{first.path}: the checkpoint predicts {describe_classes(config.classes)}, {data} holds "
+            f"{describe_classes(tuple(class_ids))}; infer with a checkpoint trained on this class set"
+        )
+    return [checkpoint.build_model().to(device) for checkpoint in found]
+
+
+def load_model(checkpoint: str | os.PathLike, actor_dim: int, object_dim: int, device: torch.device,
+               class_ids: Sequence[int] | None = None, data: str = "the data") -> nn.Module:
+    """The model of one checkpoint (:func:`load_models`)."""
+    return load_models([checkpoint], actor_dim, object_dim, device, class_ids, data)[0]
+
+
+def _read_named(path: str | os.PathLike, what: str) -> Checkpoint:
+    """:func:`read_latest_or_file`, its one-line error naming the flag ``what``."""
+    try:
+        return read_latest_or_file(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{what} {err}") from None
 
 
 class CheckpointManager:

@@ -14,6 +14,12 @@ class UserInputError(Exception):
     """Bad input a user can fix; the message names the file, key or flag and what is wrong."""
 
 
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be written, read or loaded into the model; the message names the
+    file (and the key). The project's only checkpoint error (here, below both the checkpoint file
+    code and the model's side of a checkpoint, :mod:`stage_dist.saved_model`, which raise it)."""
+
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # convert: --verify found a mismatch; demo: a step was killed by a signal (it has no exit code)
 EXIT_BAD_INPUT = 2  # a user mistake, reported as one line (evaluate --check: the results file has a problem)

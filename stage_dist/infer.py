@@ -2,14 +2,14 @@
 
 The library (windows, scoring, gathering, the exactly-once check, writing) is
 :mod:`stage_dist.inference`; this module is its command line: it checks every flag and path
-before any work, loads the model through :mod:`stage_dist.checkpoint`, and has rank 0 write
+before any work, loads the models with :func:`stage_dist.checkpoint.load_models`, and has rank 0 write
 ``results.csv`` atomically (never over an input, never over a file that is not a results CSV).
 
     python -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     torchrun --nproc_per_node=8 -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     python -m stage_dist.infer --store val.zarr --checkpoint seed0.pt seed1.pt seed2.pt --out ensemble.csv
 
-Several checkpoints are an ensemble (:func:`load_models`): they must agree on the model's outputs
+Several checkpoints are an ensemble (:func:`~stage_dist.checkpoint.load_models`): they must agree on the model's outputs
 (the class set) and feature sizes, and every actor gets the mean of their sigmoid scores, in one
 pass over the data (:func:`~stage_dist.inference.predict`).
 """
@@ -24,12 +24,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from stage_dist.ava import read_labelmap
-from stage_dist.checkpoint import CheckpointError, read_latest_or_file
+from stage_dist.checkpoint import load_models
 from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
 from stage_dist.data import open_window_source
 from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
@@ -39,7 +37,7 @@ from stage_dist.cli import Command, Stop
 from stage_dist.errors import EXIT_NON_FINITE, EXIT_OK, UserInputError
 from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
                                   write_predictions)
-from stage_dist.model import ModelConfig, compile_model
+from stage_dist.model import compile_model
 from stage_dist.outputs import check_output_file, launch_lock
 from stage_dist.paths import user_path_errors
 from stage_dist.precision import resolve_precision
@@ -101,62 +99,6 @@ class InferArgumentError(UserInputError):
 
 class NonFiniteScoresError(Exception):
     """The predicted scores hold NaN or Inf (exit code 3): results.csv is not written."""
-
-
-def load_model(checkpoint: str | Path, actor_dim: int, object_dim: int, device: torch.device,
-               class_ids: Sequence[int] | None = None, data: str = "the data") -> nn.Module:
-    """A model from a checkpoint of this project or of the published STAGE code, for data of
-    ``actor_dim``/``object_dim`` features (and, if given, of the class set ``class_ids``: a
-    checkpoint trained on other classes is refused naming both; ``data`` names the data).
-
-    ``checkpoint`` may be a file or a checkpoint directory of a run (its newest complete checkpoint).
-    """
-    return load_models([checkpoint], actor_dim, object_dim, device, class_ids, data)[0]
-
-
-def _read_checkpoint(path: str | Path):
-    """:func:`read_latest_or_file`, its one-line error naming the flag."""
-    try:
-        return read_latest_or_file(path)
-    except CheckpointError as err:
-        raise CheckpointError(f"--checkpoint {err}") from None
-
-
-def load_models(checkpoints: Sequence[str | Path], actor_dim: int, object_dim: int, device: torch.device,
-                class_ids: Sequence[int] | None = None, data: str = "the data") -> list[nn.Module]:
-    """The models of ``checkpoints`` (files or run checkpoint directories), for data of
-    ``actor_dim``/``object_dim`` features and, if given, the class set ``class_ids``. Several (an
-    ensemble) must have the same class set and feature sizes: a mismatch is a
-    :class:`CheckpointError` naming both files."""
-    found = [_read_checkpoint(checkpoint) for checkpoint in checkpoints]
-    first = found[0]
-    for other in found[1:]:
-        mismatch = _incompatible(first.model_config, other.model_config)
-        if mismatch:
-            raise CheckpointError(f"{other.path}: cannot be ensembled with {first.path}: {mismatch}")
-    config = first.model_config
-    if (config.actor_dim, config.object_dim) != (actor_dim, object_dim):
-        raise CheckpointError(
-            f"{first.path}: the model expects actor/object features of {config.actor_dim}/{config.object_dim} "
-            f"dims, the data has {actor_dim}/{object_dim}"
-        )
-    if class_ids is not None and config.classes != tuple(class_ids):
-        raise CheckpointError(
-            f"{first.path}: the checkpoint predicts {describe_classes(config.classes)}, {data} holds "
-            f"{describe_classes(tuple(class_ids))}; infer with a checkpoint trained on this class set"
-        )
-    return [checkpoint.build_model().to(device) for checkpoint in found]
-
-
-def _incompatible(a: ModelConfig, b: ModelConfig) -> str | None:
-    """What keeps two models from scoring the same classes on the same features, or None."""
-    if a.classes != b.classes:
-        return f"{describe_classes(b.classes)} vs {describe_classes(a.classes)}"
-    if a.num_outputs != b.num_outputs:
-        return f"{b.num_outputs} outputs (classes) vs {a.num_outputs}"
-    if (a.actor_dim, a.object_dim) != (b.actor_dim, b.object_dim):
-        return f"actor/object features of {b.actor_dim}/{b.object_dim} dims vs {a.actor_dim}/{a.object_dim}"
-    return None
 
 
 def _looks_like_results_csv(path: Path) -> bool:

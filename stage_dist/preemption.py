@@ -11,7 +11,7 @@ How the ranks agree without a new host sync: a signal handler only sets a Python
 signal may reach the ranks at different steps, or only some of them). The flags travel in the
 one collective the trainer already makes at log steps (``--log-every``) and before every
 checkpoint and validation: the all-reduce (MIN) of the non-finite flags
-(:meth:`~stage_dist.train.Trainer.check_finite`), which :meth:`RunControl.flags` extends by two
+(:meth:`~stage_dist.nonfinite.NonFiniteGuard.check`), which :meth:`RunControl.flags` extends by two
 int64 elements. Every rank takes part in that reduction at the same steps, so every rank reads
 the same reduced flags and stops (or saves) after the same step: a preemption costs at most
 ``--log-every`` - 1 further steps (10 by default; well inside the 120 s the script asks for) and

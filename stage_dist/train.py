@@ -11,13 +11,14 @@ checkpoint was taken (the Python, NumPy and torch generators are seeded per rank
 after all start-up code).
 
 Non-finite numbers stop the run with exit code 3 (2 is a bad input, given as one line naming the
-file or flag). Every step ORs ``~isfinite(loss)`` (and, with ``--grad-clip``, of the gradient norm
-it computes anyway, except under fp16 where the GradScaler skips such steps) into a flag on the
-device that keeps the first bad step; the flag and the finiteness of the weights are read back at
-log steps and before every checkpoint and validation, so there is no per-step host sync, the
-error names the first bad step and its window (clip, video, keyframes), and no checkpoint ever
-holds non-finite weights: the last good one stays the newest. A finite loss with non-finite
-gradients and no ``--grad-clip`` shows in the weights at the next check and is named as a step range.
+file or flag); the guard is :mod:`stage_dist.nonfinite`. Every step ORs ``~isfinite(loss)`` (and,
+with ``--grad-clip``, of the gradient norm it computes anyway, except under fp16 where the
+GradScaler skips such steps) into a flag on the device that keeps the first bad step; the flag
+and the finiteness of the weights are read back at log steps and before every checkpoint and
+validation, so there is no per-step host sync, the error names the first bad step and its window
+(clip, video, keyframes), and no checkpoint ever holds non-finite weights: the last good one stays
+the newest. A finite loss with non-finite gradients and no ``--grad-clip`` shows in the weights at
+the next check and is named as a step range.
 
 A training step reads nothing back from the device: the loss, the non-finite flag and the
 finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
@@ -48,7 +49,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator, Literal
 from pathlib import Path
@@ -58,18 +59,16 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from stage_dist.ava import read_ava_csv, read_labelmap
-from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, load_model_state, read_checkpoint,
-                                   rng_state, set_rng_state)
+from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, TrainingState, checkpoint_state,
+                                   read_checkpoint, rng_state, set_rng_state)
 from stage_dist.data import StoreWindowSource, TrainData, open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     setup_logging, share_of_all)
-from stage_dist.evaluate import EvalResult, evaluate_predictions, group_line, read_action_groups
-from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, save_json, section,
+from stage_dist.evaluate import EvalResult, evaluate_predictions, read_action_groups
+from stage_dist.config import (ConfigError, RuntimeConfig, flat_dict, option, parse_config, section,
                                to_dict)
 from stage_dist.config import build_parser as build_config_parser
 from stage_dist.cli import Command, Stop
@@ -79,13 +78,15 @@ from stage_dist.lr_scaling import DEFAULT_RULE, DEFAULT_WARMUP_KEYFRAMES, LRChoi
 from stage_dist.outputs import check_not_input, launch_lock
 from stage_dist.paths import check_target, ensure_free_space, user_path_errors
 from stage_dist.preemption import DEFAULT_PREEMPT_SIGNALS, PreemptedError, RunControl, parse_signals
-from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
+from stage_dist.progress import DEFAULT_EVERY_SECONDS
 from stage_dist.window_source import SHUFFLE_BUFFER
 from stage_dist.inference import INFERENCE_WINDOW, Predictions, KeyframeIndex, non_finite_scores, predict, write_predictions
 from stage_dist.batch import Padding
 from stage_dist.model import ModelSection, action_logits, build_model, compile_model
+from stage_dist.nonfinite import NonFiniteError, NonFiniteGuard
 from stage_dist.precision import resolve_precision
-from stage_dist.runlog import METRICS_NAME, MetricsLog
+from stage_dist.saved_model import SavedModel, load_model_state
+from stage_dist.trainlog import RunLog
 from stage_dist.store import FeatureStore
 from stage_dist.schema import describe_classes
 from stage_dist.split_config import SplitConfig
@@ -221,13 +222,6 @@ def _at_least(**values: tuple[float, float]) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-class NonFiniteError(RuntimeError):
-    """A step produced a non-finite loss or non-finite weights: the run stops (exit code 3) without
-    writing them to a checkpoint; the message names the step and its window."""
-
-
-
-
 @dataclass
 class StepStats:
     """Running totals between two log lines. ``loss`` stays on the device (a sum of the steps'
@@ -317,13 +311,17 @@ class KeyframeNamer:
 class Trainer:
     """One training run on one rank: data, model (DDP when world size > 1), Adam, LR schedule,
     precision and checkpoints. :meth:`fit` is the loop; :meth:`state_dict` is everything needed
-    to continue it."""
+    to continue it. Its parts of their own: the non-finite guard
+    (:class:`~stage_dist.nonfinite.NonFiniteGuard`), the preemption control
+    (:class:`~stage_dist.preemption.RunControl`) and rank 0's run log
+    (:class:`~stage_dist.trainlog.RunLog`). ``prepared``: :func:`prepare_run` was called
+    already (:func:`main` calls it before the process group); a library user leaves it to the trainer."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
-        check_output_dir(config)
+    def __init__(self, config: TrainConfig, env: DistEnv, *, prepared: bool = False) -> None:
+        if not prepared:
+            prepare_run(config)
         self.config, self.env = config, env
         self.output_dir = Path(config.output_dir)
-        configure_determinism(config.runtime.deterministic)  # main did it before CUDA; here for library use
         self.workers = loader_workers(config.runtime.workers, env)
         self.data = open_train_data(
             config.data.train_split, window=config.data.window, windows_per_step=config.optim.windows_per_step,
@@ -391,16 +389,16 @@ class Trainer:
         self.global_step = 0
         self.best_map: float | None = None
         self.history: list[dict] = []
-        self.metrics: MetricsLog | None = None  # rank 0's OUTPUT_DIR/metrics.jsonl, opened by fit
         self._pending_rng: dict | None = None  # a resumed rank's generators, restored by _restore_rng
-        # Non-finite detection without a per-step host sync: the first bad step since the last check
-        # (-1: none) accumulates on the device and is read at log steps and before any checkpoint.
-        self._first_bad_step = torch.tensor(-1, dtype=torch.int64, device=env.device)
-        self._unchecked: dict[int, tuple[int, int]] = {}  # step -> its window's first/last keyframe row
-        self._keyframe_names = KeyframeNamer.for_data(self.data)
-        # Preemption signals and --checkpoint-every-minutes, agreed in check_finite's reduction.
+        # Preemption signals and --checkpoint-every-minutes, agreed in the non-finite check's reduction.
         self.control = RunControl(parse_signals(config.run.preempt_signals), config.run.checkpoint_every_minutes)
         self._saved_at_step = -1
+        self.nonfinite = NonFiniteGuard(self.model, env, self.control, KeyframeNamer.for_data(self.data).describe,
+                                        last_good=self.checkpoints.latest)
+        self.run_log = RunLog(self.output_dir, config_file=self.output_dir / CONFIG_NAME,
+                              tensorboard_dir=config.run.tensorboard_dir,
+                              progress_every_seconds=config.run.progress_every_seconds, paths=train_paths(config),
+                              enabled=env.is_main, logger=log)
         # Every generator a rank owns starts from the seed (dropout masks differ between ranks), so
         # the RNG states a checkpoint saves are the same in any run of this config.
         torch.manual_seed(config.optim.seed + env.rank)
@@ -414,24 +412,17 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything a run needs to continue; call on every rank (RNG states are gathered)."""
+        """Everything a run needs to continue, in the checkpoint layout
+        (:func:`~stage_dist.checkpoint.checkpoint_state`); call on every rank (RNG states are gathered)."""
         rng_per_rank = gather_to_main(rng_state(), self.env)
-        return {
-            "model_state": self.model.state_dict(),
-            "model_kind": self.config.model.kind,
-            "model_config": asdict(self.model_config),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
-            "scaler_state": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step_in_epoch,
-            "global_step": self.global_step,
-            "best_map": self.best_map,
-            "history": self.history,
-            "world_size": self.env.world_size,
-            "rng_per_rank": rng_per_rank,
-            "train_config": to_dict(self.config),
-        }
+        model = SavedModel(self.config.model.kind, self.model_config, self.model.state_dict())
+        training = TrainingState(
+            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
+            scaler_state=self.scaler.state_dict(), epoch=self.epoch, step=self.step_in_epoch,
+            global_step=self.global_step, best_map=self.best_map, history=self.history,
+            world_size=self.env.world_size, rng_per_rank=rng_per_rank or [],  # []: not rank 0, which saves
+            train_config=to_dict(self.config))
+        return checkpoint_state(model, training)
 
     def load_state_dict(self, checkpoint: Checkpoint) -> None:
         """Continue the run saved in ``checkpoint`` (a :mod:`stage_dist.train` checkpoint with its
@@ -492,13 +483,12 @@ class Trainer:
         self.close()
 
     def save_checkpoint(self, metric: float | None = None) -> None:
-        self.check_finite()  # never write non-finite weights over the last good checkpoint
+        self.nonfinite.check()  # never write non-finite weights over the last good checkpoint
         state = self.state_dict()  # collective: every rank takes part
-        if self.metrics:
-            self.metrics.sync()  # every line up to this step is on disk before the checkpoint is
         if self.env.is_main:
+            self.run_log.sync()  # every metrics line up to this step is on disk before the checkpoint is
             path = self.checkpoints.save(state, epoch=self.epoch, step=self.step_in_epoch, metric=metric)
-            log.info("checkpoint %s", path)
+            self.run_log.checkpoint(path)
         self._saved_at_step = self.global_step
         self.control.saved()
 
@@ -575,13 +565,9 @@ class Trainer:
 
     def fit(self) -> TrainSummary:
         self.maybe_resume()  # before writing anything: a bad --resume leaves OUTPUT_DIR untouched
-        writer = self._writer()
-        if self.env.is_main:  # drops the lines a killed run wrote after the checkpoint resumed
-            self.metrics = MetricsLog.open(self.output_dir / METRICS_NAME, resumed_step=self.global_step)
+        self.run_log.open(self.config, resumed_step=self.global_step)
         self._log_start()
-        bar = progress_bar(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
-                           disable=not self.env.is_main, dynamic_ncols=True,
-                           every_seconds=self.config.run.progress_every_seconds)
+        self.run_log.start_progress(initial=self.global_step, total=self.total_steps)
         self._restore_rng()
         val_map: float | None = None
         saved_any = False
@@ -590,7 +576,7 @@ class Trainer:
         signals.enter_context(self.control.handling_signals())
         try:
             while not finished:
-                self.train_epoch(writer, bar)
+                self.train_epoch()
                 epoch_done = self.step_in_epoch == len(self.sampler)
                 if epoch_done:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -598,25 +584,21 @@ class Trainer:
                 finished = self.epoch >= self.config.optim.epochs or self._reached_max_steps()
                 scheduled = epoch_done and self.config.run.val_every and self.epoch % self.config.run.val_every == 0
                 metric = None
-                self.check_finite()
+                self.nonfinite.check()
                 if self.val_store is not None and (finished or scheduled):
-                    metric = val_map = self.validate(writer)
+                    metric = val_map = self.validate()
                 self.save_checkpoint(metric=metric)
                 saved_any = True
                 if self.control.stop and not finished:  # agreed at the epoch end's check
                     self._stop_preempted()
         finally:
             signals.close()
-            bar.close()  # ends the progress line before any error message
-            if writer:
-                writer.close()
-            if self.metrics:
-                self.metrics.close()
+            self.run_log.close()  # ends the progress line before any error message
         barrier(self.env)  # every rank returns once rank 0 has written the last checkpoint (see _stop_preempted)
         return TrainSummary(self.global_step, self.epoch, val_map, self.best_map,
                             self.checkpoints.directory if saved_any else None, self.history)
 
-    def train_epoch(self, writer: SummaryWriter | None, bar: tqdm) -> None:
+    def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
         self.sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
         self.ddp_model.train()
@@ -629,14 +611,14 @@ class Trainer:
             loss = self.train_step(batch)
             self.global_step += 1
             self.step_in_epoch += 1
-            self._unchecked[self.global_step] = window
+            self.nonfinite.stepped(self.global_step, window)
             step_done = time.perf_counter()
             stats.add(loss, batch.num_keyframes * self.env.world_size, data_ready - step_started,
                       step_done - step_started)
             step_started = step_done
             if self.global_step % self.config.run.log_every == 0:
-                self._log_train(stats, writer, bar)
-            bar.update(1)  # after the log step's postfix: a log-file line shows that step's loss
+                self._log_train(stats)
+            self.run_log.step_done()
             if self.config.run.checkpoint_every and self.global_step % self.config.run.checkpoint_every == 0:
                 self.save_checkpoint()
             self._obey_control()
@@ -662,46 +644,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        step = self.global_step + 1
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step, self._first_bad_step)
+        self.nonfinite.record(self.global_step + 1, bad)
         return loss.detach()
-
-    def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` if a step since the last check had a non-finite loss (or
-        clipped gradient norm), or the weights are no longer finite. One host read of two flags
-        (a collective under DDP: every rank calls it at the same steps)."""
-        if not self._unchecked:
-            return
-        weights_bad = ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        never = torch.iinfo(torch.int64).max
-        local_first = torch.where(self._first_bad_step < 0, never, self._first_bad_step)
-        # The preemption and timer flags ride on the same reduction (no collective of their own).
-        flags = all_reduce_min(torch.cat([torch.stack([local_first, -weights_bad.to(torch.int64)]),
-                                          self.control.flags(local_first.device)]), self.env).tolist()
-        first_bad, any_weights_bad = int(flags[0]), flags[1] < 0
-        self.control.agree(flags[2:])
-        checked = sorted(self._unchecked)
-        windows, self._unchecked = self._unchecked, {}
-        if first_bad == never and not any_weights_bad:
-            return
-        # Which rank's window went bad first (gathered only now, on failure).
-        mine = None if int(local_first) != first_bad else windows.get(first_bad)
-        reports = gather_to_main((self.env.rank, mine), self.env)
-        last_good = self.checkpoints.latest()
-        kept = f"; the last good checkpoint is kept: {last_good}" if last_good else "; no checkpoint was written"
-        if first_bad == never:
-            message = (f"the weights became non-finite between steps {checked[0]} and {checked[-1]} with a finite "
-                       f"loss (non-finite gradients?){kept}; lower --lr or set --grad-clip")
-        else:
-            where = ""
-            for rank, window in reports or []:
-                if window is not None:
-                    where = f" in the window of {self._keyframe_names.describe(*window)}"
-                    where += f" (rank {rank})" if self.env.world_size > 1 else ""
-                    break
-            message = (f"non-finite loss or gradient at step {first_bad}{where}{kept}; check that window's "
-                       "features for NaN/Inf, or lower --lr")
-        raise NonFiniteError(message)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -712,7 +656,7 @@ class Trainer:
             return logits.sum()
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
-    def validate(self, writer: SummaryWriter | None) -> float | None:
+    def validate(self) -> float | None:
         """Distributed inference over the val store; rank 0 writes results.csv and evaluates it.
         Non-finite scores (a NaN/Inf in the val store) stop the run on every rank."""
         assert self.val_store is not None
@@ -735,25 +679,13 @@ class Trainer:
             log.info("validation predictions written to %s (no --val-groundtruth/--labelmap: not evaluated)",
                      results_csv)
             return None
-        result = self._evaluate(predictions, keyframes, class_ids)
-        if self.best_map is None or result.mean_ap > self.best_map:
-            self.best_map = result.mean_ap
+        evaluated = self._evaluate(predictions, keyframes, class_ids)
+        if self.best_map is None or evaluated.mean_ap > self.best_map:
+            self.best_map = evaluated.mean_ap
         self.history.append({"epoch": self.epoch, "global_step": self.global_step,
-                             "val_map": result.mean_ap, "per_class": result.per_class})
-        if self.metrics:
-            self.metrics.validation(step=self.global_step, epoch=self.epoch, result=result)
-        log.info("validation at epoch %d (step %d): mAP@0.5 %.4f (best %.4f); %s",
-                 self.epoch, self.global_step, result.mean_ap, self.best_map,
-                 group_line(result.group_map, result.grouping))
-        if writer:
-            writer.add_scalar("val/mAP", result.mean_ap, self.global_step)
-            for name, ap in result.per_class.items():  # at every validation, not only at the end
-                if not math.isnan(ap):
-                    writer.add_scalar(f"val_per_class_AP/{name}", ap, self.global_step)
-            for group, value in result.group_map.items():  # AVA's action groups (EvalResult.grouping)
-                if not math.isnan(value):
-                    writer.add_scalar(f"val_group_mAP/{group}", value, self.global_step)
-        return result.mean_ap
+                             "val_map": evaluated.mean_ap, "per_class": evaluated.per_class})
+        self.run_log.validation(step=self.global_step, epoch=self.epoch, result=evaluated, best_map=self.best_map)
+        return evaluated.mean_ap
 
     def _evaluate(self, predictions: Predictions, keyframes: KeyframeIndex, class_ids: set[int] | None) -> EvalResult:
         """Frame-mAP@0.5 of the val predictions, in memory: the same numbers as evaluating the
@@ -764,18 +696,6 @@ class Trainer:
                                     column_ids=self.class_ids, groups=self.val_groups)
 
     # -- reporting ------------------------------------------------------------------------
-
-    def _writer(self) -> SummaryWriter | None:
-        if not self.env.is_main:
-            return None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with user_path_errors(train_paths(self.config), writing="--output-dir"):
-            save_json(self.config, self.output_dir / CONFIG_NAME)
-        # the writer creates its event file at once (its thread's ENOSPC names no file)
-        tensorboard_dir = self.config.run.tensorboard_dir
-        writing = "--tensorboard-dir" if tensorboard_dir else "--output-dir"
-        with user_path_errors(train_paths(self.config), writing=writing):
-            return SummaryWriter(tensorboard_dir or str(self.output_dir / "tensorboard"))
 
     def _log_start(self) -> None:
         log.info(
@@ -793,23 +713,11 @@ class Trainer:
         if warning:
             log.warning("%s", warning)
 
-    def _log_train(self, stats: StepStats, writer: SummaryWriter | None, bar: tqdm) -> None:
-        self.check_finite()
+    def _log_train(self, stats: StepStats) -> None:
+        self.nonfinite.check()
         loss = all_reduce_mean(float(stats.loss) / stats.steps, self.env)  # the loss's one read per log line
-        keyframes_per_s = stats.keyframes / stats.seconds
-        wait_fraction = stats.data_wait / stats.seconds
-        lr = self.optimizer.param_groups[0]["lr"]
-        if writer:
-            writer.add_scalar("train/loss", loss, self.global_step)
-            writer.add_scalar("train/lr", lr, self.global_step)
-            writer.add_scalar("train/keyframes_per_s", keyframes_per_s, self.global_step)
-            writer.add_scalar("train/data_wait_fraction", wait_fraction, self.global_step)
-        if self.metrics:
-            self.metrics.train(step=self.global_step, epoch=self.epoch, loss=loss, lr=lr,
-                               keyframes_per_s=keyframes_per_s, data_wait=wait_fraction)
-        bar.set_postfix(loss=f"{loss:.4f}", kf_s=f"{keyframes_per_s:.0f}", wait=f"{wait_fraction:.0%}")
-        log.debug("step %d epoch %d loss %.4f lr %.3g %.0f keyframes/s data wait %.1f%%",
-                  self.global_step, self.epoch, loss, lr, keyframes_per_s, 100 * wait_fraction)
+        self.run_log.train(step=self.global_step, epoch=self.epoch, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                           keyframes_per_s=stats.keyframes / stats.seconds, data_wait=stats.data_wait / stats.seconds)
         stats.reset()
 
     def _reached_max_steps(self) -> bool:
@@ -861,6 +769,16 @@ def check_output_dir(config: TrainConfig) -> None:
 
 
 TENSORBOARD_MIN_BYTES = 4096  # one block: the event file's header and first records
+
+
+def prepare_run(config: TrainConfig) -> None:
+    """What a run needs before anything else, done once: ``--output-dir`` checked
+    (:func:`check_output_dir`) and ``--deterministic`` set (before CUDA's first cuBLAS handle:
+    cuBLAS reads its environment then). :func:`main` calls it before the output lock and the
+    process group, so every rank fails the same way, at once, and nothing is created in a refused
+    directory; a :class:`Trainer` built without ``prepared=True`` (a library user) calls it."""
+    check_output_dir(config)
+    configure_determinism(config.runtime.deterministic)
 
 
 def train_paths(config: TrainConfig) -> dict[str, str | None]:
@@ -924,13 +842,12 @@ def train(config: TrainConfig) -> int:
     """One training run on this rank, from the checks before the process group to its cleanup."""
     env: DistEnv | None = None
     try:
-        check_output_dir(config)  # before the process group: every rank fails the same way, at once
-        configure_determinism(config.runtime.deterministic)  # before CUDA starts (cuBLAS reads its env)
+        prepare_run(config)  # before the lock and the process group: every rank fails the same way, at once
         with run_lock(config):  # rank 0: one training run per output directory
             env = init_distributed(config.runtime.device, config.runtime.dist_timeout)
             setup_logging(env)
             configure_threads(config.runtime.threads, env, config.runtime.workers)
-            with Trainer(config, env) as trainer:
+            with Trainer(config, env, prepared=True) as trainer:
                 summary = trainer.fit()
         if env.is_main:
             val = "n/a" if summary.val_map is None else f"{summary.val_map:.4f}"

@@ -23,7 +23,8 @@ from stage_dist.batch import collate
 from stage_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    load_model_state,
+    TrainingState,
+    checkpoint_state,
     read_checkpoint,
     read_latest_or_file,
     rng_state,
@@ -32,6 +33,7 @@ from stage_dist.checkpoint import (
 )
 from stage_dist.errors import UserInputError
 from stage_dist.model import STAGE, ModelConfig, build_model
+from stage_dist.saved_model import SavedModel, load_model_state
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
 TINY = ModelConfig(actor_dim=4, object_dim=8, num_heads=1)
@@ -232,6 +234,31 @@ def test_stage_dist_checkpoint_with_and_without_training_state(tmp_path):
     with pytest.raises(CheckpointError, match="malformed model_config"):
         read_checkpoint(path)
 
+
+
+# The checkpoint layout of this project, key by key in the order written: a change here changes
+# every checkpoint file (and what older ones resume as).
+LAYOUT = ("model_state", "model_kind", "model_config", "optimizer_state", "scheduler_state", "scaler_state",
+          "epoch", "step", "global_step", "best_map", "history", "world_size", "rng_per_rank", "train_config")
+
+
+def test_the_layout_is_written_and_read_through_one_schema(tmp_path):
+    torch.manual_seed(0)
+    model = SavedModel("stage", TINY, build_model("stage", TINY).state_dict())
+    training = TrainingState(optimizer_state={"state": {}, "param_groups": []}, scheduler_state={"last_epoch": 3},
+                             scaler_state={"scale": 2.0}, epoch=1, step=2, global_step=9, best_map=None,
+                             history=[{"epoch": 1}], world_size=1, rng_per_rank=[rng_state()],
+                             train_config={"output_dir": "run"})
+    state = checkpoint_state(model, training)
+    assert tuple(state) == LAYOUT
+    assert tuple(checkpoint_state(model)) == LAYOUT[:3]
+    save_checkpoint(tmp_path / "run.pt", state)
+    back = read_checkpoint(tmp_path / "run.pt")
+    assert back.kind == "stage_dist" and back.model_kind == "stage" and back.model_config == TINY
+    assert back.model.to_state().keys() == model.to_state().keys()
+    assert back.training.to_state().keys() == training.to_state().keys()
+    assert (back.training.global_step, back.training.scaler_state, back.training.history) == (9, {"scale": 2.0},
+                                                                                             [{"epoch": 1}])
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     state = STAGE(SMALL).state_dict()

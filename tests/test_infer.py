@@ -17,7 +17,8 @@ from stage_dist.ava import read_labelmap
 from stage_dist.distributed import init_distributed
 from stage_dist.evaluate import evaluate
 from stage_dist.data import StoreWindowSource
-from stage_dist.infer import load_model, main as infer_main
+from stage_dist.checkpoint import load_model
+from stage_dist.infer import main as infer_main
 from stage_dist.inference import predict
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.store import FeatureStore

@@ -18,7 +18,7 @@ import torch
 
 from reference_stage import ReferenceStage, random_window, reference_logits
 from stage_dist.batch import Padding, collate
-from stage_dist.checkpoint import load_model_state
+from stage_dist.saved_model import load_model_state
 from stage_dist.model import (
     STAGE,
     ModelConfig,

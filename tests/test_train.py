@@ -325,8 +325,6 @@ def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch)
     steps only, and a step reads no tensor value back at all (the window's keyframe rows come from
     the batch's host bookkeeping as numpy). On CPU every tensor is a host tensor, so every call of a
     method that would synchronise a GPU (item, tolist, bool/int/float/index conversion) counts."""
-    from tqdm import tqdm
-
     config = make_config(tiny_stores, tmp_path, val_store=None, log_every=4, max_steps=12)
     trainer = Trainer(config, init_distributed("cpu"))
     reads = []
@@ -339,7 +337,7 @@ def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    trainer.train_epoch(None, tqdm(disable=True))
+    trainer.train_epoch()
     monkeypatch.undo()
     assert trainer.global_step == 12
     at_log_steps = [(step, name, "stage_dist") for step in (4, 8, 12) for name in ("tolist", "__float__")]
@@ -352,13 +350,11 @@ def test_loss_is_read_back_only_at_log_steps(tiny_stores, tmp_path, monkeypatch)
 def test_non_finite_weights_are_never_checkpointed(tiny_stores, tmp_path):
     """Weights gone non-finite with a finite loss (e.g. an inf gradient without --grad-clip) are caught
     before the checkpoint, named as the steps since the last check; nothing is written."""
-    from tqdm import tqdm
-
     from stage_dist.train import NonFiniteError
 
     trainer = Trainer(make_config(tiny_stores, tmp_path, val_store=None, log_every=100, max_steps=3),
                       init_distributed("cpu"))
-    trainer.train_epoch(None, tqdm(disable=True))
+    trainer.train_epoch()
     with torch.no_grad():
         trainer.model.logits.bias[0] = float("inf")
     with pytest.raises(NonFiniteError, match="weights became non-finite between steps 1 and 3"):
