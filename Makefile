@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+	for b in bench/*_bench.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"   (raw {raw_s:.2f} s, conversion {conv_s:.2f} s incl. startup; all runs: raw "
                   f"{' '.join(f'{t:.2f}' for t in raw_times)}, conversion {' '.join(f'{t:.2f}' for t in conv_times)})")
             lines = stdout.splitlines()
-            print("    converter: " + " | ".join(lines[1:2] + [line for line in lines if line.startswith("seconds by")]))
+            timing = [line for line in lines if line.startswith("seconds by")]
+            print("    converter: " + " | ".join(lines[1:2] + timing))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

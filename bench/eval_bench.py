@@ -15,7 +15,7 @@ Each evaluation runs in a fresh subprocess that reports its own wall time and pe
 memory (VmHWM, which includes the interpreter and numpy: the import-only baseline is printed
 next to it).
 
-    python bench/eval_bench.py [--keyframes 57000] [--repeat 5] [--skip-full] [--work-dir DIR] [--bootstrap N]
+    python -m bench.eval_bench [--keyframes 57000] [--repeat 5] [--skip-full] [--work-dir DIR] [--bootstrap N]
 """
 
 from __future__ import annotations

@@ -1129,7 +1129,7 @@ def worker_profile(spec: dict) -> dict:
 
     from stage_dist.config import parse_config
     from stage_dist.distributed import init_distributed
-    from stage_dist.train import Trainer, TrainConfig, build_parser
+    from stage_dist.train import TrainConfig, Trainer, build_parser
 
     if spec["compile_backend"]:
         _force_compile_backend(spec["compile_backend"])

@@ -36,15 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from stage_dist.batch import Batch, collate
+from stage_dist.checkpoint import load_model_state
+from stage_dist.model import STAGE, ModelConfig
+from tests.reference_stage import ReferenceStage, random_window, reference_adjacency, reference_logits
 
-from reference_stage import (  # noqa: E402
-    ReferenceStage, random_window, reference_adjacency, reference_logits,
-)
-from stage_dist.batch import Batch, collate  # noqa: E402
-from stage_dist.checkpoint import load_model_state  # noqa: E402
-from stage_dist.model import STAGE, ModelConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 KEYFRAMES = 6
 ACTORS_PER_KEYFRAME = 2
@@ -140,8 +137,8 @@ def measure(case: Case) -> dict:
 
 def _measure_in_subprocess(case: Case, env: dict[str, str]) -> dict:
     result = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(asdict(case))],
-        env=env, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "bench.model_bench", "--worker", json.dumps(asdict(case))],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{case.kind} at {case.nodes} nodes failed:\n{result.stderr[-2000:]}")

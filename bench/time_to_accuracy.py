@@ -20,7 +20,7 @@ per configuration the val mAP mean +- std per epoch and the fewest keyframes at 
 (and the mean) reached the band. ``--per-step`` times training steps alone (no validation) at every
 B, for the README's wall-time columns. Wall times on a shared machine are indicative only.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/time_to_accuracy.py --jobs 2
+    OMP_NUM_THREADS=1 python -m bench.time_to_accuracy --jobs 2
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 WINDOW = 6
 RULES = ("none", "sqrt", "linear")
@@ -96,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-early-stop", action="store_true", help="train every run for the full keyframe budget")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--per-step", action="store_true", help="only time training steps per B (no sweep)")
-    p.add_argument("--per-step-seconds", type=float, default=20.0, help="--per-step doubles the timed steps until a run takes this long (at most one epoch)")
+    p.add_argument("--per-step-seconds", type=float, default=20.0,
+                   help="--per-step doubles the timed steps until a run takes this long (at most one epoch)")
     p.add_argument("--check-ranks", action="store_true",
                    help="only compare 2 gloo ranks x k windows with 1 rank x 2k windows (torchrun)")
     return p.parse_args(argv)
@@ -302,16 +302,18 @@ def write_markdown(results: dict, args: argparse.Namespace) -> None:
              f"{recipe['max_epochs_others']} epochs ({args.max_factor:g}x the recipe's keyframes), stopped at the "
              "first epoch that reaches the band (a stopped run's last value is carried in the later means, marked *).",
              "", "| B | rule | warmup (steps) | opt | LR | steps/epoch | keyframes to band (per seed) | all seeds by | "
-             "best val mAP (mean +- std) | val mAP mean +- std per epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "best val mAP (mean +- std) | val mAP mean +- std per epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         counts = [len(x["curve"]) for x in results["runs"].values() if x["group"] == r["group"]]
         epochs = " ".join(f"{m:.3f}+-{s:.3f}{'*' if e + 1 > min(counts) else ''}"
                           for e, (m, s) in enumerate(r["per_epoch"]))
         to_band = ", ".join("-" if x is None else f"{x}" for x in r["keyframes_to_band"])
-        by = "not reached" if r["all_reached_at"] is None else f"{r['all_reached_at']} ({r['all_reached_at'] / recipe['keyframes']:.2f}x)"
+        reached = r["all_reached_at"]
+        by = "not reached" if reached is None else f"{reached} ({reached / recipe['keyframes']:.2f}x)"
         lines.append(f"| {r['batch']} | {r['rule']} | {'on (%d)' % r['warmup_steps'] if r['warmup'] else 'off'} | "
-                     f"{r['optimizer']} | {r['lr']:.3g} | {r['steps_per_epoch']} | {to_band} | {by} | {r['best'][0]:.3f} +- "
-                     f"{r['best'][1]:.3f} | {epochs} |")
+                     f"{r['optimizer']} | {r['lr']:.3g} | {r['steps_per_epoch']} | {to_band} | {by} | "
+                     f"{r['best'][0]:.3f} +- {r['best'][1]:.3f} | {epochs} |")
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -39,7 +39,7 @@ holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``).
 
 ``--profile`` adds a torch.profiler table of a few training steps (1 window, no workers).
 
-    .venv/bin/python bench/train_bench.py
+    .venv/bin/python -m bench.train_bench
 """
 
 from __future__ import annotations
@@ -67,14 +67,21 @@ import torch
 from tqdm import tqdm
 
 from stage_dist.batch import Batch, WindowSpec, collate
+from stage_dist.config import from_flat
 from stage_dist.distributed import DistEnv, configure_threads
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.store import (
-    FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
-    open_arrays, storage_attrs,
+    FeatureStore,
+    StorageConfig,
+    StoreLayout,
+    StoreShape,
+    Tables,
+    create_store,
+    finish_store,
+    open_arrays,
+    storage_attrs,
 )
-from stage_dist.config import from_flat
-from stage_dist.train import Trainer, TrainConfig
+from stage_dist.train import TrainConfig, Trainer
 
 log = logging.getLogger("train_bench")
 

@@ -745,8 +745,9 @@ def write_results_csv(
     """Write predictions as an AVA results.csv; return the number of rows written.
 
     One row ``video,ts,x1,y1,x2,y2,action,score`` per box and action, where score column ``j``
-    is class id ``column_ids[j]`` (default ``j + 1``, AVA's); only ``class_ids`` if given, per box only its ``topk`` highest
-    scores if given (ties: lower action id first), only scores ``>= min_score``. Rows are sorted
+    is class id ``column_ids[j]`` (default ``j + 1``, AVA's); only ``class_ids`` if given, per box
+    only its ``topk`` highest scores if given (ties: lower action id first), only scores
+    ``>= min_score``. Rows are sorted
     by video id, timestamp, box (``x1, y1, x2, y2``, then input order) and action id, so the
     file does not depend on the order of the inputs. Timestamps are written 4-digit zero-padded
     (``0902``), boxes with ``box_decimals`` and scores with ``score_decimals`` decimals.
@@ -816,5 +817,3 @@ def _box_prefixes(names, codes, stamps, boxes, box_decimals: int) -> np.ndarray:
     for j in range(4):
         text = np.strings.add(np.strings.add(text, b","), coordinates[:, j])
     return text
-
-

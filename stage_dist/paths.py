@@ -45,7 +45,8 @@ class PathError(UserInputError):
     the flag and why."""
 
 
-def error_message(flag: str, path: str | os.PathLike[str], reason: str, file: str | os.PathLike[str] | None = None) -> str:
+def error_message(flag: str, path: str | os.PathLike[str], reason: str,
+                  file: str | os.PathLike[str] | None = None) -> str:
     """``PATH: cannot write FLAG: [FILE: ]REASON`` (FILE when it is not PATH itself)."""
     shown = os.fspath(path)
     where = f"{os.fspath(file)}: " if file is not None and _absolute(file) != _absolute(shown) else ""

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from reference_stage import ReferenceStage, random_window, reference_logits
 from stage_dist import checkpoint as ckpt_module
 from stage_dist.batch import collate
 from stage_dist.checkpoint import (
@@ -32,6 +31,7 @@ from stage_dist.checkpoint import (
 )
 from stage_dist.errors import UserInputError
 from stage_dist.model import STAGE, ModelConfig, build_model
+from tests.reference_stage import ReferenceStage, random_window, reference_logits
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
 TINY = ModelConfig(actor_dim=4, object_dim=8, num_heads=1)
@@ -395,4 +395,3 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
 def test_malformed_rng_state():
     with pytest.raises(CheckpointError, match="RNG"):
         set_rng_state({"python": {}})
-

@@ -69,7 +69,8 @@ def assert_same_store(a: Path, b: Path, compare_sources: bool = True) -> None:
     for key in ("counts", "dims", "dtypes", "video_ids", "label_layout", "schema_version"):
         assert attrs_a[key] == attrs_b[key], key
     if compare_sources:  # the record of input files' sizes and times differs where a test changed one
-        assert {k: v for k, v in attrs_a.items() if k != "inputs"} == {k: v for k, v in attrs_b.items() if k != "inputs"}
+        assert ({k: v for k, v in attrs_a.items() if k != "inputs"}
+                == {k: v for k, v in attrs_b.items() if k != "inputs"})
 
 
 def reference_i3d(paths) -> list[tuple[str, int, dict[str, np.ndarray]]]:
@@ -458,10 +459,10 @@ def test_leading_dash_rule_never_takes_another_clips_objects(split):
 
 def test_format_webdataset_writes_shards_equal_to_the_store(tmp_path):
     from stage_dist.batch import WindowSpec
-    from stage_dist.shard_format import load_manifest, read_clip_samples, shard_pattern
-    from stage_dist.synth import SynthConfig, synthesize
     from stage_dist.convert import main as convert_main
+    from stage_dist.shard_format import load_manifest, read_clip_samples, shard_pattern
     from stage_dist.store import FeatureStore
+    from stage_dist.synth import SynthConfig, synthesize
 
     data = synthesize(tmp_path / "synth", SynthConfig(seed=3, train_clips=3, val_clips=1, keyframes_per_clip=6,
                                                       actor_dim=8, object_dim=16, actor_thw=(1, 1, 1)))
@@ -670,8 +671,8 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
     including a last shard and chunk cut by the array's end and a 5-d array."""
     import zarr
 
-    from stage_dist.zarr_io import ShardStreamWriter
     from stage_dist.store import _compressors
+    from stage_dist.zarr_io import ShardStreamWriter
 
     rng = np.random.default_rng(0)
     root = zarr.open_group(tmp_path / "s", mode="w", zarr_format=3)
@@ -759,7 +760,7 @@ def _summary_lines(text: str) -> list[str]:
 def test_rerun_of_unchanged_store_opens_no_source_file(split, tmp_path, capsys, caplog, layout):
     """A complete store whose sources kept their sizes and mtimes: the rerun compares the recorded
     stats only (no HDF5 open) and reports what the first run did; --verify still reads the sources."""
-    from counting import count_h5_opens
+    from tests.counting import count_h5_opens
 
     caplog.set_level("INFO", logger="stage_dist.convert")
     out = tmp_path / "s.zarr"
@@ -784,7 +785,7 @@ def test_rerun_of_unchanged_store_opens_no_source_file(split, tmp_path, capsys, 
 def test_rerun_by_stats_still_sees_touched_and_added_files(split, tmp_path, capsys, caplog):
     """A touched actor file (same bytes, new mtime) is found by its stat and its shards are converted
     again (the next rerun opens nothing); an added keyframe file is another plan (refused)."""
-    from counting import count_h5_opens
+    from tests.counting import count_h5_opens
 
     out = tmp_path / "s.zarr"
     args = i3d_args(split, out) + SMALL + ["--split", "train"]

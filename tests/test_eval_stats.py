@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, subprocess_env
 
 from stage_dist import eval_stats
 from stage_dist.ava import read_label_types, read_labelmap
@@ -25,6 +24,7 @@ from stage_dist.evaluate import (
     read_action_groups,
 )
 from stage_dist.results_check import check
+from tests.conftest import FIXTURES, subprocess_env
 
 SUBSET = (FIXTURES / "ava_val_v2.1_subset4.csv", FIXTURES / "detections_subset4.csv",
           FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt")
@@ -318,7 +318,7 @@ def test_check_reports_every_problem_class_with_counts_and_first_example(tmp_pat
     assert found["keyframes not in the groundtruth"].count == 3
     assert found["timestamps written differently from the groundtruth"].count == 1
     assert "written '902', groundtruth '0902'" in found["timestamps written differently from the groundtruth"].example
-    assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces " 
+    assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces "
                  "from the video id"].count == 1
     assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces "
                  "from the video id"].example.endswith("would be groundtruth keyframe 'vid,0903'")  # as written

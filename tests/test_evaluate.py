@@ -16,9 +16,16 @@ import numpy as np
 import pytest
 
 import stage_dist.ava as ava
-from conftest import FIXTURES
-from stage_dist.ava import read_detections, read_groundtruth, read_labelmap, results_as_read, results_rows, write_results_csv
+from stage_dist.ava import (
+    read_detections,
+    read_groundtruth,
+    read_labelmap,
+    results_as_read,
+    results_rows,
+    write_results_csv,
+)
 from stage_dist.evaluate import CLASS_KEY_PREFIX, MAP_KEY, evaluate, evaluate_predictions, main
+from tests.conftest import FIXTURES
 
 LABELMAP_3 = {1: "one", 2: "two", 3: "three"}
 TP_BOX = (0.1, 0.1, 0.5, 0.9)

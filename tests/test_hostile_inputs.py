@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 import pytest
 
-from hostile import REPO, assert_clean_failure, run_main, snapshot
 from stage_dist import convert
 from stage_dist.outputs import MARKER_NAME
 from stage_dist.synth import SplitPaths, SynthConfig, synthesize
+from tests.hostile import REPO, assert_clean_failure, run_main, snapshot
 
 SMALL = ["--chunk-kb", "0.1", "--min-shards", "4", "--no-progress", "--workers", "1"]
 
@@ -341,7 +341,8 @@ def test_check_output_file_and_its_lock(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "ckpt_link").symlink_to(checkpoint)
     for path, message in ((checkpoint, "is the input --checkpoint"), (tmp_path / "ckpt_link", "is the input"),
-                          (tmp_path / "sub", "is a directory"), (tmp_path / "notes.txt" / "results.csv", "is not a directory")):
+                          (tmp_path / "sub", "is a directory"),
+                          (tmp_path / "notes.txt" / "results.csv", "is not a directory")):
         with pytest.raises(OutputError, match=message):
             check_output_file(path, inputs=[("--checkpoint", checkpoint)])
     results = check_output_file(tmp_path / "out" / "results.csv", inputs=[("--checkpoint", checkpoint)])

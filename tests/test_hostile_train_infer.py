@@ -13,15 +13,14 @@ import pytest
 import torch
 import zarr
 
-from conftest import Stores
 from stage_dist.checkpoint import read_checkpoint
+from stage_dist.errors import EXIT_NON_FINITE
 from stage_dist.infer import main as infer_main
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.sampler import ClipWindowSampler
 from stage_dist.store import FeatureStore
-from stage_dist.errors import EXIT_NON_FINITE
 from stage_dist.train import main as train_main
-
+from tests.conftest import Stores
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -327,7 +326,7 @@ def test_nan_under_torchrun_stops_every_rank(tiny_stores, nan_store, tmp_path):
     waiting in a collective), rank 0 names the step and window, and no checkpoint is non-finite."""
     import subprocess
 
-    from conftest import subprocess_env, torchrun_command
+    from tests.conftest import subprocess_env, torchrun_command
 
     path, _ = nan_store
     output_dir = tmp_path / "run"

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Stores, subprocess_env, torchrun_command
 from stage_dist.ava import read_labelmap
+from stage_dist.data import StoreWindowSource
 from stage_dist.distributed import init_distributed
 from stage_dist.evaluate import evaluate
-from stage_dist.data import StoreWindowSource
 from stage_dist.infer import load_model, main as infer_main
 from stage_dist.inference import predict
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.store import FeatureStore
+from tests.conftest import Stores, subprocess_env, torchrun_command
 
 
 def save_random_model(path: Path, store: FeatureStore, seed: int, kind: str = "stage", **config) -> Path:

@@ -31,7 +31,6 @@ from stage_dist.shard_stream import ShardWindowStream, fill_segments
 from stage_dist.shards import main
 from stage_dist.store import (
     FeatureStore,
-    read_attrs,
     StorageConfig,
     StoreLayout,
     StoreShape,
@@ -39,6 +38,7 @@ from stage_dist.store import (
     create_store,
     finish_store,
     open_arrays,
+    read_attrs,
     storage_attrs,
 )
 
@@ -256,7 +256,8 @@ def test_window_samples_match_the_store_and_join_back_into_clips(store, tmp_path
 # --- equal steps on every rank --------------------------------------------------------------
 
 
-def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch, **kwargs) -> list[list[list[Window]]]:
+def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch,
+                   **kwargs) -> list[list[list[Window]]]:
     """Every rank's steps, in step order, with ``num_workers`` DataLoader workers emulated."""
     import stage_dist.shard_stream as shard_stream
 
@@ -303,8 +304,8 @@ def test_uneven_shards_yield_every_window_once_plus_padding(store, layout, world
                     assert_windows_equal(w, store.read_window(spec_of(store, w)))
         with caplog.at_level("INFO", logger="stage_dist.sampler"):
             stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(epoch)
-        assert f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); {padded} windows " \
-               "repeated" in caplog.text
+        assert (f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); "
+                f"{padded} windows repeated") in caplog.text
 
 
 def test_segments_fill_quotas_evenly():

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-from counting import count_reads
 from zarr.codecs import ZstdCodec
 
 from stage_dist import zarr_io
@@ -36,6 +34,7 @@ from stage_dist.store import (
 )
 from stage_dist.synth import SynthConfig, synthesize
 from stage_dist.zarr_io import ArrayReader, UnknownLayout, open_reader
+from tests.counting import count_reads
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +305,8 @@ _UNKNOWN = {  # layouts the direct path does not read: zarr reads them, after a 
     "key encoding": ({"chunk_key_encoding": {"name": "custom"}}, "custom"),
     "fill value": ({"fill_value": "lots"}, "lots"),
     "bool fill for float": ({"fill_value": True}, "fill value"),
-    "chunks across rows": ({"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 3]}}}, "whole rows"),
+    "chunks across rows": ({"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 3]}}},
+                           "whole rows"),
     "shard not whole chunks": ({"codecs": _sharding(chunk_shape=[24, 7])}, "multiple"),
     "missing codecs": ({"codecs": None}, "codecs"),
     "missing shape": ({"shape": "big"}, "metadata"),

@@ -196,7 +196,7 @@ def test_groundtruth_csv(small: SynthDataset) -> None:
                 for r in full:
                     match = np.flatnonzero(np.all(np.abs(boxes - np.array(r[2:6], np.float32)) < 1e-6, axis=1))
                     assert len(match) == 1 and labels[match[0], int(r[6])] == 1
-                assert sum(len(np.flatnonzero(l[1:])) for l in labels) == len(full)
+                assert sum(len(np.flatnonzero(row[1:])) for row in labels) == len(full)
         empty = [k for k, rs in per_frame.items() if len(rs[0]) == 2]
         assert empty, f"{split} has no 2-column (empty keyframe) rows"
 
@@ -314,7 +314,8 @@ def average_precision(score: np.ndarray, truth: np.ndarray) -> float:
     return float((precision * hits).sum() / hits.sum())
 
 
-def logistic_regression_ap(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> np.ndarray:
+def logistic_regression_ap(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                           y_val: np.ndarray) -> np.ndarray:
     torch.manual_seed(0)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     xt, xv = torch.from_numpy((x_train - mean) / std), torch.from_numpy((x_val - mean) / std)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Stores, subprocess_env, torchrun_command
 from stage_dist.checkpoint import read_checkpoint
+from stage_dist.config import from_flat, parse_config, replace_flat, save_json, to_argv
 from stage_dist.distributed import init_distributed
 from stage_dist.errors import UserInputError
-from stage_dist.config import from_flat, parse_config, replace_flat, save_json, to_argv
 from stage_dist.train import OptimConfig, TrainConfig, Trainer, effective_lr
+from tests.conftest import Stores, subprocess_env, torchrun_command
 
 
 def make_config(stores: Stores, output_dir: Path, **overrides) -> TrainConfig:
@@ -51,7 +51,8 @@ def test_config_json_repeats_the_run_and_flags_override_it(tiny_stores, tmp_path
     config = make_config(tiny_stores, tmp_path / "run", epochs=1, val_store=None, lr=1 / 3)
     save_json(config, tmp_path / "config.json")
     assert parse_config(TrainConfig, ["--config", str(tmp_path / "config.json")]) == config
-    changed = parse_config(TrainConfig, ["--config", str(tmp_path / "config.json"), "--epochs", "3", "--model", "baseline"])
+    changed = parse_config(TrainConfig,
+                           ["--config", str(tmp_path / "config.json"), "--epochs", "3", "--model", "baseline"])
     assert changed == replace_flat(config, epochs=3, kind="baseline")
 
 
