@@ -75,7 +75,7 @@ def _resolved_inputs(inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> 
     return out
 
 
-def check_not_input(out: Path, inputs: Iterable[tuple[str, str | os.PathLike | None]],
+def check_not_input(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
                     what: str = "--out") -> None:
     """Refuse an output that equals, contains or lies inside one of ``inputs`` ((flag, path) pairs).
 

@@ -28,7 +28,7 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Callable, Iterable, Iterator, Literal, Mapping
 
 from stage_dist.errors import INPUT_ERRORS, UserInputError
 from stage_dist.fileio import TMP_PREFIX, NoSpaceError
@@ -263,7 +263,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _failer(flag: str, given: str):
+def _failer(flag: str, given: str) -> Callable[..., PathError]:
     def fail(reason: str, file: str | os.PathLike[str] | None = None) -> PathError:
         return PathError(error_message(flag, given, reason, file))
     return fail

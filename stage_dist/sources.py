@@ -339,7 +339,7 @@ class _Handles:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self._files, self._pid = {}, os.getpid()
 
 
 # --------------------------------------------------------------------------- objects.h5
