@@ -88,6 +88,7 @@ def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None
         start = time.perf_counter()
         result = run()
         seconds.append(time.perf_counter() - start)
+    assert result is not None, "--repeat must be at least 1"
     print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "import_rss": baseline,
                       "mean_ap": result.mean_ap, "rows": result.num_detection_rows,
                       "evaluated": result.num_evaluated_detections}))
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", nargs=3, metavar=("GT", "DET", "LABELMAP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(*args.child, repeat=args.repeat)
+        groundtruth, detections, labelmap = args.child
+        child(groundtruth, detections, labelmap, repeat=args.repeat)
         return 0
 
     report("subset fixture", run_child(FIXTURES / "ava_val_v2.1_subset4.csv", FIXTURES / "detections_subset4.csv",

@@ -67,7 +67,9 @@ class Case:
 
 def _rss_kib(field: str) -> int:
     status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))
+    found = re.search(rf"{field}:\s+(\d+)", status)
+    assert found, f"no {field} in /proc/self/status"
+    return int(found.group(1))
 
 
 def _make_batch(case: Case, config: ModelConfig) -> Batch:
@@ -103,12 +105,13 @@ def measure(case: Case) -> dict:
     cuda = device.type == "cuda"
     # The published code builds its adjacency in the data loader, outside the step: so does
     # the reference here, and so does the project's collate (the batch carries its graph).
-    adj = reference_adjacency(batch) if case.kind == "reference" else None
+    reference = model if isinstance(model, ReferenceStage) else None
+    adj = reference_adjacency(batch) if reference is not None else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16"):
-            if case.kind == "reference":
-                logits = reference_logits(model, batch, adj=adj)
+            if reference is not None:
+                logits = reference_logits(reference, batch, adj=adj)
             else:
                 logits = model(batch)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels)

@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_all(specs: list[tuple[RunSpec, int, int, float | None]], data: dict, args: argparse.Namespace,
+def run_all(specs: Sequence[tuple[RunSpec, int, int, float | None]], data: dict, args: argparse.Namespace,
             results: dict) -> None:
     todo = [s for s in specs if s[0].key not in results["runs"]]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -286,7 +287,8 @@ def summarize(results: dict) -> list[dict]:
                      "warmup_steps": first["warmup_steps"], "steps_per_epoch": first["steps_per_epoch"],
                      "keyframes_per_epoch": first["keyframes_per_epoch"], "seeds": len(runs),
                      "per_epoch": per_epoch, "keyframes_to_band": reached,
-                     "all_reached_at": max(reached) if all(x is not None for x in reached) else None,
+                     "all_reached_at": max(hits) if len(hits := [x for x in reached if x is not None]) == len(reached)
+                     else None,
                      "wall_s_mean": statistics.mean(r["wall_s"] for r in runs), "best": _mean_std(best)})
     rows.sort(key=lambda r: (r["batch"], r["optimizer"], RULES.index(r["rule"]), r["warmup"]))
     return rows
@@ -390,6 +392,7 @@ def check_ranks(args: argparse.Namespace, data: dict, results: dict, k: int = 2,
 
     import torch
 
+    from stage_dist.batch import Batch
     from stage_dist.config import save_json
     from stage_dist.distributed import init_distributed
     from stage_dist.train import Trainer
@@ -414,11 +417,12 @@ def check_ranks(args: argparse.Namespace, data: dict, results: dict, k: int = 2,
         """1 rank x 2k windows with the loss DDP optimised before ranks were weighted by their actor
         share: the plain mean over ranks of each rank's mean (kept to show what the weight changes)."""
 
-        def train_step(self, batch):
+        def train_step(self, batch: Batch) -> torch.Tensor:
             self._rank_of_actor = batch.actor_window // k
             return super().train_step(batch)
 
-        def loss(self, logits, labels):
+        # The trainer calls self.loss: an instance method may replace the static one (it reads this step's ranks).
+        def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             total = logits.sum() * 0.0
             for rank in range(2):
                 mine = self._rank_of_actor == rank
