@@ -42,7 +42,14 @@ from bench.train_bench import StoreSpec, write_store
 from stage_dist.batch import Padding
 from stage_dist.data import StoreWindowSource, inference_loader
 from stage_dist.distributed import DistEnv, configure_threads
-from stage_dist.inference import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions
+from stage_dist.inference import (
+    INFERENCE_WINDOW,
+    RECEPTIVE_FIELD,
+    KeyframeIndex,
+    Predictions,
+    predict,
+    write_predictions,
+)
 from stage_dist.model import STAGE, ModelConfig, action_logits
 from stage_dist.sampler import plan_inference_windows
 from stage_dist.store import FeatureStore
@@ -52,14 +59,16 @@ PUBLISHED_TEST_KF_S = 115.0  # the published test.py on this 2-core CPU (issue 5
 
 
 def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
-                 windows_per_batch: int, workers: int) -> tuple[float, object]:
+                 windows_per_batch: int, workers: int) -> tuple[float, Predictions]:
     """Seconds of one ``predict`` over the whole store (fresh store object) and its result."""
     store = FeatureStore.open(store_path)
     configure_threads(0, env, workers)  # as `python -m stage_dist.infer` does
     started = time.perf_counter()
     result = predict(model, StoreWindowSource(store), env, window=window, windows_per_batch=windows_per_batch,
                      num_workers=workers, progress=False)
-    return time.perf_counter() - started, result.predictions
+    seconds = time.perf_counter() - started
+    assert result is not None  # one process: it is rank 0, which gets the predictions
+    return seconds, result.predictions
 
 
 def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_batch: int,
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         windows_per_batch, workers)
                     rows.append((windows_per_batch, workers, seconds))
 
+            assert predictions is not None, "--windows-per-batch and --workers need a value each"
             csv_path = root / "results.csv"
             started = time.perf_counter()
             csv_rows = write_predictions(csv_path, predictions, KeyframeIndex.from_store(store))
