@@ -101,7 +101,8 @@ def reference_metrics(gt_path: Path, det_path: Path, labelmap: dict[int, str], c
         return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
     def read(path, cap):
-        heaps, keys = defaultdict(list), set()
+        heaps: defaultdict[str, list[tuple[float, int, float, float, float, float]]] = defaultdict(list)
+        keys = set()
         for row in csv.reader(path.open()):
             keys.add(key(row))
             if len(row) == 2 or int(row[6]) not in labelmap:

@@ -248,7 +248,8 @@ SHARD_CASES: dict[str, Callable[[Case, Path], tuple[list[str], list[str]]]] = {
     "out_holds_users_tar_files": lambda c, s: (
         [str(s), str(_folder_with(c, "tars", {"train-000000.tar": "user data", "train-000001.tar": "more"}))],
         [str(c.root / "tars"), "train-000000.tar"]),
-    "out_is_a_file": lambda c, s: ((c.root / "f.tar").write_text("x") and [str(s), str(c.root / "f.tar")],
+    # write_text returns the characters written (1): `and` gives the argument list
+    "out_is_a_file": lambda c, s: ((c.root / "f.tar").write_text("x") and [str(s), str(c.root / "f.tar")],  # type: ignore[dict-item, return-value]
                                    [str(c.root / "f.tar"), "is a file"]),
     "out_is_another_feature_store": lambda c, s: ([str(s), str(_store(c, "other.zarr"))],
                                                   [str(c.root / "other.zarr"), "feature store"]),

@@ -49,7 +49,7 @@ def exit_code(main, argv: list[str]) -> int:
     try:
         return main(argv)
     except SystemExit as exit:
-        return exit.code
+        return exit.code  # type: ignore[return-value]  # argparse and the CLIs exit with a number
 
 
 def train_args(stores: Stores, output_dir: Path, *extra: str, train_store: Path | None = None) -> list[str]:
@@ -68,7 +68,7 @@ def nan_store(tiny_stores: Stores, tmp_path) -> tuple[Path, int]:
     actor = int(store.actor_ptr[keyframe])
     assert store.actor_ptr[keyframe + 1] > actor, "the keyframe has an actor"
     features = zarr.open_group(path, mode="r+")["actors/features"]
-    row = features[actor]
+    row = np.asarray(features[actor])  # one row: an array (zarr types a selection as any of its results)
     row[5] = np.nan
     features[actor] = row
     return path, keyframe
@@ -251,7 +251,7 @@ def test_infer_names_the_keyframe_with_non_finite_scores(tiny_stores, model_chec
     store = FeatureStore.open(path)
     keyframe = int(store.clip_ptr[1]) + 2
     features = zarr.open_group(path, mode="r+")["actors/features"]
-    row = features[int(store.actor_ptr[keyframe])]
+    row = np.asarray(features[int(store.actor_ptr[keyframe])])
     row[0] = np.inf
     features[int(store.actor_ptr[keyframe])] = row
     out = tmp_path / "results.csv"

@@ -61,7 +61,7 @@ def _signal_self_at(trainer: Trainer, step: int, sig: signal.Signals) -> None:
             os.kill(os.getpid(), sig)
         return loss
 
-    trainer.train_step = train_step
+    trainer.train_step = train_step  # type: ignore[method-assign]  # the signal arrives inside a step
 
 
 def test_signal_checkpoints_at_the_agreed_step_and_the_rerun_resumes_exactly(tiny_stores, tmp_path):

@@ -9,6 +9,7 @@ import json
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,13 +126,13 @@ def epoch_specs(store: FeatureStore, epoch: int, window: int = WINDOW, seed: int
     return set(ClipWindowSampler(store.clip_lengths, window, seed=seed).epoch_windows(epoch))
 
 
-def stream(pattern: str, rank: int = 0, world_size: int = 1, **kwargs) -> ShardWindowStream:
-    options = dict(window=WINDOW, windows_per_step=1, seed=0)
+def stream(pattern: str | list[str], rank: int = 0, world_size: int = 1, **kwargs) -> ShardWindowStream:
+    options: dict[str, Any] = dict(window=WINDOW, windows_per_step=1, seed=0)
     options.update(kwargs)
     return ShardWindowStream(pattern, rank=rank, world_size=world_size, **options)
 
 
-def run_epoch(pattern: str, epoch: int, rank: int = 0, world_size: int = 1, **kwargs) -> list[list[Window]]:
+def run_epoch(pattern: str | list[str], epoch: int, rank: int = 0, world_size: int = 1, **kwargs) -> list[list[Window]]:
     s = stream(pattern, rank, world_size, **kwargs)
     s.set_epoch(epoch)
     return list(s)
@@ -357,7 +358,7 @@ def test_epochs_differ_and_are_reproducible(seven):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_clip_samples_give_every_keyframe_exactly_once(store, layout, world_size, request):
     _, pattern = request.getfixturevalue(layout)
-    keyframes = []
+    keyframes: list[int] = []
     for rank in range(world_size):
         for clip in read_clip_samples(pattern, rank=rank, world_size=world_size):
             whole = store.read_keyframes(int(store.clip_ptr[clip.clip]), int(store.clip_ptr[clip.clip + 1]))
@@ -456,7 +457,8 @@ def test_store_and_shards_are_one_kind_of_window_source(store, seven):
         assert [source.steps_for_epoch(e) for e in range(4)] == [sources[0].steps_for_epoch(e) for e in range(4)]
         assert [source.padded_windows(e) for e in range(4)] == [sources[0].padded_windows(e) for e in range(4)]
         assert source.state_dict(3) == {"epoch": 0, "step": 3}
-        owned, named = [], {}
+        owned: list[int] = []
+        named: dict[int, tuple[str, int]] = {}
         for rank in range(2):
             padding = Padding.batch_invariant(source.max_nodes_per_keyframe)
             for batch, mine, keyframes in source.inference_batches(rank, 2, window=4, context=2, windows_per_batch=3,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -241,7 +242,8 @@ _CANONICAL = zarr_io.ShardLayout(shape=(203, 7), dtype=np.dtype("<f2"), fill_val
                                  chunk_rows=16, sharded=True, zstd={"level": 1, "checksum": False},
                                  index_dtype=np.dtype("<u8"))
 
-_SAME_LAYOUT = {  # every form the zarr v3 spec allows for the same layout, and keys a later writer may add
+# every form the zarr v3 spec allows for the same layout, and keys a later writer may add
+_SAME_LAYOUT: dict[str, dict[str, Any]] = {
     "as written": {},
     "name-only strings": {"codecs": _sharding(codecs=["bytes", {"name": "zstd", "configuration": {"level": 1,
                                                                                                   "checksum": False}}],
@@ -286,7 +288,8 @@ def test_layout_from_zarr_json_reads_each_decision():
     assert zarr_io.ShardLayout.from_zarr_json(_zarr_json(fill_value="0x3c00")).fill_value == 1.0  # float16 1.0
 
 
-_UNKNOWN = {  # layouts the direct path does not read: zarr reads them, after a warning
+# layouts the direct path does not read: zarr reads them, after a warning
+_UNKNOWN: dict[str, tuple[dict[str, Any], str]] = {
     "unknown key": ({"future_key": 1}, "future_key"),
     "extension zarr must understand": ({"ext": {"must_understand": True}}, "ext"),
     "storage transformer": ({"storage_transformers": [{"name": "t"}]}, "plain zarr v3"),

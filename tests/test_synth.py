@@ -85,12 +85,12 @@ def test_same_seed_same_bytes_and_arrays(tmp_path: Path, small: SynthDataset) ->
     files = sorted(p.relative_to(small.root) for p in small.root.rglob("*.h5"))
     assert files == sorted(p.relative_to(again.root) for p in again.root.rglob("*.h5"))
     assert len(files) == (5 + 3) * 12 + 4
-    for rel in files:
-        a, b = h5_arrays(small.root / rel), h5_arrays(again.root / rel)
+    for h5 in files:
+        a, b = h5_arrays(small.root / h5), h5_arrays(again.root / h5)
         assert a.keys() == b.keys()
         for key in a:
-            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), (rel, key)
-        assert (small.root / rel).read_bytes() == (again.root / rel).read_bytes(), rel
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), (h5, key)
+        assert (small.root / h5).read_bytes() == (again.root / h5).read_bytes(), h5
     assert (small.root / "train/groundtruth.csv").read_bytes() != (
         other.root / "train/groundtruth.csv"
     ).read_bytes()
