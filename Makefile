@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# ruff (pyflakes, import order, pycodestyle, 120 columns) and mypy, both configured in pyproject.toml;
+# mypy runs even when ruff fails, so one run shows every problem
+lint: $(STAMP)
+	$(PY) -m ruff check .; status=$$?; $(PY) -m mypy || status=1; exit $$status
+
 bench: $(STAMP)
-	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+	for b in bench/*_bench.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

@@ -57,7 +57,7 @@ def write_input(root: Path, gigabytes: float, seed: int = 0) -> tuple[Path, Path
     actors_dir, objects_file = root / "actors", root / "objects.h5"
     actors_dir.mkdir(parents=True)
     actor_bytes = int(np.prod(ACTOR_SHAPE)) * 4
-    budget, written, clips = gigabytes * 1e9, 0, []
+    budget, written, clips = gigabytes * 1e9, 0, list[str]()
     with h5py.File(objects_file, "w") as objects:
         while written < budget:
             video_id = f"-bench_{len(clips):04d}"
@@ -184,7 +184,7 @@ def measure_worker_rss(work: Path, workers: int) -> int:
            "--no-progress", "--log-level", "ERROR"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peaks = psutil.Process(proc.pid), {}
+    root, peaks = psutil.Process(proc.pid), dict[int, int]()
     while proc.poll() is None:
         try:
             for p in [root, *root.children(recursive=True)]:
@@ -199,9 +199,12 @@ def measure_worker_rss(work: Path, workers: int) -> int:
     shard_bytes = 0
     for name in ("objects/features", "objects/boxes", "objects/cls_prob"):
         arr = group[name]
+        assert isinstance(arr, zarr.Array) and arr.shards, name
         shard_bytes += arr.shards[0] * int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
-    rows = group["objects/features"].shards[0]
-    print(f"objects: {group['objects/features'].shape[0]} rows, shard {rows} rows = {shard_bytes / 2**20:.0f} MiB raw; "
+    features = group["objects/features"]
+    assert isinstance(features, zarr.Array) and features.shards
+    rows = features.shards[0]
+    print(f"objects: {features.shape[0]} rows, shard {rows} rows = {shard_bytes / 2**20:.0f} MiB raw; "
           f"conversion {time.perf_counter() - start:.1f} s")
     main_pid = proc.pid
     for pid, peak in sorted(peaks.items(), key=lambda kv: kv[0] != main_pid):
@@ -328,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"   (raw {raw_s:.2f} s, conversion {conv_s:.2f} s incl. startup; all runs: raw "
                   f"{' '.join(f'{t:.2f}' for t in raw_times)}, conversion {' '.join(f'{t:.2f}' for t in conv_times)})")
             lines = stdout.splitlines()
-            print("    converter: " + " | ".join(lines[1:2] + [line for line in lines if line.startswith("seconds by")]))
+            timing = [line for line in lines if line.startswith("seconds by")]
+            print("    converter: " + " | ".join(lines[1:2] + timing))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

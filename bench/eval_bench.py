@@ -15,7 +15,7 @@ Each evaluation runs in a fresh subprocess that reports its own wall time and pe
 memory (VmHWM, which includes the interpreter and numpy: the import-only baseline is printed
 next to it).
 
-    python bench/eval_bench.py [--keyframes 57000] [--repeat 5] [--skip-full] [--work-dir DIR] [--bootstrap N]
+    python -m bench.eval_bench [--keyframes 57000] [--repeat 5] [--skip-full] [--work-dir DIR] [--bootstrap N]
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None
         start = time.perf_counter()
         result = run()
         seconds.append(time.perf_counter() - start)
+    assert result is not None, "--repeat must be at least 1"
     print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss_bytes(), "import_rss": baseline,
                       "mean_ap": result.mean_ap, "rows": result.num_detection_rows,
                       "evaluated": result.num_evaluated_detections}))
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", nargs=3, metavar=("GT", "DET", "LABELMAP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(*args.child, repeat=args.repeat)
+        groundtruth, detections, labelmap = args.child
+        child(groundtruth, detections, labelmap, repeat=args.repeat)
         return 0
 
     report("subset fixture", run_child(FIXTURES / "ava_val_v2.1_subset4.csv", FIXTURES / "detections_subset4.csv",

@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -347,10 +348,11 @@ class Runner:
         self.env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""),
                         PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
 
-    def run(self, name: str, argv: Sequence[str], *, cap: float, env: dict[str, str] | None = None) -> Proc:
+    def run(self, name: str, args: Sequence[str | os.PathLike[str]], *, cap: float,
+            env: dict[str, str] | None = None) -> Proc:
         timeout = self.budget.timeout(cap)
         log = self.logs / f"{name}.log"
-        argv = [str(a) for a in argv]
+        argv = [str(a) for a in args]
         started = time.monotonic()
         with open(log, "w") as handle:
             handle.write("$ " + " ".join(argv) + "\n")
@@ -816,14 +818,14 @@ class GpuCheck:
     def training_checks(self) -> None:
         s = self.sizes
         cpu_out = self.workdir / "train_cpu"
-        variants = {f"workers{w}": (w, ()) for w in RESUME_WORKERS}
+        variants: dict[str, tuple[int, tuple[str, ...]]] = {f"workers{w}": (w, ()) for w in RESUME_WORKERS}
         required = list(variants)
         if s.mode == "cuda" and self.has_train_flag("--deterministic"):
             # CUDA's default kernels need not repeat bit for bit; --deterministic is what must.
             variants["workers2_deterministic"] = (2, ("--deterministic",))
             required = ["workers2_deterministic"]
-        jobs = {
-            **{f"resume_{name}": (lambda name=name, w=w, x=x: self._train_resume(name, w, x))
+        jobs: dict[str, Callable[[], Any]] = {
+            **{f"resume_{name}": functools.partial(self._train_resume, name, w, x)
                for name, (w, x) in variants.items()},
             "train_fp16": lambda: self._short_run("train_fp16", "fp16", ["--grad-clip", "1.0"]),
             "train_amp_off": lambda: self._short_run("train_amp_off", "off", []),
@@ -1054,7 +1056,7 @@ def worker_environment(spec: dict) -> dict:
         with contextlib.suppress(Exception):
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                             capture_output=True, text=True, timeout=20).stdout.strip()
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in ("numpy", "zarr", "numcodecs", "webdataset", "h5py", "tensorboard", "tqdm", "triton"):
         try:
             packages[name] = importlib.metadata.version(name)
@@ -1086,7 +1088,7 @@ def describe_loader_batch(batch: Any) -> dict:
     from stage_dist.batch import Batch
     from stage_dist.graph import Graph
 
-    graph = getattr(batch, "graph", None)
+    graph: Any = getattr(batch, "graph", None)
     is_graph = isinstance(graph, Graph)
     graph_devices = sorted({getattr(graph, f.name).device.type for f in fields(graph)}) if is_graph else []
     rows = batch.actor_features.shape[0] + batch.object_features.shape[0] if isinstance(batch, Batch) else None
@@ -1129,7 +1131,7 @@ def worker_profile(spec: dict) -> dict:
 
     from stage_dist.config import parse_config
     from stage_dist.distributed import init_distributed
-    from stage_dist.train import Trainer, TrainConfig, build_parser
+    from stage_dist.train import TrainConfig, Trainer, build_parser
 
     if spec["compile_backend"]:
         _force_compile_backend(spec["compile_backend"])
@@ -1156,7 +1158,7 @@ def worker_profile(spec: dict) -> dict:
             prof.step()
             return result
 
-        trainer.train_step = marked_step
+        trainer.train_step = marked_step  # type: ignore[method-assign]  # the profiler marks every step
         trainer.fit()
     if steps_done[0] < wait + warmup + active:
         raise RuntimeError(f"only {steps_done[0]} steps ran; the profiler needs {wait + warmup + active}")
@@ -1224,7 +1226,7 @@ def worker_inference(spec: dict) -> dict:
         finally:
             waited[0] += time.perf_counter() - started
 
-    dataloader._BaseDataLoaderIter.__next__ = timed_next
+    dataloader._BaseDataLoaderIter.__next__ = timed_next  # type: ignore[method-assign]  # times every fetch
     passes = []
     for index in range(spec["passes"] + 1):
         waited[0] = 0.0
@@ -1239,6 +1241,7 @@ def worker_inference(spec: dict) -> dict:
         if index:  # pass 0 is the warm-up
             passes.append({"seconds": seconds, "data_wait": waited[0]})
     seconds = sum(p["seconds"] for p in passes)
+    assert result is not None  # one process: it is rank 0, which gets the predictions
     return {
         "keyframes": source.num_keyframes, "actors_predicted": len(result.predictions.actor_index),
         "model": origin, "amp": precision.mode, "window": spec["window"],

@@ -21,7 +21,7 @@ process on ``--device``:
 
 Target (2-core CPU): >= 500 keyframes/s; the published ``test.py`` does ~115 here.
 
-    .venv/bin/python bench/infer_bench.py
+    .venv/bin/python -m bench.infer_bench
 """
 
 from __future__ import annotations
@@ -38,31 +38,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_bench import StoreSpec, write_store  # noqa: E402
-
-from stage_dist.batch import Padding  # noqa: E402
-from stage_dist.data import StoreWindowSource, inference_loader  # noqa: E402
-from stage_dist.distributed import DistEnv, configure_threads  # noqa: E402
-from stage_dist.inference import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
-from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402
-from stage_dist.sampler import plan_inference_windows  # noqa: E402
-from stage_dist.store import FeatureStore  # noqa: E402
+from bench.train_bench import StoreSpec, write_store
+from stage_dist.batch import Padding
+from stage_dist.data import StoreWindowSource, inference_loader
+from stage_dist.distributed import DistEnv, configure_threads
+from stage_dist.inference import (
+    INFERENCE_WINDOW,
+    RECEPTIVE_FIELD,
+    KeyframeIndex,
+    Predictions,
+    predict,
+    write_predictions,
+)
+from stage_dist.model import STAGE, ModelConfig, action_logits
+from stage_dist.sampler import plan_inference_windows
+from stage_dist.store import FeatureStore
 
 TARGET_KF_S = 500.0
 PUBLISHED_TEST_KF_S = 115.0  # the published test.py on this 2-core CPU (issue 5)
 
 
 def time_predict(model: STAGE, store_path: Path, env: DistEnv, window: int,
-                 windows_per_batch: int, workers: int) -> tuple[float, object]:
+                 windows_per_batch: int, workers: int) -> tuple[float, Predictions]:
     """Seconds of one ``predict`` over the whole store (fresh store object) and its result."""
     store = FeatureStore.open(store_path)
     configure_threads(0, env, workers)  # as `python -m stage_dist.infer` does
     started = time.perf_counter()
     result = predict(model, StoreWindowSource(store), env, window=window, windows_per_batch=windows_per_batch,
                      num_workers=workers, progress=False)
-    return time.perf_counter() - started, result.predictions
+    seconds = time.perf_counter() - started
+    assert result is not None  # one process: it is rank 0, which gets the predictions
+    return seconds, result.predictions
 
 
 def time_invariance(model: STAGE, store: FeatureStore, window: int, windows_per_batch: int,
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         windows_per_batch, workers)
                     rows.append((windows_per_batch, workers, seconds))
 
+            assert predictions is not None, "--windows-per-batch and --workers need a value each"
             csv_path = root / "results.csv"
             started = time.perf_counter()
             csv_rows = write_predictions(csv_path, predictions, KeyframeIndex.from_store(store))
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print_invariance(model, store, args, device,
                          f"the bench store ({spec.actors} actors + {spec.objects} objects per keyframe)")
-        uneven = write_store(root / "uneven.zarr", spec, "val", uneven=(tuple(args.uneven_actors), tuple(args.uneven_objects)))
+        uneven = write_store(root / "uneven.zarr", spec, "val",
+                             uneven=(tuple(args.uneven_actors), tuple(args.uneven_objects)))
         print_invariance(model, uneven, args, device,
                          f"keyframes of uneven size ({args.uneven_actors[0]}-{args.uneven_actors[1]} actors, "
                          f"{args.uneven_objects[0]}-{args.uneven_objects[1]} objects)")

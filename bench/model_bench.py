@@ -36,15 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from stage_dist.batch import Batch, collate
+from stage_dist.saved_model import load_model_state
+from stage_dist.model import STAGE, ModelConfig
+from tests.reference_stage import ReferenceStage, random_window, reference_adjacency, reference_logits
 
-from reference_stage import (  # noqa: E402
-    ReferenceStage, random_window, reference_adjacency, reference_logits,
-)
-from stage_dist.batch import Batch, collate  # noqa: E402
-from stage_dist.saved_model import load_model_state  # noqa: E402
-from stage_dist.model import STAGE, ModelConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 KEYFRAMES = 6
 ACTORS_PER_KEYFRAME = 2
@@ -70,7 +67,9 @@ class Case:
 
 def _rss_kib(field: str) -> int:
     status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))
+    found = re.search(rf"{field}:\s+(\d+)", status)
+    assert found, f"no {field} in /proc/self/status"
+    return int(found.group(1))
 
 
 def _make_batch(case: Case, config: ModelConfig) -> Batch:
@@ -106,12 +105,13 @@ def measure(case: Case) -> dict:
     cuda = device.type == "cuda"
     # The published code builds its adjacency in the data loader, outside the step: so does
     # the reference here, and so does the project's collate (the batch carries its graph).
-    adj = reference_adjacency(batch) if case.kind == "reference" else None
+    reference = model if isinstance(model, ReferenceStage) else None
+    adj = reference_adjacency(batch) if reference is not None else None
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16"):
-            if case.kind == "reference":
-                logits = reference_logits(model, batch, adj=adj)
+            if reference is not None:
+                logits = reference_logits(reference, batch, adj=adj)
             else:
                 logits = model(batch)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
@@ -140,8 +140,8 @@ def measure(case: Case) -> dict:
 
 def _measure_in_subprocess(case: Case, env: dict[str, str]) -> dict:
     result = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(asdict(case))],
-        env=env, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "bench.model_bench", "--worker", json.dumps(asdict(case))],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{case.kind} at {case.nodes} nodes failed:\n{result.stderr[-2000:]}")

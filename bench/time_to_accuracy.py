@@ -20,7 +20,7 @@ per configuration the val mAP mean +- std per epoch and the fewest keyframes at 
 (and the mean) reached the band. ``--per-step`` times training steps alone (no validation) at every
 B, for the README's wall-time columns. Wall times on a shared machine are indicative only.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/time_to_accuracy.py --jobs 2
+    OMP_NUM_THREADS=1 python -m bench.time_to_accuracy --jobs 2
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 WINDOW = 6
 RULES = ("none", "sqrt", "linear")
@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-early-stop", action="store_true", help="train every run for the full keyframe budget")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--per-step", action="store_true", help="only time training steps per B (no sweep)")
-    p.add_argument("--per-step-seconds", type=float, default=20.0, help="--per-step doubles the timed steps until a run takes this long (at most one epoch)")
+    p.add_argument("--per-step-seconds", type=float, default=20.0,
+                   help="--per-step doubles the timed steps until a run takes this long (at most one epoch)")
     p.add_argument("--check-ranks", action="store_true",
                    help="only compare 2 gloo ranks x k windows with 1 rank x 2k windows (torchrun)")
     return p.parse_args(argv)
@@ -199,7 +200,7 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_all(specs: list[tuple[RunSpec, int, int, float | None]], data: dict, args: argparse.Namespace,
+def run_all(specs: Sequence[tuple[RunSpec, int, int, float | None]], data: dict, args: argparse.Namespace,
             results: dict) -> None:
     todo = [s for s in specs if s[0].key not in results["runs"]]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -286,7 +287,8 @@ def summarize(results: dict) -> list[dict]:
                      "warmup_steps": first["warmup_steps"], "steps_per_epoch": first["steps_per_epoch"],
                      "keyframes_per_epoch": first["keyframes_per_epoch"], "seeds": len(runs),
                      "per_epoch": per_epoch, "keyframes_to_band": reached,
-                     "all_reached_at": max(reached) if all(x is not None for x in reached) else None,
+                     "all_reached_at": max(hits) if len(hits := [x for x in reached if x is not None]) == len(reached)
+                     else None,
                      "wall_s_mean": statistics.mean(r["wall_s"] for r in runs), "best": _mean_std(best)})
     rows.sort(key=lambda r: (r["batch"], r["optimizer"], RULES.index(r["rule"]), r["warmup"]))
     return rows
@@ -302,16 +304,18 @@ def write_markdown(results: dict, args: argparse.Namespace) -> None:
              f"{recipe['max_epochs_others']} epochs ({args.max_factor:g}x the recipe's keyframes), stopped at the "
              "first epoch that reaches the band (a stopped run's last value is carried in the later means, marked *).",
              "", "| B | rule | warmup (steps) | opt | LR | steps/epoch | keyframes to band (per seed) | all seeds by | "
-             "best val mAP (mean +- std) | val mAP mean +- std per epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "best val mAP (mean +- std) | val mAP mean +- std per epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         counts = [len(x["curve"]) for x in results["runs"].values() if x["group"] == r["group"]]
         epochs = " ".join(f"{m:.3f}+-{s:.3f}{'*' if e + 1 > min(counts) else ''}"
                           for e, (m, s) in enumerate(r["per_epoch"]))
         to_band = ", ".join("-" if x is None else f"{x}" for x in r["keyframes_to_band"])
-        by = "not reached" if r["all_reached_at"] is None else f"{r['all_reached_at']} ({r['all_reached_at'] / recipe['keyframes']:.2f}x)"
+        reached = r["all_reached_at"]
+        by = "not reached" if reached is None else f"{reached} ({reached / recipe['keyframes']:.2f}x)"
         lines.append(f"| {r['batch']} | {r['rule']} | {'on (%d)' % r['warmup_steps'] if r['warmup'] else 'off'} | "
-                     f"{r['optimizer']} | {r['lr']:.3g} | {r['steps_per_epoch']} | {to_band} | {by} | {r['best'][0]:.3f} +- "
-                     f"{r['best'][1]:.3f} | {epochs} |")
+                     f"{r['optimizer']} | {r['lr']:.3g} | {r['steps_per_epoch']} | {to_band} | {by} | "
+                     f"{r['best'][0]:.3f} +- {r['best'][1]:.3f} | {epochs} |")
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -388,6 +392,7 @@ def check_ranks(args: argparse.Namespace, data: dict, results: dict, k: int = 2,
 
     import torch
 
+    from stage_dist.batch import Batch
     from stage_dist.config import save_json
     from stage_dist.distributed import init_distributed
     from stage_dist.train import Trainer
@@ -412,11 +417,12 @@ def check_ranks(args: argparse.Namespace, data: dict, results: dict, k: int = 2,
         """1 rank x 2k windows with the loss DDP optimised before ranks were weighted by their actor
         share: the plain mean over ranks of each rank's mean (kept to show what the weight changes)."""
 
-        def train_step(self, batch):
+        def train_step(self, batch: Batch) -> torch.Tensor:
             self._rank_of_actor = batch.actor_window // k
             return super().train_step(batch)
 
-        def loss(self, logits, labels):
+        # The trainer calls self.loss: an instance method may replace the static one (it reads this step's ranks).
+        def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             total = logits.sum() * 0.0
             for rank in range(2):
                 mine = self._rank_of_actor == rank

@@ -39,7 +39,7 @@ holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``).
 
 ``--profile`` adds a torch.profiler table of a few training steps (1 window, no workers).
 
-    .venv/bin/python bench/train_bench.py
+    .venv/bin/python -m bench.train_bench
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -67,16 +67,24 @@ import torch
 from tqdm import tqdm
 
 from stage_dist.batch import Batch, WindowSpec, collate
+from stage_dist.config import from_flat
 from stage_dist.distributed import DistEnv, configure_threads
 from stage_dist.schema import NUM_ACTIONS
 from stage_dist.store import (
-    FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store,
-    open_arrays, storage_attrs,
+    FeatureStore,
+    StorageConfig,
+    StoreLayout,
+    StoreShape,
+    Tables,
+    create_store,
+    finish_store,
+    open_arrays,
+    storage_attrs,
 )
-from stage_dist.config import from_flat
-from stage_dist.train import Trainer, TrainConfig
+from stage_dist.train import TrainConfig, Trainer
 
 log = logging.getLogger("train_bench")
+T = TypeVar("T")
 
 FIRST_TIMESTAMP = 902
 PUBLISHED_WINDOWS_PER_STEP = 1
@@ -367,7 +375,7 @@ def measure_startup(root: Path, counts: dict[str, int]) -> dict[str, dict[str, f
         "first process of a node, --memmap-dir": (store_path, "memmap", memmap_dir),
         "other processes of the node, --memmap-dir": (store_path, "memmap", memmap_dir),
     }
-    return {name: in_fresh_process(time_startup, *case) for name, case in cases.items()}  # type: ignore[misc]
+    return {name: in_fresh_process(time_startup, *case) for name, case in cases.items()}
 
 
 # --------------------------------------------------------------------------- training
@@ -493,7 +501,7 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_di
                        utilisation.mean if utilisation is not None else None, os.getloadavg()[0])
 
 
-def in_fresh_process(function: Callable, *args: object) -> object:
+def in_fresh_process(function: Callable[..., T], *args: object) -> T:
     """Run one measurement in a new interpreter: a case's DataLoader workers, thread settings and
     allocator state must not leak into the next (they cost up to 2x on 2 cores)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -697,10 +705,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     replace(case, deterministic=deterministic)))
             print_training(results, "training on one GPU (bf16)")
             for r in (r for r in results if not r.case.deterministic):
-                key = {1: "gpu_1_window_kf_s", 32: "gpu_32_windows_kf_s"}.get(r.case.windows_per_step)
-                if key:
+                gpu_key = {1: "gpu_1_window_kf_s", 32: "gpu_32_windows_kf_s"}.get(r.case.windows_per_step)
+                if gpu_key:
                     targets.append((f"GPU keyframes/s, {r.case.windows_per_step} window(s)/step (aim)",
-                                    r.keyframes_per_s, TARGETS[key], True, ""))
+                                    r.keyframes_per_s, TARGETS[gpu_key], True, ""))
                 targets.append((f"GPU data wait, {r.case.windows_per_step} window(s)/step (%)",
                                 100 * r.wait_fraction, 100 * TARGETS["data_wait_fraction"], False, "%"))
         else:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from stage_dist.errors import UserInputError
 from stage_dist.fileio import atomic_write
@@ -237,7 +238,7 @@ class _CsvBlockParser:
         self._append(keyframe, boxes, table["action"], scores)
         return True
 
-    def _append(self, keyframe, boxes, actions, scores) -> None:
+    def _append(self, keyframe: np.ndarray, boxes: np.ndarray, actions: np.ndarray, scores: np.ndarray) -> None:
         self.parts["keyframe"].append(keyframe)
         self.parts["boxes"].append(boxes)
         self.parts["actions"].append(actions)
@@ -256,7 +257,7 @@ class _CsvBlockParser:
         if len(starts):
             self._parse_lines(buf, starts, ends, line_numbers)
 
-    def _parse_lines(self, buf, starts, ends, line_numbers) -> None:
+    def _parse_lines(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, line_numbers: np.ndarray) -> None:
         commas = np.flatnonzero(buf == _COMMA)
         first_comma = np.searchsorted(commas, starts)
         num_columns = np.searchsorted(commas, ends) - first_comma + 1
@@ -307,7 +308,7 @@ class _CsvBlockParser:
                 )
         self._append(keyframe[box_rows], boxes, actions, scores)
 
-    def _keyframe_ids(self, videos: np.ndarray, stamps: np.ndarray, lines: np.ndarray):
+    def _keyframe_ids(self, videos: np.ndarray, stamps: np.ndarray, lines: np.ndarray) -> np.ndarray:
         """Keyframe index of every line; Python work only where (video, ts) changes."""
         changed = _differs_from_previous(videos) | _differs_from_previous(stamps)
         heads = np.flatnonzero(changed)
@@ -363,7 +364,7 @@ class _CsvBlockParser:
             self._raise_first_bad(text, lines, name, int)
             return np.array([int(t) for t in text.tolist()], dtype=np.int64)
 
-    def _raise_first_bad(self, text: np.ndarray, lines: np.ndarray, name: str, kind) -> None:
+    def _raise_first_bad(self, text: np.ndarray, lines: np.ndarray, name: str, kind: type[int] | type[float]) -> None:
         for i, value in enumerate(text.tolist()):
             try:
                 kind(value)
@@ -374,7 +375,7 @@ class _CsvBlockParser:
                 ) from None
 
     def result(self) -> AvaCsv:
-        def joined(name: str, empty_shape: tuple[int, ...], dtype) -> np.ndarray:
+        def joined(name: str, empty_shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
             parts = self.parts[name]
             return np.concatenate(parts) if parts else np.empty(empty_shape, dtype=dtype)
 
@@ -461,13 +462,14 @@ _ID_FIELDS = ("id", "label_id")
 
 def _pbtxt_tokens(text: str, path: PathLike) -> list[tuple[str, str, int]]:
     """(kind, text, line) tokens of a protocol-buffer text file."""
-    tokens = []
+    tokens: list[tuple[str, str, int]] = []
     line, pos = 1, 0
     while pos < len(text):
         match = _PBTXT_TOKEN.match(text, pos)
         if match is None:
             raise AvaFormatError(path, line, f"unexpected character {text[pos]!r}")
         kind = match.lastgroup
+        assert kind is not None  # every alternative of the pattern is a named group
         if kind == "newline":
             line += 1
         elif kind != "space":
@@ -531,7 +533,8 @@ def _read_labelmap_entries(path: PathLike) -> list[tuple[int, str, str | None]]:
     return [(class_id, name, label_types[class_id]) for class_id, name in labelmap.items()]
 
 
-def _parse_block(tokens, pos: int, path: PathLike, open_line: int):
+def _parse_block(tokens: list[tuple[str, str, int]], pos: int, path: PathLike,
+                 open_line: int) -> tuple[dict[str, tuple[str, str, int]], int]:
     """Fields ``name: value`` of a block up to its ``}``; nested blocks are skipped."""
     fields: dict[str, tuple[str, str, int]] = {}
     depth = 0
@@ -557,7 +560,7 @@ def _parse_block(tokens, pos: int, path: PathLike, open_line: int):
     raise AvaFormatError(path, open_line, "block is not closed with '}'")
 
 
-def _labelmap_entry(fields, path: PathLike, line: int) -> tuple[int, str]:
+def _labelmap_entry(fields: dict[str, tuple[str, str, int]], path: PathLike, line: int) -> tuple[int, str]:
     id_field = next((f for f in _ID_FIELDS if f in fields), None)
     if id_field is None:
         raise AvaFormatError(path, line, "entry has no 'id' or 'label_id'")
@@ -605,7 +608,8 @@ def _format_fixed(values: np.ndarray, decimals: int) -> np.ndarray:
     return text
 
 
-def _validate_results_inputs(video_ids, timestamps, boxes, scores) -> tuple[np.ndarray, ...]:
+def _validate_results_inputs(video_ids: Sequence[str] | np.ndarray, timestamps: npt.ArrayLike, boxes: npt.ArrayLike,
+                             scores: npt.ArrayLike) -> tuple[np.ndarray, ...]:
     num_boxes = len(video_ids)
     timestamps = np.asarray(timestamps)
     boxes = np.asarray(boxes, dtype=np.float64)
@@ -630,7 +634,7 @@ def _validate_results_inputs(video_ids, timestamps, boxes, scores) -> tuple[np.n
     return as_int, boxes, scores
 
 
-def _column_ids(scores: np.ndarray, column_ids) -> np.ndarray:
+def _column_ids(scores: np.ndarray, column_ids: Sequence[int] | None) -> np.ndarray:
     """The class id of each score column: ``column_ids``, or ``j + 1`` (AVA) when None."""
     if column_ids is None:
         return np.arange(1, scores.shape[1] + 1, dtype=np.int64)
@@ -641,7 +645,7 @@ def _column_ids(scores: np.ndarray, column_ids) -> np.ndarray:
     return ids
 
 
-def _selected_columns(scores: np.ndarray, class_ids, topk, min_score,
+def _selected_columns(scores: np.ndarray, class_ids: Iterable[int] | None, topk: int | None, min_score: float,
                       column_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Action columns to write (in class id order) and the (boxes, columns) mask of rows to write."""
     num_actions = scores.shape[1]
@@ -693,10 +697,10 @@ class ResultRows:
 
 
 def results_rows(
-    video_ids: Sequence[str],
-    timestamps: np.ndarray,
-    boxes: np.ndarray,
-    scores: np.ndarray,
+    video_ids: Sequence[str] | np.ndarray,
+    timestamps: npt.ArrayLike,
+    boxes: npt.ArrayLike,
+    scores: npt.ArrayLike,
     *,
     class_ids: Iterable[int] | None = None,
     topk: int | None = None,
@@ -730,10 +734,10 @@ def results_rows(
 
 def write_results_csv(
     path: PathLike,
-    video_ids: Sequence[str],
-    timestamps: np.ndarray,
-    boxes: np.ndarray,
-    scores: np.ndarray,
+    video_ids: Sequence[str] | np.ndarray,
+    timestamps: npt.ArrayLike,
+    boxes: npt.ArrayLike,
+    scores: npt.ArrayLike,
     *,
     class_ids: Iterable[int] | None = None,
     topk: int | None = None,
@@ -745,8 +749,9 @@ def write_results_csv(
     """Write predictions as an AVA results.csv; return the number of rows written.
 
     One row ``video,ts,x1,y1,x2,y2,action,score`` per box and action, where score column ``j``
-    is class id ``column_ids[j]`` (default ``j + 1``, AVA's); only ``class_ids`` if given, per box only its ``topk`` highest
-    scores if given (ties: lower action id first), only scores ``>= min_score``. Rows are sorted
+    is class id ``column_ids[j]`` (default ``j + 1``, AVA's); only ``class_ids`` if given, per box
+    only its ``topk`` highest scores if given (ties: lower action id first), only scores
+    ``>= min_score``. Rows are sorted
     by video id, timestamp, box (``x1, y1, x2, y2``, then input order) and action id, so the
     file does not depend on the order of the inputs. Timestamps are written 4-digit zero-padded
     (``0902``), boxes with ``box_decimals`` and scores with ``score_decimals`` decimals.
@@ -806,7 +811,8 @@ def _as_written(values: np.ndarray, decimals: int) -> np.ndarray:
     return np.rint(values * 10**decimals).astype(np.int64) / 10**decimals
 
 
-def _box_prefixes(names, codes, stamps, boxes, box_decimals: int) -> np.ndarray:
+def _box_prefixes(names: np.ndarray, codes: np.ndarray, stamps: np.ndarray, boxes: np.ndarray,
+                  box_decimals: int) -> np.ndarray:
     """``video,ts,x1,y1,x2,y2`` of every box, as an ``S`` array (timestamps zero-padded to 4)."""
     if not len(stamps):
         return np.empty(0, dtype="S1")
@@ -816,5 +822,3 @@ def _box_prefixes(names, codes, stamps, boxes, box_decimals: int) -> np.ndarray:
     for j in range(4):
         text = np.strings.add(np.strings.add(text, b","), coordinates[:, j])
     return text
-
-

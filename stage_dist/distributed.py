@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import timedelta
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -97,7 +98,6 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store
     store = dist.TCPStore(master_addr, master_port, world_size, is_master=not hosted_by_agent and rank == 0,
                           timeout=timeout)
     return dist.PrefixStore(f"stage_dist/attempt_{attempt}", store)
-
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES) -> DistEnv:
@@ -185,8 +185,9 @@ def configure_determinism(enabled: bool) -> None:
 
     Sets ``CUBLAS_WORKSPACE_CONFIG`` (a value already in the environment is kept) in this process's
     environment, which cuBLAS reads when it creates a handle (at the first matmul on a device), so
-    call this before any CUDA work (the entry points call it before :func:`init_distributed`); then ``torch.use_deterministic_algorithms(True)`` (an
-    op with no deterministic kernel raises instead of running) and cuDNN without autotuning.
+    call this before any CUDA work (the entry points call it before :func:`init_distributed`); then
+    ``torch.use_deterministic_algorithms(True)`` (an op with no deterministic kernel raises instead
+    of running) and cuDNN without autotuning.
     What that buys on a GPU: two runs of the same config (and a run resumed from its checkpoint)
     give bitwise identical weights on the same GPU model, driver, CUDA/cuDNN/NCCL and torch
     versions and the same world size. Not across GPU models or software versions, not between

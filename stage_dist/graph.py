@@ -214,9 +214,9 @@ def build_graph(
 
     query_ok = np.arange(p) < counts[:, None]  # (G, P)
     key_ok = (neighbours(query_ok).reshape(num_groups, _NEIGHBOURS, p) & neighbour_ok[:, :, None])
-    query_node = np.zeros(num_groups * p, dtype=np.int64)
-    query_node[group * p + rank] = node_ids
-    query_node = query_node.reshape(num_groups, p)
+    slot_node = np.zeros(num_groups * p, dtype=np.int64)  # flat (group, slot) -> node
+    slot_node[group * p + rank] = node_ids
+    query_node = slot_node.reshape(num_groups, p)
     return Graph(
         node_slot=torch.from_numpy(node_slot),
         query_node=torch.from_numpy(query_node),

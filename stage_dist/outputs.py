@@ -31,6 +31,7 @@ Problems are :class:`OutputError`, a one-line message naming the path; the CLIs 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -39,7 +40,6 @@ import os
 import shutil
 import socket
 import time
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +75,7 @@ def _resolved_inputs(inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> 
     return out
 
 
-def check_not_input(out: Path, inputs: Iterable[tuple[str, str | os.PathLike | None]],
+def check_not_input(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
                     what: str = "--out") -> None:
     """Refuse an output that equals, contains or lies inside one of ``inputs`` ((flag, path) pairs).
 
@@ -350,7 +350,8 @@ class OutputLock:
                 holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OutputError(f"{self.what} {self.output}: cannot lock {self.file}: {e.strerror or e}") from None
+                    raise OutputError(
+                        f"{self.what} {self.output}: cannot lock {self.file}: {e.strerror or e}") from None
                 raise self._held_by(holder) from None
             if _is_current(self.file, fd):  # the holder before us may have removed it after we opened it
                 break
@@ -399,7 +400,8 @@ class OutputLock:
     def _own(self, fd: int) -> None:
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode(), 0)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
         except OSError as e:  # a full disk: no lock file left behind
             with contextlib.suppress(OSError):
                 os.unlink(self.file)

@@ -28,7 +28,7 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Callable, Iterable, Iterator, Literal, Mapping
 
 from stage_dist.errors import UserInputError
 from stage_dist.fileio import TMP_PREFIX, NoSpaceError
@@ -45,7 +45,8 @@ class PathError(UserInputError):
     the flag and why."""
 
 
-def error_message(flag: str, path: str | os.PathLike[str], reason: str, file: str | os.PathLike[str] | None = None) -> str:
+def error_message(flag: str, path: str | os.PathLike[str], reason: str,
+                  file: str | os.PathLike[str] | None = None) -> str:
     """``PATH: cannot write FLAG: [FILE: ]REASON`` (FILE when it is not PATH itself)."""
     shown = os.fspath(path)
     where = f"{os.fspath(file)}: " if file is not None and _absolute(file) != _absolute(shown) else ""
@@ -255,7 +256,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _failer(flag: str, given: str):
+def _failer(flag: str, given: str) -> Callable[..., PathError]:
     def fail(reason: str, file: str | os.PathLike[str] | None = None) -> PathError:
         return PathError(error_message(flag, given, reason, file))
     return fail

@@ -36,7 +36,8 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -90,7 +91,7 @@ class RunControl:
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (), checkpoint_every_minutes: float = 0.0,
-                 clock=time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.signals = signals
         self.interval = checkpoint_every_minutes * 60.0
         self._clock = clock
@@ -103,7 +104,7 @@ class RunControl:
 
     # -- the signal handler --------------------------------------------------------------------
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the rank's main process handles it
             return
         if self.received is None:
@@ -115,7 +116,7 @@ class RunControl:
     def handling_signals(self) -> Iterator["RunControl"]:
         """Install the handlers (main thread only; elsewhere they stay as they are) and restore the
         previous ones on exit."""
-        previous: dict[signal.Signals, object] = {}
+        previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 previous[sig] = signal.signal(sig, self._handle)

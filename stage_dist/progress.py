@@ -37,7 +37,7 @@ def is_terminal(stream: TextIO | None = None) -> bool:
 
 
 def progress_bar(iterable: Iterable | None = None, *, every_seconds: float = DEFAULT_EVERY_SECONDS,
-                 stream: TextIO | None = None, **tqdm_kwargs: Any):
+                 stream: TextIO | None = None, **tqdm_kwargs: Any) -> tqdm | LogProgress:
     """A tqdm bar on a terminal, else a :class:`LogProgress` with the same arguments."""
     if is_terminal(stream):
         return tqdm(iterable, **tqdm_kwargs)

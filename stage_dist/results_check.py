@@ -23,9 +23,9 @@ import numpy as np
 
 from stage_dist.ava import (
     PathLike,
+    excluded_keys,
     image_key,
     read_detections,
-    excluded_keys,
     read_groundtruth,
 )
 from stage_dist.evaluate import timestamp_spellings
@@ -146,7 +146,8 @@ def check(groundtruth: PathLike, detections: PathLike, labelmap: Mapping[int, st
     if det.num_rows:
         b = det.boxes
         order = np.lexsort((np.arange(det.num_rows), b[:, 3], b[:, 2], b[:, 1], b[:, 0], det.actions, det.keyframe))
-        same = ((det.keyframe[order][1:] == det.keyframe[order][:-1]) & (det.actions[order][1:] == det.actions[order][:-1])
+        same = ((det.keyframe[order][1:] == det.keyframe[order][:-1])
+                & (det.actions[order][1:] == det.actions[order][:-1])
                 & (b[order][1:] == b[order][:-1]).all(axis=1))
         repeats = order[1:][same]
         if len(repeats):

@@ -33,7 +33,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def _check_clip_lengths(clip_lengths: Sequence[int]) -> np.ndarray:
+def _check_clip_lengths(clip_lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     lengths = np.asarray(clip_lengths, dtype=np.int64).reshape(-1)
     if len(lengths) and lengths.min() < 0:
         bad = int(np.argmin(lengths))
@@ -48,7 +48,7 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
-def clip_windows(clip_lengths: Sequence[int], window: int, offsets: np.ndarray) -> np.ndarray:
+def clip_windows(clip_lengths: Sequence[int] | np.ndarray, window: int, offsets: np.ndarray) -> np.ndarray:
     """Cut every clip into windows; returns an ``(N, 3)`` int64 array of (clip, start, length).
 
     Clip ``c`` (length ``L``) with offset ``o``: if ``L <= window`` it is a single window;
@@ -155,7 +155,7 @@ class ClipWindowSampler(EpochPosition):
 
     def __init__(
         self,
-        clip_lengths: Sequence[int],
+        clip_lengths: Sequence[int] | np.ndarray,
         window: int = 6,
         windows_per_step: int = 1,
         *,
@@ -248,7 +248,7 @@ class InferenceWindow:
 
 
 def plan_inference_windows(
-    clip_lengths: Sequence[int], window: int, context: int = 2
+    clip_lengths: Sequence[int] | np.ndarray, window: int, context: int = 2
 ) -> list[InferenceWindow]:
     """Windows of ``window`` owned keyframes (the last of a clip may be shorter), in store order.
 

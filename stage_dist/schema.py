@@ -53,6 +53,7 @@ from stage_dist.errors import UserInputError
 class StoreError(UserInputError):
     """A store that cannot be used as asked; the message names the path and attribute."""
 
+
 SCHEMA_VERSION = 1
 ATTRS_KEY = "stage_dist"  # the root group's attribute holding the store's description
 PROGRESS_DIR = "_progress"  # finished-shard records of a conversion in progress

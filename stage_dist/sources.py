@@ -78,7 +78,8 @@ def pool_actor_features(features: np.ndarray) -> np.ndarray:
     SlowFast layout all use it, so pooled values compare exactly.
     """
     n, c = features.shape[:2]
-    return features.reshape(n, c, math.prod(features.shape[2:])).astype(np.float32, copy=False).mean(axis=2, dtype=np.float32)
+    flat = features.reshape(n, c, math.prod(features.shape[2:]))
+    return flat.astype(np.float32, copy=False).mean(axis=2, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,7 @@ class _Handles:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self._files, self._pid = {}, os.getpid()
 
 
 # --------------------------------------------------------------------------- objects.h5
@@ -760,7 +761,8 @@ class SlowFastSource:
 
     def read_actors(self, video_id: str, timestamp: int, keep_spatial: bool = False) -> ActorRows:
         if keep_spatial:
-            raise SourceError(f"{self.slowfast_file}: SlowFast features are already pooled; --keep-spatial needs the I3D layout")
+            raise SourceError(
+                f"{self.slowfast_file}: SlowFast features are already pooled; --keep-spatial needs the I3D layout")
         group, where = self._group(video_id, timestamp)
         boxes = _read(_dataset(group, "boxes", where), "boxes", where)
         feats = _read(_dataset(group, "features", where), "features", where).astype(np.float32, copy=False)

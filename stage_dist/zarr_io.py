@@ -21,7 +21,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import google_crc32c  # zarr's own dependency (its crc32c codec) since zarr 3.1
 import numpy as np
@@ -366,7 +366,7 @@ class ZarrRows:
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
 
     def read(self, start: int, stop: int, cache: ChunkCache | None = None) -> np.ndarray:
-        return self.array[start:stop]
+        return cast(np.ndarray, self.array[start:stop])  # a slice: always an array, never zarr's scalar case
 
     def close(self) -> None:
         pass

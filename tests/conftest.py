@@ -90,8 +90,9 @@ def restore_logging():
 @pytest.fixture(scope="module")
 def model_checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
     """A randomly initialised STAGE checkpoint (seed 0) for the tiny val store's feature sizes."""
-    import torch
     from dataclasses import asdict
+
+    import torch
 
     from stage_dist.model import ModelConfig, build_model
     from stage_dist.store import FeatureStore

@@ -45,13 +45,13 @@ def count_reads() -> Iterator[ReadCounts]:
     counts = ReadCounts()
     decode, getitem = ArrayReader._decode, zarr.Array.__getitem__
 
-    def counted_decode(self, chunk, encoded):  # type: ignore[no-untyped-def]
+    def counted_decode(self, chunk, encoded):
         values = decode(self, chunk, encoded)
         counts.chunks[self.name] += 1
         counts.decoded_bytes[self.name] += values.nbytes
         return values
 
-    def counted_getitem(self, selection):  # type: ignore[no-untyped-def]
+    def counted_getitem(self, selection):
         counts.zarr_calls[self.path] += 1
         return getitem(self, selection)
 
@@ -73,7 +73,7 @@ def count_h5_opens() -> Iterator[list[str]]:
     opened: list[str] = []
     h5f_open = h5py.h5f.open
 
-    def counted_open(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counted_open(name, *args, **kwargs):
         opened.append(os.fsdecode(name))
         return h5f_open(name, *args, **kwargs)
 

@@ -11,7 +11,7 @@ A hostile case passes when the tool
 Used by ``tests/test_hostile_inputs.py`` (convert, shards) and the other tools'
 ``tests/test_hostile_<tool>.py``::
 
-    from hostile import Outcome, run_main, run_module, assert_clean_failure, snapshot
+    from tests.hostile import Outcome, run_main, run_module, assert_clean_failure, snapshot
 
     before = snapshot(tmp_path)
     outcome = run_main(convert.main, argv, capsys)

@@ -161,6 +161,7 @@ def random_window(
         actors_per_keyframe = rng.integers(0, max_actors + 1, num_keyframes)
     if objects_per_keyframe is None:
         objects_per_keyframe = rng.integers(0, max_objects + 1, num_keyframes)
+
     def ptr(counts) -> np.ndarray:
         return np.concatenate(([0], np.cumsum(np.broadcast_to(counts, num_keyframes))))
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import stage_dist.ava as ava
-from conftest import FIXTURES
 from stage_dist.ava import (
     AvaFormatError,
     image_key,
@@ -18,6 +17,7 @@ from stage_dist.ava import (
     write_results_csv,
 )
 from stage_dist.evaluate import evaluate
+from tests.conftest import FIXTURES
 
 ITEM_LABELMAP = FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt"
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from reference_stage import ReferenceStage, random_window, reference_logits
 from stage_dist import checkpoint as ckpt_module
 from stage_dist.batch import collate
 from stage_dist.checkpoint import (
@@ -34,6 +33,7 @@ from stage_dist.checkpoint import (
 from stage_dist.errors import UserInputError
 from stage_dist.model import STAGE, ModelConfig, build_model
 from stage_dist.saved_model import SavedModel, load_model_state
+from tests.reference_stage import ReferenceStage, random_window, reference_logits
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
 TINY = ModelConfig(actor_dim=4, object_dim=8, num_heads=1)
@@ -192,7 +192,7 @@ def test_published_checkpoint_reads_into_the_typed_result(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(batch), reference_logits(reference, batch), atol=1e-5, rtol=0)
     with pytest.raises(dataclasses_frozen_error()):
-        checkpoint.kind = "stage_dist"
+        checkpoint.kind = "stage_dist"  # type: ignore[misc]  # the point: it cannot be set
 
 
 def dataclasses_frozen_error():
@@ -422,4 +422,3 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
 def test_malformed_rng_state():
     with pytest.raises(CheckpointError, match="RNG"):
         set_rng_state({"python": {}})
-

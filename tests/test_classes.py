@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, convert_split, subprocess_env, torchrun_command
-from test_hostile_train_infer import error_line, exit_code
 from stage_dist.ava import read_ava_csv, read_labelmap, write_results_csv
 from stage_dist.convert import main as convert_main
 from stage_dist.evaluate import main as evaluate_main
@@ -29,6 +27,8 @@ from stage_dist.schema import AVA_CLASS_IDS, store_class_ids
 from stage_dist.store import FeatureStore
 from stage_dist.synth import SynthConfig, synthesize
 from stage_dist.train import TrainConfig, Trainer, main as train_main
+from tests.conftest import TINY, convert_split, subprocess_env, torchrun_command
+from tests.test_hostile_train_infer import error_line, exit_code
 
 CUSTOM_IDS = (1005, 1001, 1003, 1002, 1004)  # 5 classes, ids not 1..5, not sorted
 CUSTOM_FIXTURES = Path(__file__).parent / "fixtures" / "custom_classes"  # see its README
@@ -39,7 +39,7 @@ def test_evaluator_matches_the_official_one_on_custom_class_ids(classes):
     """Ids 1001..1005 (one with detections but no groundtruth) and a 3-class subset map of the
     ``label {}`` form: the official evaluator's numbers, to 1e-5 like the AVA fixtures."""
     from stage_dist.evaluate import evaluate
-    from test_evaluate import assert_matches_official
+    from tests.test_evaluate import assert_matches_official
 
     official = json.loads((CUSTOM_FIXTURES / f"official_metrics_{classes}.json").read_text())
     result = evaluate(CUSTOM_FIXTURES / "groundtruth.csv", CUSTOM_FIXTURES / "detections.csv",
@@ -56,7 +56,8 @@ def custom(tmp_path_factory):
     config = SynthConfig(**{**asdict(TINY), "num_classes": 5, "class_ids": CUSTOM_IDS})
     dataset = synthesize(root / "synth", config)
     labelmap = ["--labelmap", str(dataset.labelmap)]
-    return dataset, {split: convert_split(dataset, split, root / f"{split}.zarr", *labelmap) for split in ("train", "val")}
+    return dataset, {split: convert_split(dataset, split, root / f"{split}.zarr", *labelmap)
+                     for split in ("train", "val")}
 
 
 def test_synth_writes_the_class_set_in_column_order(custom):

@@ -10,8 +10,17 @@ from typing import Literal
 import pytest
 import torch
 
-from stage_dist.config import (ConfigError, build_parser, from_dict, load_json, option, parse_config, save_json,
-                               section, to_dict)
+from stage_dist.config import (
+    ConfigError,
+    build_parser,
+    from_dict,
+    load_json,
+    option,
+    parse_config,
+    save_json,
+    section,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
 from stage_dist.checkpoint import read_checkpoint
 from stage_dist.config import to_argv
 from stage_dist.infer import main as infer_main
 from stage_dist.train import main as train_main
-from test_train import make_config
+from tests.conftest import subprocess_env
+from tests.test_train import make_config
 
 
 @pytest.fixture
@@ -104,8 +104,8 @@ def test_disk_full_during_results_csv_keeps_the_previous_file_and_a_rerun_succee
 
     assert infer_main([*base, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"error: {out}: cannot write --out: no space left on the device while writing it (No space left on device); "
-                       "the previous file is kept; free some space and rerun"), err
+    assert err[-1] == (f"error: {out}: cannot write --out: no space left on the device while writing it "
+                       "(No space left on device); the previous file is kept; free some space and rerun"), err
     assert out.read_bytes() == previous and _temporaries(disk) == []
 
     resize(64 << 20)

@@ -202,7 +202,7 @@ def test_loader_workers_and_threads_are_the_ranks_share_of_its_cores(monkeypatch
     monkeypatch.setattr(dist_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads_set = []
+    threads_set: list[int] = []
     monkeypatch.setattr(dist_module.torch, "set_num_threads", threads_set.append)
     env = DistEnv(0, 8 if distributed else 1, 0, torch.device("cpu"), "gloo" if distributed else None)
     resolved = loader_workers(workers, env)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, subprocess_env
 
 from stage_dist import eval_stats
 from stage_dist.ava import read_label_types, read_labelmap
@@ -25,6 +24,7 @@ from stage_dist.evaluate import (
     read_action_groups,
 )
 from stage_dist.results_check import check
+from tests.conftest import FIXTURES, subprocess_env
 
 SUBSET = (FIXTURES / "ava_val_v2.1_subset4.csv", FIXTURES / "detections_subset4.csv",
           FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt")
@@ -104,10 +104,10 @@ def random_case(tmp_path: Path, seed: int, videos: int = 5, ties: bool = False) 
                 for action in rng.choice(list(LABELMAP) + [7], size=int(rng.integers(1, 3)), replace=False):
                     gt_lines.append(f"{key},{','.join(map(str, box))},{action},{b}")
             for _ in range(int(rng.integers(3, 12))):
-                box = np.clip(np.array(BOXES[rng.integers(3)]) + rng.normal(0, 0.06, 4), 0, 1)
+                jittered = np.clip(np.array(BOXES[rng.integers(3)]) + rng.normal(0, 0.06, 4), 0, 1)
                 score = rng.choice([0.2, 0.5, 0.8]) if ties else rng.random()
                 action = rng.choice(list(LABELMAP))
-                det_lines.append(f"{key},{','.join(f'{x:.3f}' for x in box)},{action},{score:.6f}")
+                det_lines.append(f"{key},{','.join(f'{x:.3f}' for x in jittered)},{action},{score:.6f}")
     gt_path, det_path = tmp_path / f"gt{seed}.csv", tmp_path / f"det{seed}.csv"
     gt_path.write_text("\n".join(gt_lines) + "\n")
     det_path.write_text("\n".join(det_lines) + "\n")
@@ -157,7 +157,8 @@ def test_resamples_equal_the_plain_evaluator_on_each_resampled_file(tmp_path):
     assert (counts.sum(axis=1) == len(table.videos)).all() and (counts == 0).any()
     fast = eval_stats.resampled_map(table, counts, groups)
     fast_b = eval_stats.resampled_map(table_b, counts, groups)
-    brute, brute_b = [], []
+    brute: list[float] = []
+    brute_b: list[float] = []
     for i, row in enumerate(counts):
         gt_i = resampled_file(gt_path, row, table.videos, tmp_path / f"gt_r{i}.csv")
         for path, out, expected in ((det_path, brute, fast), (det_b, brute_b, fast_b)):
@@ -318,7 +319,7 @@ def test_check_reports_every_problem_class_with_counts_and_first_example(tmp_pat
     assert found["keyframes not in the groundtruth"].count == 3
     assert found["timestamps written differently from the groundtruth"].count == 1
     assert "written '902', groundtruth '0902'" in found["timestamps written differently from the groundtruth"].example
-    assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces " 
+    assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces "
                  "from the video id"].count == 1
     assert found["keyframes that match the groundtruth only after rounding the timestamp or stripping spaces "
                  "from the video id"].example.endswith("would be groundtruth keyframe 'vid,0903'")  # as written

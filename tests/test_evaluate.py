@@ -16,9 +16,16 @@ import numpy as np
 import pytest
 
 import stage_dist.ava as ava
-from conftest import FIXTURES
-from stage_dist.ava import read_detections, read_groundtruth, read_labelmap, results_as_read, results_rows, write_results_csv
+from stage_dist.ava import (
+    read_detections,
+    read_groundtruth,
+    read_labelmap,
+    results_as_read,
+    results_rows,
+    write_results_csv,
+)
 from stage_dist.evaluate import CLASS_KEY_PREFIX, MAP_KEY, evaluate, evaluate_predictions, main
+from tests.conftest import FIXTURES
 
 LABELMAP_3 = {1: "one", 2: "two", 3: "three"}
 TP_BOX = (0.1, 0.1, 0.5, 0.9)
@@ -94,7 +101,8 @@ def reference_metrics(gt_path: Path, det_path: Path, labelmap: dict[int, str], c
         return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
     def read(path, cap):
-        heaps, keys = defaultdict(list), set()
+        heaps: defaultdict[str, list[tuple[float, int, float, float, float, float]]] = defaultdict(list)
+        keys = set()
         for row in csv.reader(path.open()):
             keys.add(key(row))
             if len(row) == 2 or int(row[6]) not in labelmap:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,22 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from reference_stage import random_window
+from bench import gpu_check
 from stage_dist.batch import Padding, collate
+from tests.reference_stage import random_window
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_script()
 
 ROWS = ["vid_a,0902,0.100,0.200,0.300,0.400,{action},{score}".format(action=a, score=s)
         for a, s in ((1, "0.500000"), (2, "0.250000"))]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from reference_stage import random_window, reference_adjacency
 from stage_dist.batch import Padding, bucket, collate
 from stage_dist.graph import Graph, build_graph
+from tests.reference_stage import random_window, reference_adjacency
 
 
 def _random_batch(seed: int, num_windows: int, max_keyframes: int = 8):
@@ -140,7 +140,8 @@ def test_bucket_sizes():
         assert n <= b <= max(8, 1.25 * n) and bucket(b) == b
 
 
-@pytest.mark.parametrize("padding", [Padding(bucketed=True), Padding.batch_invariant(60)], ids=["bucketed", "invariant"])
+@pytest.mark.parametrize("padding", [Padding(bucketed=True), Padding.batch_invariant(60)],
+                         ids=["bucketed", "invariant"])
 def test_padding_is_invisible_to_real_nodes(padding):
     rng = np.random.default_rng(21)
     windows = [random_window(rng, 3, 6, 6, clip=i, actors_per_keyframe=np.array([1, 3, 2]),
@@ -148,7 +149,8 @@ def test_padding_is_invisible_to_real_nodes(padding):
     exact, padded = collate(windows), collate(windows, padding)
     assert padded.graph.num_nodes > exact.graph.num_nodes and padded.graph.slots > exact.graph.slots
     assert padded.graph.num_groups > exact.graph.num_groups
-    assert torch.equal(padded.actor_features[exact.num_actors:], torch.zeros_like(padded.actor_features[exact.num_actors:]))
+    padding_rows = padded.actor_features[exact.num_actors:]
+    assert torch.equal(padding_rows, torch.zeros_like(padding_rows))
     # Same edges and weights among the real nodes; padding nodes have none.
     for got, expected in zip(_dense(padded), _dense(exact)):
         assert torch.equal(got, expected)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, subprocess_env
+from tests.conftest import FIXTURES, subprocess_env
 
 GOOD_GT = "vid,0902,0.100,0.100,0.500,0.900,1,0\nvid,0902,0.600,0.100,0.900,0.900,2,1\nvid,0903\n"
 GOOD_DET = ("vid,0902,0.100,0.100,0.500,0.900,1,0.900000\nvid,0902,0.600,0.100,0.900,0.900,2,0.800000\n"

@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 import pytest
 
-from hostile import REPO, assert_clean_failure, run_main, snapshot
 from stage_dist import convert
 from stage_dist.outputs import MARKER_NAME
 from stage_dist.synth import SplitPaths, SynthConfig, synthesize
+from tests.hostile import REPO, assert_clean_failure, run_main, snapshot
 
 SMALL = ["--chunk-kb", "0.1", "--min-shards", "4", "--no-progress", "--workers", "1"]
 
@@ -248,7 +248,8 @@ SHARD_CASES: dict[str, Callable[[Case, Path], tuple[list[str], list[str]]]] = {
     "out_holds_users_tar_files": lambda c, s: (
         [str(s), str(_folder_with(c, "tars", {"train-000000.tar": "user data", "train-000001.tar": "more"}))],
         [str(c.root / "tars"), "train-000000.tar"]),
-    "out_is_a_file": lambda c, s: ((c.root / "f.tar").write_text("x") and [str(s), str(c.root / "f.tar")],
+    # write_text returns the characters written (1): `and` gives the argument list
+    "out_is_a_file": lambda c, s: ((c.root / "f.tar").write_text("x") and [str(s), str(c.root / "f.tar")],  # type: ignore[dict-item, return-value]
                                    [str(c.root / "f.tar"), "is a file"]),
     "out_is_another_feature_store": lambda c, s: ([str(s), str(_store(c, "other.zarr"))],
                                                   [str(c.root / "other.zarr"), "feature store"]),
@@ -341,7 +342,8 @@ def test_check_output_file_and_its_lock(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "ckpt_link").symlink_to(checkpoint)
     for path, message in ((checkpoint, "is the input --checkpoint"), (tmp_path / "ckpt_link", "is the input"),
-                          (tmp_path / "sub", "is a directory"), (tmp_path / "notes.txt" / "results.csv", "is not a directory")):
+                          (tmp_path / "sub", "is a directory"),
+                          (tmp_path / "notes.txt" / "results.csv", "is not a directory")):
         with pytest.raises(OutputError, match=message):
             check_output_file(path, inputs=[("--checkpoint", checkpoint)])
     results = check_output_file(tmp_path / "out" / "results.csv", inputs=[("--checkpoint", checkpoint)])

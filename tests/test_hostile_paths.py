@@ -29,11 +29,11 @@ from typing import Callable
 
 import pytest
 
-from conftest import Stores
-from hostile import assert_clean_failure, run_main, snapshot
 from stage_dist import convert, demo, evaluate, infer, shards, synth, train
 from stage_dist.paths import PathError, check_target, ensure_free_space, path_error, user_path_errors
 from stage_dist.store import FeatureStore
+from tests.conftest import Stores
+from tests.hostile import assert_clean_failure, run_main, snapshot
 
 CLASSES = ("read_only", "name_too_long", "no_space", "through_a_file", "symlink_loop")
 
@@ -74,7 +74,8 @@ class Places:
             if _mount_tmpfs(folder, "size=64k"):
                 self.mounts.append(folder)
                 (folder / "earlier_output.csv").write_text("an earlier run's output\n")
-                if subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, check=False).returncode:
+                remount = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, check=False)
+                if remount.returncode:
                     _mount_refused("read-only")
             elif os.geteuid() != 0:  # a non-root user: a directory without write permission does it
                 (folder / "earlier_output.csv").write_text("an earlier run's output\n")
@@ -253,8 +254,8 @@ def test_train_config_input(kind, places, tiny_stores, capsys):
 @pytest.mark.parametrize("kind", CLASSES)
 def test_infer_out(kind, places, tiny_stores, model_checkpoint, capsys):
     target = places.target(kind, "results.csv")
-    argv = ["--store", str(tiny_stores.val), "--checkpoint", str(model_checkpoint), "--out", str(target), "--device", "cpu",
-            "--workers", "0"]
+    argv = ["--store", str(tiny_stores.val), "--checkpoint", str(model_checkpoint), "--out", str(target),
+            "--device", "cpu", "--workers", "0"]
     check_refused(infer.main, argv, "--out", target, capsys, watched=(tiny_stores.val, model_checkpoint))
 
 
@@ -262,7 +263,8 @@ def test_infer_out(kind, places, tiny_stores, model_checkpoint, capsys):
 @pytest.mark.parametrize("kind", CLASSES)
 def test_evaluate_outputs(kind, flag, places, eval_files, capsys):
     target = places.target(kind, "metrics.json" if flag == "--json" else "ap.png")
-    argv = ["-g", str(eval_files["gt"]), "-d", str(eval_files["det"]), "-l", str(eval_files["labels"]), flag, str(target)]
+    argv = ["-g", str(eval_files["gt"]), "-d", str(eval_files["det"]), "-l", str(eval_files["labels"]),
+            flag, str(target)]
     check_refused(evaluate.main, argv, flag, target, capsys, watched=(eval_files["gt"].parent,))
 
 
@@ -273,7 +275,7 @@ SYNTH_FLAGS = ["--train-clips", "2", "--val-clips", "1", "--keyframes-per-clip",
 @pytest.mark.parametrize("kind", CLASSES)
 def test_curves_out(kind, places, tmp_path, capsys):
     from stage_dist.curves import main as curves_main
-    from test_curves import make_run
+    from tests.test_curves import make_run
 
     run = make_run(tmp_path / "run", {1: 0.7, 2: 0.5}, {2: 0.4})
     target = places.target(kind, "curves.png")
@@ -327,7 +329,8 @@ def test_read_only_filesystem_is_found_up_front(tmp_path, monkeypatch):
             value = getattr(self._result, name)
             return value | os.ST_RDONLY if name == "f_flag" else value
 
-    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly(real(path)) if str(path).startswith(str(tmp_path)) else real(path))
+    monkeypatch.setattr(os, "statvfs",
+                        lambda path: ReadOnly(real(path)) if str(path).startswith(str(tmp_path)) else real(path))
     with pytest.raises(PathError) as info:
         check_target(tmp_path / "shm", "--memmap-dir", kind="dir")
     assert str(info.value) == f"{tmp_path / 'shm'}: cannot write --memmap-dir: {tmp_path} is on a read-only file system"
@@ -371,7 +374,8 @@ def test_user_path_errors_names_only_user_paths(tmp_path):
             raise KeyError("bug")
 
 
-def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, model_checkpoint, tmp_path, monkeypatch, capsys):
+def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, model_checkpoint, tmp_path, monkeypatch,
+                                                            capsys):
     """Without a mount: results.csv's write fails with ENOSPC on the open file (no file name in
     the error): one line naming --out, the earlier results and the directory as they were."""
     from stage_dist import fileio
@@ -385,8 +389,8 @@ def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, model_c
 
     monkeypatch.setattr(fileio.os, "fsync", full)
     before = snapshot(tmp_path)
-    outcome = run_main(infer.main, ["--store", str(tiny_stores.val), "--checkpoint", str(model_checkpoint), "--out", str(out),
-                                    "--device", "cpu", "--workers", "0"], capsys)
+    outcome = run_main(infer.main, ["--store", str(tiny_stores.val), "--checkpoint", str(model_checkpoint),
+                                    "--out", str(out), "--device", "cpu", "--workers", "0"], capsys)
     monkeypatch.setattr(fileio.os, "fsync", real_fsync)
     message = assert_clean_failure(outcome, before, snapshot(tmp_path), code=2, names=["--out", str(out)])
     assert message == (f"error: {out}: cannot write --out: no space left on the device while writing it (No space "

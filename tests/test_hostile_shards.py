@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stage_dist.batch import Padding
 from stage_dist.shard_format import ShardError, expand_urls, shard_pattern, shards_to_store, write_shards
 from stage_dist.shard_stream import ShardWindowStream
-from stage_dist.batch import Padding
 from stage_dist.shards import main
 from stage_dist.store import FeatureStore, StoreError
-from test_shards import LENGTHS, build_store
+from tests.test_shards import LENGTHS, build_store
 
 
 @pytest.fixture(scope="module")

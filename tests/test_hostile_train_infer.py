@@ -13,15 +13,14 @@ import pytest
 import torch
 import zarr
 
-from conftest import Stores
 from stage_dist.checkpoint import read_checkpoint
+from stage_dist.errors import EXIT_NON_FINITE
 from stage_dist.infer import main as infer_main
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.sampler import ClipWindowSampler
 from stage_dist.store import FeatureStore
-from stage_dist.errors import EXIT_NON_FINITE
 from stage_dist.train import main as train_main
-
+from tests.conftest import Stores
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -50,7 +49,7 @@ def exit_code(main, argv: list[str]) -> int:
     try:
         return main(argv)
     except SystemExit as exit:
-        return exit.code
+        return exit.code  # type: ignore[return-value]  # argparse and the CLIs exit with a number
 
 
 def train_args(stores: Stores, output_dir: Path, *extra: str, train_store: Path | None = None) -> list[str]:
@@ -69,7 +68,7 @@ def nan_store(tiny_stores: Stores, tmp_path) -> tuple[Path, int]:
     actor = int(store.actor_ptr[keyframe])
     assert store.actor_ptr[keyframe + 1] > actor, "the keyframe has an actor"
     features = zarr.open_group(path, mode="r+")["actors/features"]
-    row = features[actor]
+    row = np.asarray(features[actor])  # one row: an array (zarr types a selection as any of its results)
     row[5] = np.nan
     features[actor] = row
     return path, keyframe
@@ -252,7 +251,7 @@ def test_infer_names_the_keyframe_with_non_finite_scores(tiny_stores, model_chec
     store = FeatureStore.open(path)
     keyframe = int(store.clip_ptr[1]) + 2
     features = zarr.open_group(path, mode="r+")["actors/features"]
-    row = features[int(store.actor_ptr[keyframe])]
+    row = np.asarray(features[int(store.actor_ptr[keyframe])])
     row[0] = np.inf
     features[int(store.actor_ptr[keyframe])] = row
     out = tmp_path / "results.csv"
@@ -327,7 +326,7 @@ def test_nan_under_torchrun_stops_every_rank(tiny_stores, nan_store, tmp_path):
     waiting in a collective), rank 0 names the step and window, and no checkpoint is non-finite."""
     import subprocess
 
-    from conftest import subprocess_env, torchrun_command
+    from tests.conftest import subprocess_env, torchrun_command
 
     path, _ = nan_store
     output_dir = tmp_path / "run"

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Stores, subprocess_env, torchrun_command
 from stage_dist.ava import read_labelmap
+from stage_dist.data import StoreWindowSource
 from stage_dist.distributed import init_distributed
 from stage_dist.evaluate import evaluate
-from stage_dist.data import StoreWindowSource
 from stage_dist.checkpoint import load_model
 from stage_dist.infer import main as infer_main
 from stage_dist.inference import predict
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.store import FeatureStore
+from tests.conftest import Stores, subprocess_env, torchrun_command
 
 
 def save_random_model(path: Path, store: FeatureStore, seed: int, kind: str = "stage", **config) -> Path:
@@ -73,7 +73,8 @@ def test_every_actor_predicted_once_with_its_box(tiny_stores, checkpoint, tmp_pa
     rows = list(csv.reader(out.open()))
     assert len(rows) == store.num_actors * 80
     assert {int(row[6]) for row in rows} == set(range(1, 81))
-    written = sorted((row[0], int(row[1]), *np.round(np.float64(row[2:6]), 3)) for row in rows[::80])
+    # np.float64 of a list of strings is an array of them, parsed (numpy's stubs type only the scalar)
+    written = sorted((row[0], int(row[1]), *np.round(np.float64(row[2:6]), 3)) for row in rows[::80])  # type: ignore[arg-type, misc]
     keyframes = np.repeat(np.arange(store.num_keyframes), np.diff(store.actor_ptr))
     clips = np.searchsorted(store.clip_ptr, keyframes, side="right") - 1
     expected = sorted(

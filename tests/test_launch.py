@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Stores, subprocess_env
+from tests.conftest import REPO, Stores, subprocess_env
 
 LAUNCH = REPO / "launch"
 

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from conftest import subprocess_env, torchrun_command
 from stage_dist.config import to_argv
-from test_train import make_config
+from tests.conftest import subprocess_env, torchrun_command
+from tests.test_train import make_config
 
 
 @pytest.mark.slow

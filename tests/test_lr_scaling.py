@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from conftest import Stores
 from stage_dist.config import from_flat
 from stage_dist.distributed import init_distributed
 from stage_dist.lr_scaling import DEFAULT_RULE, MEASURED_BATCHES, RECOVERED_UP_TO, choose_lr, lr_factor
 from stage_dist.model import ModelConfig, action_logits, build_model
 from stage_dist.train import TrainConfig, Trainer
+from tests.conftest import Stores
 
 
 def test_factors_of_the_three_rules():

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from reference_stage import ReferenceStage, random_window, reference_logits
 from stage_dist.batch import Padding, collate
 from stage_dist.saved_model import load_model_state
 from stage_dist.model import (
@@ -29,6 +28,7 @@ from stage_dist.model import (
     build_model,
     compile_model,
 )
+from tests.reference_stage import ReferenceStage, random_window, reference_logits
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
 ACTOR, OBJECT = SMALL.actor_dim, SMALL.object_dim

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from conftest import subprocess_env, torchrun_command
 from stage_dist.checkpoint import read_checkpoint
 from stage_dist.config import ConfigError, to_argv
 from stage_dist.distributed import init_distributed
 from stage_dist.errors import EXIT_PREEMPTED
 from stage_dist.preemption import PreemptedError, RunControl, parse_signals
 from stage_dist.train import Trainer
-from test_train import _children, assert_same_final_checkpoint, make_config
+from tests.conftest import subprocess_env, torchrun_command
+from tests.test_train import _children, assert_same_final_checkpoint, make_config
 
 
 def test_parse_signals_accepts_names_and_refuses_uncatchable_ones():
@@ -61,7 +61,7 @@ def _signal_self_at(trainer: Trainer, step: int, sig: signal.Signals) -> None:
             os.kill(os.getpid(), sig)
         return loss
 
-    trainer.train_step = train_step
+    trainer.train_step = train_step  # type: ignore[method-assign]  # the signal arrives inside a step
 
 
 def test_signal_checkpoints_at_the_agreed_step_and_the_rerun_resumes_exactly(tiny_stores, tmp_path):
@@ -179,7 +179,7 @@ def test_slurm_script_forwards_usr1_to_srun_and_requeues(tmp_path):
     srun (which hands it to every process of the step) and, when srun ends, requeues the job."""
     from pathlib import Path
 
-    from conftest import REPO
+    from tests.conftest import REPO
 
     script = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from stage_dist.distributed import init_distributed
 from stage_dist.progress import LogProgress, is_terminal, progress_bar
 from stage_dist.train import Trainer
-from test_train import make_config
+from tests.test_train import make_config
 
 
 class Terminal(io.StringIO):

@@ -16,7 +16,7 @@ from stage_dist.infer import main as infer_main
 from stage_dist.shard_format import ShardError, shard_pattern, write_shards
 from stage_dist.store import FeatureStore
 from stage_dist.train import Trainer
-from test_train import final_weights, make_config
+from tests.test_train import final_weights, make_config
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -80,10 +80,10 @@ def test_window_boundaries_move_between_epochs():
         full = [w for w in sampler.epoch_windows(epoch) if w.length == 6]
         offsets = {clip: start % 6 for clip, start, _ in full}
         offsets_per_epoch.append([offsets[c] for c in range(50)])
-    offsets = np.array(offsets_per_epoch)  # (epochs, clips)
+    phases = np.array(offsets_per_epoch)  # (epochs, clips)
     # every clip's boundaries move over 6 epochs, and all 6 phases occur
-    assert all(len(set(offsets[:, c])) > 1 for c in range(50))
-    assert set(offsets.ravel().tolist()) == set(range(6))
+    assert all(len(set(phases[:, c])) > 1 for c in range(50))
+    assert set(phases.ravel().tolist()) == set(range(6))
 
 
 def test_shuffle_is_seeded_by_seed_plus_epoch():

@@ -17,17 +17,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from counting import count_reads
 
 from stage_dist.batch import WindowSpec
 from stage_dist.schema import (
-    ACTOR_BOXES, ACTOR_FEATURES, ACTOR_LABELS, NUM_ACTIONS, OBJECT_BOXES, OBJECT_CLS_PROB, OBJECT_FEATURES,
-    ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS,
+    ACTOR_BOXES,
+    ACTOR_FEATURES,
+    ACTOR_LABELS,
+    NUM_ACTIONS,
+    OBJECT_BOXES,
+    OBJECT_CLS_PROB,
+    OBJECT_FEATURES,
+    ROW_TABLES,
+    TABLE_DTYPES,
+    WINDOW_ARRAYS,
 )
 from stage_dist.store import (
-    FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store, finish_store, open_arrays,
+    FeatureStore,
+    StorageConfig,
+    StoreLayout,
+    StoreShape,
+    Tables,
+    create_store,
+    finish_store,
+    open_arrays,
     storage_attrs,
 )
+from tests.counting import count_reads
 
 CLIPS, KEYFRAMES_PER_CLIP = 235, 897
 NUM_KEYFRAMES = CLIPS * KEYFRAMES_PER_CLIP  # 210,795

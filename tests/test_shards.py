@@ -9,6 +9,7 @@ import json
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,6 @@ from stage_dist.shard_stream import ShardWindowStream, fill_segments
 from stage_dist.shards import main
 from stage_dist.store import (
     FeatureStore,
-    read_attrs,
     StorageConfig,
     StoreLayout,
     StoreShape,
@@ -39,6 +39,7 @@ from stage_dist.store import (
     create_store,
     finish_store,
     open_arrays,
+    read_attrs,
     storage_attrs,
 )
 
@@ -125,13 +126,13 @@ def epoch_specs(store: FeatureStore, epoch: int, window: int = WINDOW, seed: int
     return set(ClipWindowSampler(store.clip_lengths, window, seed=seed).epoch_windows(epoch))
 
 
-def stream(pattern: str, rank: int = 0, world_size: int = 1, **kwargs) -> ShardWindowStream:
-    options = dict(window=WINDOW, windows_per_step=1, seed=0)
+def stream(pattern: str | list[str], rank: int = 0, world_size: int = 1, **kwargs) -> ShardWindowStream:
+    options: dict[str, Any] = dict(window=WINDOW, windows_per_step=1, seed=0)
     options.update(kwargs)
     return ShardWindowStream(pattern, rank=rank, world_size=world_size, **options)
 
 
-def run_epoch(pattern: str, epoch: int, rank: int = 0, world_size: int = 1, **kwargs) -> list[list[Window]]:
+def run_epoch(pattern: str | list[str], epoch: int, rank: int = 0, world_size: int = 1, **kwargs) -> list[list[Window]]:
     s = stream(pattern, rank, world_size, **kwargs)
     s.set_epoch(epoch)
     return list(s)
@@ -256,7 +257,8 @@ def test_window_samples_match_the_store_and_join_back_into_clips(store, tmp_path
 # --- equal steps on every rank --------------------------------------------------------------
 
 
-def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch, **kwargs) -> list[list[list[Window]]]:
+def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch,
+                   **kwargs) -> list[list[list[Window]]]:
     """Every rank's steps, in step order, with ``num_workers`` DataLoader workers emulated."""
     import stage_dist.shard_stream as shard_stream
 
@@ -303,8 +305,8 @@ def test_uneven_shards_yield_every_window_once_plus_padding(store, layout, world
                     assert_windows_equal(w, store.read_window(spec_of(store, w)))
         with caplog.at_level("INFO", logger="stage_dist.sampler"):
             stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(epoch)
-        assert f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); {padded} windows " \
-               "repeated" in caplog.text
+        assert (f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); "
+                f"{padded} windows repeated") in caplog.text
 
 
 def test_segments_fill_quotas_evenly():
@@ -356,7 +358,7 @@ def test_epochs_differ_and_are_reproducible(seven):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_clip_samples_give_every_keyframe_exactly_once(store, layout, world_size, request):
     _, pattern = request.getfixturevalue(layout)
-    keyframes = []
+    keyframes: list[int] = []
     for rank in range(world_size):
         for clip in read_clip_samples(pattern, rank=rank, world_size=world_size):
             whole = store.read_keyframes(int(store.clip_ptr[clip.clip]), int(store.clip_ptr[clip.clip + 1]))
@@ -455,7 +457,8 @@ def test_store_and_shards_are_one_kind_of_window_source(store, seven):
         assert [source.steps_for_epoch(e) for e in range(4)] == [sources[0].steps_for_epoch(e) for e in range(4)]
         assert [source.padded_windows(e) for e in range(4)] == [sources[0].padded_windows(e) for e in range(4)]
         assert source.state_dict(3) == {"epoch": 0, "step": 3}
-        owned, named = [], {}
+        owned: list[int] = []
+        named: dict[int, tuple[str, int]] = {}
         for rank in range(2):
             padding = Padding.batch_invariant(source.max_nodes_per_keyframe)
             for batch, mine, keyframes in source.inference_batches(rank, 2, window=4, context=2, windows_per_batch=3,

@@ -9,12 +9,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr
-
-from counting import count_reads
 from zarr.codecs import ZstdCodec
 
 from stage_dist import zarr_io
@@ -36,6 +35,7 @@ from stage_dist.store import (
 )
 from stage_dist.synth import SynthConfig, synthesize
 from stage_dist.zarr_io import ArrayReader, UnknownLayout, open_reader
+from tests.counting import count_reads
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,8 @@ _CANONICAL = zarr_io.ShardLayout(shape=(203, 7), dtype=np.dtype("<f2"), fill_val
                                  chunk_rows=16, sharded=True, zstd={"level": 1, "checksum": False},
                                  index_dtype=np.dtype("<u8"))
 
-_SAME_LAYOUT = {  # every form the zarr v3 spec allows for the same layout, and keys a later writer may add
+# every form the zarr v3 spec allows for the same layout, and keys a later writer may add
+_SAME_LAYOUT: dict[str, dict[str, Any]] = {
     "as written": {},
     "name-only strings": {"codecs": _sharding(codecs=["bytes", {"name": "zstd", "configuration": {"level": 1,
                                                                                                   "checksum": False}}],
@@ -287,7 +288,8 @@ def test_layout_from_zarr_json_reads_each_decision():
     assert zarr_io.ShardLayout.from_zarr_json(_zarr_json(fill_value="0x3c00")).fill_value == 1.0  # float16 1.0
 
 
-_UNKNOWN = {  # layouts the direct path does not read: zarr reads them, after a warning
+# layouts the direct path does not read: zarr reads them, after a warning
+_UNKNOWN: dict[str, tuple[dict[str, Any], str]] = {
     "unknown key": ({"future_key": 1}, "future_key"),
     "extension zarr must understand": ({"ext": {"must_understand": True}}, "ext"),
     "storage transformer": ({"storage_transformers": [{"name": "t"}]}, "plain zarr v3"),
@@ -306,7 +308,8 @@ _UNKNOWN = {  # layouts the direct path does not read: zarr reads them, after a 
     "key encoding": ({"chunk_key_encoding": {"name": "custom"}}, "custom"),
     "fill value": ({"fill_value": "lots"}, "lots"),
     "bool fill for float": ({"fill_value": True}, "fill value"),
-    "chunks across rows": ({"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 3]}}}, "whole rows"),
+    "chunks across rows": ({"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 3]}}},
+                           "whole rows"),
     "shard not whole chunks": ({"codecs": _sharding(chunk_shape=[24, 7])}, "multiple"),
     "missing codecs": ({"codecs": None}, "codecs"),
     "missing shape": ({"shape": "big"}, "metadata"),

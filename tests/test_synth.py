@@ -85,12 +85,12 @@ def test_same_seed_same_bytes_and_arrays(tmp_path: Path, small: SynthDataset) ->
     files = sorted(p.relative_to(small.root) for p in small.root.rglob("*.h5"))
     assert files == sorted(p.relative_to(again.root) for p in again.root.rglob("*.h5"))
     assert len(files) == (5 + 3) * 12 + 4
-    for rel in files:
-        a, b = h5_arrays(small.root / rel), h5_arrays(again.root / rel)
+    for h5 in files:
+        a, b = h5_arrays(small.root / h5), h5_arrays(again.root / h5)
         assert a.keys() == b.keys()
         for key in a:
-            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), (rel, key)
-        assert (small.root / rel).read_bytes() == (again.root / rel).read_bytes(), rel
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), (h5, key)
+        assert (small.root / h5).read_bytes() == (again.root / h5).read_bytes(), h5
     assert (small.root / "train/groundtruth.csv").read_bytes() != (
         other.root / "train/groundtruth.csv"
     ).read_bytes()
@@ -196,7 +196,7 @@ def test_groundtruth_csv(small: SynthDataset) -> None:
                 for r in full:
                     match = np.flatnonzero(np.all(np.abs(boxes - np.array(r[2:6], np.float32)) < 1e-6, axis=1))
                     assert len(match) == 1 and labels[match[0], int(r[6])] == 1
-                assert sum(len(np.flatnonzero(l[1:])) for l in labels) == len(full)
+                assert sum(len(np.flatnonzero(row[1:])) for row in labels) == len(full)
         empty = [k for k, rs in per_frame.items() if len(rs[0]) == 2]
         assert empty, f"{split} has no 2-column (empty keyframe) rows"
 
@@ -314,7 +314,8 @@ def average_precision(score: np.ndarray, truth: np.ndarray) -> float:
     return float((precision * hits).sum() / hits.sum())
 
 
-def logistic_regression_ap(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> np.ndarray:
+def logistic_regression_ap(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                           y_val: np.ndarray) -> np.ndarray:
     torch.manual_seed(0)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     xt, xv = torch.from_numpy((x_train - mean) / std), torch.from_numpy((x_val - mean) / std)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Stores, subprocess_env, torchrun_command
 from stage_dist.checkpoint import read_checkpoint
+from stage_dist.config import from_flat, parse_config, replace_flat, save_json, to_argv
 from stage_dist.distributed import init_distributed
 from stage_dist.errors import UserInputError
-from stage_dist.config import from_flat, parse_config, replace_flat, save_json, to_argv
 from stage_dist.train import OptimConfig, TrainConfig, Trainer, effective_lr
+from tests.conftest import Stores, subprocess_env, torchrun_command
 
 
 def make_config(stores: Stores, output_dir: Path, **overrides) -> TrainConfig:
@@ -51,7 +51,8 @@ def test_config_json_repeats_the_run_and_flags_override_it(tiny_stores, tmp_path
     config = make_config(tiny_stores, tmp_path / "run", epochs=1, val_store=None, lr=1 / 3)
     save_json(config, tmp_path / "config.json")
     assert parse_config(TrainConfig, ["--config", str(tmp_path / "config.json")]) == config
-    changed = parse_config(TrainConfig, ["--config", str(tmp_path / "config.json"), "--epochs", "3", "--model", "baseline"])
+    changed = parse_config(TrainConfig,
+                           ["--config", str(tmp_path / "config.json"), "--epochs", "3", "--model", "baseline"])
     assert changed == replace_flat(config, epochs=3, kind="baseline")
 
 
@@ -296,7 +297,8 @@ def test_mixed_precision_steps_stay_finite(tiny_stores, tmp_path, amp):
     trainer.fit()
     weights = final_weights(tmp_path / amp)
     assert all(value.isfinite().all() for value in weights.values())
-    assert not torch.equal(weights["logits.weight"], Trainer(config, init_distributed("cpu")).model.logits.weight)
+    # nn.Module types its submodules' attributes as Tensor | Module
+    assert not torch.equal(weights["logits.weight"], Trainer(config, init_distributed("cpu")).model.logits.weight)  # type: ignore[arg-type]
 
 
 def test_fp16_resumes_a_checkpoint_without_scaler_state(tiny_stores, tmp_path, caplog):
@@ -356,7 +358,7 @@ def test_non_finite_weights_are_never_checkpointed(tiny_stores, tmp_path):
                       init_distributed("cpu"))
     trainer.train_epoch()
     with torch.no_grad():
-        trainer.model.logits.bias[0] = float("inf")
+        trainer.model.logits.bias[0] = float("inf")  # type: ignore[operator]  # a Module attribute: Tensor | Module
     with pytest.raises(NonFiniteError, match="weights became non-finite between steps 1 and 3"):
         trainer.save_checkpoint()
     assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,1 @@
+"""The test suite: a package, so tests and benches import its helpers as ``tests.<module>``."""
