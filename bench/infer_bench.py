@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bench import StoreSpec, write_store  # noqa: E402
 
 from stage_dist.batch import Padding  # noqa: E402
-from stage_dist.data import StoreWindowSource, inference_loader  # noqa: E402
+from stage_dist.store_source import StoreWindowSource, inference_loader  # noqa: E402
 from stage_dist.distributed import DistEnv, configure_threads  # noqa: E402
 from stage_dist.inference import INFERENCE_WINDOW, RECEPTIVE_FIELD, KeyframeIndex, predict, write_predictions  # noqa: E402
 from stage_dist.model import STAGE, ModelConfig, action_logits  # noqa: E402

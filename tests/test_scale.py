@@ -19,7 +19,7 @@ import pytest
 import zarr
 from counting import count_reads
 
-from stage_dist.batch import WindowSpec
+from stage_dist.window import WindowSpec
 from stage_dist.schema import (
     ACTOR_BOXES, ACTOR_FEATURES, ACTOR_LABELS, NUM_ACTIONS, OBJECT_BOXES, OBJECT_CLS_PROB, OBJECT_FEATURES,
     ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS,
