@@ -161,7 +161,8 @@ class ClipWindowSampler(EpochPosition):
     """Batch sampler over clip windows: each item is one training step's windows for this rank.
 
     Use as ``DataLoader(dataset, batch_sampler=sampler, ...)`` with a dataset indexed by
-    :class:`~stage_dist.window.WindowSpec`. Call :meth:`set_epoch` before each epoch.
+    :class:`~stage_dist.window.WindowSpec`; a :class:`~stage_dist.loaders.TrainLoader` moves
+    it from epoch to epoch, a plain DataLoader needs :meth:`set_epoch` before each epoch.
     ``len(sampler)`` is the number of steps of the current epoch (the same on every rank;
     it can differ by a little between epochs because window boundaries move: use
     :meth:`steps_for_epoch` to plan a schedule). After :meth:`load_state_dict`, the next

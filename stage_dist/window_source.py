@@ -91,8 +91,14 @@ class WindowSource(Protocol):
     num_actors: int
     max_nodes_per_keyframe: int
     location: str  # the path or URL pattern, for messages
-    epoch: int  # the epoch being trained
-    step: int  # steps of it handed out by the train loader (trained, not prefetched)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being trained."""
+
+    @property
+    def step(self) -> int:
+        """Steps of it the train loader handed out (trained, not prefetched)."""
 
     def steps_for_epoch(self, epoch: int) -> int:
         """Steps every rank yields in ``epoch``."""
