@@ -5,8 +5,8 @@
 
 The defaults are the published recipe (Adam, lr 6.25e-5 for one 6-keyframe window per step,
 4 heads). Everything a run needs to continue lives in :meth:`Trainer.state_dict`: model,
-optimizer, LR schedule, grad scaler, sampler position and every rank's RNG state, so a run
-stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
+optimizer, LR schedule, grad scaler, the window source's position and every rank's RNG state, so
+a run stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
 checkpoint was taken (the Python, NumPy and torch generators are seeded per rank and restored
 after all start-up code).
 
