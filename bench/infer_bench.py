@@ -40,7 +40,7 @@ import torch
 
 from bench.train_bench import StoreSpec, write_store
 from stage_dist.batch import Padding
-from stage_dist.data import StoreWindowSource, inference_loader
+from stage_dist.store_source import StoreWindowSource, inference_loader
 from stage_dist.distributed import DistEnv, configure_threads
 from stage_dist.inference import (
     INFERENCE_WINDOW,

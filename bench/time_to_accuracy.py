@@ -179,7 +179,7 @@ def run_one(spec: RunSpec, data: dict[str, str], base_lr: float, epochs: int, wa
         pass
     shutil.rmtree(run_dir, ignore_errors=True)
     return {**asdict(spec), "key": spec.key, "group": spec.group, "lr": trainer.optimizer.param_groups[0]["initial_lr"],
-            "warmup_steps": warmup_steps, "max_epochs": epochs, "steps_per_epoch": len(trainer.sampler),
+            "warmup_steps": warmup_steps, "max_epochs": epochs, "steps_per_epoch": len(trainer.data.source),
             "keyframes_per_epoch": trainer.data.num_keyframes, "curve": curve,
             "wall_s": round(time.perf_counter() - started, 2)}
 
@@ -354,8 +354,8 @@ def per_step(args: argparse.Namespace, data: dict, results: dict) -> None:
         probe.fit()
         started = time.perf_counter()
         steps = 3
-        while time.perf_counter() - started < args.per_step_seconds and steps < len(probe.sampler):
-            steps = min(len(probe.sampler), steps * 2)
+        while time.perf_counter() - started < args.per_step_seconds and steps < len(probe.data.source):
+            steps = min(len(probe.data.source), steps * 2)
             shutil.rmtree(run_dir, ignore_errors=True)
             trainer = Trainer(_config(data, run_dir, windows_per_step=batch, lr=args.base_lr, lr_scaling="none",
                                       max_steps=steps, epochs=1), init_distributed("cpu"))

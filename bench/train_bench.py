@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stage_dist.batch import Batch, WindowSpec, collate
+from stage_dist.batch import Batch, collate
 from stage_dist.config import from_flat
 from stage_dist.distributed import DistEnv, configure_threads
 from stage_dist.schema import NUM_ACTIONS
@@ -82,6 +82,7 @@ from stage_dist.store import (
     storage_attrs,
 )
 from stage_dist.train import TrainConfig, Trainer
+from stage_dist.window import WindowSpec
 
 log = logging.getLogger("train_bench")
 T = TypeVar("T")
@@ -467,9 +468,9 @@ def measure_training(store_path: Path, out_dir: Path, case: TrainCase, memmap_di
                unit="step", leave=False)
     epoch = 0
     while len(steps) < case.warmup + case.steps:
-        trainer.sampler.load_state_dict({"epoch": epoch, "step": 0})
+        trainer.data.source.load_state_dict({"epoch": epoch, "step": 0})
         step_started = time.perf_counter()
-        for batch in trainer.loader:
+        for batch in trainer.data.loader:
             data_ready = time.perf_counter()
             trainer.train_step(batch)  # no host sync: a GPU may still be running this step
             step_done = time.perf_counter()
@@ -514,7 +515,7 @@ def profile_training(store_path: Path, out_dir: Path, steps: int, rows: int = 15
                        device="cpu", max_steps=steps + 2)
     trainer = Trainer(config, DistEnv(0, 1, 0, torch.device("cpu"), None))
     trainer.ddp_model.train()
-    batches = iter(trainer.loader)
+    batches = iter(trainer.data.loader)
     for _ in range(2):
         trainer.train_step(next(batches))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -17,11 +17,14 @@ Modules, one concept each:
 - ``shard_format``  the WebDataset tar form of a store: sample codec, writer, manifest, back to a store
 - ``shard_stream``  streaming a split from tar shards: the shard path of the window-source contract
 - ``shards``        the shards command line (store -> shards, ``--to-store``)
-- ``batch``         WindowSpec / Window / Batch, ``collate`` (graph built on the host), ``Padding``
-- ``window_source`` the ``WindowSource`` protocol (store or shards) and the one window cut
-- ``sampler``       clip-aware distributed window sampler and resume position; inference window plan
+- ``window``        WindowSpec / Window / InferenceWindow and the one window cut (numpy only, no torch)
+- ``batch``         Batch, ``collate`` (graph built on the host), ``Padding``
+- ``window_source`` the ``WindowSource`` protocol (store or shards), ``InferenceBatch``, ``KeyframeNamer``
+- ``sampler``       clip-aware distributed window sampler and epoch/step position; inference window plan
+- ``loaders``       what both forms share for DataLoaders: the position-moving ``TrainLoader``, inference collate
+- ``store_source``  the store path of the window-source contract (``StoreWindowSource``)
+- ``data``          opening a split as a window source (store or shards), the training data
 - ``split_config``  which split a command reads: a store or shards (exactly one), and how
-- ``data``          the store path of the window-source contract, DataLoaders, opening a split
 - ``graph``         the banded spatio-temporal graph of a batch of windows, and attention over it
 - ``model``         the STAGE graph-attention model, the no-graph baseline, the model kinds and the
                     model's config section (``ModelSection``), ``compile_model``

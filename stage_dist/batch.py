@@ -1,11 +1,10 @@
-"""The data contract between the feature store, the samplers, the model and inference.
+"""Windows as tensors: the batch the model reads, and the one place that decides its shapes.
 
-A :class:`WindowSpec` names W consecutive keyframes of one clip. The store turns it into a
-:class:`Window` (numpy arrays, one contiguous row range per array). :func:`collate` stacks
-several windows into one :class:`Batch` of tensors and builds its block-diagonal
-:class:`~stage_dist.graph.Graph` there, on the host (in the DataLoader worker): data flows one
-way, store -> window -> batch + graph -> model, and the model never reads a size back from the
-device.
+A store turns a :class:`~stage_dist.window.WindowSpec` into a :class:`~stage_dist.window.Window`
+(numpy arrays, one contiguous row range per array). :func:`collate` stacks several windows into
+one :class:`Batch` of tensors and builds its block-diagonal :class:`~stage_dist.graph.Graph`
+there, on the host (in the DataLoader worker): data flows one way, store -> window -> batch +
+graph -> model, and the model never reads a size back from the device.
 
 A :class:`Padding` says how :func:`collate` sizes the batch; it is the one place that decides
 shapes: exact (training, the default), bucketed (``--compile``: a handful of shapes per run) or
@@ -15,49 +14,13 @@ batch-invariant (inference: a keyframe's scores do not depend on its batch-mates
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from stage_dist.graph import Graph, build_graph
-
-
-class WindowSpec(NamedTuple):
-    """Keyframes ``start .. start + length - 1`` (indices within the clip) of clip ``clip``."""
-
-    clip: int
-    start: int
-    length: int
-
-
-@dataclass
-class Window:
-    """One window read from a store: rows of every array for W consecutive keyframes of a clip.
-
-    ``actor_ptr``/``object_ptr`` are CSR pointers local to the window (``ptr[0] == 0``):
-    the actors of keyframe ``k`` are rows ``actor_ptr[k]:actor_ptr[k + 1]``.
-    ``keyframe_start``/``actor_start`` are the global row indices of the first keyframe and
-    first actor in the store, so predictions can be keyed and de-duplicated.
-    """
-
-    clip: int
-    video_id: str
-    keyframe_start: int
-    actor_start: int
-    timestamps: np.ndarray  # (W,) int
-    actor_ptr: np.ndarray  # (W + 1,) int64
-    actor_features: np.ndarray  # (A, C) float16/float32 (pooled)
-    actor_boxes: np.ndarray  # (A, 4) float32, normalised x1, y1, x2, y2
-    actor_labels: np.ndarray  # (A, 80) uint8
-    object_ptr: np.ndarray  # (W + 1,) int64
-    object_features: np.ndarray  # (O, D)
-    object_boxes: np.ndarray  # (O, 4) float32
-
-    @property
-    def num_keyframes(self) -> int:
-        return len(self.timestamps)
-
+from stage_dist.window import Window
 
 # Batch-invariant mode (see Padding.batch_invariant): rows per block of a row-wise op, and the
 # multiple of the group count.

@@ -78,6 +78,7 @@ from stage_dist.outputs import (
     prepare_output_dir,
     resolve_output,
 )
+from stage_dist.shard_format import ShardError, shard_pattern, write_shards
 from stage_dist.sources import (
     DEFAULT_BOX_TOLERANCE,
     I3DSource,
@@ -1070,8 +1071,6 @@ def _main(config: ConvertConfig) -> int:
 
 def write_streaming_form(cfg: ConvertConfig) -> str:
     """Write the finished store as tar shards (:func:`shards_out`); drop the store unless kept."""
-    from stage_dist.shard_format import ShardError, shard_pattern, write_shards  # imports torch: only when asked
-
     store, target = store_out(cfg), shards_out(cfg)
     try:
         manifest = write_shards(FeatureStore.open(store), target, what="--shards-out",

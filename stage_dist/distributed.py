@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any

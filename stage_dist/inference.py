@@ -20,21 +20,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from stage_dist.ava import write_results_csv
-from stage_dist.batch import Batch, Padding
+from stage_dist.batch import Padding
 from stage_dist.distributed import DistEnv, gather_to_main
 from stage_dist.model import ModelConfig, action_logits
 from stage_dist.precision import Precision, resolve_precision
 from stage_dist.progress import DEFAULT_EVERY_SECONDS, progress_bar
 from stage_dist.schema import AVA_CLASS_IDS
 from stage_dist.store import FeatureStore
-from stage_dist.window_source import InferenceBatch, WindowSource
+from stage_dist.window_source import InferenceBatch, WindowKeyframes, WindowSource
 
 RECEPTIVE_FIELD = 2  # keyframes on each side that reach a keyframe through two one-hop layers
 # Keyframes predicted per window: each window also reads 2 x RECEPTIVE_FIELD context keyframes,
@@ -74,8 +74,8 @@ class KeyframeIndex:
         return cls(np.asarray(store.video_ids, dtype=object)[clips], np.asarray(store.timestamps))
 
     @classmethod
-    def from_windows(cls, windows: Iterable[tuple[int, str, np.ndarray]], num_keyframes: int) -> "KeyframeIndex":
-        """From ``(first keyframe row, video id, timestamps)`` of windows read (overlaps agree)."""
+    def from_windows(cls, windows: Iterable[WindowKeyframes], num_keyframes: int) -> "KeyframeIndex":
+        """From the keyframes of the windows read (overlaps agree)."""
         video_ids = np.empty(num_keyframes, dtype=object)
         timestamps = np.zeros(num_keyframes, dtype=np.int64)
         for start, video_id, stamps in windows:
@@ -94,13 +94,13 @@ class InferenceResult:
 
 def score_batches(
     model: nn.Module | Sequence[nn.Module],
-    batches: Iterable[tuple[Batch, torch.Tensor]],
+    batches: Iterable[InferenceBatch],
     env: DistEnv,
     precision: Precision,
-) -> Predictions:
-    """This rank's predictions for the owned actors of ``(batch, owned)`` pairs; several models
-    (one class set, checked by the caller): the mean of their sigmoid scores (each batch is moved
-    to the device once for all of them)."""
+) -> tuple[Predictions, list[WindowKeyframes]]:
+    """This rank's predictions for the owned actors of ``batches``, and the keyframes their
+    windows read; several models (one class set, checked by the caller): the mean of their
+    sigmoid scores (each batch is moved to the device once for all of them)."""
     models = [model] if isinstance(model, nn.Module) else list(model)
     was_training = [m.training for m in models]
     config = getattr(models[0], "config", None)
@@ -109,9 +109,11 @@ def score_batches(
     for m in models:
         m.eval()
     parts: list[Predictions] = []
+    read: list[WindowKeyframes] = []
     try:
         with torch.inference_mode():
-            for batch, owned in batches:
+            for batch, owned, keyframes in batches:
+                read.extend(keyframes)
                 on_device = batch.to(env.device, non_blocking=True)
                 total: torch.Tensor | None = None
                 for m in models:
@@ -132,8 +134,8 @@ def score_batches(
             m.train(mode)
     if not parts:
         return Predictions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                           np.zeros((0, len(classes)), np.float32))
-    return Predictions.concatenate(parts)
+                           np.zeros((0, len(classes)), np.float32)), read
+    return Predictions.concatenate(parts), read
 
 
 def predict(
@@ -155,17 +157,10 @@ def predict(
     batches = source.inference_batches(env.rank, env.world_size, window=window, context=RECEPTIVE_FIELD,
                                        windows_per_batch=windows_per_batch, padding=padding,
                                        num_workers=num_workers, pin_memory=env.device.type == "cuda")
-    read: list[tuple[int, str, np.ndarray]] = []
-
-    def scored(items: Iterable[InferenceBatch]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        for batch, owned, keyframes in items:
-            read.extend(keyframes)
-            yield batch, owned
-
     bar = progress_bar(batches, desc="infer", unit="batch", disable=not (progress and env.is_main), leave=False,
                        every_seconds=progress_every_seconds)
-    local = score_batches(model, scored(bar), env, precision or resolve_precision("off", env.device))
-    gathered = gather_to_main((local, read), env)
+    local = score_batches(model, bar, env, precision or resolve_precision("off", env.device))
+    gathered = gather_to_main(local, env)
     if gathered is None:
         return None
     predictions = merge_predictions([part for part, _ in gathered], source.num_actors)

@@ -21,12 +21,11 @@ and the gathered shards, concatenated in rank order, are in store order.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from stage_dist.batch import WindowSpec
+from stage_dist.window import InferenceWindow, WindowSpec
 
 T = TypeVar("T")
 
@@ -92,14 +91,20 @@ def parse_position(state: dict, what: str) -> tuple[int, int]:
 
 
 class EpochPosition:
-    """The epoch to iterate and the mid-epoch resume position: one contract for both training
-    schedules (:class:`ClipWindowSampler`, :class:`~stage_dist.shard_stream.ShardWindowStream`).
+    """Where training is in its schedule, one contract for both training schedules
+    (:class:`ClipWindowSampler`, :class:`~stage_dist.shard_stream.ShardWindowStream`): the epoch
+    being trained, the steps of it trained, and the step the next iteration starts at.
 
-    Subclasses set ``rank``, ``world_size`` and ``windows_per_step`` and define
-    ``steps_for_epoch(epoch)`` and ``padded_windows(epoch)``; rank 0 logs each epoch's padding.
+    ``step`` counts the steps handed to training, not the ones drawn: a DataLoader draws batches
+    ahead. :class:`~stage_dist.loaders.TrainLoader` counts them (:meth:`took_step`) and ends the
+    epoch (:meth:`ended_iteration`); :meth:`state_dict` and :meth:`load_state_dict` save and
+    restore the position. Subclasses set ``rank``, ``world_size`` and ``windows_per_step`` and
+    define ``steps_for_epoch(epoch)`` and ``padded_windows(epoch)``; rank 0 logs each epoch's
+    padding.
     """
 
     epoch: int = 0
+    step: int = 0
     _resume_step: int = 0
     _announced: int | None = None
     rank: int
@@ -109,19 +114,29 @@ class EpochPosition:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate. A pending resume step is kept only for its own epoch."""
         if epoch != self.epoch:
-            self._resume_step = 0
+            self._resume_step = self.step = 0
         self.epoch = epoch
         self._announce()
 
-    def state_dict(self, step: int) -> dict:
+    def state_dict(self, step: int | None = None) -> dict:
         """``{"epoch", "step"}``: ``step`` is the number of steps of the epoch already trained
-        (the trainer's count: a DataLoader draws batches ahead of training)."""
-        return {"epoch": int(self.epoch), "step": int(step)}
+        (default: the steps handed to training, see :meth:`took_step`)."""
+        return {"epoch": int(self.epoch), "step": int(self.step if step is None else step)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: select ``state["epoch"]``; its next iteration starts at ``state["step"]``."""
         self.epoch, self._resume_step = parse_position(state, type(self).__name__)
+        self.step = self._resume_step
         self._announce()
+
+    def took_step(self) -> None:
+        """Training took one more step of the epoch."""
+        self.step += 1
+
+    def ended_iteration(self) -> None:
+        """An iteration over the epoch's steps ended: once every step was taken, the next epoch."""
+        if self.step >= self.steps_for_epoch(self.epoch):
+            self.set_epoch(self.epoch + 1)
 
     def _take_resume_step(self) -> int:
         """The step the next iteration starts at (only the first iteration after a resume)."""
@@ -146,7 +161,8 @@ class ClipWindowSampler(EpochPosition):
     """Batch sampler over clip windows: each item is one training step's windows for this rank.
 
     Use as ``DataLoader(dataset, batch_sampler=sampler, ...)`` with a dataset indexed by
-    :class:`~stage_dist.batch.WindowSpec`. Call :meth:`set_epoch` before each epoch.
+    :class:`~stage_dist.window.WindowSpec`; a :class:`~stage_dist.loaders.TrainLoader` moves
+    it from epoch to epoch, a plain DataLoader needs :meth:`set_epoch` before each epoch.
     ``len(sampler)`` is the number of steps of the current epoch (the same on every rank;
     it can differ by a little between epochs because window boundaries move: use
     :meth:`steps_for_epoch` to plan a schedule). After :meth:`load_state_dict`, the next
@@ -225,26 +241,6 @@ class ClipWindowSampler(EpochPosition):
         steps = self._rank_steps()
         for step in range(self._take_resume_step(), len(steps)):
             yield [WindowSpec(int(c), int(s), int(n)) for c, s, n in steps[step]]
-
-
-@dataclass(frozen=True)
-class InferenceWindow:
-    """A window to read and the part of it whose predictions are kept.
-
-    ``spec`` is the keyframe range read (owned keyframes plus context). ``keep_start`` and
-    ``keep_stop`` are window-local keyframe indices, like :attr:`Batch.actor_frame`: the window
-    owns keyframes ``spec.start + keep_start .. spec.start + keep_stop - 1`` of clip
-    ``spec.clip``, so an actor's prediction is kept iff ``keep_start <= frame < keep_stop``.
-    """
-
-    spec: WindowSpec
-    keep_start: int
-    keep_stop: int
-
-    @property
-    def owned(self) -> range:
-        """Clip-local indices of the keyframes this window predicts."""
-        return range(self.spec.start + self.keep_start, self.spec.start + self.keep_stop)
 
 
 def plan_inference_windows(

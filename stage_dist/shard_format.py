@@ -27,21 +27,21 @@ import re
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
-import webdataset as wds
-from stage_dist.progress import progress_bar
 
 from stage_dist.errors import UserInputError
 from stage_dist.outputs import claim_output_dir
+from stage_dist.progress import progress_bar
 from stage_dist.schema import DEFAULT_TAR_SHARD_MB, store_class_ids, store_class_names
 from stage_dist.store import (FeatureStore, StorageConfig, StoreLayout, StoreShape, Tables, create_store,
                               finish_store, open_arrays, read_attrs)
-from stage_dist.window_source import WINDOW_ROW_ARRAYS, cut_window, max_nodes_per_keyframe
+from stage_dist.window import WINDOW_ROW_ARRAYS, Window, cut_window, max_nodes_per_keyframe
 
 if TYPE_CHECKING:
-    from stage_dist.batch import Window
+    import webdataset as wds
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ ARRAY_FIELDS = ("timestamps", "actor_ptr", "actor_features", "actor_boxes", "act
 META_ENTRY = "meta.json"
 _TAR_BLOCK = 512
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _webdataset() -> ModuleType:
+    """webdataset, imported when a tar is read or written: importing it imports torch
+    (``webdataset.compat`` imports ``webdataset.pytorch``), which the store, the converter and
+    the manifest checks never need."""
+    import webdataset
+
+    return webdataset
 
 
 class ShardError(UserInputError):
@@ -120,8 +129,6 @@ def _where(sample: dict[str, Any]) -> str:
 def decode_sample(sample: dict[str, Any]) -> Window:
     """The :class:`Window` of a sample read by webdataset (a dict of raw tar entries); entries
     training does not read (``actor_spatial``, ``object_cls_prob``) are not decoded."""
-    from stage_dist.batch import Window  # deferred: the shard writer does not need torch
-
     where = _where(sample)
     try:
         meta = json.loads(sample[META_ENTRY])
@@ -169,7 +176,7 @@ def _check_window(window: Window, where: str) -> None:
 
 def cut_clip(clip: Window, start: int, length: int) -> Window:
     """Keyframes ``start .. start + length - 1`` of a whole-clip :class:`Window`, cut by the
-    store's rule (:func:`~stage_dist.window_source.cut_window`): the same arrays as
+    store's rule (:func:`~stage_dist.window.cut_window`): the same arrays as
     ``store.read_window`` of that spec."""
     if not (0 <= start and length >= 1 and start + length <= clip.num_keyframes):
         raise ValueError(f"window ({start}, {length}) outside clip {clip.clip} of {clip.num_keyframes} keyframes")
@@ -248,7 +255,8 @@ class _ShardSink:
         stats = _ShardStats(name=f"{self.prefix}-{len(self.shards):06d}.tar", first_clip=first_clip)
         self.shards.append(stats)
         self._file = open(self.out_dir / f"{stats.name}.tmp", "wb")
-        self._writer = wds.TarWriter(self._file, encoder=False, mtime=0, user="stage_dist", group="stage_dist")
+        self._writer = _webdataset().TarWriter(self._file, encoder=False, mtime=0, user="stage_dist",
+                                               group="stage_dist")
 
     def add_clip(self, clip: int, windows: Sequence[Window], samples: Sequence[dict[str, Any]]) -> None:
         size = sum(_tar_bytes(s) for s in samples)
@@ -423,7 +431,7 @@ def shard_pattern(manifest: dict, base: str | os.PathLike | None = None) -> str:
 
 def read_json(location: str) -> dict:
     try:
-        with wds.gopen(location, "rb") as stream:
+        with _webdataset().gopen(location, "rb") as stream:
             return json.loads(stream.read())
     except (OSError, ValueError) as err:
         raise ShardError(f"cannot read {location}: {err}") from err
@@ -442,7 +450,7 @@ def load_manifest(location: str | os.PathLike) -> dict:
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Shard URLs from a brace pattern (``::`` separates patterns) or a list."""
-    expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
+    expanded = _webdataset().shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
     if not expanded:
         raise ShardError(f"no shard URLs in {urls!r}")
     return expanded
@@ -475,7 +483,7 @@ def select_shards(urls: Sequence[str], manifest: dict) -> list[dict]:
 
 def tar_samples(url: str) -> Iterator[dict[str, Any]]:
     try:
-        yield from wds.tarfile_samples([{"url": url}])
+        yield from _webdataset().tarfile_samples([{"url": url}])
     except (OSError, ValueError, tarfile.TarError) as err:
         raise ShardError(f"cannot read shard {url}: {err}") from err
 

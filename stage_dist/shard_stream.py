@@ -24,17 +24,16 @@ from functools import partial
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from stage_dist.batch import Padding, Window, collate
-from stage_dist.data import KeyframeCollate
-from stage_dist.preemption import ignore_stop_signals
+from stage_dist.batch import Padding, collate
+from stage_dist.loaders import InferenceCollate, TrainLoader, worker_options
 from stage_dist.sampler import EpochPosition, clip_windows, epoch_generator, plan_inference_windows, window_offsets
 from stage_dist.schema import store_class_ids
 from stage_dist.shard_format import (ShardError, check_complete, clip_groups, cut_clip, decode_clip, decode_sample,
                                      manifest_of, read_clip_samples, select_shards)
-from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, batches_of
+from stage_dist.window import InferenceWindow, Window
+from stage_dist.window_source import SHUFFLE_BUFFER, InferenceBatch, KeyframeNamer, batches_of
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,9 @@ class ShardWindowStream(EpochPosition, IterableDataset):
     """Training steps (``list[Window]``, ``windows_per_step`` each) streamed from shards; a
     :class:`~stage_dist.window_source.WindowSource`.
 
-    Use :meth:`train_loader` (or ``DataLoader(stream, batch_size=None, collate_fn=collate,
-    num_workers=N)``, workers not persistent) and call :meth:`set_epoch` before each epoch.
+    Use :meth:`train_loader` (it moves the stream's position, epoch after epoch), or
+    ``DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=N)`` (workers not
+    persistent) and :meth:`set_epoch` before each epoch.
     Each epoch every rank yields exactly :meth:`steps_for_epoch` steps, the step count of
     :class:`~stage_dist.sampler.ClipWindowSampler` over the same clips; the epoch's windows are
     the sampler's windows (clip samples are cut with the offsets it draws for ``seed + epoch``;
@@ -265,12 +265,14 @@ class ShardWindowStream(EpochPosition, IterableDataset):
         finally:
             windows.close()
 
-    def train_loader(self, *, num_workers: int, pin_memory: bool, padding: Padding = Padding()) -> DataLoader:
+    def keyframe_namer(self) -> KeyframeNamer:
+        return KeyframeNamer.from_clip_lengths(self.manifest.get("clip_lengths", []))  # no video ids
+
+    def train_loader(self, *, num_workers: int, pin_memory: bool, padding: Padding = Padding()) -> TrainLoader:
         """This rank's steps as collated batches. Workers are not persistent: each epoch's
         iterator must see the stream's new epoch."""
-        return DataLoader(self, batch_size=None, collate_fn=partial(collate, padding=padding), num_workers=num_workers,
-                          pin_memory=pin_memory, generator=torch.Generator(),
-                          worker_init_fn=ignore_stop_signals if num_workers else None)  # the rank handles them
+        return TrainLoader(self, self, batch_size=None, collate_fn=partial(collate, padding=padding),
+                           pin_memory=pin_memory, **worker_options(num_workers, persistent=False))
 
     # ---- inference
 
@@ -282,9 +284,9 @@ class ShardWindowStream(EpochPosition, IterableDataset):
         ranks, read in this process: ``num_workers`` and ``pin_memory`` are not used), cut into
         the windows of :func:`~stage_dist.sampler.plan_inference_windows`."""
         check_complete(self.urls, self.manifest, "inference")
-        collate_windows = KeyframeCollate(padding)
+        collate_windows = InferenceCollate(padding)
 
-        def windows() -> Iterator[tuple[Window, object]]:
+        def windows() -> Iterator[tuple[Window, InferenceWindow]]:
             for clip in read_clip_samples(self.urls, rank=rank, world_size=world_size):
                 for plan in plan_inference_windows([clip.num_keyframes], window, context=context):
                     yield cut_clip(clip, plan.spec.start, plan.spec.length), plan

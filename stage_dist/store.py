@@ -30,7 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import zarr
@@ -59,10 +59,9 @@ from stage_dist.schema import (  # the layout names are re-exported for the conv
     row_arrays,
     storage_attrs,
 )
+from stage_dist.window import Window, WindowSpec, cut_window
 from stage_dist.zarr_io import ArrayReader, ChunkCache, ZarrRows, open_reader
 
-if TYPE_CHECKING:  # batch imports torch, which the converter does not need
-    from stage_dist.batch import Window, WindowSpec
 
 __all__ = [
     "SCHEMA_VERSION", "ArrayReader", "FeatureStore", "StorageConfig", "StoreError", "StoreLayout",
@@ -375,8 +374,6 @@ class FeatureStore:
 
     def read_keyframes(self, first: int, stop: int) -> Window:
         """Keyframe rows ``first:stop`` (global), which must lie in one clip, as a :class:`Window`."""
-        from stage_dist.window_source import cut_window
-
         if not 0 <= first < stop <= self.num_keyframes:
             raise IndexError(f"keyframes {first}:{stop} outside 0:{self.num_keyframes} of {self.path}")
         clip = int(self.keyframe_clip[first])

@@ -5,8 +5,8 @@
 
 The defaults are the published recipe (Adam, lr 6.25e-5 for one 6-keyframe window per step,
 4 heads). Everything a run needs to continue lives in :meth:`Trainer.state_dict`: model,
-optimizer, LR schedule, grad scaler, sampler position and every rank's RNG state, so a run
-stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
+optimizer, LR schedule, grad scaler, the window source's position and every rank's RNG state, so
+a run stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
 checkpoint was taken (the Python, NumPy and torch generators are seeded per rank and restored
 after all start-up code).
 
@@ -63,7 +63,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stage_dist.ava import read_ava_csv, read_labelmap
 from stage_dist.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, TrainingState, checkpoint_state,
                                    read_checkpoint, rng_state, set_rng_state)
-from stage_dist.data import StoreWindowSource, TrainData, open_train_data
+from stage_dist.data import open_train_data
 from stage_dist.distributed import (DistEnv, all_reduce_mean, all_reduce_min, barrier, cleanup, configure_determinism,
                                     configure_threads, gather_to_main, init_distributed, loader_workers,
                                     setup_logging, share_of_all)
@@ -88,6 +88,7 @@ from stage_dist.precision import resolve_precision
 from stage_dist.saved_model import SavedModel, load_model_state
 from stage_dist.trainlog import RunLog
 from stage_dist.store import FeatureStore
+from stage_dist.store_source import StoreWindowSource
 from stage_dist.schema import describe_classes
 from stage_dist.split_config import SplitConfig
 
@@ -279,35 +280,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
     return factor
 
 
-@dataclass(frozen=True)
-class KeyframeNamer:
-    """Names global keyframe rows for messages: the clip (and, from a store, its video id and
-    timestamps) they belong to."""
-
-    clip_ptr: np.ndarray  # (clips + 1,) first keyframe row of every clip
-    video_ids: list[str] | None = None
-    timestamps: np.ndarray | None = None
-
-    @classmethod
-    def for_data(cls, data: TrainData) -> "KeyframeNamer":
-        if isinstance(data.steps, StoreWindowSource):
-            store = data.steps.store
-            return cls(np.asarray(store.clip_ptr), list(store.video_ids), np.asarray(store.timestamps))
-        lengths = data.steps.manifest.get("clip_lengths", [])  # shards: clip lengths, no names
-        return cls(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
-
-    def describe(self, first: int, last: int) -> str:
-        if first < 0:
-            return "a window without actors"
-        clip = int(np.searchsorted(self.clip_ptr, first, side="right")) - 1
-        rows = f"keyframe rows {first}-{last}"
-        if self.video_ids is None or not 0 <= clip < len(self.video_ids):
-            return f"clip {clip}, {rows}" if clip >= 0 else rows
-        stamps = self.timestamps
-        return (f"clip {clip} (video {self.video_ids[clip]}, timestamps {int(stamps[first]):04d}-"
-                f"{int(stamps[last]):04d}), {rows}")
-
-
 class Trainer:
     """One training run on one rank: data, model (DDP when world size > 1), Adam, LR schedule,
     precision and checkpoints. :meth:`fit` is the loop; :meth:`state_dict` is everything needed
@@ -328,7 +300,6 @@ class Trainer:
             seed=config.optim.seed, rank=env.rank, world_size=env.world_size, num_workers=self.workers,
             pin_memory=env.device.type == "cuda", padding=Padding(bucketed=config.runtime.compile),
         )
-        self.sampler, self.loader = self.data.steps, self.data.loader
         self.val_store = (
             FeatureStore.open(
                 config.data.val_store,
@@ -350,8 +321,8 @@ class Trainer:
         self.val_labelmap = read_labelmap(config.data.labelmap) if config.data.labelmap else None
         self.val_groups = read_action_groups(config.data.labelmap) if config.data.labelmap else None
         self.val_groundtruth = read_ava_csv(config.data.val_groundtruth) if config.data.val_groundtruth else None
-        self.class_ids = self.data.steps.class_ids  # the class id of each label column of the train data
-        check_class_sets(self.class_ids, self.data.source, self.val_store, config.data.labelmap, self.val_labelmap)
+        self.class_ids = self.data.source.class_ids  # the class id of each label column of the train data
+        check_class_sets(self.class_ids, self.data.location, self.val_store, config.data.labelmap, self.val_labelmap)
         if self.val_store is not None and (self.val_groundtruth is None or self.val_labelmap is None):
             log.warning("--val-store without both --val-groundtruth and --labelmap: validation writes results.csv "
                         "but computes no mAP, and best.pt is not chosen")
@@ -384,8 +355,6 @@ class Trainer:
         self.precision = resolve_precision(config.runtime.amp, env.device)
         self.scaler = self.precision.grad_scaler()
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep_last=config.run.keep_last)
-        self.epoch = 0
-        self.step_in_epoch = 0  # steps consumed, not the loader's prefetch position
         self.global_step = 0
         self.best_map: float | None = None
         self.history: list[dict] = []
@@ -393,7 +362,7 @@ class Trainer:
         # Preemption signals and --checkpoint-every-minutes, agreed in the non-finite check's reduction.
         self.control = RunControl(parse_signals(config.run.preempt_signals), config.run.checkpoint_every_minutes)
         self._saved_at_step = -1
-        self.nonfinite = NonFiniteGuard(self.model, env, self.control, KeyframeNamer.for_data(self.data).describe,
+        self.nonfinite = NonFiniteGuard(self.model, env, self.control, self.data.source.keyframe_namer().describe,
                                         last_good=self.checkpoints.latest)
         self.run_log = RunLog(self.output_dir, config_file=self.output_dir / CONFIG_NAME,
                               tensorboard_dir=config.run.tensorboard_dir,
@@ -406,10 +375,20 @@ class Trainer:
         np.random.seed(config.optim.seed + env.rank)
 
     def _planned_steps(self) -> int:
-        steps = sum(self.sampler.steps_for_epoch(epoch) for epoch in range(self.config.optim.epochs))
+        steps = sum(self.data.source.steps_for_epoch(epoch) for epoch in range(self.config.optim.epochs))
         return min(steps, self.config.optim.max_steps) if self.config.optim.max_steps else steps
 
     # -- state -----------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being trained: the window source's position, which it moves itself."""
+        return self.data.source.epoch
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Steps of the epoch trained (not the loader's prefetch position): the source's position."""
+        return self.data.source.step
 
     def state_dict(self) -> dict:
         """Everything a run needs to continue, in the checkpoint layout
@@ -433,8 +412,7 @@ class Trainer:
         self.optimizer.load_state_dict(state.optimizer_state)
         self.scheduler.load_state_dict(state.scheduler_state)
         self._load_scaler_state(state.scaler_state, checkpoint.path)
-        self.epoch = state.epoch
-        self.step_in_epoch = state.step
+        self.data.source.load_state_dict({"epoch": state.epoch, "step": state.step})
         self.global_step = state.global_step
         self.best_map = state.best_map
         self.history = list(state.history)
@@ -532,7 +510,7 @@ class Trainer:
         if checkpoint.model_config.classes != self.model_config.classes:
             raise CheckpointError(f"{checkpoint.path}: the checkpoint predicts "
                                   f"{describe_classes(checkpoint.model_config.classes)}, the training data "
-                                  f"{self.data.source} holds {describe_classes(self.model_config.classes)}")
+                                  f"{self.data.location} holds {describe_classes(self.model_config.classes)}")
         if checkpoint.training is None:  # the published format, or a model-only file: weights only
             try:
                 load_model_state(self.model, checkpoint.model_state)
@@ -576,11 +554,9 @@ class Trainer:
         signals.enter_context(self.control.handling_signals())
         try:
             while not finished:
+                epoch = self.epoch
                 self.train_epoch()
-                epoch_done = self.step_in_epoch == len(self.sampler)
-                if epoch_done:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    self.sampler.set_epoch(self.epoch)
+                epoch_done = self.epoch != epoch  # the source moved on once its last step was trained
                 finished = self.epoch >= self.config.optim.epochs or self._reached_max_steps()
                 scheduled = epoch_done and self.config.run.val_every and self.epoch % self.config.run.val_every == 0
                 metric = None
@@ -600,17 +576,15 @@ class Trainer:
 
     def train_epoch(self) -> None:
         """Steps from the current position to the end of the epoch (or to --max-steps)."""
-        self.sampler.load_state_dict({"epoch": self.epoch, "step": self.step_in_epoch})
         self.ddp_model.train()
         stats = StepStats()
         step_started = time.perf_counter()
-        for batch in self.loader:
+        for batch in self.data.loader:
             data_ready = time.perf_counter()
             rows = batch.actor_keyframe.numpy()  # host bookkeeping (numpy() refuses a device tensor)
             window = (int(rows.min()), int(rows.max())) if len(rows) else (-1, -1)
             loss = self.train_step(batch)
             self.global_step += 1
-            self.step_in_epoch += 1
             self.nonfinite.stepped(self.global_step, window)
             step_done = time.perf_counter()
             stats.add(loss, batch.num_keyframes * self.env.world_size, data_ready - step_started,
@@ -702,8 +676,8 @@ class Trainer:
             "training %s on %s: %d keyframes in %d clips, %d steps per epoch x %d epochs; "
             "%d rank(s) x %d window(s) of %d keyframes = effective batch %d windows; "
             "lr %.3g (base %.3g, %s scaling), amp %s, device %s",
-            self.config.model.kind, self.data.source, self.data.num_keyframes,
-            self.data.num_clips, len(self.sampler), self.config.optim.epochs, self.env.world_size,
+            self.config.model.kind, self.data.location, self.data.num_keyframes,
+            self.data.num_clips, len(self.data.source), self.config.optim.epochs, self.env.world_size,
             self.config.optim.windows_per_step, self.config.data.window, self.effective_batch,
             self.optimizer.param_groups[0]["initial_lr"], self.config.optim.lr, self.config.optim.lr_scaling,
             self.precision.mode, self.env.device,

@@ -460,7 +460,7 @@ def test_leading_dash_rule_never_takes_another_clips_objects(split):
 
 
 def test_format_webdataset_writes_shards_equal_to_the_store(tmp_path):
-    from stage_dist.batch import WindowSpec
+    from stage_dist.window import WindowSpec
     from stage_dist.convert import main as convert_main
     from stage_dist.shard_format import load_manifest, read_clip_samples, shard_pattern
     from stage_dist.store import FeatureStore

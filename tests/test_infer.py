@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from stage_dist.ava import read_labelmap
-from stage_dist.data import StoreWindowSource
 from stage_dist.distributed import init_distributed
 from stage_dist.evaluate import evaluate
 from stage_dist.checkpoint import load_model
 from stage_dist.infer import main as infer_main
+from stage_dist.store_source import StoreWindowSource
 from stage_dist.inference import predict
 from stage_dist.model import ModelConfig, build_model
 from stage_dist.store import FeatureStore
@@ -95,7 +95,8 @@ def test_predict_matches_one_window_per_clip(tiny_stores, checkpoint):
     model = load_model(checkpoint, store.actor_dim, store.object_dim, torch.device("cpu")).eval()
     predictions = predict(model, StoreWindowSource(store), env, window=3, windows_per_batch=2,
                           progress=False).predictions
-    from stage_dist.batch import WindowSpec, collate
+    from stage_dist.batch import collate
+    from stage_dist.window import WindowSpec
     from stage_dist.model import action_logits
 
     whole = []

@@ -106,8 +106,8 @@ def test_published_recipe_is_plain_adam_at_the_base_lr_bit_for_bit(tiny_stores, 
     trainer.fit()
     torch.manual_seed(3)  # the same dropout masks for the reference
     model.train()
-    reference_data.sampler.load_state_dict({"epoch": 0, "step": 0})
-    for step, batch in enumerate(reference_data.loader):
+    reference_data.data.source.load_state_dict({"epoch": 0, "step": 0})
+    for step, batch in enumerate(reference_data.data.loader):
         if step == steps:
             break
         batch = batch.to(torch.device("cpu"))

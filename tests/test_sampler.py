@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stage_dist.batch import WindowSpec
 from stage_dist.sampler import (
     ClipWindowSampler,
-    InferenceWindow,
     clip_windows,
     plan_inference_windows,
     shard_for_rank,
 )
+from stage_dist.window import InferenceWindow, WindowSpec
 
 WORLD_SIZES = range(1, 9)
 # Mixed clips: AVA-length, shorter than W, exactly W, W + 1, a single keyframe, an empty clip.

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zarr
 
-from stage_dist.batch import WindowSpec
+from stage_dist.window import WindowSpec
 from stage_dist.schema import (
     ACTOR_BOXES,
     ACTOR_FEATURES,

@@ -17,7 +17,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from stage_dist.batch import Padding, Window, WindowSpec, collate
+from stage_dist.batch import Padding, collate
 from stage_dist.outputs import MARKER_NAME
 from stage_dist.sampler import ClipWindowSampler
 from stage_dist.shard_format import (
@@ -42,6 +42,7 @@ from stage_dist.store import (
     read_attrs,
     storage_attrs,
 )
+from stage_dist.window import Window, WindowSpec
 
 # Clips longer and shorter than W = 6, not multiples of it, and an empty one: 7 clips with
 # keyframes, so one clip per shard gives 7 shards (neither 2 nor 3 ranks divide it).
@@ -442,7 +443,8 @@ def test_convert_format_webdataset_alone_writes_shards_to_out(tmp_path, capsys):
 def test_store_and_shards_are_one_kind_of_window_source(store, seven):
     """Both paths satisfy WindowSource with the same schedule, dims and counts, and their
     inference batches own every actor exactly once over the ranks, naming its keyframe."""
-    from stage_dist.data import StoreWindowSource, open_window_source
+    from stage_dist.data import open_window_source
+    from stage_dist.store_source import StoreWindowSource
     from stage_dist.window_source import WindowSource
 
     sources = [StoreWindowSource(store, windows_per_step=2, rank=1, world_size=2),

@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from stage_dist import zarr_io
-from stage_dist.batch import WindowSpec, collate
+from stage_dist.batch import collate
 from stage_dist.convert import main
 from stage_dist.schema import ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS
 from stage_dist.store import (
@@ -34,6 +34,7 @@ from stage_dist.store import (
     storage_attrs,
 )
 from stage_dist.synth import SynthConfig, synthesize
+from stage_dist.window import WindowSpec
 from stage_dist.zarr_io import ArrayReader, UnknownLayout, open_reader
 from tests.counting import count_reads
 

@@ -70,7 +70,7 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
     uninterrupted = make_config(tiny_stores, tmp_path / "a", epochs=2, val_store=None, log_every=5)
     total_steps = Trainer(uninterrupted, env).fit().global_step
 
-    first_epoch = Trainer(uninterrupted, env).sampler.steps_for_epoch(0)
+    first_epoch = Trainer(uninterrupted, env).data.source.steps_for_epoch(0)
     stop_at = first_epoch + 5  # in the middle of the second epoch
     interrupted = make_config(tiny_stores, tmp_path / "b", epochs=2, val_store=None, max_steps=stop_at, log_every=5)
     first = Trainer(interrupted, env)
@@ -388,7 +388,7 @@ def test_fresh_start_refuses_a_directory_with_checkpoints(tiny_stores, tmp_path)
 def _window_without_actors(actor_dim: int, object_dim: int, objects: int, length: int = 6):
     import numpy as np
 
-    from stage_dist.batch import Window
+    from stage_dist.window import Window
 
     boxes = np.tile(np.array([[0.1, 0.2, 0.5, 0.6]], dtype=np.float32), (objects, 1))
     return Window(clip=0, video_id="v", keyframe_start=0, actor_start=0, timestamps=np.arange(length),
@@ -408,7 +408,7 @@ def test_every_parameter_gets_a_gradient_at_every_step(tiny_stores, tmp_path, ki
 
     trainer = Trainer(make_config(tiny_stores, tmp_path, kind=kind, val_store=None), init_distributed("cpu"))
     trainer.ddp_model.train()
-    batches = iter(trainer.loader)
+    batches = iter(trainer.data.loader)
     empty = [collate([_window_without_actors(trainer.data.actor_dim, trainer.data.object_dim, objects)])
              for objects in (0, 3)]
     for batch in [next(batches), *empty, next(batches)]:
