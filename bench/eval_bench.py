@@ -4,10 +4,10 @@
 2. A generated full-validation-sized pair: 57,000 keyframes with 1-3 actors each (~2), a
    results.csv with the 60 label-map classes per box (~6.8M rows, ~3.4M after the 50 cap);
    target <= 60 s and < 4 GB on 2 CPU cores. The file is written with
-   ``stage_dist.ava.write_results_csv``, whose time is reported too.
-3. The same predictions evaluated in memory (``stage_dist.evaluate.evaluate_predictions``, what
+   ``stage_dist.ava.formats.write_results_csv``, whose time is reported too.
+3. The same predictions evaluated in memory (``stage_dist.ava.evaluation.evaluate_predictions``, what
    validation can use instead of writing and reading results.csv); its mAP must equal 2.'s.
-4. With ``--bootstrap N``: the video bootstrap of 2. (``stage_dist.eval_stats.bootstrap``, N
+4. With ``--bootstrap N``: the video bootstrap of 2. (``stage_dist.ava.statistics.bootstrap``, N
    resamples, after one evaluation); target <= 60 s for N = 1000 (what ``--bootstrap 1000`` of
    the evaluator adds to the plain evaluation).
 
@@ -56,12 +56,12 @@ def child(groundtruth: str, detections: str, labelmap: str, repeat: int) -> None
     ``detections`` ``"memory:<keyframes>:<seed>"`` regenerates the full-size predictions and
     evaluates them in memory (the generation is not timed).
     """
-    from stage_dist.evaluate import evaluate, evaluate_predictions
+    from stage_dist.ava.evaluation import evaluate, evaluate_predictions
 
     baseline = _peak_rss_bytes()
     if detections.startswith("bootstrap:"):
-        from stage_dist.eval_stats import bootstrap
-        from stage_dist.evaluate import evaluate_with_table, read_action_groups
+        from stage_dist.ava.evaluation import evaluate_with_table, read_action_groups
+        from stage_dist.ava.statistics import bootstrap
 
         _, resamples, detections = detections.split(":", 2)
         evaluated, table = evaluate_with_table(groundtruth, detections, labelmap)
@@ -107,7 +107,7 @@ def run_child(groundtruth: Path, detections: Path | str, repeat: int) -> dict:
 
 def generated_predictions(num_keyframes: int, seed: int) -> dict:
     """Boxes, labels and scores of a full-validation-sized set (deterministic in ``seed``)."""
-    from stage_dist.ava import read_labelmap
+    from stage_dist.ava.formats import read_labelmap
 
     rng = np.random.default_rng(seed)
     class_ids = np.array(sorted(read_labelmap(LABELMAP)))
@@ -135,7 +135,7 @@ def generated_predictions(num_keyframes: int, seed: int) -> dict:
 
 def generate_full(work_dir: Path, num_keyframes: int, seed: int) -> tuple[Path, Path, float]:
     """Groundtruth and a results.csv of full-validation size; returns paths and writer seconds."""
-    from stage_dist.ava import write_results_csv
+    from stage_dist.ava.formats import write_results_csv
 
     data = generated_predictions(num_keyframes, seed)
     video_ids, timestamps, boxes, labels = data["video_ids"], data["timestamps"], data["boxes"], data["labels"]

@@ -8,8 +8,8 @@ child process) and torch, h5py, zarr, numcodecs, webdataset, tensorboard, tqdm: 
 Every end-to-end part runs the project's command lines as child processes
 (``python -m stage_dist.synth``, ``tools/convert_features.py``, ``python -m stage_dist.train``,
 ``torchrun ... stage_dist.infer``); the profiler and the steady-state inference timing import
-the library (``stage_dist.train.Trainer``; ``stage_dist.inference.predict`` over the
-``WindowSource`` of ``stage_dist.data.open_window_source``), each in a child process of its own
+the library (``stage_dist.engine.trainer.Trainer``; ``stage_dist.engine.inference.predict`` over the
+``WindowSource`` of ``stage_dist.data.splits.open_window_source``), each in a child process of its own
 (``--_worker``).
 
 Sections, in this order (each one is caught: an error is recorded in the JSON and the run goes
@@ -35,7 +35,7 @@ on; the JSON is rewritten after every section, so a killed run still leaves what
   ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, ``cudaMemcpy``) per step on the GPU;
   on every device the host reads of tensor values (``aten::_local_scalar_dense``: ``.item()``,
   ``int()``, ``bool()``) with the source line of each. Passes when the profiled steps ran, the
-  step received a ``stage_dist.batch.Batch`` whose ``Graph`` was built in collate (on the host,
+  step received a ``stage_dist.data.batch.Batch`` whose ``Graph`` was built in collate (on the host,
   before ``Batch.to``), and no host read is issued by stage_dist code inside ``train_step``
   (on the CPU, fused Adam reads its step counters on the host inside the kernel: torch's own
   reads, listed, not counted; they live on the device on the GPU);
@@ -1085,8 +1085,8 @@ def _force_compile_backend(backend: str) -> None:
 def describe_loader_batch(batch: Any) -> dict:
     """What the training loop hands ``Trainer.train_step``: a Batch whose Graph was built in
     collate (on the host, one node per feature row) and uint8 labels on the host."""
-    from stage_dist.batch import Batch
-    from stage_dist.graph import Graph
+    from stage_dist.data.batch import Batch
+    from stage_dist.data.graph import Graph
 
     graph: Any = getattr(batch, "graph", None)
     is_graph = isinstance(graph, Graph)
@@ -1129,9 +1129,11 @@ def worker_profile(spec: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from stage_dist.config import parse_config
-    from stage_dist.distributed import init_distributed
-    from stage_dist.train import TrainConfig, Trainer, build_parser
+    from stage_dist.core.config import parse_config
+    from stage_dist.engine.distributed import init_distributed
+    from stage_dist.engine.train_config import TrainConfig
+    from stage_dist.engine.trainer import Trainer
+    from stage_dist.train import build_parser
 
     if spec["compile_backend"]:
         _force_compile_backend(spec["compile_backend"])
@@ -1200,12 +1202,12 @@ def worker_inference(spec: dict) -> dict:
     import torch
     import torch.utils.data.dataloader as dataloader
 
-    from stage_dist.data import open_window_source
-    from stage_dist.distributed import init_distributed
-    from stage_dist.checkpoint import load_model
-    from stage_dist.inference import predict
-    from stage_dist.model import ModelConfig, build_model
-    from stage_dist.precision import resolve_precision
+    from stage_dist.data.splits import open_window_source
+    from stage_dist.engine.checkpoint import load_model
+    from stage_dist.engine.distributed import init_distributed
+    from stage_dist.engine.inference import predict
+    from stage_dist.engine.precision import resolve_precision
+    from stage_dist.model.stage import ModelConfig, build_model
 
     env = init_distributed(spec["device"])
     source = open_window_source(store=spec["store"], memmap_dir=spec["memmap_dir"])

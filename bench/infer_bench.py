@@ -5,12 +5,12 @@ Writes a float16 store of ``--clips`` x ``--keyframes-per-clip`` keyframes with 
 the writer of ``bench/train_bench.py``), builds STAGE with random weights, and measures in one
 process on ``--device``:
 
-1. :func:`stage_dist.inference.predict` keyframes/s (windows of ``--window`` owned keyframes plus 2
+1. :func:`stage_dist.engine.inference.predict` keyframes/s (windows of ``--window`` owned keyframes plus 2
    of context on each side, every actor predicted once) for each ``--windows-per-batch`` x
    ``--workers``; each run opens the store afresh (empty chunk cache, warm page cache).
-2. The results.csv writing time (:func:`stage_dist.inference.write_predictions`, all 80 actions per
+2. The results.csv writing time (:func:`stage_dist.engine.inference.write_predictions`, all 80 actions per
    box) measured separately, and end-to-end keyframes/s (predict + CSV).
-3. The cost of batch invariance (:meth:`stage_dist.batch.Padding.batch_invariant`, what
+3. The cost of batch invariance (:meth:`stage_dist.data.batch.Padding.batch_invariant`, what
    ``predict`` collates with: slots pinned to the split's most nodes per keyframe, actor and
    object rows padded to multiples of 128 and every row-wise matmul run in 128-row blocks, group
    counts to multiples of 32) against exact shapes (``Padding()``, what training uses), on the
@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from bench.train_bench import StoreSpec, write_store
-from stage_dist.batch import Padding
-from stage_dist.store_source import StoreWindowSource, inference_loader
-from stage_dist.distributed import DistEnv, configure_threads
-from stage_dist.inference import (
+from stage_dist.data.batch import Padding
+from stage_dist.data.sampler import plan_inference_windows
+from stage_dist.data.store_windows import StoreWindowSource, inference_loader
+from stage_dist.engine.distributed import DistEnv, configure_threads
+from stage_dist.engine.inference import (
     INFERENCE_WINDOW,
     RECEPTIVE_FIELD,
     KeyframeIndex,
@@ -50,9 +51,8 @@ from stage_dist.inference import (
     predict,
     write_predictions,
 )
-from stage_dist.model import STAGE, ModelConfig, action_logits
-from stage_dist.sampler import plan_inference_windows
-from stage_dist.store import FeatureStore
+from stage_dist.model.stage import STAGE, ModelConfig, action_logits
+from stage_dist.store.feature_store import FeatureStore
 
 TARGET_KF_S = 500.0
 PUBLISHED_TEST_KF_S = 115.0  # the published test.py on this 2-core CPU (issue 5)

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stage_dist.batch import Batch, collate
-from stage_dist.saved_model import load_model_state
-from stage_dist.model import STAGE, ModelConfig
+from stage_dist.data.batch import Batch, collate
+from stage_dist.model.saved_model import load_model_state
+from stage_dist.model.stage import STAGE, ModelConfig
 from tests.reference_stage import ReferenceStage, random_window, reference_adjacency, reference_logits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 A synthetic AVA-like dataset (:mod:`stage_dist.synth`: direct, object and interaction classes, the
 last two visible only through the graph) is written and converted once into ``--cache-dir`` and
-reused by later runs. Every run is :class:`stage_dist.train.Trainer` in-process, world size 1, with
+reused by later runs. Every run is :class:`stage_dist.engine.trainer.Trainer` in-process, world size 1, with
 ``windows_per_step = B`` (one rank with B windows per step is the effective batch of B ranks with one
 window each: ``--check-ranks`` shows where the updates are the same), validated every epoch
 (frame-mAP@0.5 on the val split).
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare_data(args: argparse.Namespace) -> dict[str, str]:
     """The dataset and its stores under ``--cache-dir/<name>`` (made once, then reused)."""
     from stage_dist.convert import main as convert_main
-    from stage_dist.synth import SynthConfig, synthesize
+    from stage_dist.ingest.synthetic import SynthConfig, synthesize
 
     config = SynthConfig(seed=0, train_clips=args.train_clips, val_clips=args.val_clips,
                          keyframes_per_clip=args.keyframes_per_clip, actor_dim=args.actor_dim,
@@ -148,9 +148,10 @@ def run_one(spec: RunSpec, data: dict[str, str], base_lr: float, epochs: int, wa
 
     torch.set_num_threads(1)
     logging.disable(logging.INFO)
-    from stage_dist.config import from_flat
-    from stage_dist.distributed import init_distributed
-    from stage_dist.train import TrainConfig, Trainer
+    from stage_dist.core.config import from_flat
+    from stage_dist.engine.distributed import init_distributed
+    from stage_dist.engine.train_config import TrainConfig
+    from stage_dist.engine.trainer import Trainer
 
     shutil.rmtree(run_dir, ignore_errors=True)
     config = from_flat(
@@ -325,8 +326,8 @@ def write_markdown(results: dict, args: argparse.Namespace) -> None:
 
 
 def _config(data: dict, run_dir: str, **flags):
-    from stage_dist.config import from_flat
-    from stage_dist.train import TrainConfig
+    from stage_dist.core.config import from_flat
+    from stage_dist.engine.train_config import TrainConfig
 
     base = dict(train_store=data["train_store"], output_dir=run_dir, workers=0, device="cpu", log_every=10**6,
                 keep_last=1, in_memory=True)
@@ -342,8 +343,8 @@ def per_step(args: argparse.Namespace, data: dict, results: dict) -> None:
 
     torch.set_num_threads(1)
     logging.disable(logging.INFO)
-    from stage_dist.distributed import init_distributed
-    from stage_dist.train import Trainer
+    from stage_dist.engine.distributed import init_distributed
+    from stage_dist.engine.trainer import Trainer
 
     out = {}
     for batch in args.batches:
@@ -372,8 +373,8 @@ def per_step(args: argparse.Namespace, data: dict, results: dict) -> None:
 
 CHECK_DRIVER = """
 import json, sys, torch
-from stage_dist.config import load_json
-from stage_dist.distributed import cleanup, init_distributed
+from stage_dist.core.config import load_json
+from stage_dist.engine.distributed import cleanup, init_distributed
 from stage_dist.train import TrainConfig, Trainer
 env = init_distributed("cpu")
 trainer = Trainer(load_json(TrainConfig, sys.argv[1]), env)
@@ -392,10 +393,10 @@ def check_ranks(args: argparse.Namespace, data: dict, results: dict, k: int = 2,
 
     import torch
 
-    from stage_dist.batch import Batch
-    from stage_dist.config import save_json
-    from stage_dist.distributed import init_distributed
-    from stage_dist.train import Trainer
+    from stage_dist.core.config import save_json
+    from stage_dist.data.batch import Batch
+    from stage_dist.engine.distributed import init_distributed
+    from stage_dist.engine.trainer import Trainer
 
     root = args.cache_dir / "runs" / "check_ranks"
     shutil.rmtree(root, ignore_errors=True)

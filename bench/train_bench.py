@@ -3,11 +3,11 @@
 Writes, under a temporary directory, a float16 feature store of ``--clips`` x
 ``--keyframes-per-clip`` keyframes with exactly ``--actors`` actors and ``--objects`` objects per
 keyframe at the published dims (1024-dim actors, 2048-dim objects), through the store's writer
-API (:func:`~stage_dist.store.create_store` / :func:`~stage_dist.store.finish_store`), and the
+API (:func:`~stage_dist.store.feature_store.create_store` / :func:`~stage_dist.store.feature_store.finish_store`), and the
 same keyframes of ``--published-clips`` clips in the published I3D layout (one h5 per keyframe
 holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``). Then measures:
 
-1. **Training** keyframes/s with :class:`~stage_dist.train.Trainer` in-process (world size 1,
+1. **Training** keyframes/s with :class:`~stage_dist.engine.trainer.Trainer` in-process (world size 1,
    ``--device``, ``--amp``) at 1 window per step (the published recipe) and at 8, with
    ``--workers`` DataLoader workers each. Steps are timed exactly as ``Trainer.train_epoch``
    times them: data wait = time from the end of the previous step until the loader hands over
@@ -66,11 +66,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stage_dist.batch import Batch, collate
-from stage_dist.config import from_flat
-from stage_dist.distributed import DistEnv, configure_threads
-from stage_dist.schema import NUM_ACTIONS
-from stage_dist.store import (
+from stage_dist.core.config import from_flat
+from stage_dist.data.batch import Batch, collate
+from stage_dist.engine.distributed import DistEnv, configure_threads
+from stage_dist.engine.train_config import TrainConfig
+from stage_dist.engine.trainer import Trainer
+from stage_dist.store.feature_store import (
     FeatureStore,
     StorageConfig,
     StoreLayout,
@@ -81,8 +82,8 @@ from stage_dist.store import (
     open_arrays,
     storage_attrs,
 )
-from stage_dist.train import TrainConfig, Trainer
-from stage_dist.window import WindowSpec
+from stage_dist.store.schema import NUM_ACTIONS
+from stage_dist.store.window import WindowSpec
 
 log = logging.getLogger("train_bench")
 T = TypeVar("T")

@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stage_dist.cli import Command, Stop
-from stage_dist.config import build_parser as build_config_parser
-from stage_dist.config import option, parse_config
-from stage_dist.errors import EXIT_FAILED, EXIT_OK
-from stage_dist.outputs import claim_output_dir
+from stage_dist.core.cli import Command, Stop
+from stage_dist.core.config import build_parser as build_config_parser, option, parse_config
+from stage_dist.core.errors import EXIT_FAILED, EXIT_OK
+from stage_dist.core.outputs import claim_output_dir
 
 PY = sys.executable
 

@@ -1,17 +1,17 @@
 """The inference command: every (keyframe, actor) of a store or shards predicted exactly once, one results.csv.
 
 The library (windows, scoring, gathering, the exactly-once check, writing) is
-:mod:`stage_dist.inference`; this module is its command line: it checks every flag and path
-before any work, loads the models with :func:`stage_dist.checkpoint.load_models`, and has rank 0 write
+:mod:`stage_dist.engine.inference`; this module is its command line: it checks every flag and path
+before any work, loads the models with :func:`stage_dist.engine.checkpoint.load_models`, and has rank 0 write
 ``results.csv`` atomically (never over an input, never over a file that is not a results CSV).
 
     python -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     torchrun --nproc_per_node=8 -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     python -m stage_dist.infer --store val.zarr --checkpoint seed0.pt seed1.pt seed2.pt --out ensemble.csv
 
-Several checkpoints are an ensemble (:func:`~stage_dist.checkpoint.load_models`): they must agree on the model's outputs
+Several checkpoints are an ensemble (:func:`~stage_dist.engine.checkpoint.load_models`): they must agree on the model's outputs
 (the class set) and feature sizes, and every actor gets the mean of their sigmoid scores, in one
-pass over the data (:func:`~stage_dist.inference.predict`).
+pass over the data (:func:`~stage_dist.engine.inference.predict`).
 """
 
 from __future__ import annotations
@@ -26,25 +26,44 @@ from typing import Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from stage_dist.ava import read_labelmap
-from stage_dist.checkpoint import load_models
-from stage_dist.config import ConfigError, RuntimeConfig, build_parser as build_config_parser, option, parse_config, section
-from stage_dist.data import open_window_source
-from stage_dist.distributed import (DistEnv, cleanup, configure_determinism, configure_threads, init_distributed,
-                                    loader_workers, setup_logging)
-from stage_dist.fileio import remove_stale_temporaries
-from stage_dist.cli import Command, Stop
-from stage_dist.errors import EXIT_NON_FINITE, EXIT_OK, UserInputError
-from stage_dist.inference import (INFERENCE_WINDOW, INFERENCE_WINDOWS_PER_BATCH, non_finite_scores, predict,
-                                  write_predictions)
-from stage_dist.model import compile_model
-from stage_dist.outputs import check_output_file, launch_lock
-from stage_dist.paths import user_path_errors
-from stage_dist.precision import resolve_precision
-from stage_dist.progress import DEFAULT_EVERY_SECONDS
-from stage_dist.schema import describe_classes
-from stage_dist.shard_format import expand_urls, manifest_location
-from stage_dist.split_config import SplitConfig
+from stage_dist.ava.formats import read_labelmap
+from stage_dist.core.cli import Command, Stop
+from stage_dist.core.config import (
+    ConfigError,
+    RuntimeConfig,
+    build_parser as build_config_parser,
+    option,
+    parse_config,
+    section,
+)
+from stage_dist.core.errors import EXIT_NON_FINITE, EXIT_OK, UserInputError
+from stage_dist.core.fileio import remove_stale_temporaries
+from stage_dist.core.outputs import check_output_file, launch_lock
+from stage_dist.core.paths import user_path_errors
+from stage_dist.core.progress import DEFAULT_EVERY_SECONDS
+from stage_dist.data.split_config import SplitConfig
+from stage_dist.data.splits import open_window_source
+from stage_dist.engine.checkpoint import load_models
+from stage_dist.engine.distributed import (
+    DistEnv,
+    cleanup,
+    configure_determinism,
+    configure_threads,
+    init_distributed,
+    loader_workers,
+    setup_logging,
+)
+from stage_dist.engine.inference import (
+    INFERENCE_WINDOW,
+    INFERENCE_WINDOWS_PER_BATCH,
+    non_finite_scores,
+    predict,
+    write_predictions,
+)
+from stage_dist.engine.precision import resolve_precision
+from stage_dist.model.stage import compile_model
+from stage_dist.store.schema import describe_classes
+from stage_dist.store.tar_shards import expand_urls, manifest_location
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """``python -m stage_dist.shards`` (``stage-shards``): write a feature store as WebDataset tar
 shards, or rebuild the store from its shards.
 
-The tar format (sample codec, writer, manifest and URLs) is :mod:`stage_dist.shard_format`; the
-training stream over shards is :mod:`stage_dist.shard_stream`.
+The tar format (sample codec, writer, manifest and URLs) is :mod:`stage_dist.store.tar_shards`; the
+training stream over shards is :mod:`stage_dist.data.tar_windows`.
 
     python -m stage_dist.shards stores/train.zarr shards/train/ --max-shard-mb 512
     python -m stage_dist.shards --to-store 'shards/train/train-{000000..000063}.tar' stores/train.zarr
@@ -16,14 +16,13 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from stage_dist.cli import Command
-from stage_dist.config import build_parser as build_config_parser
-from stage_dist.config import option, parse_config
-from stage_dist.errors import EXIT_OK
-from stage_dist.paths import check_target
-from stage_dist.schema import DEFAULT_TAR_SHARD_MB
-from stage_dist.shard_format import shard_pattern, shards_to_store, write_shards
-from stage_dist.store import FeatureStore
+from stage_dist.core.cli import Command
+from stage_dist.core.config import build_parser as build_config_parser, option, parse_config
+from stage_dist.core.errors import EXIT_OK
+from stage_dist.core.paths import check_target
+from stage_dist.store.feature_store import FeatureStore
+from stage_dist.store.schema import DEFAULT_TAR_SHARD_MB
+from stage_dist.store.tar_shards import shard_pattern, shards_to_store, write_shards
 
 
 @dataclass(frozen=True)

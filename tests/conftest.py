@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stage_dist.synth import SynthConfig, SynthDataset, synthesize
+from stage_dist.ingest.synthetic import SynthConfig, SynthDataset, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "ava"  # copied from the project's shared AVA fixtures; see its README
@@ -94,8 +94,8 @@ def model_checkpoint(tiny_stores: Stores, tmp_path_factory) -> Path:
 
     import torch
 
-    from stage_dist.model import ModelConfig, build_model
-    from stage_dist.store import FeatureStore
+    from stage_dist.model.stage import ModelConfig, build_model
+    from stage_dist.store.feature_store import FeatureStore
 
     store = FeatureStore.open(tiny_stores.val)
     torch.manual_seed(0)

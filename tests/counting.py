@@ -1,6 +1,6 @@
 """Counting what a feature store reads, for tests that assert read costs instead of wall time.
 
-Every chunk :class:`stage_dist.zarr_io.ArrayReader` decodes passes through ``ArrayReader._decode``;
+Every chunk :class:`stage_dist.store.zarr_shards.ArrayReader` decodes passes through ``ArrayReader._decode``;
 arrays whose layout it does not know are read through ``zarr.Array.__getitem__``. Both are
 counted per array name::
 
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import zarr
 
-from stage_dist.zarr_io import ArrayReader
+from stage_dist.store.zarr_shards import ArrayReader
 
 
 @dataclass

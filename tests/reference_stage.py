@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage_dist.batch import Batch
-from stage_dist.window import Window
+from stage_dist.data.batch import Batch
+from stage_dist.store.window import Window
 
 
 class GraphAttentionLayer(nn.Module):

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-import stage_dist.ava as ava
-from stage_dist.ava import (
+import stage_dist.ava.formats as ava
+from stage_dist.ava.evaluation import evaluate
+from stage_dist.ava.formats import (
     AvaFormatError,
     image_key,
     read_ava_csv,
@@ -16,7 +17,6 @@ from stage_dist.ava import (
     read_labelmap,
     write_results_csv,
 )
-from stage_dist.evaluate import evaluate
 from tests.conftest import FIXTURES
 
 ITEM_LABELMAP = FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt"
@@ -266,11 +266,11 @@ def test_results_round_trip_through_reader_and_evaluator(tmp_path):
 
 def test_min_score_above_every_score_warns(tmp_path, caplog):
     video_ids, timestamps, boxes, scores = small_predictions()
-    with caplog.at_level("WARNING", logger="stage_dist.ava"):
+    with caplog.at_level("WARNING", logger="stage_dist.ava.formats"):
         assert write_results_csv(tmp_path / "r.csv", video_ids, timestamps, boxes, scores, min_score=1.5) == 0
     assert "no score is >= min_score 1.5 (the highest is 1): no rows selected" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="stage_dist.ava"):
+    with caplog.at_level("WARNING", logger="stage_dist.ava.formats"):
         write_results_csv(tmp_path / "r.csv", video_ids, timestamps, boxes, scores, min_score=0.95)
     assert caplog.text == ""
 

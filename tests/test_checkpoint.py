@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from stage_dist import checkpoint as ckpt_module
-from stage_dist.batch import collate
-from stage_dist.checkpoint import (
+from stage_dist.core.errors import UserInputError
+from stage_dist.data.batch import collate
+from stage_dist.engine import checkpoint as ckpt_module
+from stage_dist.engine.checkpoint import (
     CheckpointError,
     CheckpointManager,
     TrainingState,
@@ -30,9 +31,8 @@ from stage_dist.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stage_dist.errors import UserInputError
-from stage_dist.model import STAGE, ModelConfig, build_model
-from stage_dist.saved_model import SavedModel, load_model_state
+from stage_dist.model.saved_model import SavedModel, load_model_state
+from stage_dist.model.stage import STAGE, ModelConfig, build_model
 from tests.reference_stage import ReferenceStage, random_window, reference_logits
 
 SMALL = ModelConfig(actor_dim=60, object_dim=124)
@@ -308,7 +308,7 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 KILLED_WRITER = """
 import os, sys, time, torch
-from stage_dist.checkpoint import CheckpointManager
+from stage_dist.engine.checkpoint import CheckpointManager
 
 def stalling_fsync(fd):  # the checkpoint's bytes are in its temporary file, not yet renamed
     print("writing", flush=True)
@@ -349,7 +349,7 @@ def test_truncated_newest_falls_back_with_a_warning(tmp_path, caplog):
     newest = manager.latest()
     assert newest.name == "ckpt_e0001_s000030.pt"
     newest.write_bytes(newest.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="stage_dist.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="stage_dist.engine.checkpoint"):
         found = manager.load_latest()
     assert found.path.name == "ckpt_e0001_s000020.pt" and tag_of(found.path) == 20
     assert "ckpt_e0001_s000030.pt" in caplog.text
@@ -386,7 +386,7 @@ def test_saving_an_earlier_point_discards_the_abandoned_newer_ones(tmp_path, cap
     manager.save({"s": torch.tensor(1)}, epoch=1, step=0)
     manager.save({"s": torch.tensor(2)}, epoch=2, step=0)
     manager.latest().write_bytes(b"corrupt")  # the run resumes from epoch 1 and goes on
-    with caplog.at_level(logging.WARNING, logger="stage_dist.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="stage_dist.engine.checkpoint"):
         manager.save({"s": torch.tensor(3)}, epoch=1, step=50)
     assert "ckpt_e0002_s000000.pt" in caplog.text
     assert [p.name for p in manager.checkpoints()] == ["ckpt_e0001_s000050.pt"]

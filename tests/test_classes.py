@@ -18,15 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from stage_dist.ava import read_ava_csv, read_labelmap, write_results_csv
+from stage_dist.ava.formats import read_ava_csv, read_labelmap, write_results_csv
 from stage_dist.convert import main as convert_main
+from stage_dist.engine.train_config import TrainConfig
+from stage_dist.engine.trainer import Trainer
 from stage_dist.evaluate import main as evaluate_main
 from stage_dist.infer import main as infer_main
-from stage_dist.model import ModelConfig, action_logits, build_model
-from stage_dist.schema import AVA_CLASS_IDS, store_class_ids
-from stage_dist.store import FeatureStore
-from stage_dist.synth import SynthConfig, synthesize
-from stage_dist.train import TrainConfig, Trainer, main as train_main
+from stage_dist.ingest.synthetic import SynthConfig, synthesize
+from stage_dist.model.stage import ModelConfig, action_logits, build_model
+from stage_dist.store.feature_store import FeatureStore
+from stage_dist.store.schema import AVA_CLASS_IDS, store_class_ids
+from stage_dist.train import main as train_main
 from tests.conftest import TINY, convert_split, subprocess_env, torchrun_command
 from tests.test_hostile_train_infer import error_line, exit_code
 
@@ -38,7 +40,7 @@ CUSTOM_FIXTURES = Path(__file__).parent / "fixtures" / "custom_classes"  # see i
 def test_evaluator_matches_the_official_one_on_custom_class_ids(classes):
     """Ids 1001..1005 (one with detections but no groundtruth) and a 3-class subset map of the
     ``label {}`` form: the official evaluator's numbers, to 1e-5 like the AVA fixtures."""
-    from stage_dist.evaluate import evaluate
+    from stage_dist.ava.evaluation import evaluate
     from tests.test_evaluate import assert_matches_official
 
     official = json.loads((CUSTOM_FIXTURES / f"official_metrics_{classes}.json").read_text())
@@ -105,7 +107,7 @@ def test_store_without_class_ids_is_ava_80(tiny_stores, tmp_path):
 
 
 def test_synth_refuses_class_ids_that_do_not_fit():
-    from stage_dist.config import ConfigError
+    from stage_dist.core.config import ConfigError
 
     for class_ids in ((1, 2), (5, 5, 6), (0, 1, 2)):
         with pytest.raises(ConfigError, match="--class-ids"):
@@ -113,13 +115,13 @@ def test_synth_refuses_class_ids_that_do_not_fit():
 
 
 def test_shards_round_trip_carries_the_class_set(custom, tmp_path):
-    from stage_dist.shard_format import shard_pattern, shards_to_store, write_shards
-    from stage_dist.shard_stream import ShardWindowStream
+    from stage_dist.data.tar_windows import TarWindowStream
+    from stage_dist.store.tar_shards import shard_pattern, shards_to_store, write_shards
 
     _, stores = custom
     manifest = write_shards(FeatureStore.open(stores["val"]), tmp_path / "shards", max_shard_bytes=20_000)
     pattern = shard_pattern(manifest, tmp_path / "shards")
-    assert ShardWindowStream(pattern).class_ids == CUSTOM_IDS
+    assert TarWindowStream(pattern).class_ids == CUSTOM_IDS
     back = shards_to_store(pattern, tmp_path / "back.zarr")
     assert back.class_ids == CUSTOM_IDS and back.class_names == FeatureStore.open(stores["val"]).class_names
     original = FeatureStore.open(stores["val"])
@@ -218,8 +220,8 @@ def test_train_refuses_a_val_store_of_another_class_set(custom, tiny_stores, tmp
 
 @pytest.fixture(scope="module")
 def custom_checkpoint(custom, tmp_path_factory) -> Path:
-    from stage_dist.config import from_flat
-    from stage_dist.distributed import init_distributed
+    from stage_dist.core.config import from_flat
+    from stage_dist.engine.distributed import init_distributed
 
     _, stores = custom
     out = tmp_path_factory.mktemp("custom_run") / "run"
@@ -233,7 +235,7 @@ def custom_checkpoint(custom, tmp_path_factory) -> Path:
 
 def test_checkpoint_records_the_class_set_and_infer_refuses_another(custom, custom_checkpoint, tiny_stores,
                                                                     model_checkpoint, tmp_path, capsys):
-    from stage_dist.checkpoint import read_latest_or_file
+    from stage_dist.engine.checkpoint import read_latest_or_file
 
     _, stores = custom
     assert read_latest_or_file(custom_checkpoint).model_config.classes == CUSTOM_IDS

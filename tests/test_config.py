@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 import torch
 
-from stage_dist.config import (
+from stage_dist.core.config import (
     ConfigError,
     build_parser,
     from_dict,
@@ -115,7 +115,7 @@ def test_to_dict_is_json_and_from_dict_inverts_it() -> None:
 
 def test_a_run_repeated_from_its_config_json_is_bitwise_identical(tiny_stores, tmp_path: Path) -> None:
     """``--config OUTPUT_DIR/config.json`` (with only --output-dir changed) repeats a run exactly on CPU."""
-    from stage_dist.checkpoint import CheckpointManager
+    from stage_dist.engine.checkpoint import CheckpointManager
     from stage_dist.train import main as train_main
 
     first = tmp_path / "first"
@@ -140,7 +140,7 @@ def test_a_misspelt_key_is_named_before_missing_settings(tmp_path: Path, capsys:
 
 
 def test_a_single_string_reads_as_a_one_item_list_of_paths() -> None:
-    from stage_dist.config import from_dict
+    from stage_dist.core.config import from_dict
     from stage_dist.infer import InferConfig
 
     old = {"checkpoint": "runs/a/checkpoints", "store": "val.zarr", "out": "results.csv"}  # before ensembles

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from stage_dist.convert import main
-from stage_dist.errors import EXIT_BAD_INPUT
-from stage_dist.store import FeatureStore, StoreError
-from stage_dist.synth import SynthConfig, synthesize
+from stage_dist.core.errors import EXIT_BAD_INPUT
+from stage_dist.ingest.synthetic import SynthConfig, synthesize
+from stage_dist.store.feature_store import FeatureStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny chunks and many shards, so that small data still exercises shard-parallel writing
@@ -444,7 +444,7 @@ def test_objects_keys_without_leading_dash_are_accepted(split, tmp_path, capsys)
 
 
 def test_leading_dash_rule_never_takes_another_clips_objects(split):
-    from stage_dist.sources import ObjectsFile, SourceError
+    from stage_dist.ingest.published_hdf5 import ObjectsFile, ReaderError
 
     with h5py.File(split.objects_file, "a") as f:
         f["5KQ66BBWC4_902_features"] = np.zeros((1, 32), np.float32)
@@ -454,17 +454,17 @@ def test_leading_dash_rule_never_takes_another_clips_objects(split):
     assert objects.key_prefix("-5KQ66BBWC4", 902) == ("5KQ66BBWC4_902", True)
     assert objects.read("-5KQ66BBWC4", 902).count == 1
     objects.clip_ids = frozenset({"-5KQ66BBWC4", "5KQ66BBWC4"})  # the key is clip 5KQ66BBWC4's own
-    with pytest.raises(SourceError, match="no key -5KQ66BBWC4_902_features"):
+    with pytest.raises(ReaderError, match="no key -5KQ66BBWC4_902_features"):
         objects.key_prefix("-5KQ66BBWC4", 902)
     assert ObjectsFile(split.objects_file, "empty").key_prefix("--none", 902) is None
 
 
 def test_format_webdataset_writes_shards_equal_to_the_store(tmp_path):
-    from stage_dist.window import WindowSpec
     from stage_dist.convert import main as convert_main
-    from stage_dist.shard_format import load_manifest, read_clip_samples, shard_pattern
-    from stage_dist.store import FeatureStore
-    from stage_dist.synth import SynthConfig, synthesize
+    from stage_dist.ingest.synthetic import SynthConfig, synthesize
+    from stage_dist.store.feature_store import FeatureStore
+    from stage_dist.store.tar_shards import load_manifest, read_clip_samples, shard_pattern
+    from stage_dist.store.window import WindowSpec
 
     data = synthesize(tmp_path / "synth", SynthConfig(seed=3, train_clips=3, val_clips=1, keyframes_per_clip=6,
                                                       actor_dim=8, object_dim=16, actor_thw=(1, 1, 1)))
@@ -573,7 +573,7 @@ def test_symlinked_out_writes_into_its_target(split, tmp_path):
 def test_stale_lock_of_a_dead_converter_is_taken_over(split, tmp_path, caplog):
     import socket
 
-    from stage_dist.outputs import lock_path
+    from stage_dist.core.outputs import lock_path
 
     out = tmp_path / "s.zarr"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -588,7 +588,7 @@ def test_stale_lock_of_a_dead_converter_is_taken_over(split, tmp_path, caplog):
 def test_keyframe_files_are_read_under_their_listed_names(split, tmp_path, capsys):
     """A file listed as 00902.h5 is read as such, and a file gone since the listing is named as
     listed (0902.h5), not as a guessed 902.h5."""
-    from stage_dist.sources import I3DSource, SourceError
+    from stage_dist.ingest.published_hdf5 import I3DReader, ReaderError
 
     reference = _fresh(split, tmp_path)
     file = first_actor_file(split)
@@ -598,11 +598,11 @@ def test_keyframe_files_are_read_under_their_listed_names(split, tmp_path, capsy
     assert main(i3d_args(split, out) + SMALL) == 0
     assert_same_store(reference, out, compare_sources=False)
 
-    source = I3DSource(split.actors_dir, split.objects_file)
+    source = I3DReader(split.actors_dir, split.objects_file)
     source.list_keyframes()
     other = next(p for p in sorted(split.actors_dir.rglob("*.h5")) if p != renamed)
     other.unlink()
-    with pytest.raises(SourceError, match=f"{other}: file not found"):
+    with pytest.raises(ReaderError, match=f"{other}: file not found"):
         source.read_actors(other.parent.name, int(other.stem))
 
 
@@ -635,7 +635,7 @@ def test_verify_sample_reads_only_the_sampled_rows(split, tmp_path, monkeypatch)
     out = tmp_path / "s.zarr"
     assert main(i3d_args(split, out) + SMALL) == 0
     store = FeatureStore.open(out, cache_mb=0)
-    source = conv.build_source(conv.ConvertConfig(out=out, split="train", actors_dir=split.actors_dir,
+    source = conv.open_reader(conv.ConvertConfig(out=out, split="train", actors_dir=split.actors_dir,
                                                   objects_file=split.objects_file))
     source.list_keyframes()
     rows_read: list[int] = []
@@ -673,8 +673,8 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
     including a last shard and chunk cut by the array's end and a 5-d array."""
     import zarr
 
-    from stage_dist.store import _compressors
-    from stage_dist.zarr_io import ShardStreamWriter
+    from stage_dist.store.feature_store import _compressors
+    from stage_dist.store.zarr_shards import ShardStreamWriter
 
     rng = np.random.default_rng(0)
     root = zarr.open_group(tmp_path / "s", mode="w", zarr_format=3)
@@ -880,7 +880,7 @@ sys.exit(convert.main(sys.argv[1:]))
 @pytest.mark.parametrize("signum,group,workers", [(signal.SIGTERM, False, 2), (signal.SIGINT, True, 2),
                                                   (signal.SIGTERM, False, 1)])
 def test_sigterm_or_sigint_mid_conversion_leaves_a_resumable_store(split, tmp_path, signum, group, workers):
-    from stage_dist.outputs import lock_path
+    from stage_dist.core.outputs import lock_path
 
     reference, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
     args = SMALL[:-2] + ["--workers", str(workers), "--split", "train"]

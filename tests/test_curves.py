@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stage_dist.curves import Curves, main as curves_main, run_names
-from stage_dist.runlog import MetricsLog, read_metrics
+from stage_dist.curves import main as curves_main
+from stage_dist.engine.curves import Curves, run_names
+from stage_dist.engine.metrics_log import MetricsLog, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,7 +48,7 @@ def test_both_panels_share_the_step_axis_and_a_run_without_validation_is_named()
     on an axis of its own around it); a run without validation is in the mAP legend as such."""
     import matplotlib.pyplot as plt
 
-    from stage_dist.curves import curves_figure
+    from stage_dist.engine.curves import curves_figure
 
     ended = [*({"kind": "train", "step": s, "loss": 1 / s} for s in range(10, 1001, 10)),
              {"kind": "val", "step": 1000, "val_map": 0.4}]

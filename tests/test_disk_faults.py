@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from stage_dist.checkpoint import read_checkpoint
-from stage_dist.config import to_argv
+from stage_dist.core.config import to_argv
+from stage_dist.engine.checkpoint import read_checkpoint
 from stage_dist.infer import main as infer_main
 from stage_dist.train import main as train_main
 from tests.conftest import subprocess_env
@@ -116,7 +116,7 @@ def test_disk_full_during_results_csv_keeps_the_previous_file_and_a_rerun_succee
 def test_sigint_during_a_checkpoint_write_leaves_nothing_that_blocks_the_rerun(tiny_stores, tmp_path, monkeypatch):
     """Ctrl-C (KeyboardInterrupt) while the checkpoint's bytes are being synced: the temporary file
     is removed, the lock released, and the rerun resumes from the previous checkpoint."""
-    import stage_dist.fileio as fileio
+    import stage_dist.core.fileio as fileio
 
     out = tmp_path / "run"
     argv = to_argv(make_config(tiny_stores, out, val_store=None, max_steps=6, checkpoint_every=3, log_every=3))
@@ -143,7 +143,7 @@ def test_sigint_during_a_checkpoint_write_leaves_nothing_that_blocks_the_rerun(t
 SLOW_WRITE_DRIVER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    import stage_dist.fileio as fileio
+    import stage_dist.core.fileio as fileio
     marker, module = Path(sys.argv[1]), sys.argv[2]
 
     def fsync(fd):  # the process is killed while a file is half written

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from stage_dist.distributed import (
+from stage_dist.engine.distributed import (
     DistEnv,
     DistributedError,
     all_reduce_mean,
@@ -82,10 +82,10 @@ def test_setup_logging_prefixes_rank_and_quiets_other_ranks(capsys, restore_logg
 WORKER = """
 import json, logging, sys
 import numpy as np
-from stage_dist.distributed import (
+from stage_dist.engine.distributed import (
     all_reduce_mean, barrier, cleanup, gather_to_main, init_distributed, setup_logging,
 )
-from stage_dist.sampler import ClipWindowSampler, plan_inference_windows, shard_for_rank
+from stage_dist.data.sampler import ClipWindowSampler, plan_inference_windows, rank_slice
 
 env = init_distributed("cpu")
 setup_logging(env)
@@ -102,7 +102,7 @@ steps = [[list(w) for w in step] for step in sampler]
 all_steps = gather_to_main(steps, env)
 plan = plan_inference_windows([897, 3, 40, 7], window=6)
 owned = gather_to_main(
-    [[w.spec.clip, k] for w in shard_for_rank(plan, env.rank, env.world_size) for k in w.owned], env)
+    [[w.spec.clip, k] for w in rank_slice(plan, env.rank, env.world_size) for k in w.owned], env)
 barrier(env)
 
 result = {"rank": env.rank, "world_size": env.world_size, "backend": env.backend, "mean": mean,
@@ -151,7 +151,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
 def test_process_group_binds_the_gpu_and_takes_the_timeout():
     from datetime import timedelta
 
-    from stage_dist.distributed import process_group_options
+    from stage_dist.engine.distributed import process_group_options
 
     gpu = torch.device("cuda", 3)  # a device object needs no GPU
     assert process_group_options(gpu, timedelta(minutes=60)) == {
@@ -163,7 +163,7 @@ def test_process_group_binds_the_gpu_and_takes_the_timeout():
 def test_dist_timeout_reaches_init_process_group(no_torchrun, monkeypatch):
     from datetime import timedelta
 
-    from stage_dist import distributed
+    from stage_dist.engine import distributed
 
     calls = []
     monkeypatch.setattr(distributed, "_attempt_store", lambda rank, world, timeout: ("store", timeout))
@@ -196,8 +196,8 @@ def test_dist_timeout_reaches_init_process_group(no_torchrun, monkeypatch):
 )
 def test_loader_workers_and_threads_are_the_ranks_share_of_its_cores(monkeypatch, cores, local_world,
                                                                      distributed, workers, expected):
-    from stage_dist import distributed as dist_module
-    from stage_dist.distributed import configure_threads, loader_workers
+    from stage_dist.engine import distributed as dist_module
+    from stage_dist.engine.distributed import configure_threads, loader_workers
 
     monkeypatch.setattr(dist_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
@@ -212,7 +212,7 @@ def test_loader_workers_and_threads_are_the_ranks_share_of_its_cores(monkeypatch
 
 
 def test_runtime_workers_default_is_auto_and_explicit_counts_stay():
-    from stage_dist.config import ConfigError, RuntimeConfig, build_parser, parse_config
+    from stage_dist.core.config import ConfigError, RuntimeConfig, build_parser, parse_config
 
     assert RuntimeConfig().workers is None
     assert parse_config(RuntimeConfig, ["--workers", "3"]).workers == 3
@@ -233,7 +233,7 @@ def restore_determinism(monkeypatch):
 
 
 def test_deterministic_sets_cublas_workspace_and_deterministic_kernels(restore_determinism, monkeypatch):
-    from stage_dist.distributed import configure_determinism
+    from stage_dist.engine.distributed import configure_determinism
 
     configure_determinism(False)
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()

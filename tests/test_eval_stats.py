@@ -13,17 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stage_dist import eval_stats
-from stage_dist.ava import read_label_types, read_labelmap
-from stage_dist.evaluate import (
-    MAP_KEY,
-    action_groups,
-    evaluate,
-    evaluate_with_table,
-    main,
-    read_action_groups,
-)
-from stage_dist.results_check import check
+from stage_dist.ava import statistics as eval_stats
+from stage_dist.ava.evaluation import MAP_KEY, action_groups, evaluate, evaluate_with_table, read_action_groups
+from stage_dist.ava.formats import read_label_types, read_labelmap
+from stage_dist.ava.results_check import check
+from stage_dist.evaluate import main
 from tests.conftest import FIXTURES, subprocess_env
 
 SUBSET = (FIXTURES / "ava_val_v2.1_subset4.csv", FIXTURES / "detections_subset4.csv",
@@ -345,8 +339,8 @@ def test_check_finds_a_timestamp_respelled_on_later_rows_of_a_keyframe(tmp_path)
     report = check(tmp_path / "gt.csv", det, LABELMAP)
     assert [p.what.split(" (")[0] for p in report.problems] == ["timestamps written differently from the groundtruth"]
     assert report.problems[0].count == 1 and "vid written '903.0', groundtruth '0903'" in report.problems[0].example
-    from stage_dist.ava import read_detections, read_groundtruth
-    from stage_dist.evaluate import timestamp_spellings
+    from stage_dist.ava.evaluation import timestamp_spellings
+    from stage_dist.ava.formats import read_detections, read_groundtruth
 
     assert timestamp_spellings(read_groundtruth(tmp_path / "gt.csv"), read_detections(det)) == [
         ("vid,903.000000", "903.0", "0903")]

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import stage_dist.ava as ava
-from stage_dist.ava import (
+import stage_dist.ava.formats as ava
+from stage_dist.ava.evaluation import CLASS_KEY_PREFIX, MAP_KEY, evaluate, evaluate_predictions
+from stage_dist.ava.formats import (
     read_detections,
     read_groundtruth,
     read_labelmap,
@@ -24,7 +25,7 @@ from stage_dist.ava import (
     results_rows,
     write_results_csv,
 )
-from stage_dist.evaluate import CLASS_KEY_PREFIX, MAP_KEY, evaluate, evaluate_predictions, main
+from stage_dist.evaluate import main
 from tests.conftest import FIXTURES
 
 LABELMAP_3 = {1: "one", 2: "two", 3: "three"}
@@ -308,7 +309,7 @@ def test_decimal_timestamps_name_one_keyframe(tmp_path):
 
 def test_both_labelmap_forms_give_the_same_result(tmp_path):
     item_form = FIXTURES / "ava_action_list_v2.1_for_activitynet_2018.pbtxt"
-    from stage_dist.ava import read_labelmap
+    from stage_dist.ava.formats import read_labelmap
 
     label_form = tmp_path / "label_form.pbtxt"
     label_form.write_text("".join(
@@ -365,7 +366,7 @@ def test_cli_reports_malformed_input_with_file_and_line(tmp_path, capsys):
 
 
 def test_empty_detections_and_in_memory_inputs(tmp_path):
-    from stage_dist.ava import read_ava_csv
+    from stage_dist.ava.formats import read_ava_csv
 
     gt_path = write_csv(tmp_path / "gt.csv", [gt("0902", TP_BOX, 1), gt("0902", TP_BOX, 2)])
     (tmp_path / "empty.csv").write_text("")

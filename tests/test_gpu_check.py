@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench import gpu_check
-from stage_dist.batch import Padding, collate
+from stage_dist.data.batch import Padding, collate
 from tests.reference_stage import random_window
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_classify_host_reads_counts_stage_dist_reads_inside_train_step_only():
     stacks = [
         ["torch/optim/adam.py(802): _fused_adam", step, "stage_dist/train.py(499): train_epoch"],  # CPU fused Adam
         ["stage_dist/train.py(504): train_epoch", "stage_dist/train.py(470): fit"],  # loop bookkeeping
-        ["stage_dist/model.py(230): padded_logits", "torch/nn/modules/module.py(1): _call_impl", step],
+        ["stage_dist/model/stage.py(230): padded_logits", "torch/nn/modules/module.py(1): _call_impl", step],
         ["<built-in method item of Tensor object>", "stage_dist/train.py(530): train_step"],
         ["torch/nn/utils/clip_grad.py(80): clip_grad_norm_", step],
     ]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stage_dist.batch import Padding, bucket, collate
-from stage_dist.graph import Graph, build_graph
+from stage_dist.data.batch import Padding, bucket, collate
+from stage_dist.data.graph import Graph, build_graph
 from tests.reference_stage import random_window, reference_adjacency
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from stage_dist import convert
-from stage_dist.outputs import MARKER_NAME
-from stage_dist.synth import SplitPaths, SynthConfig, synthesize
+from stage_dist.core.outputs import MARKER_NAME
+from stage_dist.ingest.synthetic import SplitPaths, SynthConfig, synthesize
 from tests.hostile import REPO, assert_clean_failure, run_main, snapshot
 
 SMALL = ["--chunk-kb", "0.1", "--min-shards", "4", "--no-progress", "--workers", "1"]
@@ -214,7 +214,7 @@ def test_convert_read_only_parent(case, immutable_dir, capsys):
 def test_convert_while_another_converter_holds_the_lock(case, capsys):
     out = case.root / "s.zarr"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import os, time; from stage_dist.outputs import lock_output; "
+        [sys.executable, "-c", "import os, time; from stage_dist.core.outputs import lock_output; "
          f"os.mkdir({str(out)!r}); lock = lock_output({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -302,7 +302,7 @@ def test_convert_write_refused_inside_own_store_is_one_line(case, capsys):
 
 
 def test_claim_output_dir_marks_locks_and_replaces_only_its_own(tmp_path):
-    from stage_dist.outputs import OutputError, claim_output_dir, read_marker
+    from stage_dist.core.outputs import OutputError, claim_output_dir, read_marker
 
     run = tmp_path / "runs" / "a"
     with claim_output_dir(run, "training run") as out:
@@ -334,7 +334,7 @@ def test_claim_output_dir_marks_locks_and_replaces_only_its_own(tmp_path):
 
 
 def test_check_output_file_and_its_lock(tmp_path):
-    from stage_dist.outputs import OutputError, check_output_file, lock_output, lock_path
+    from stage_dist.core.outputs import OutputError, check_output_file, lock_output, lock_path
 
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(b"PK")

@@ -30,8 +30,8 @@ from typing import Callable
 import pytest
 
 from stage_dist import convert, demo, evaluate, infer, shards, synth, train
-from stage_dist.paths import PathError, check_target, ensure_free_space, path_error, user_path_errors
-from stage_dist.store import FeatureStore
+from stage_dist.core.paths import PathError, check_target, ensure_free_space, path_error, user_path_errors
+from stage_dist.store.feature_store import FeatureStore
 from tests.conftest import Stores
 from tests.hostile import assert_clean_failure, run_main, snapshot
 
@@ -184,7 +184,7 @@ def test_shards_out_dir(kind, places, tiny_stores, capsys):
 
 @pytest.mark.parametrize("kind", CLASSES)
 def test_shards_to_store_out_dir(kind, places, tiny_stores, tmp_path_factory, capsys):
-    from stage_dist.shard_format import shard_pattern, write_shards
+    from stage_dist.store.tar_shards import shard_pattern, write_shards
 
     made = tmp_path_factory.getbasetemp() / "paths_shards"  # made once per session
     if not made.exists():
@@ -378,7 +378,7 @@ def test_infer_full_disk_at_the_point_of_use_leaves_no_file(tiny_stores, model_c
                                                             capsys):
     """Without a mount: results.csv's write fails with ENOSPC on the open file (no file name in
     the error): one line naming --out, the earlier results and the directory as they were."""
-    from stage_dist import fileio
+    from stage_dist.core import fileio
 
     out = tmp_path / "results.csv"
     out.write_text("old,0902,0.1,0.1,0.5,0.5,1,0.5\n")

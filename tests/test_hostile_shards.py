@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stage_dist.batch import Padding
-from stage_dist.shard_format import ShardError, expand_urls, shard_pattern, shards_to_store, write_shards
-from stage_dist.shard_stream import ShardWindowStream
+from stage_dist.data.batch import Padding
+from stage_dist.data.tar_windows import TarWindowStream
 from stage_dist.shards import main
-from stage_dist.store import FeatureStore, StoreError
+from stage_dist.store.feature_store import FeatureStore, StoreError
+from stage_dist.store.tar_shards import ShardError, expand_urls, shard_pattern, shards_to_store, write_shards
 from tests.test_shards import LENGTHS, build_store
 
 
@@ -88,7 +88,7 @@ def test_truncated_shard_is_named(shards, tmp_path, capsys):
     one_line_error(capsys, str(copied[2]))
     with pytest.raises(ShardError, match=str(copied[2])):
         for rank in range(2):
-            for _ in ShardWindowStream(pattern, rank=rank, world_size=2):
+            for _ in TarWindowStream(pattern, rank=rank, world_size=2):
                 pass
 
 
@@ -120,7 +120,7 @@ def test_partial_shard_list_cannot_rebuild_or_infer(shards, tmp_path, capsys):
     assert main(["--to-store", urls[0], str(tmp_path / "o.zarr")]) == 2
     one_line_error(capsys, "must read every shard", "train-000001.tar")
     with pytest.raises(ShardError, match="inference must read every shard"):
-        next(iter(ShardWindowStream(urls[:2]).inference_batches(0, 1, window=4, context=2, windows_per_batch=2,
+        next(iter(TarWindowStream(urls[:2]).inference_batches(0, 1, window=4, context=2, windows_per_batch=2,
                                                                   padding=Padding())))
 
 
@@ -132,9 +132,9 @@ def test_shard_that_disagrees_with_its_manifest_is_named(shards, tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     pattern = shard_pattern(manifest, tmp_path / "lie")
     with pytest.raises(ShardError, match=r"train-000000\.tar: clip 0 gives \d+ windows, its manifest length 26"):
-        list(ShardWindowStream(pattern))
+        list(TarWindowStream(pattern))
     manifest["clip_lengths"][0] -= 12
     manifest["shards"][0]["first_clip"], manifest["shards"][0]["stop_clip"] = 1, 2  # clip 0 claimed as clip 1
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=r"train-000000\.tar: holds clip 0, its manifest entry clips 1\.\.1"):
-        list(ShardWindowStream(pattern))
+        list(TarWindowStream(pattern))

@@ -13,12 +13,12 @@ import pytest
 import torch
 import zarr
 
-from stage_dist.checkpoint import read_checkpoint
-from stage_dist.errors import EXIT_NON_FINITE
+from stage_dist.core.errors import EXIT_NON_FINITE
+from stage_dist.data.sampler import ClipWindowSampler
+from stage_dist.engine.checkpoint import read_checkpoint
 from stage_dist.infer import main as infer_main
-from stage_dist.model import ModelConfig, build_model
-from stage_dist.sampler import ClipWindowSampler
-from stage_dist.store import FeatureStore
+from stage_dist.model.stage import ModelConfig, build_model
+from stage_dist.store.feature_store import FeatureStore
 from stage_dist.train import main as train_main
 from tests.conftest import Stores
 
@@ -114,7 +114,7 @@ def test_nan_feature_stops_training_naming_step_and_window(tiny_stores, nan_stor
 
 def test_nan_in_shards_stops_training(tiny_stores, nan_store, tmp_path, capsys):
     """The issue's case: `train --train-shards` with a NaN in a shard ran to the end with loss nan."""
-    from stage_dist.shard_format import shard_pattern, write_shards
+    from stage_dist.store.tar_shards import shard_pattern, write_shards
 
     path, keyframe = nan_store
     manifest = write_shards(FeatureStore.open(path), tmp_path / "shards", max_shard_bytes=50_000)
@@ -210,7 +210,7 @@ def test_infer_refuses_before_work(tiny_stores, model_checkpoint, tmp_path, caps
 
 
 def test_infer_out_equal_to_a_shard_is_refused(tiny_stores, model_checkpoint, tmp_path, capsys):
-    from stage_dist.shard_format import shard_pattern, write_shards
+    from stage_dist.store.tar_shards import shard_pattern, write_shards
 
     manifest = write_shards(FeatureStore.open(tiny_stores.val), tmp_path / "shards", max_shard_bytes=20_000)
     shard = sorted((tmp_path / "shards").glob("*.tar"))[0]
@@ -234,7 +234,7 @@ def test_infer_replaces_its_own_results_csv(tiny_stores, model_checkpoint, tmp_p
 def test_second_inference_on_the_same_out_stops_at_once(tiny_stores, model_checkpoint, tmp_path, capsys):
     """One writer per --out: while another job holds it, inference exits 2 naming the holder and
     leaves the file alone."""
-    from stage_dist.outputs import lock_output
+    from stage_dist.core.outputs import lock_output
 
     out = tmp_path / "results.csv"
     out.write_text("old,0902,0.1,0.1,0.5,0.5,1,0.5\n")
@@ -342,7 +342,7 @@ def test_nan_under_torchrun_stops_every_rank(tiny_stores, nan_store, tmp_path):
 
 def test_second_training_on_the_same_output_dir_stops_at_once(tiny_stores, tmp_path, capsys):
     """One writer per output directory: while a run holds it, another run exits 2 naming the holder."""
-    from stage_dist.outputs import lock_output
+    from stage_dist.core.outputs import lock_output
 
     output_dir = tmp_path / "run"
     output_dir.mkdir()

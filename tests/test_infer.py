@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from stage_dist.ava import read_labelmap
-from stage_dist.distributed import init_distributed
-from stage_dist.evaluate import evaluate
-from stage_dist.checkpoint import load_model
+from stage_dist.ava.evaluation import evaluate
+from stage_dist.ava.formats import read_labelmap
+from stage_dist.data.store_windows import StoreWindowSource
+from stage_dist.engine.checkpoint import load_model
+from stage_dist.engine.distributed import init_distributed
+from stage_dist.engine.inference import predict
 from stage_dist.infer import main as infer_main
-from stage_dist.store_source import StoreWindowSource
-from stage_dist.inference import predict
-from stage_dist.model import ModelConfig, build_model
-from stage_dist.store import FeatureStore
+from stage_dist.model.stage import ModelConfig, build_model
+from stage_dist.store.feature_store import FeatureStore
 from tests.conftest import Stores, subprocess_env, torchrun_command
 
 
@@ -95,9 +95,9 @@ def test_predict_matches_one_window_per_clip(tiny_stores, checkpoint):
     model = load_model(checkpoint, store.actor_dim, store.object_dim, torch.device("cpu")).eval()
     predictions = predict(model, StoreWindowSource(store), env, window=3, windows_per_batch=2,
                           progress=False).predictions
-    from stage_dist.batch import collate
-    from stage_dist.window import WindowSpec
-    from stage_dist.model import action_logits
+    from stage_dist.data.batch import collate
+    from stage_dist.model.stage import action_logits
+    from stage_dist.store.window import WindowSpec
 
     whole = []
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_labelmap_topk_and_published_checkpoint(tiny_stores, checkpoint, tmp_pat
 
 @pytest.mark.slow
 def test_shards_give_the_same_results_csv_as_the_store(tiny_stores, checkpoint, tmp_path):
-    from stage_dist.shard_format import shard_pattern, write_shards
+    from stage_dist.store.tar_shards import shard_pattern, write_shards
 
     manifest = write_shards(FeatureStore.open(tiny_stores.val), tmp_path / "shards", max_shard_bytes=20_000)
     assert manifest["num_shards"] == 3  # a count that 2 ranks do not divide
@@ -161,7 +161,7 @@ def test_ensemble_results_identical_across_ranks_and_window_sizes(tiny_stores, c
     reference = run_infer(tiny_stores, pair, tmp_path / "r1_w6.csv", ranks=1, window=6)
     assert run_infer(tiny_stores, pair, tmp_path / "r3_w2.csv", ranks=3, window=2) == reference
 
-    from stage_dist.inference import write_predictions
+    from stage_dist.engine.inference import write_predictions
 
     store = FeatureStore.open(tiny_stores.val)
     env = init_distributed("cpu")
@@ -210,7 +210,7 @@ def test_single_checkpoint_in_a_list_writes_the_same_bytes(tiny_stores, checkpoi
     one = (tmp_path / "one.csv").read_bytes()
     env = init_distributed("cpu")
     store = FeatureStore.open(tiny_stores.val)
-    from stage_dist.inference import write_predictions
+    from stage_dist.engine.inference import write_predictions
 
     result = predict(load_model(checkpoint, store.actor_dim, store.object_dim, torch.device("cpu")),
                      StoreWindowSource(store), env, progress=False)

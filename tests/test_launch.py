@@ -188,7 +188,7 @@ def test_slurm_outside_an_allocation_fails_clearly(stub):
 def test_two_node_job_on_loopback_trains_and_checkpoints(tiny_stores: Stores, tmp_path):
     """Two torchrun launchers (--nnodes=2, one process each) meet at a c10d rendezvous on
     127.0.0.1, train 3 steps as one world of 2 ranks and write a checkpoint."""
-    from stage_dist.checkpoint import read_checkpoint
+    from stage_dist.engine.checkpoint import read_checkpoint
 
     output_dir = tmp_path / "run"
     args = [

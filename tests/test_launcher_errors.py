@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from stage_dist.config import to_argv
+from stage_dist.core.config import to_argv
 from tests.conftest import subprocess_env, torchrun_command
 from tests.test_train import make_config
 

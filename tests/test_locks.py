@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from stage_dist import outputs
-from stage_dist.outputs import OutputError, lock_output, lock_path
+from stage_dist.core import outputs
+from stage_dist.core.outputs import OutputError, lock_output, lock_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def _dead_pid() -> int:
 
 def test_lock_is_taken_with_a_warning_and_removed_on_release(no_flock, tmp_path, caplog):
     out = tmp_path / "store.zarr"
-    with caplog.at_level(logging.WARNING, logger="stage_dist.outputs"):
+    with caplog.at_level(logging.WARNING, logger="stage_dist.core.outputs"):
         with lock_output(out):
             holder = json.loads(lock_path(out).read_text())
             assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
@@ -58,7 +58,7 @@ def test_a_dead_holders_lock_is_taken_over(no_flock, tmp_path, caplog):
     out = tmp_path / "run"
     dead = _dead_pid()
     lock_path(out).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "time": time.time()}))
-    with caplog.at_level(logging.WARNING, logger="stage_dist.outputs"):
+    with caplog.at_level(logging.WARNING, logger="stage_dist.core.outputs"):
         with lock_output(out, "--output-dir"):
             assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
     assert f"stale lock file left by pid {dead}" in caplog.text
@@ -90,7 +90,7 @@ import errno, fcntl, os, sys, time
 def flock(fd, operation):
     raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 fcntl.flock = flock
-from stage_dist.outputs import lock_output
+from stage_dist.core.outputs import lock_output
 lock = lock_output(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)

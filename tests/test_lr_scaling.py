@@ -1,4 +1,4 @@
-"""The LR a run gets for its effective batch (stage_dist.lr_scaling) and what the trainer makes of it."""
+"""The LR a run gets for its effective batch (stage_dist.engine.lr_scaling) and what the trainer makes of it."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from stage_dist.config import from_flat
-from stage_dist.distributed import init_distributed
-from stage_dist.lr_scaling import DEFAULT_RULE, MEASURED_BATCHES, RECOVERED_UP_TO, choose_lr, lr_factor
-from stage_dist.model import ModelConfig, action_logits, build_model
-from stage_dist.train import TrainConfig, Trainer
+from stage_dist.core.config import from_flat
+from stage_dist.engine.distributed import init_distributed
+from stage_dist.engine.lr_scaling import DEFAULT_RULE, MEASURED_BATCHES, RECOVERED_UP_TO, choose_lr, lr_factor
+from stage_dist.engine.train_config import TrainConfig
+from stage_dist.engine.trainer import Trainer
+from stage_dist.model.stage import ModelConfig, action_logits, build_model
 from tests.conftest import Stores
 
 
@@ -80,7 +81,8 @@ def test_trainer_logs_its_choice_and_warms_up(tiny_stores, tmp_path, caplog):
 
 def test_default_rule_is_the_measured_one_and_the_recipe_is_unchanged():
     """The evidence chose sqrt (the previous default) and no warmup: a default run's LR is as before."""
-    from stage_dist.train import OptimConfig, effective_lr
+    from stage_dist.engine.train_config import OptimConfig
+    from stage_dist.engine.trainer import effective_lr
 
     optim = OptimConfig(windows_per_step=8, lr=1e-4)
     assert (optim.lr_scaling, optim.warmup_keyframes, optim.optimizer) == ("sqrt", 0, "adam")
@@ -123,7 +125,7 @@ def test_published_recipe_is_plain_adam_at_the_base_lr_bit_for_bit(tiny_stores, 
 
 
 def test_lamb_matches_a_hand_computation_and_moves_each_tensor_by_lr_times_its_norm():
-    from stage_dist.lamb import Lamb
+    from stage_dist.engine.lamb import Lamb
 
     w0 = torch.tensor([[3.0, -4.0], [0.5, 2.0]], dtype=torch.float64)
     bias = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # ||w|| = 0: trust ratio 1
@@ -148,7 +150,7 @@ def test_lamb_matches_a_hand_computation_and_moves_each_tensor_by_lr_times_its_n
 
 
 def test_trainer_uses_lamb_when_asked(tiny_stores, tmp_path):
-    from stage_dist.lamb import Lamb
+    from stage_dist.engine.lamb import Lamb
 
     trainer = Trainer(_config(tiny_stores, tmp_path, optimizer="lamb", lr=1e-2, max_steps=3, epochs=1),
                       init_distributed("cpu"))

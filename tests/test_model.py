@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from stage_dist.batch import Padding, collate
-from stage_dist.saved_model import load_model_state
-from stage_dist.model import (
+from stage_dist.data.batch import Padding, collate
+from stage_dist.model.saved_model import load_model_state
+from stage_dist.model.stage import (
     STAGE,
     ModelConfig,
     ModelConfigError,
@@ -307,8 +307,8 @@ def test_forward_and_backward_trace_as_one_graph_without_host_reads():
 def test_an_epoch_compiles_once_per_bucketed_shape(tiny_stores):
     from torch._dynamo.testing import CompileCounter
 
-    from stage_dist.data import open_train_data
-    from stage_dist.split_config import SplitConfig
+    from stage_dist.data.split_config import SplitConfig
+    from stage_dist.data.splits import open_train_data
 
     torch._dynamo.reset()
     split = SplitConfig(store=str(tiny_stores.train))

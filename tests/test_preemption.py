@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from stage_dist.checkpoint import read_checkpoint
-from stage_dist.config import ConfigError, to_argv
-from stage_dist.distributed import init_distributed
-from stage_dist.errors import EXIT_PREEMPTED
-from stage_dist.preemption import PreemptedError, RunControl, parse_signals
-from stage_dist.train import Trainer
+from stage_dist.core.config import ConfigError, to_argv
+from stage_dist.core.errors import EXIT_PREEMPTED
+from stage_dist.engine.checkpoint import read_checkpoint
+from stage_dist.engine.distributed import init_distributed
+from stage_dist.engine.preemption import PreemptedError, RunControl, parse_signals
+from stage_dist.engine.trainer import Trainer
 from tests.conftest import subprocess_env, torchrun_command
 from tests.test_train import _children, assert_same_final_checkpoint, make_config
 
@@ -241,10 +241,10 @@ def test_training_loader_workers_ignore_the_stop_signals(tiny_stores, tmp_path, 
     its rank can finish the step and checkpoint."""
     import torch
 
-    from stage_dist.data import open_train_data
-    from stage_dist.shard_format import shard_pattern, write_shards
-    from stage_dist.split_config import SplitConfig
-    from stage_dist.store import FeatureStore
+    from stage_dist.data.split_config import SplitConfig
+    from stage_dist.data.splits import open_train_data
+    from stage_dist.store.feature_store import FeatureStore
+    from stage_dist.store.tar_shards import shard_pattern, write_shards
 
     shards = None
     if form == "shards":

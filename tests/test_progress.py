@@ -7,9 +7,9 @@ import logging
 
 from tqdm import tqdm
 
-from stage_dist.distributed import init_distributed
-from stage_dist.progress import LogProgress, is_terminal, progress_bar
-from stage_dist.train import Trainer
+from stage_dist.core.progress import LogProgress, is_terminal, progress_bar
+from stage_dist.engine.distributed import init_distributed
+from stage_dist.engine.trainer import Trainer
 from tests.test_train import make_config
 
 
@@ -29,7 +29,7 @@ def test_the_bar_is_tqdm_only_on_a_terminal():
 def test_log_progress_writes_one_line_every_interval_and_one_at_the_end(caplog):
     now = [0.0]
     bar = LogProgress(total=100, initial=10, desc="train", unit="step", every_seconds=60, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="stage_dist.progress"):
+    with caplog.at_level(logging.INFO, logger="stage_dist.core.progress"):
         for step in range(1, 91):
             now[0] = step * 2.0  # 0.5 steps/s
             bar.update(1)
@@ -45,7 +45,7 @@ def test_log_progress_writes_one_line_every_interval_and_one_at_the_end(caplog):
 
 
 def test_log_progress_wraps_an_iterable_and_is_silent_when_disabled(caplog):
-    with caplog.at_level(logging.INFO, logger="stage_dist.progress"):
+    with caplog.at_level(logging.INFO, logger="stage_dist.core.progress"):
         assert list(LogProgress(range(4), desc="infer", unit="batch", disable=True)) == [0, 1, 2, 3]
         assert not caplog.records
         assert list(LogProgress(range(4), desc="infer", unit="batch")) == [0, 1, 2, 3]
@@ -58,7 +58,7 @@ def test_training_in_a_log_file_writes_progress_lines_with_the_logged_loss(tiny_
     one read at the last log step (no read of its own)."""
     config = make_config(tiny_stores, tmp_path, val_store=None, max_steps=6, log_every=2,
                          progress_every_seconds=1e-9)
-    with caplog.at_level(logging.INFO, logger="stage_dist.progress"):
+    with caplog.at_level(logging.INFO, logger="stage_dist.core.progress"):
         Trainer(config, init_distributed("cpu")).fit()
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("train: ")]
     assert lines[0].startswith("train: 1/6 steps (16.7%)") and "loss" not in lines[0], lines

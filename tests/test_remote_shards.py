@@ -10,12 +10,12 @@ import threading
 import pytest
 import torch
 
-from stage_dist.config import ConfigError
-from stage_dist.distributed import init_distributed
+from stage_dist.core.config import ConfigError
+from stage_dist.engine.distributed import init_distributed
+from stage_dist.engine.trainer import Trainer
 from stage_dist.infer import main as infer_main
-from stage_dist.shard_format import ShardError, shard_pattern, write_shards
-from stage_dist.store import FeatureStore
-from stage_dist.train import Trainer
+from stage_dist.store.feature_store import FeatureStore
+from stage_dist.store.tar_shards import ShardError, shard_pattern, write_shards
 from tests.test_train import final_weights, make_config
 
 

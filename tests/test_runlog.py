@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from stage_dist.runlog import MetricsFileError, MetricsLog, read_metrics
+from stage_dist.engine.metrics_log import MetricsFileError, MetricsLog, read_metrics
 
 
 def write_steps(path, steps, *, resumed_step=0):

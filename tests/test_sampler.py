@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stage_dist.sampler import (
+from stage_dist.data.sampler import (
     ClipWindowSampler,
     clip_windows,
     plan_inference_windows,
-    shard_for_rank,
+    rank_slice,
 )
-from stage_dist.window import InferenceWindow, WindowSpec
+from stage_dist.store.window import InferenceWindow, WindowSpec
 
 WORLD_SIZES = range(1, 9)
 # Mixed clips: AVA-length, shorter than W, exactly W, W + 1, a single keyframe, an empty clip.
@@ -335,13 +335,13 @@ def test_context_two_makes_scores_independent_of_window_size(context, exact):
 @pytest.mark.parametrize("n", [0, 1, 5, 8, 13, 64])
 def test_shard_for_rank_is_contiguous_balanced_and_exact(world_size, n):
     items = list(range(n))
-    shards = [shard_for_rank(items, rank, world_size) for rank in range(world_size)]
+    shards = [rank_slice(items, rank, world_size) for rank in range(world_size)]
     assert [x for shard in shards for x in shard] == items
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-    assert shards == [shard_for_rank(items, rank, world_size) for rank in range(world_size)]
+    assert shards == [rank_slice(items, rank, world_size) for rank in range(world_size)]
 
 
 def test_shard_for_rank_rejects_bad_rank():
     with pytest.raises(ValueError, match="rank"):
-        shard_for_rank([1, 2], 2, 2)
+        rank_slice([1, 2], 2, 2)

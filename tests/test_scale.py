@@ -18,8 +18,18 @@ import numpy as np
 import pytest
 import zarr
 
-from stage_dist.window import WindowSpec
-from stage_dist.schema import (
+from stage_dist.store.feature_store import (
+    FeatureStore,
+    StorageConfig,
+    StoreLayout,
+    StoreShape,
+    Tables,
+    create_store,
+    finish_store,
+    open_arrays,
+    storage_attrs,
+)
+from stage_dist.store.schema import (
     ACTOR_BOXES,
     ACTOR_FEATURES,
     ACTOR_LABELS,
@@ -31,17 +41,7 @@ from stage_dist.schema import (
     TABLE_DTYPES,
     WINDOW_ARRAYS,
 )
-from stage_dist.store import (
-    FeatureStore,
-    StorageConfig,
-    StoreLayout,
-    StoreShape,
-    Tables,
-    create_store,
-    finish_store,
-    open_arrays,
-    storage_attrs,
-)
+from stage_dist.store.window import WindowSpec
 from tests.counting import count_reads
 
 CLIPS, KEYFRAMES_PER_CLIP = 235, 897

@@ -17,20 +17,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from stage_dist.batch import Padding, collate
-from stage_dist.outputs import MARKER_NAME
-from stage_dist.sampler import ClipWindowSampler
-from stage_dist.shard_format import (
-    ShardError,
-    expand_urls,
-    read_clip_samples,
-    shard_pattern,
-    shards_to_store,
-    write_shards,
-)
-from stage_dist.shard_stream import ShardWindowStream, fill_segments
+from stage_dist.core.outputs import MARKER_NAME
+from stage_dist.data.batch import Padding, collate
+from stage_dist.data.sampler import ClipWindowSampler
+from stage_dist.data.tar_windows import TarWindowStream, fill_segments
 from stage_dist.shards import main
-from stage_dist.store import (
+from stage_dist.store.feature_store import (
     FeatureStore,
     StorageConfig,
     StoreLayout,
@@ -42,7 +34,15 @@ from stage_dist.store import (
     read_attrs,
     storage_attrs,
 )
-from stage_dist.window import Window, WindowSpec
+from stage_dist.store.tar_shards import (
+    ShardError,
+    expand_urls,
+    read_clip_samples,
+    shard_pattern,
+    shards_to_store,
+    write_shards,
+)
+from stage_dist.store.window import Window, WindowSpec
 
 # Clips longer and shorter than W = 6, not multiples of it, and an empty one: 7 clips with
 # keyframes, so one clip per shard gives 7 shards (neither 2 nor 3 ranks divide it).
@@ -127,10 +127,10 @@ def epoch_specs(store: FeatureStore, epoch: int, window: int = WINDOW, seed: int
     return set(ClipWindowSampler(store.clip_lengths, window, seed=seed).epoch_windows(epoch))
 
 
-def stream(pattern: str | list[str], rank: int = 0, world_size: int = 1, **kwargs) -> ShardWindowStream:
+def stream(pattern: str | list[str], rank: int = 0, world_size: int = 1, **kwargs) -> TarWindowStream:
     options: dict[str, Any] = dict(window=WINDOW, windows_per_step=1, seed=0)
     options.update(kwargs)
-    return ShardWindowStream(pattern, rank=rank, world_size=world_size, **options)
+    return TarWindowStream(pattern, rank=rank, world_size=world_size, **options)
 
 
 def run_epoch(pattern: str | list[str], epoch: int, rank: int = 0, world_size: int = 1, **kwargs) -> list[list[Window]]:
@@ -261,7 +261,7 @@ def test_window_samples_match_the_store_and_join_back_into_clips(store, tmp_path
 def emulated_epoch(pattern: str, epoch: int, world_size: int, num_workers: int, monkeypatch,
                    **kwargs) -> list[list[list[Window]]]:
     """Every rank's steps, in step order, with ``num_workers`` DataLoader workers emulated."""
-    import stage_dist.shard_stream as shard_stream
+    import stage_dist.data.tar_windows as shard_stream
 
     ranks = []
     for rank in range(world_size):
@@ -304,7 +304,7 @@ def test_uneven_shards_yield_every_window_once_plus_padding(store, layout, world
             for step in r:
                 for w in step:
                     assert_windows_equal(w, store.read_window(spec_of(store, w)))
-        with caplog.at_level("INFO", logger="stage_dist.sampler"):
+        with caplog.at_level("INFO", logger="stage_dist.data.sampler"):
             stream(pattern, 0, world_size, windows_per_step=windows_per_step).set_epoch(epoch)
         assert (f"epoch {epoch}: {steps} steps x {world_size} rank(s) x {windows_per_step} window(s); "
                 f"{padded} windows repeated") in caplog.text
@@ -423,7 +423,7 @@ def test_cli_writes_shards_and_reports_errors(store, tmp_path, capsys):
 
 def test_convert_format_webdataset_alone_writes_shards_to_out(tmp_path, capsys):
     from stage_dist.convert import build_parser, main as convert_main
-    from stage_dist.synth import SynthConfig, synthesize
+    from stage_dist.ingest.synthetic import SynthConfig, synthesize
 
     data = synthesize(tmp_path / "synth", SynthConfig(seed=3, train_clips=2, val_clips=1, keyframes_per_clip=5,
                                                       actor_dim=8, object_dim=16, actor_thw=(1, 1, 1)))
@@ -443,9 +443,9 @@ def test_convert_format_webdataset_alone_writes_shards_to_out(tmp_path, capsys):
 def test_store_and_shards_are_one_kind_of_window_source(store, seven):
     """Both paths satisfy WindowSource with the same schedule, dims and counts, and their
     inference batches own every actor exactly once over the ranks, naming its keyframe."""
-    from stage_dist.data import open_window_source
-    from stage_dist.store_source import StoreWindowSource
-    from stage_dist.window_source import WindowSource
+    from stage_dist.data.splits import open_window_source
+    from stage_dist.data.store_windows import StoreWindowSource
+    from stage_dist.data.window_source import WindowSource
 
     sources = [StoreWindowSource(store, windows_per_step=2, rank=1, world_size=2),
                open_window_source(shards=seven[1], windows_per_step=2, rank=1, world_size=2)]

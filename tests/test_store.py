@@ -16,11 +16,11 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from stage_dist import zarr_io
-from stage_dist.batch import collate
 from stage_dist.convert import main
-from stage_dist.schema import ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS
-from stage_dist.store import (
+from stage_dist.data.batch import collate
+from stage_dist.ingest.synthetic import SynthConfig, synthesize
+from stage_dist.store import zarr_shards as zarr_io
+from stage_dist.store.feature_store import (
     SCHEMA_VERSION,
     FeatureStore,
     StorageConfig,
@@ -33,9 +33,9 @@ from stage_dist.store import (
     open_arrays,
     storage_attrs,
 )
-from stage_dist.synth import SynthConfig, synthesize
-from stage_dist.window import WindowSpec
-from stage_dist.zarr_io import ArrayReader, UnknownLayout, open_reader
+from stage_dist.store.schema import ROW_TABLES, TABLE_DTYPES, WINDOW_ARRAYS
+from stage_dist.store.window import WindowSpec
+from stage_dist.store.zarr_shards import ArrayReader, UnknownLayout, open_reader
 from tests.counting import count_reads
 
 
@@ -613,7 +613,7 @@ def test_refuses_non_store(tmp_path):
 
 
 def test_schema_store_and_converter_import_without_torch():
-    code = ("import sys, stage_dist.schema, stage_dist.store, stage_dist.convert; "
+    code = ("import sys, stage_dist.store.schema, stage_dist.store.feature_store, stage_dist.convert; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stage_dist import synth
-from stage_dist.synth import SynthConfig, SynthDataset, synthesize
+from stage_dist.ingest.synthetic import SynthConfig, SynthDataset, synthesize
 
 FIXTURE_LABELMAP = Path(__file__).resolve().parent / "fixtures/ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt"
 SMALL = SynthConfig(

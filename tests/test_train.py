@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stage_dist.checkpoint import read_checkpoint
-from stage_dist.config import from_flat, parse_config, replace_flat, save_json, to_argv
-from stage_dist.distributed import init_distributed
-from stage_dist.errors import UserInputError
-from stage_dist.train import OptimConfig, TrainConfig, Trainer, effective_lr
+from stage_dist.core.config import from_flat, parse_config, replace_flat, save_json, to_argv
+from stage_dist.core.errors import UserInputError
+from stage_dist.engine.checkpoint import read_checkpoint
+from stage_dist.engine.distributed import init_distributed
+from stage_dist.engine.train_config import OptimConfig, TrainConfig
+from stage_dist.engine.trainer import Trainer, effective_lr
 from tests.conftest import Stores, subprocess_env, torchrun_command
 
 
@@ -88,7 +89,7 @@ def test_stopped_and_resumed_run_ends_bitwise_equal(tiny_stores, tmp_path):
 
 def assert_same_metrics(expected_dir: Path, actual_dir: Path) -> list[dict]:
     """metrics.jsonl: the same records (step, epoch, loss, lr, val mAP), each once, in step order."""
-    from stage_dist.runlog import read_metrics
+    from stage_dist.engine.metrics_log import read_metrics
 
     def fields(directory: Path) -> list[tuple]:
         return [(r["kind"], r["step"], r["epoch"], r.get("loss"), r.get("lr"), r.get("val_map"))
@@ -150,9 +151,9 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import json, logging, torch
-        from stage_dist.config import load_json
+        from stage_dist.core.config import load_json
         logging.basicConfig(level=logging.INFO)  # the validation log lines, checked below
-        from stage_dist.distributed import cleanup, init_distributed
+        from stage_dist.engine.distributed import cleanup, init_distributed
         from stage_dist.train import TrainConfig, Trainer
         env = init_distributed("cpu")
         trainer = Trainer(load_json(TrainConfig, "{tmp_path}/config.json"), env)
@@ -186,8 +187,8 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     assert {"train/lr", "train/keyframes_per_s", "train/data_wait_fraction", "val/mAP"} <= set(tags)
     per_class = [tag for tag in tags if tag.startswith("val_per_class_AP/")]
     assert per_class and len(events.Scalars(per_class[0])) == len(val_maps), "per-class AP at every validation"
-    from stage_dist.ava import read_labelmap
-    from stage_dist.evaluate import read_action_groups
+    from stage_dist.ava.evaluation import read_action_groups
+    from stage_dist.ava.formats import read_labelmap
 
     groups = read_action_groups(learnable_stores.dataset.labelmap)  # issue 18: group mAP next to per-class AP
     names = read_labelmap(learnable_stores.dataset.labelmap)
@@ -203,7 +204,7 @@ def test_two_ranks_learn_log_and_stay_in_sync(learnable_stores, tmp_path):
     assert sum(losses[-third:]) / third < 0.8 * sum(losses[:third]) / third, losses
     assert (tmp_path / "run" / "config.json").exists()
 
-    from stage_dist.runlog import read_metrics
+    from stage_dist.engine.metrics_log import read_metrics
 
     records = read_metrics(tmp_path / "run")  # the same curves without TensorBoard
     train = [r for r in records if r["kind"] == "train"]
@@ -261,9 +262,9 @@ def _children(pid: int) -> list[int]:
 
 
 def test_trains_from_webdataset_shards(tiny_stores, tmp_path):
-    from stage_dist.sampler import ClipWindowSampler
-    from stage_dist.shard_format import shard_pattern, write_shards
-    from stage_dist.store import FeatureStore
+    from stage_dist.data.sampler import ClipWindowSampler
+    from stage_dist.store.feature_store import FeatureStore
+    from stage_dist.store.tar_shards import shard_pattern, write_shards
 
     store = FeatureStore.open(tiny_stores.train)
     manifest = write_shards(store, tmp_path / "shards", max_shard_bytes=50_000)
@@ -388,7 +389,7 @@ def test_fresh_start_refuses_a_directory_with_checkpoints(tiny_stores, tmp_path)
 def _window_without_actors(actor_dim: int, object_dim: int, objects: int, length: int = 6):
     import numpy as np
 
-    from stage_dist.window import Window
+    from stage_dist.store.window import Window
 
     boxes = np.tile(np.array([[0.1, 0.2, 0.5, 0.6]], dtype=np.float32), (objects, 1))
     return Window(clip=0, video_id="v", keyframe_start=0, actor_start=0, timestamps=np.arange(length),
@@ -404,7 +405,7 @@ def test_every_parameter_gets_a_gradient_at_every_step(tiny_stores, tmp_path, ki
     """What DDP's ``static_graph=True`` relies on: every step, including one whose batch has no
     actor (a rank can draw such a window), gives every parameter a gradient, so the set of
     gradients (and DDP's all-reduce buckets) is the same at every step."""
-    from stage_dist.batch import collate
+    from stage_dist.data.batch import collate
 
     trainer = Trainer(make_config(tiny_stores, tmp_path, kind=kind, val_store=None), init_distributed("cpu"))
     trainer.ddp_model.train()
@@ -454,8 +455,8 @@ def test_ranks_and_windows_per_step_make_the_same_update(tiny_stores, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import torch
-        from stage_dist.config import load_json
-        from stage_dist.distributed import cleanup, init_distributed
+        from stage_dist.core.config import load_json
+        from stage_dist.engine.distributed import cleanup, init_distributed
         from stage_dist.train import TrainConfig, Trainer
         env = init_distributed("cpu")
         trainer = Trainer(load_json(TrainConfig, "{tmp_path}/two.json"), env)
