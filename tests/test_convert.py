@@ -173,12 +173,13 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
 _KILLED_CONVERTER = """
 import os, sys
 from stage_dist import convert
-record = convert.record_shard_done
+from stage_dist.ingest import conversion
+record = conversion.record_shard_done
 def record_or_die(out, *args, **kwargs):
     if len(list((out / "_progress").glob("*.json"))) >= {shards}:
         os.killpg(os.getpgid(0), 9)
     record(out, *args, **kwargs)
-convert.record_shard_done = record_or_die
+conversion.record_shard_done = record_or_die
 sys.exit(convert.main(sys.argv[1:]))
 """
 
@@ -630,12 +631,12 @@ def test_verify_sample_reads_only_the_sampled_rows(split, tmp_path, monkeypatch)
     """--verify-sample N costs O(N): counted as rows read from the store's row arrays."""
     import zarr
 
-    from stage_dist import convert as conv
+    from stage_dist.ingest import conversion as conv
 
     out = tmp_path / "s.zarr"
     assert main(i3d_args(split, out) + SMALL) == 0
     store = FeatureStore.open(out, cache_mb=0)
-    source = conv.open_reader(conv.ConvertConfig(out=out, split="train", actors_dir=split.actors_dir,
+    source = conv.open_feature_reader(conv.ConvertConfig(out=out, split="train", actors_dir=split.actors_dir,
                                                   objects_file=split.objects_file))
     source.list_keyframes()
     rows_read: list[int] = []
@@ -700,7 +701,7 @@ def test_streamed_shards_read_back_as_zarr_writes_them(tmp_path, compression):
 
 def test_programming_error_keeps_its_traceback(split, tmp_path, monkeypatch):
     """Only the project's input/output errors become one-line exit-2 messages."""
-    from stage_dist import convert as conv
+    from stage_dist.ingest import conversion as conv
 
     def broken(*args, **kwargs):
         raise TypeError("a bug")
@@ -714,7 +715,7 @@ def test_programming_error_keeps_its_traceback(split, tmp_path, monkeypatch):
 def test_second_converter_on_the_same_out_stops_at_once(split, tmp_path, monkeypatch, capsys):
     """While one conversion runs (here: paused in its scan), a second one on the same --out
     exits 2 at once naming the holder; the first then finishes a correct store."""
-    from stage_dist import convert as conv
+    from stage_dist.ingest import conversion as conv
 
     out = tmp_path / "s.zarr"
     real_make_plan = conv.make_plan
@@ -865,13 +866,14 @@ def test_disk_full_during_conversion_exits_2_and_resumes(split, tmp_path, small_
 _SIGNALLED_CONVERTER = """
 import os, signal, sys
 from stage_dist import convert
-record, main_pid, sent = convert.record_shard_done, os.getpid(), []
+from stage_dist.ingest import conversion
+record, main_pid, sent = conversion.record_shard_done, os.getpid(), []
 def record_and_signal(out, *args, **kwargs):
     if not sent and len(list((out / "_progress").glob("*.json"))) >= {shards}:
         sent.append(1)
         (os.killpg(os.getpgid(0), {signum}) if {group} else os.kill(main_pid, {signum}))
     record(out, *args, **kwargs)
-convert.record_shard_done = record_and_signal
+conversion.record_shard_done = record_and_signal
 sys.exit(convert.main(sys.argv[1:]))
 """
 

@@ -45,4 +45,4 @@ def test_the_torch_bound_is_stated_alike_everywhere():
     bound = re.fullmatch(r"torch>=([\d.]+)", _declared()["torch"]).group(1)
     assert f"torch (>= {bound}:" in (ROOT / "README.md").read_text().replace("\n", " ")
     assert f"torch>={bound}" in (ROOT / "pyproject.toml").read_text()
-    assert "recompile_limit" in (ROOT / "stage_dist" / "model.py").read_text()  # the API that sets it (2.7)
+    assert "recompile_limit" in (ROOT / "stage_dist" / "model" / "stage.py").read_text()  # the API that sets it (2.7)

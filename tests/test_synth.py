@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from stage_dist import synth
+from stage_dist.ingest import synthetic
 from stage_dist.ingest.synthetic import SynthConfig, SynthDataset, synthesize
 
 FIXTURE_LABELMAP = Path(__file__).resolve().parent / "fixtures/ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt"
@@ -151,7 +152,7 @@ def test_video_ids_are_ava_like_and_lists_unsorted(small: SynthDataset) -> None:
     for listed, split in ((train, "train"), (val, "val")):
         assert listed != sorted(listed)
         assert sorted(listed) == sorted(p.name for p in small.splits[split].actors_dir.iterdir())
-    assert synth.make_video_ids(np.random.default_rng(0), 40) == synth.make_video_ids(np.random.default_rng(0), 40)
+    assert synthetic.make_video_ids(np.random.default_rng(0), 40) == synthetic.make_video_ids(np.random.default_rng(0), 40)
 
 
 def test_boxes_valid_and_moving_smoothly(small: SynthDataset) -> None:
@@ -239,8 +240,8 @@ def test_labelmap_uses_real_ava_names(small: SynthDataset) -> None:
     assert len(ours) == SMALL.num_classes
     assert {a.id for a in small.actions} == set(ours)
     assert {a.kind for a in small.actions} == {"direct", "object", "interaction"}
-    every = synth.choose_actions(synth.MAX_CLASSES)
-    assert len({a.id for a in every}) == synth.MAX_CLASSES == 60
+    every = synthetic.choose_actions(synthetic.MAX_CLASSES)
+    assert len({a.id for a in every}) == synthetic.MAX_CLASSES == 60
     # the 60 evaluated AVA v2.1 classes, names verbatim
     assert read_labelmap(FIXTURE_LABELMAP) == {a.id: a.name for a in every}
 

@@ -8,6 +8,7 @@ the same kinds of batches.
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator, Sequence
 
 import torch
@@ -16,8 +17,18 @@ from torch.utils.data import DataLoader
 from stage_dist.data.batch import Batch, Padding, collate
 from stage_dist.data.sampler import EpochPosition
 from stage_dist.data.window_source import InferenceBatch, WindowKeyframes
-from stage_dist.engine.preemption import ignore_stop_signals
 from stage_dist.store.window import InferenceWindow, Window
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # what a training loader worker ignores
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A training DataLoader worker's ``worker_init_fn``: ignore the signals a scheduler sends to
+    every process, so that the rank (which handles them: :mod:`stage_dist.engine.preemption`)
+    finishes its step and checkpoints."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class TrainLoader(DataLoader):

@@ -23,7 +23,7 @@ never disagree.
 The handlers are installed for :meth:`RunControl.handling_signals` only (the training loop) and
 the previous ones restored after; a process forked inside it inherits the handler, which does
 nothing there (it checks the pid). Training DataLoader workers ignore the stop signals
-(:func:`ignore_stop_signals`, their ``worker_init_fn``): SLURM signals every process of a job
+(:func:`stage_dist.data.loaders.ignore_stop_signals`, their ``worker_init_fn``): SLURM signals every process of a job
 step, and a worker that died of it (torch's workers exit on SIGTERM) would fail the step the
 ranks must finish; a worker still exits when its rank does (torch's parent watchdog).
 """
@@ -45,15 +45,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREEMPT_SIGNALS = "TERM,USR1"
 _NEVER_HANDLED = {"KILL", "STOP"}
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # what a training loader worker ignores
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A training DataLoader worker's ``worker_init_fn``: ignore the signals a scheduler sends to
-    every process, so that the rank (which handles them) finishes its step and checkpoints."""
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class PreemptedError(Exception):

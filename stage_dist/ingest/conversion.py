@@ -202,15 +202,15 @@ def check_output(cfg: ConvertConfig) -> OutputDir:
     return prepare_output_dir(cfg.out, STORE_KIND, inputs=config_inputs(cfg))
 
 
-def open_reader(cfg: ConvertConfig) -> FeatureReader:
-    source = _open_reader(cfg)
+def open_feature_reader(cfg: ConvertConfig) -> FeatureReader:
+    source = _open_feature_reader(cfg)
     if cfg.labelmap is not None:
         ids = read_class_set(cfg)[0]
         source.label_columns = LabelColumns(len(ids), str(cfg.labelmap), ids)
     return source
 
 
-def _open_reader(cfg: ConvertConfig) -> FeatureReader:
+def _open_feature_reader(cfg: ConvertConfig) -> FeatureReader:
     if cfg.actors_dir is not None:
         if cfg.objects_file is None:
             raise ConvertError("the I3D layout needs --objects-file with --actors-dir")
@@ -879,7 +879,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         lock = lock_output(target.path)
         target = check_output(cfg)  # again under the lock: another run may have written it meanwhile
         cfg = replace(cfg, out=target.path)
-        source = open_reader(cfg)
+        source = open_feature_reader(cfg)
         recorded = unchanged_store(read_attrs(cfg.out) if target.state == "ours" else None, source, cfg)
         if recorded is not None:  # complete, and no source file changed: nothing is opened
             phases["scan"] = time.perf_counter() - start
