@@ -3,7 +3,8 @@
 Writes, under a temporary directory, a float16 feature store of ``--clips`` x
 ``--keyframes-per-clip`` keyframes with exactly ``--actors`` actors and ``--objects`` objects per
 keyframe at the published dims (1024-dim actors, 2048-dim objects), through the store's writer
-API (:func:`~stage_dist.store.feature_store.create_store` / :func:`~stage_dist.store.feature_store.finish_store`), and the
+API (:func:`~stage_dist.store.feature_store.create_store` /
+:func:`~stage_dist.store.feature_store.finish_store`), and the
 same keyframes of ``--published-clips`` clips in the published I3D layout (one h5 per keyframe
 holding the full ``(n, C, t, h, w)`` float32 actor tensor, plus ``objects.h5``). Then measures:
 

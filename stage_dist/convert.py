@@ -1,42 +1,10 @@
-"""Parallel, resumable, verified conversion of the published HDF5 features into a feature store.
+"""The conversion command: ``python tools/convert_features.py`` (``stage-convert``), its parser and main.
 
-The run, in order:
+    python tools/convert_features.py --actors-dir ACTORS --objects-file objects.h5 --out train.zarr --verify
 
-1. **List and scan** the source (names, then shapes only, in parallel by clip): every
-   structural problem is found before anything is written, and the row counts give the
-   store's CSR pointers and shard grid. Clips are ordered by video id, keyframes by timestamp.
-2. **Create** the store (tables and empty row arrays, attribute ``complete: false``), or find
-   the same store from an interrupted run with the same plan and resume it.
-3. **Convert** shard by shard: a task owns one shard-aligned row range of ``actors/*`` or of
-   ``objects/*``; it reads the keyframes overlapping its rows, validates and pools them,
-   streams each shard's chunks into its file (index last, then renamed into place; memory is
-   one chunk per array, not one shard) and then records the shard as done. Tasks run in
-   ``--workers`` processes (one writer per shard, largest first); a killed run loses at most
-   the shards in flight.
-4. **Finish**: set ``complete: true``. ``--verify`` then re-reads the sources and compares every
-   keyframe (or a sample) with the store after the pooling/dtype rule, reading only the rows of
-   the keyframes it checks. Box coordinates within ``--box-tolerance`` outside [0, 1] are
-   clipped (and counted in the summary); further out they are an error.
-
-Before any of it, the output is checked (:mod:`stage_dist.core.outputs`): it must not be, contain or
-lie inside an input; an existing directory must be empty or a store this converter wrote
-(``--overwrite`` empties only such a store, keeping the directory); and the run holds the
-output's lock, so a second converter writing the same ``--out`` stops at once.
-
-A rerun resumes only a store of the same plan; the store records each source file's size and
-mtime (per clip for actor files), and the shards that depend on a file that changed since are
-converted again, so nothing stale is reported complete. A rerun on a complete store compares
-those records only (:func:`unchanged_store`: no HDF5 file is opened) and scans again only when
-one differs.
-
-A write error (disk full) or SIGTERM/SIGINT (:func:`main` turns both signals into
-:class:`Interrupted`, exit 128 + signal number) stops the workers, removes the partial files of
-the shards in flight (:func:`drop_partial_files`) and releases the lock: the finished shards stay
-recorded and the next run resumes.
-
-Errors in the input stop the run with :class:`~stage_dist.ingest.published_hdf5.ReaderError` (file and key
-named), errors of the output with :class:`~stage_dist.core.outputs.OutputError`; the CLI prints
-them on one line and exits 2. Verification mismatches exit 1.
+The conversion (list, scan, create, convert shard by shard, finish, verify) is
+:mod:`stage_dist.ingest.conversion`'s; ``--format webdataset`` also writes the tar form
+(:mod:`stage_dist.store.tar_shards`).
 """
 
 from __future__ import annotations

@@ -1,40 +1,10 @@
-"""Frame-mAP@0.5 on AVA, reproducing the official ActivityNet evaluator (2020 protocol).
+"""The evaluation command: ``python -m stage_dist.evaluate`` (``stage-evaluate``), its parser and main.
 
-``get_ava_performance.py`` with the TensorFlow object-detection ``PascalDetectionEvaluator``
-behind it, re-implemented with vectorised numpy (a full-validation-sized results file of ~7M
-rows evaluates in ~10 s on 2 cores; see bench/eval_bench.py). The rules, in the order they apply:
+    python -m stage_dist.evaluate -g ava_val_v2.2.csv -l ava_action_list_v2.2.pbtxt -d results.csv
 
-1. A keyframe is ``video id + timestamp`` read as a decimal number (``0902`` == ``902.0``).
-   Keyframes listed in the exclusions file (``-e``, pre-2020 protocol) are dropped from
-   groundtruth and detections.
-2. Every keyframe named in the groundtruth is evaluated, including 2-column ``video,ts`` rows
-   (a keyframe with no boxes: detections there are false positives). Detections on keyframes
-   absent from the groundtruth are ignored.
-3. Rows whose action is not in the label map are dropped, then each keyframe keeps at most 50
-   detections: rows stream into a min-heap of ``(score, action, y1, x1, y2, x2)`` tuples and
-   a row displaces the heap minimum only if its score is strictly greater. The kept rows are
-   ordered by descending score (ties: heap order). Detections whose box is not
-   ``x1 < x2 and y1 < y2`` are then dropped.
-4. Per keyframe and class, detections in that order take the groundtruth box of highest IoU
-   (first one on ties; groundtruth ordered by descending 8th column as the official reader
-   does, then file order where the official keeps heap order): a true positive if IoU >= 0.5
-   and that box is not yet taken, else a false positive.
-5. Per class, precision/recall over all keyframes by descending score and VOC all-point AP;
-   a class with groundtruth but no detection has AP 0, a class without groundtruth has AP NaN
-   and is left out of the mean.
-
-Only the exact official heap replay (needed for ties) runs in Python, on the few keyframes with
-a score tie at the 50-detection threshold or with equal scores of one class on different boxes.
-
-Around the official number: AVA's action groups (:class:`ActionGroups`, from the label map's
-``label_type`` or AVA's id ranges) and their mAP on every :class:`EvalResult`, and the
-:class:`MatchTable` behind the numbers (:func:`evaluate_with_table`), from which
-:mod:`stage_dist.ava.statistics` computes bootstrap intervals and paired comparisons.
-
-CLI: ``python -m stage_dist.evaluate -g GT.csv -d results.csv -l LABELMAP.pbtxt [-e EXCL.csv]
-[--json OUT.json] [--plot OUT.png] [--bootstrap N [--seed S]]``; ``-d A.csv B.csv ...`` (runs of
-one model: mean +- sample std), ``--compare A.csv B.csv`` (paired comparison) or ``--check``
-(:mod:`stage_dist.ava.results_check`) instead.
+The official frame-mAP@0.5 is :mod:`stage_dist.ava.evaluation`'s (its rules are listed there);
+``--bootstrap``, ``--compare`` and several ``-d`` are :mod:`stage_dist.ava.statistics`', ``--check``
+is :mod:`stage_dist.ava.results_check`'s.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ before any work, loads the models with :func:`stage_dist.engine.checkpoint.load_
     torchrun --nproc_per_node=8 -m stage_dist.infer --store val.zarr --checkpoint best.pt --out results.csv
     python -m stage_dist.infer --store val.zarr --checkpoint seed0.pt seed1.pt seed2.pt --out ensemble.csv
 
-Several checkpoints are an ensemble (:func:`~stage_dist.engine.checkpoint.load_models`): they must agree on the model's outputs
-(the class set) and feature sizes, and every actor gets the mean of their sigmoid scores, in one
-pass over the data (:func:`~stage_dist.engine.inference.predict`).
+Several checkpoints are an ensemble (:func:`~stage_dist.engine.checkpoint.load_models`): they must
+agree on the model's outputs (the class set) and feature sizes, and every actor gets the mean of
+their sigmoid scores, in one pass over the data (:func:`~stage_dist.engine.inference.predict`).
 """
 
 from __future__ import annotations

@@ -1,41 +1,10 @@
-"""The trainer: STAGE (or the no-graph baseline) on a feature store, 1..N ranks under torchrun.
+"""The training command: ``torchrun -m stage_dist.train`` (``stage-train``), its parser and main.
 
     torchrun --nproc_per_node=8 -m stage_dist.train --train-store train.zarr --val-store val.zarr \\
         --val-groundtruth ava_val_v2.2.csv --labelmap ava_action_list_v2.2.pbtxt --output-dir runs/stage
 
-The defaults are the published recipe (Adam, lr 6.25e-5 for one 6-keyframe window per step,
-4 heads). Everything a run needs to continue lives in :meth:`Trainer.state_dict`: model,
-optimizer, LR schedule, grad scaler, the window source's position and every rank's RNG state, so
-a run stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
-checkpoint was taken (the Python, NumPy and torch generators are seeded per rank and restored
-after all start-up code).
-
-Non-finite numbers stop the run with exit code 3 (2 is a bad input, given as one line naming the
-file or flag); the guard is :mod:`stage_dist.engine.nonfinite`. Every step ORs ``~isfinite(loss)`` (and,
-with ``--grad-clip``, of the gradient norm it computes anyway, except under fp16 where the
-GradScaler skips such steps) into a flag on the device that keeps the first bad step; the flag
-and the finiteness of the weights are read back at log steps and before every checkpoint and
-validation, so there is no per-step host sync, the error names the first bad step and its window
-(clip, video, keyframes), and no checkpoint ever holds non-finite weights: the last good one stays
-the newest. A finite loss with non-finite gradients and no ``--grad-clip`` shows in the weights at
-the next check and is named as a step range.
-
-A training step reads nothing back from the device: the loss, the non-finite flag and the
-finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
-the step's window is named from the batch's host bookkeeping. Under DDP the gradients live in the
-all-reduce buckets (``gradient_as_bucket_view``) and the graph is static: every step gives every
-parameter a gradient, a step without actors included (:meth:`Trainer.loss`). Each rank's mean
-loss is weighted by its share of the step's actors (:func:`~stage_dist.engine.distributed.share_of_all`,
-one scalar all-reduce on the device), so DDP's mean over ranks is the mean over all the step's
-actors: R ranks x k windows make the same update as one rank x Rk windows. ``--workers`` defaults
-to the rank's share of its cores (:func:`~stage_dist.engine.distributed.loader_workers`).
-
-``--deterministic`` (:func:`~stage_dist.engine.distributed.configure_determinism`): on a GPU, two runs of
-the same config, and a run resumed from its checkpoint, end with bitwise identical weights on the
-same GPU model and software (driver, CUDA, cuDNN, NCCL, torch) at the same world size; it does not
-make runs match across GPU models, software versions, world sizes or CPU vs GPU, and ``--compile``
-is not covered. On CPU the kernels are deterministic without it (exact resume is tested there);
-measured cost of the flag on CPU: none beyond noise (bench/train_bench.py --deterministic).
+The flags are :class:`~stage_dist.engine.train_config.TrainConfig`'s; the run is
+:class:`~stage_dist.engine.trainer.Trainer`'s (what it saves, resumes and stops on is described there).
 """
 
 from __future__ import annotations

@@ -235,7 +235,6 @@ def test_stage_dist_checkpoint_with_and_without_training_state(tmp_path):
         read_checkpoint(path)
 
 
-
 # The checkpoint layout of this project, key by key in the order written: a change here changes
 # every checkpoint file (and what older ones resume as).
 LAYOUT = ("model_state", "model_kind", "model_config", "optimizer_state", "scheduler_state", "scaler_state",
@@ -259,6 +258,7 @@ def test_the_layout_is_written_and_read_through_one_schema(tmp_path):
     assert back.training.to_state().keys() == training.to_state().keys()
     assert (back.training.global_step, back.training.scaler_state, back.training.history) == (9, {"scale": 2.0},
                                                                                              [{"epoch": 1}])
+
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     state = STAGE(SMALL).state_dict()

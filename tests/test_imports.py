@@ -36,7 +36,8 @@ def _modules(package: str) -> list[str]:
 def test_store_ingest_and_core_never_import_torch():
     names = [name for package in TORCH_FREE_PACKAGES for name in _modules(package)]
     names += [f"stage_dist.{command}" for command in TORCH_FREE_COMMANDS]
-    probe = f"import sys; {'; '.join(f'import {name}' for name in names)}; print('torch' in sys.modules, stage_dist.__file__)"
+    imports = "; ".join(f"import {name}" for name in names)
+    probe = f"import sys; {imports}; print('torch' in sys.modules, stage_dist.__file__)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     torch_imported, package = result.stdout.split()
     assert Path(package).resolve().parent == PACKAGE

@@ -152,7 +152,8 @@ def test_video_ids_are_ava_like_and_lists_unsorted(small: SynthDataset) -> None:
     for listed, split in ((train, "train"), (val, "val")):
         assert listed != sorted(listed)
         assert sorted(listed) == sorted(p.name for p in small.splits[split].actors_dir.iterdir())
-    assert synthetic.make_video_ids(np.random.default_rng(0), 40) == synthetic.make_video_ids(np.random.default_rng(0), 40)
+    make_video_ids = synthetic.make_video_ids
+    assert make_video_ids(np.random.default_rng(0), 40) == make_video_ids(np.random.default_rng(0), 40)
 
 
 def test_boxes_valid_and_moving_smoothly(small: SynthDataset) -> None:

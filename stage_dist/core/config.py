@@ -362,7 +362,8 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, parser: argparse.Argu
         _check_keys(cls, data, where)  # a misspelt key in the file is named before anything else
         required = [f for _, f, _ in _leaves(cls) if f.default is dataclasses.MISSING and f.name not in data]
         if required:
-            raise ConfigError("the following arguments are required: " + ", ".join("/".join(_flags(f)) for f in required))
+            names = ", ".join("/".join(_flags(f)) for f in required)
+            raise ConfigError(f"the following arguments are required: {names}")
         try:
             return from_dict(cls, data, where)
         except ConfigError as err:

@@ -254,7 +254,6 @@ def read_latest_or_file(path: str | os.PathLike) -> Checkpoint:
     return read_checkpoint(path)
 
 
-
 def load_models(checkpoints: Sequence[str | os.PathLike], actor_dim: int, object_dim: int, device: torch.device,
                 class_ids: Sequence[int] | None = None, data: str = "the data",
                 what: str = "--checkpoint") -> list[nn.Module]:

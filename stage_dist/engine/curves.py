@@ -1,4 +1,5 @@
-"""curves"""
+"""Learning curves of runs from their metrics.jsonl: the loss and val mAP panels, drawn with
+matplotlib (the command line is :mod:`stage_dist.curves`)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def curves_figure(runs: Sequence[tuple[str, list[dict]]]):
             map_ax.plot(curves.val_steps, curves.val_map, color=colour, marker="o", markersize=3.5, linewidth=1.2,
                         label=f"{name} (last {curves.val_map[-1]:.4f}, best {max(curves.val_map):.4f})")
         else:
-            map_ax.plot([], [], color=colour, marker="o", markersize=3.5, linewidth=1.2, label=f"{name} (no validation)")
+            map_ax.plot([], [], color=colour, marker="o", markersize=3.5, linewidth=1.2,
+                        label=f"{name} (no validation)")
     loss_ax.set_title("training loss (mean over each log interval)")
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("binary cross-entropy (log scale)")
@@ -99,4 +101,3 @@ def curves_figure(runs: Sequence[tuple[str, list[dict]]]):
     map_ax.title.set_fontsize(10)
     fig.tight_layout()
     return fig
-

@@ -142,4 +142,3 @@ class MetricsLog:
 
 def _no_nan(values: Mapping[str, float]) -> dict[str, float | None]:
     return {name: _finite_or_none(float(value)) for name, value in values.items()}
-

@@ -147,4 +147,3 @@ def _at_least(**values: tuple[float, float]) -> None:
     for name, (value, low) in values.items():
         if value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-

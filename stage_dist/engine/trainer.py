@@ -1,4 +1,42 @@
-"""The trainer: one run on one rank (DDP, AMP, exact resume, validation), composed of its parts."""
+"""The trainer: STAGE (or the no-graph baseline) on a feature store, 1..N ranks under torchrun.
+
+    torchrun --nproc_per_node=8 -m stage_dist.train --train-store train.zarr --val-store val.zarr \\
+        --val-groundtruth ava_val_v2.2.csv --labelmap ava_action_list_v2.2.pbtxt --output-dir runs/stage
+
+The defaults are the published recipe (Adam, lr 6.25e-5 for one 6-keyframe window per step,
+4 heads). Everything a run needs to continue lives in :meth:`Trainer.state_dict`: model,
+optimizer, LR schedule, grad scaler, the window source's position and every rank's RNG state, so
+a run stopped anywhere (or restarted by ``torchrun --max-restarts``) resumes exactly where its last
+checkpoint was taken (the Python, NumPy and torch generators are seeded per rank and restored
+after all start-up code).
+
+Non-finite numbers stop the run with exit code 3 (2 is a bad input, given as one line naming the
+file or flag); the guard is :mod:`stage_dist.engine.nonfinite`. Every step ORs ``~isfinite(loss)`` (and,
+with ``--grad-clip``, of the gradient norm it computes anyway, except under fp16 where the
+GradScaler skips such steps) into a flag on the device that keeps the first bad step; the flag
+and the finiteness of the weights are read back at log steps and before every checkpoint and
+validation, so there is no per-step host sync, the error names the first bad step and its window
+(clip, video, keyframes), and no checkpoint ever holds non-finite weights: the last good one stays
+the newest. A finite loss with non-finite gradients and no ``--grad-clip`` shows in the weights at
+the next check and is named as a step range.
+
+A training step reads nothing back from the device: the loss, the non-finite flag and the
+finiteness of the weights are read at log steps (and before checkpoints and validation) only, and
+the step's window is named from the batch's host bookkeeping. Under DDP the gradients live in the
+all-reduce buckets (``gradient_as_bucket_view``) and the graph is static: every step gives every
+parameter a gradient, a step without actors included (:meth:`Trainer.loss`). Each rank's mean
+loss is weighted by its share of the step's actors (:func:`~stage_dist.engine.distributed.share_of_all`,
+one scalar all-reduce on the device), so DDP's mean over ranks is the mean over all the step's
+actors: R ranks x k windows make the same update as one rank x Rk windows. ``--workers`` defaults
+to the rank's share of its cores (:func:`~stage_dist.engine.distributed.loader_workers`).
+
+``--deterministic`` (:func:`~stage_dist.engine.distributed.configure_determinism`): on a GPU, two runs of
+the same config, and a run resumed from its checkpoint, end with bitwise identical weights on the
+same GPU model and software (driver, CUDA, cuDNN, NCCL, torch) at the same world size; it does not
+make runs match across GPU models, software versions, world sizes or CPU vs GPU, and ``--compile``
+is not covered. On CPU the kernels are deterministic without it (exact resume is tested there);
+measured cost of the flag on CPU: none beyond noise (bench/train_bench.py --deterministic).
+"""
 
 from __future__ import annotations
 
@@ -381,8 +419,8 @@ class Trainer:
     def _warn_on_config_change(self, saved: dict, path: Path) -> None:
         """A resumed run keeps the checkpoint's optimizer, LR schedule and position in the epoch;
         changing what a step means makes that position (and the LR) wrong."""
-        keys = ("window", "windows_per_step", "seed", "lr", "lr_scaling", "schedule", "warmup_steps", "warmup_keyframes",
-                "optimizer")
+        keys = ("window", "windows_per_step", "seed", "lr", "lr_scaling", "schedule", "warmup_steps",
+                "warmup_keyframes", "optimizer")
         saved = {k: v for part in saved.values() if isinstance(part, dict) for k, v in part.items()} or saved
         now = flat_dict(self.config)
         changed = [f"{key} {saved[key]} -> {now[key]}" for key in keys if key in saved and saved[key] != now[key]]
@@ -515,10 +553,11 @@ class Trainer:
     def _evaluate(self, predictions: Predictions, keyframes: KeyframeIndex, class_ids: set[int] | None) -> EvalResult:
         """Frame-mAP@0.5 of the val predictions, in memory: the same numbers as evaluating the
         results.csv just written (``evaluate_predictions`` applies the writer's row selection)."""
+        rows = predictions.keyframe
         return evaluate_predictions(self.val_groundtruth, self.val_labelmap,
-                                    keyframes.video_ids[predictions.keyframe], keyframes.timestamps[predictions.keyframe],
-                                    predictions.boxes, predictions.scores, class_ids=class_ids,
-                                    column_ids=self.class_ids, groups=self.val_groups)
+                                    keyframes.video_ids[rows], keyframes.timestamps[rows], predictions.boxes,
+                                    predictions.scores, class_ids=class_ids, column_ids=self.class_ids,
+                                    groups=self.val_groups)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -640,4 +679,3 @@ def run_lock(config: TrainConfig) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
         raise
-

@@ -1,1 +1,3 @@
-"""Getting features into a store: readers of the published HDF5 layouts, the parallel resumable converter, synthetic datasets. No torch."""
+"""Getting features into a store: readers of the published HDF5 layouts, the parallel resumable
+converter, synthetic datasets. No torch.
+"""

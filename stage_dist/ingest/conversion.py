@@ -1,4 +1,43 @@
-"""conv"""
+"""Parallel, resumable, verified conversion of the published HDF5 features into a feature store.
+
+The run, in order:
+
+1. **List and scan** the source (names, then shapes only, in parallel by clip): every
+   structural problem is found before anything is written, and the row counts give the
+   store's CSR pointers and shard grid. Clips are ordered by video id, keyframes by timestamp.
+2. **Create** the store (tables and empty row arrays, attribute ``complete: false``), or find
+   the same store from an interrupted run with the same plan and resume it.
+3. **Convert** shard by shard: a task owns one shard-aligned row range of ``actors/*`` or of
+   ``objects/*``; it reads the keyframes overlapping its rows, validates and pools them,
+   streams each shard's chunks into its file (index last, then renamed into place; memory is
+   one chunk per array, not one shard) and then records the shard as done. Tasks run in
+   ``--workers`` processes (one writer per shard, largest first); a killed run loses at most
+   the shards in flight.
+4. **Finish**: set ``complete: true``. ``--verify`` then re-reads the sources and compares every
+   keyframe (or a sample) with the store after the pooling/dtype rule, reading only the rows of
+   the keyframes it checks. Box coordinates within ``--box-tolerance`` outside [0, 1] are
+   clipped (and counted in the summary); further out they are an error.
+
+Before any of it, the output is checked (:mod:`stage_dist.core.outputs`): it must not be, contain or
+lie inside an input; an existing directory must be empty or a store this converter wrote
+(``--overwrite`` empties only such a store, keeping the directory); and the run holds the
+output's lock, so a second converter writing the same ``--out`` stops at once.
+
+A rerun resumes only a store of the same plan; the store records each source file's size and
+mtime (per clip for actor files), and the shards that depend on a file that changed since are
+converted again, so nothing stale is reported complete. A rerun on a complete store compares
+those records only (:func:`unchanged_store`: no HDF5 file is opened) and scans again only when
+one differs.
+
+A write error (disk full) or SIGTERM/SIGINT (:func:`main` turns both signals into
+:class:`Interrupted`, exit 128 + signal number) stops the workers, removes the partial files of
+the shards in flight (:func:`drop_partial_files`) and releases the lock: the finished shards stay
+recorded and the next run resumes.
+
+Errors in the input stop the run with :class:`~stage_dist.ingest.published_hdf5.ReaderError` (file and key
+named), errors of the output with :class:`~stage_dist.core.outputs.OutputError`; the CLI prints
+them on one line and exits 2. Verification mismatches exit 1.
+"""
 
 from __future__ import annotations
 
@@ -251,7 +290,8 @@ class Plan:
         return sum(k.object_key_stripped for k in self.keyframes)
 
 
-def _scan_clips(source: FeatureReader, clips: list[tuple[str, list[int]]]) -> list[tuple[list[KeyframeInfo], FeatureDims]]:
+def _scan_clips(source: FeatureReader,
+                clips: list[tuple[str, list[int]]]) -> list[tuple[list[KeyframeInfo], FeatureDims]]:
     return [source.scan_clip(video_id, stamps) for video_id, stamps in clips]
 
 
@@ -344,7 +384,15 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             "skipped": list(plan.skipped)}
 
 
-def unchanged_store(existing: dict[str, Any] | None, source: FeatureReader, cfg: ConvertConfig) -> dict[str, Any] | None:
+def _same_class_set(existing: dict[str, Any], ids: tuple[int, ...], names: tuple[str, ...] | None) -> bool:
+    """Whether the store attributes ``existing`` record the class ids and names ``ids``/``names``
+    (a store written before class sets were recorded holds AVA's ids, as ``ids`` then does)."""
+    return existing.get("class_ids", list(ids)) == list(ids) and existing.get("class_names") == (
+        list(names) if names else None)
+
+
+def unchanged_store(existing: dict[str, Any] | None, source: FeatureReader,
+                    cfg: ConvertConfig) -> dict[str, Any] | None:
     """The :func:`plan_summary` recorded in the complete store ``existing`` (its attributes) when
     this run would convert nothing, told from the source files' sizes and mtimes alone: the same
     arguments, input paths and class set, every shared file and every clip's actor files as recorded, no
@@ -365,7 +413,7 @@ def unchanged_store(existing: dict[str, Any] | None, source: FeatureReader, cfg:
     if inputs.get("files") != shared_files_record(source):
         return None
     ids, names = read_class_set(cfg)  # a --labelmap edited in place is not a source file's stat
-    if existing.get("class_ids", list(ids)) != list(ids) or existing.get("class_names") != (list(names) if names else None):
+    if not _same_class_set(existing, ids, names):
         return None
     files = source.keyframe_files()  # None: the keyframes live in a shared file, checked above
     if files is not None:
@@ -413,7 +461,8 @@ def stale_shards(old: dict[str, Any], new: dict[str, Any], plan: Plan, source: F
             c = position[v]
             changed_keyframes[plan.tables.clip_ptr[c]: plan.tables.clip_ptr[c + 1]] = True
     stale = [t for t in tasks if t.group in stale_groups
-             or (t.group == "actors" and changed_keyframes[t.keyframe_start: max(t.keyframe_stop, t.keyframe_start + 1)].any())]
+             or (t.group == "actors"
+                 and changed_keyframes[t.keyframe_start: max(t.keyframe_stop, t.keyframe_start + 1)].any())]
     return stale, changed
 
 
@@ -422,14 +471,15 @@ def _what_differs(existing: dict[str, Any], source: FeatureReader, cfg: ConvertC
     def flat(arguments: dict[str, Any]) -> dict[str, Any]:
         return {**{k: v for k, v in arguments.items() if k != "storage"}, **arguments.get("storage", {})}
 
-    old, new = flat(existing.get("converter", {}).get("arguments", {})), flat(json.loads(json.dumps(cfg.store_arguments())))
+    old = flat(existing.get("converter", {}).get("arguments", {}))
+    new = flat(json.loads(json.dumps(cfg.store_arguments())))
     if old != new:
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return "other arguments (" + ", ".join(f"{k} {old.get(k)!r}, now {new.get(k)!r}" for k in keys) + ")"
     if {k: v for k, v in existing.get("source", {}).items() if k in source.describe()} != source.describe():
         return "other input paths"
     ids, names = read_class_set(cfg)
-    if existing.get("class_ids", list(ids)) != list(ids) or existing.get("class_names") != (list(names) if names else None):
+    if not _same_class_set(existing, ids, names):
         if existing.get("class_ids", list(ids)) == list(ids):
             return "another class set (the same ids, other class names)"
         old_ids = tuple(existing.get("class_ids", AVA_CLASS_IDS))
@@ -969,4 +1019,3 @@ def shards_out(cfg: ConvertConfig) -> Path:
     if cfg.streaming.shards_out:
         return cfg.streaming.shards_out
     return cfg.out.with_suffix(".shards") if "zarr" in cfg.streaming.format.split(",") else cfg.out
-

@@ -1,1 +1,3 @@
-"""The STAGE graph-attention model, the no-graph baseline, their config section and kinds, and the model's part of a checkpoint (either format)."""
+"""The STAGE graph-attention model, the no-graph baseline, their config section and kinds, and the
+model's part of a checkpoint (either format).
+"""

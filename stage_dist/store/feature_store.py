@@ -9,9 +9,10 @@ recorded in ``_progress/`` so an interrupted conversion resumes, and ``complete`
 
 Reading: :meth:`FeatureStore.open` refuses an incomplete store, another schema version or
 unexpected dims, and reads the clip and keyframe tables (one chunk each) and nothing else.
-Rows are read by :class:`~stage_dist.store.zarr_shards.ArrayReader` straight from the shard files (the shard index of the
-zarr v3 ``sharding_indexed`` codec, then the chunk's bytes decoded with numcodecs): a window costs
-the decoding of the chunks it touches, not a zarr-python call (~1.5 ms) per array, and returns
+Rows are read by :class:`~stage_dist.store.zarr_shards.ArrayReader` straight from the shard files
+(the shard index of the zarr v3 ``sharding_indexed`` codec, then the chunk's bytes decoded with
+numcodecs): a window costs the decoding of the chunks it touches, not a zarr-python call (~1.5 ms)
+per array, and returns
 what zarr returns (arrays whose layout it does not know are read through zarr). The per-row tables
 (boxes, labels) are kept decoded once touched (one chunk per shard, see the schema), feature
 chunks go through a small per-process LRU (windows of a clip share chunks); ``in_memory=True``
@@ -390,4 +391,3 @@ class FeatureStore:
             raise IndexError(f"window {tuple(spec)} outside clip {spec.clip} of {length} keyframes")
         first = int(self.clip_ptr[spec.clip]) + spec.start
         return self.read_keyframes(first, first + spec.length)
-

@@ -178,9 +178,11 @@ def _check_window(window: Window, where: str) -> None:
             )
     for name in ("actor_boxes", "actor_labels"):
         if len(getattr(window, name)) != len(window.actor_features):
-            raise ShardError(f"{where}: {name} has {len(getattr(window, name))} rows, expected {len(window.actor_features)}")
+            rows, expected = len(getattr(window, name)), len(window.actor_features)
+            raise ShardError(f"{where}: {name} has {rows} rows, expected {expected}")
     if len(window.object_boxes) != len(window.object_features):
-        raise ShardError(f"{where}: object_boxes has {len(window.object_boxes)} rows, expected {len(window.object_features)}")
+        rows, expected = len(window.object_boxes), len(window.object_features)
+        raise ShardError(f"{where}: object_boxes has {rows} rows, expected {expected}")
 
 
 def cut_clip(clip: Window, start: int, length: int) -> Window:
@@ -603,7 +605,8 @@ class _RowWriter:
         rows = np.concatenate(self.parts)
         take = len(rows) // self.shard_rows * self.shard_rows if whole_shards else len(rows)
         if self.written + take > self.array.shape[0]:
-            raise ShardError(f"shards hold more {self.array.name} rows than their manifest counts ({self.array.shape[0]})")
+            raise ShardError(f"shards hold more {self.array.name} rows than their manifest counts "
+                             f"({self.array.shape[0]})")
         self.array[self.written : self.written + take] = rows[:take]
         self.written += take
         self.parts, self.buffered = ([rows[take:]] if take < len(rows) else []), len(rows) - take
