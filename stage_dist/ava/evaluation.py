@@ -269,7 +269,8 @@ def evaluate_with_table(
     return result, _match_table(gt, gt_rows, included, kept, true_positive, labelmap, num_classes)
 
 
-def _match_table(gt: AvaCsv, gt_rows, included, kept: _Detections, true_positive, labelmap, num_classes) -> MatchTable:
+def _match_table(gt: AvaCsv, gt_rows: np.ndarray, included: np.ndarray, kept: _Detections, true_positive: np.ndarray,
+                 labelmap: Mapping[int, str], num_classes: int) -> MatchTable:
     key_video = [key.rsplit(",", 1)[0] for key in gt.keys]
     videos = sorted({key_video[i] for i in np.flatnonzero(included).tolist()})
     video_index = {video: v for v, video in enumerate(videos)}
@@ -315,7 +316,8 @@ def evaluate_predictions(
     return evaluate(groundtruth, detections, labelmap, exclusions, groups=groups)
 
 
-def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows, kept: _Detections, in_labelmap) -> None:
+def _warn_if_nothing_scores(gt: AvaCsv, det: AvaCsv, gt_rows: np.ndarray, kept: _Detections,
+                            in_labelmap: np.ndarray) -> None:
     """A warning for each way the detections cannot score at all (the numbers stay correct)."""
     if not len(gt_rows):
         logger.warning("%s: no groundtruth box has an action of the label map (every AP is NaN)", gt.path)
@@ -372,7 +374,7 @@ def _known_class(actions: np.ndarray, in_labelmap: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _capped_detections(det: AvaCsv, gt: AvaCsv, included: np.ndarray, in_labelmap) -> _Detections:
+def _capped_detections(det: AvaCsv, gt: AvaCsv, included: np.ndarray, in_labelmap: np.ndarray) -> _Detections:
     """Detections kept by the label map, the keyframe rules and the 50 cap, in official order.
 
     The official order is: keyframes by their first (label-map) row in the file, then within a
@@ -420,7 +422,7 @@ def _stable_argsort_small(keys: np.ndarray) -> np.ndarray:
     return order
 
 
-def _keyframes_with_ties(keyframe, scores, det: AvaCsv, rows) -> np.ndarray:
+def _keyframes_with_ties(keyframe: np.ndarray, scores: np.ndarray, det: AvaCsv, rows: np.ndarray) -> np.ndarray:
     """Keyframes where one class has equal scores on different boxes (their order matters).
 
     ``keyframe``/``scores`` are sorted by keyframe then score, so equal scores are adjacent.
@@ -436,14 +438,17 @@ def _keyframes_with_ties(keyframe, scores, det: AvaCsv, rows) -> np.ndarray:
     return np.unique(key[1:][same & (box[1:] != box[:-1]).any(axis=1)])
 
 
-def _replay_heaps(replayed: np.ndarray, keyframe: np.ndarray, rows: np.ndarray, det: AvaCsv):
+def _replay_heaps(replayed: np.ndarray, keyframe: np.ndarray, rows: np.ndarray,
+                  det: AvaCsv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The official reader's heap, replayed row by row for the ``replayed`` keyframes.
 
     ``keyframe[i]`` is the keyframe of detection row ``rows[i]`` (file order). Returns
     keyframe, position in the keyframe, action, box and score of every kept row.
     """
     selected = np.isin(keyframe, replayed)
-    out_key, out_position, out_tuples = [], [], []
+    out_key: list[int] = []
+    out_position: list[int] = []
+    out_tuples: list[tuple] = []
     heaps: dict[int, list[tuple]] = {}
     boxes = det.boxes[rows[selected]]
     for key, score, action, (x1, y1, x2, y2) in zip(

@@ -24,9 +24,16 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, Sequence, TypeVar
 
-C = TypeVar("C")
+
+class _Dataclass(Protocol):
+    """What :func:`dataclasses.fields` takes: a dataclass."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+C = TypeVar("C", bound=_Dataclass)  # a config dataclass
 
 CONFIG_FLAG = "config"
 

@@ -30,7 +30,7 @@ class NoSpaceError(UserInputError):
         self.detail = detail  # what happened and what was kept, without the path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Create or replace ``path`` with what ``write(file)`` writes, atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

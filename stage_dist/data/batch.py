@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from stage_dist.data.graph import Graph, build_graph
@@ -172,7 +173,7 @@ def _node_positions(ptr: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
 
 
-def _stack(arrays: Sequence[np.ndarray], rows: int, dtype: np.dtype | None = None) -> torch.Tensor:
+def _stack(arrays: Sequence[np.ndarray], rows: int, dtype: npt.DTypeLike | None = None) -> torch.Tensor:
     """Concatenate ``arrays`` into ``rows`` rows (zero-filled past their end), one copy."""
     dtype = np.dtype(dtype or arrays[0].dtype)
     count = sum(len(a) for a in arrays)

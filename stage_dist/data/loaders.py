@@ -9,10 +9,10 @@ the same kinds of batches.
 from __future__ import annotations
 
 import signal
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from stage_dist.data.batch import Batch, Padding, collate
 from stage_dist.data.sampler import EpochPosition
@@ -41,7 +41,7 @@ class TrainLoader(DataLoader):
     resume) never consumes the global torch RNG, which dropout uses: exact resume depends on it.
     """
 
-    def __init__(self, position: EpochPosition, dataset, **options) -> None:
+    def __init__(self, position: EpochPosition, dataset: Dataset, **options: Any) -> None:
         super().__init__(dataset, generator=torch.Generator(), **options)
         self.position = position
 

@@ -44,6 +44,7 @@ def open_window_source(
         return TarWindowStream(shards, window=window, windows_per_step=windows_per_step, rank=rank,
                                  world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
                                  manifest=shards_manifest)
+    assert store is not None
     feature_store = FeatureStore.open(store, in_memory=in_memory, memmap_dir=memmap_dir)
     return StoreWindowSource(feature_store, window=window, windows_per_step=windows_per_step, rank=rank,
                              world_size=world_size, seed=seed)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable, Iterator, Sequence
+from typing import Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -70,19 +70,19 @@ class EpochPlan:
         return int(self.quotas.sum()) - self.total
 
 
-def fill_segments(quotas: Sequence[int], total: int) -> np.ndarray:
+def fill_segments(quotas: Sequence[int] | np.ndarray, total: int) -> np.ndarray:
     """Segment sizes: ``total`` windows over readers, each at most its quota, as equal as
     possible (every reader gets ``min(quota, L)`` or one more for a common level ``L``)."""
-    quotas = np.asarray(quotas, dtype=np.int64)
-    if total > quotas.sum():
-        raise ValueError(f"{total} windows do not fit quotas summing to {int(quotas.sum())}")
-    low, high = 0, int(quotas.max(initial=0))
+    quota_array = np.asarray(quotas, dtype=np.int64)
+    if total > quota_array.sum():
+        raise ValueError(f"{total} windows do not fit quotas summing to {int(quota_array.sum())}")
+    low, high = 0, int(quota_array.max(initial=0))
     while low < high:  # the highest level whose fill fits in total
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if np.minimum(quotas, mid).sum() <= total else (low, mid - 1)
-    sizes = np.minimum(quotas, low)
+        low, high = (mid, high) if np.minimum(quota_array, mid).sum() <= total else (low, mid - 1)
+    sizes = np.minimum(quota_array, low)
     rest = total - int(sizes.sum())
-    sizes[np.flatnonzero(quotas > low)[:rest]] += 1
+    sizes[np.flatnonzero(quota_array > low)[:rest]] += 1
     return sizes
 
 
@@ -238,7 +238,7 @@ class TarWindowStream(EpochPosition, IterableDataset):
         for _, start, length in cuts.tolist():
             yield cut_clip(clip, start, length)
 
-    def _reader_windows(self, plan: EpochPlan, reader: int, epoch: int) -> Iterator[Window]:
+    def _reader_windows(self, plan: EpochPlan, reader: int, epoch: int) -> Generator[Window, None, None]:
         """Reader ``reader``'s ``quotas[reader]`` windows: its segment shuffled, then repeats."""
         _, offsets = self._clip_window_counts(epoch)
         start, stop = int(plan.segments[reader]), int(plan.segments[reader + 1])

@@ -413,7 +413,9 @@ def rng_state() -> dict:
     """The Python, NumPy (global) and torch CPU/CUDA generator states, loadable with
     ``weights_only=True`` (tensors, ints, floats, strings and lists only)."""
     version, mt_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # a dict only for a bit generator other than the global MT19937
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = numpy_state
     state = {
         "python": {
             "version": int(version),

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from stage_dist.core.fileio import atomic_write
 from stage_dist.engine.metrics_log import METRICS_NAME
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def metrics_path(run: str | os.PathLike) -> Path:
@@ -56,7 +59,7 @@ def plot_curves(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike)
         plt.close(fig)
 
 
-def curves_figure(runs: Sequence[tuple[str, list[dict]]]):
+def curves_figure(runs: Sequence[tuple[str, list[dict]]]) -> Figure:
     """The matplotlib figure of :func:`plot_curves`: both panels on one step axis (a run validated
     only at its end shows that point at its last step, not on an axis of its own); a run without
     validation is named in the mAP legend as such."""

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Mapping
 
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from stage_dist.ava.evaluation import EvalResult, group_line
 from stage_dist.core.config import save_json
 from stage_dist.core.paths import user_path_errors
-from stage_dist.core.progress import progress_bar
+from stage_dist.core.progress import LogProgress, progress_bar
 from stage_dist.engine.metrics_log import METRICS_NAME, MetricsLog
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class RunLog:
         self.progress_every_seconds, self.paths, self.enabled, self.log = progress_every_seconds, paths, enabled, logger
         self._writer: SummaryWriter | None = None
         self._metrics: MetricsLog | None = None
-        self._bar = None  # a tqdm bar or a LogProgress
+        self._bar: tqdm | LogProgress | None = None
 
     def open(self, config: object, *, resumed_step: int) -> None:
         """Start the record of a run at ``resumed_step`` (0: a fresh run): save ``config`` (a

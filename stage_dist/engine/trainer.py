@@ -50,7 +50,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ from stage_dist.core.config import (
 from stage_dist.core.errors import UserInputError
 from stage_dist.core.outputs import check_not_input, launch_lock
 from stage_dist.core.paths import check_target, ensure_free_space, user_path_errors
-from stage_dist.data.batch import Padding
+from stage_dist.data.batch import Batch, Padding
 from stage_dist.data.splits import open_train_data
 from stage_dist.data.store_windows import StoreWindowSource
 from stage_dist.engine.checkpoint import (
@@ -131,7 +131,7 @@ class StepStats:
         self.seconds += seconds
 
     def reset(self) -> None:
-        self.__init__()
+        type(self).__init__(self)  # every field back to its default
 
 
 @dataclass
@@ -157,7 +157,7 @@ def effective_lr(optim: OptimConfig, world_size: int) -> tuple[int, float]:
     return effective_batch, optim.lr * lr_factor(optim.lr_scaling, effective_batch)
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -488,7 +488,7 @@ class Trainer:
             if self._reached_max_steps():
                 break
 
-    def train_step(self, batch) -> torch.Tensor:
+    def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step; returns the loss, detached and left on the device (no host sync)."""
         batch = batch.to(self.env.device, non_blocking=True)
         with self.precision.autocast():
@@ -532,6 +532,7 @@ class Trainer:
             raise NonFiniteError(f"validation on {self.val_store.path}: {problem or 'non-finite scores (rank 0)'}")
         if not self.env.is_main:
             return None
+        assert result is not None  # predict returns the predictions on rank 0
         results_csv = self.output_dir / "val" / f"results_step{self.global_step:07d}.csv"
         results_csv.parent.mkdir(parents=True, exist_ok=True)
         class_ids = set(self.val_labelmap) if self.val_labelmap else None
@@ -553,6 +554,7 @@ class Trainer:
     def _evaluate(self, predictions: Predictions, keyframes: KeyframeIndex, class_ids: set[int] | None) -> EvalResult:
         """Frame-mAP@0.5 of the val predictions, in memory: the same numbers as evaluating the
         results.csv just written (``evaluate_predictions`` applies the writer's row selection)."""
+        assert self.val_groundtruth is not None and self.val_labelmap is not None  # validate checked both
         rows = predictions.keyframe
         return evaluate_predictions(self.val_groundtruth, self.val_labelmap,
                                     keyframes.video_ids[rows], keyframes.timestamps[rows], predictions.boxes,

@@ -53,8 +53,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, cast
 
 import numpy as np
 import zarr
@@ -85,7 +86,6 @@ from stage_dist.ingest.published_hdf5 import (
     merge_dims,
 )
 from stage_dist.store.feature_store import (
-    ATTRS_KEY,
     PROGRESS_DIR,
     FeatureStore,
     StorageConfig,
@@ -100,8 +100,9 @@ from stage_dist.store.feature_store import (
     record_shard_done,
     shard_done,
     storage_attrs,
+    update_attrs,
 )
-from stage_dist.store.schema import AVA_CLASS_IDS, DEFAULT_TAR_SHARD_MB, describe_classes
+from stage_dist.store.schema import AVA_CLASS_IDS, DEFAULT_TAR_SHARD_MB, GroupName, describe_classes
 from stage_dist.store.zarr_shards import row_writer
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,7 @@ def unchanged_store(existing: dict[str, Any] | None, source: FeatureReader,
         return None
     inputs = existing.get("inputs")
     summary = inputs.get("summary") if isinstance(inputs, dict) else None
-    if not isinstance(summary, dict):
+    if not isinstance(inputs, dict) or not isinstance(summary, dict):
         return None
     if existing.get("converter", {}).get("arguments") != json.loads(json.dumps(cfg.store_arguments())):
         return None
@@ -487,11 +488,6 @@ def _what_differs(existing: dict[str, Any], source: FeatureReader, cfg: ConvertC
     return "inputs with other keyframes or row counts (files added, removed or reshaped)"
 
 
-def _set_attrs(path: Path, **changes: Any) -> None:
-    root = zarr.open_group(Path(path), mode="r+")
-    root.attrs.update({ATTRS_KEY: {**dict(root.attrs[ATTRS_KEY]), **changes}})
-
-
 def prepare_store(plan: Plan, source: FeatureReader, cfg: ConvertConfig, target: OutputDir) -> bool:
     """Create the store, or find a resumable one. Returns False when it is already complete.
 
@@ -530,9 +526,9 @@ def prepare_store(plan: Plan, source: FeatureReader, cfg: ConvertConfig, target:
                     if (group.name, index) not in stale_ids:
                         record_shard_done(cfg.out, group.name, index, {"rows": [r0, r1]})
         else:
-            for group, index in stale_ids:
-                record_path(cfg.out, group, index).unlink(missing_ok=True)
-        _set_attrs(cfg.out, complete=False, inputs=inputs)
+            for group_name, index in stale_ids:
+                record_path(cfg.out, group_name, index).unlink(missing_ok=True)
+        update_attrs(cfg.out, complete=False, inputs=inputs)
         return True
     try:
         create_store(cfg.out, plan.layout, plan.tables, store_attrs(plan, source, cfg, fingerprint, inputs))
@@ -555,7 +551,7 @@ class ShardTask:
     to the task that holds its first row (``ptr[k] >= row_start``), which counts its progress.
     """
 
-    group: Literal["actors", "objects"]
+    group: GroupName
     index: int
     row_start: int
     row_stop: int
@@ -691,8 +687,8 @@ class Runner:
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
-        self._pool = None
-        self._queue = None
+        self._pool: multiprocessing.pool.Pool | None = None
+        self._queue: SimpleQueue | None = None  # the workers' progress reports, made with the pool
         if self.workers > 1:
             # fork: workers start instantly and inherit nothing open (created before any
             # HDF5 file is opened); zarr resets its event loop in forked children. Progress
@@ -713,6 +709,7 @@ class Runner:
         if self._pool is None:
             return sum(run_task(ctx, task, on_progress) for task in tasks)
         queue = self._queue
+        assert queue is not None
         results = self._pool.imap_unordered(partial(_pool_task, ctx), tasks)
         remaining, clipped = len(tasks), 0
         while remaining:
@@ -735,7 +732,7 @@ class Runner:
         if self._pool is None:
             return
         if abandon:  # Pool has no public handle on any of this
-            pool = self._pool
+            pool: Any = self._pool  # the private attributes below are in no stub
             pool._worker_handler._state = mp.pool.TERMINATE  # no replacement for a killed worker
             for _ in range(2):  # again for one the handler may have started meanwhile
                 for worker in list(pool._pool):
@@ -746,6 +743,7 @@ class Runner:
         else:
             self._pool.terminate()
             self._pool.join()
+            assert self._queue is not None
             self._queue.close()
         self._pool = None
 
@@ -779,16 +777,17 @@ _verify_arrays: dict[tuple[str, tuple[str, ...]], dict[str, zarr.Array]] = {}  #
 def _row_arrays(path: Path, names: tuple[str, ...]) -> dict[str, zarr.Array]:
     key = (str(path), names)
     if key not in _verify_arrays:
-        root = zarr.open_group(path, mode="r")
         _verify_arrays.clear()
-        _verify_arrays[key] = {name: root[name] for name in names}
+        _verify_arrays[key] = open_arrays(path, names, mode="r")
     return _verify_arrays[key]
 
 
 def _read_rows(array: zarr.Array, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
     """Rows ``r0:r1`` of each range, in one selection: only the chunks holding them are decoded."""
     index = np.concatenate([np.arange(r0, r1) for r0, r1 in ranges] or [np.zeros(0, np.int64)]).astype(np.int64)
-    rows = array.get_orthogonal_selection((index,)) if len(index) else np.zeros((0, *array.shape[1:]), array.dtype)
+    # an integer index array selects an array (never zarr's scalar case)
+    rows = (cast(np.ndarray, array.get_orthogonal_selection((index,))) if len(index)
+            else np.zeros((0, *array.shape[1:]), array.dtype))
     bounds = np.cumsum([0] + [r1 - r0 for r0, r1 in ranges])
     return [rows[bounds[i]: bounds[i + 1]] for i in range(len(ranges))]
 

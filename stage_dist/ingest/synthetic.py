@@ -606,7 +606,7 @@ def groundtruth_rows(clip: Clip, action_ids: Sequence[int], columns: dict[int, i
     """AVA groundtruth rows of a clip; a keyframe with no (person, action) gets ``video,ts``.
     ``columns``: the label column of each action id (default: the id itself, AVA's)."""
     columns = columns or {}
-    rows = []
+    rows: list[str] = []
     for kf in clip.keyframes:
         before = len(rows)
         for box, labels, person in zip(kf.person_boxes, kf.person_labels, kf.person_ids):

@@ -49,7 +49,7 @@ transcription of the files above.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep * (1.0 / (1.0 - p))
 
 
-def rows(op, x: torch.Tensor, block: int) -> torch.Tensor:
+def rows(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, block: int) -> torch.Tensor:
     """Apply a row-wise op (a Linear, a projection) to the rows of ``x``, ``block`` rows at a time.
 
     ``block`` 0: one call. Otherwise every call gets exactly ``block`` rows (a short tail is
@@ -387,6 +387,8 @@ def compile_model(model: nn.Module, device: torch.device | str, *, backend: Any 
     if mode is None and backend is None and device.type == "cuda":
         mode = "reduce-overhead"
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
-    model.padded_logits = torch.compile(model.padded_logits, fullgraph=True, backend=backend or "inductor",
-                                        mode=mode)
+    assert isinstance(model, _BatchModel), type(model)  # a model of build_model
+    # the instance's compiled core shadows the class's method on purpose (mypy allows no method assignment)
+    model.padded_logits = torch.compile(  # type: ignore[method-assign]
+        model.padded_logits, fullgraph=True, backend=backend or "inductor", mode=mode)
     return model

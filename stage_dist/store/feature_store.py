@@ -31,7 +31,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import zarr
@@ -135,10 +135,16 @@ def create_store(path: Path, layout: StoreLayout, tables: Tables, attrs: dict[st
     (path / PROGRESS_DIR).mkdir()
 
 
-def open_arrays(path: Path, names: list[str]) -> dict[str, zarr.Array]:
-    """Open arrays of a store for writing (one call per worker process)."""
-    root = zarr.open_group(Path(path), mode="r+")
-    return {name: root[name] for name in names}
+def open_arrays(path: Path, names: Sequence[str], mode: Literal["r", "r+"] = "r+") -> dict[str, zarr.Array]:
+    """Open arrays of a store, for writing unless ``mode`` is "r" (one call per worker process)."""
+    root = zarr.open_group(Path(path), mode=mode)
+    return {name: _array(root, name) for name in names}
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    assert isinstance(node, zarr.Array), f"{name}: a group, not an array"  # the schema names arrays only
+    return node
 
 
 def record_path(path: Path, group: str, index: int) -> Path:
@@ -157,12 +163,17 @@ def shard_done(path: Path, group: str, index: int) -> bool:
     return record_path(path, group, index).is_file()
 
 
+def update_attrs(path: Path, **changes: Any) -> None:
+    """Change some of the ``stage_dist`` attributes of the store at ``path`` (an object: :func:`create_store`)."""
+    root = zarr.open_group(Path(path), mode="r+")
+    attrs = root.attrs[ATTRS_KEY]
+    assert isinstance(attrs, dict), f"{path}: the {ATTRS_KEY} attributes are not an object"
+    root.attrs.update({ATTRS_KEY: {**attrs, **changes}})
+
+
 def finish_store(path: Path) -> None:
     """Mark the store complete (the last write of a conversion) and drop the progress records."""
-    root = zarr.open_group(Path(path), mode="r+")
-    attrs = dict(root.attrs[ATTRS_KEY])
-    attrs["complete"] = True
-    root.attrs.update({ATTRS_KEY: attrs})
+    update_attrs(path, complete=True)
     shutil.rmtree(Path(path) / PROGRESS_DIR, ignore_errors=True)
 
 

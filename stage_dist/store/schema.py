@@ -124,6 +124,9 @@ class ArraySpec:
     shard_rows: int
 
 
+GroupName = Literal["actors", "objects"]
+
+
 @dataclass(frozen=True)
 class RowGroup:
     """Arrays that share a row index (``actors/*`` or ``objects/*``) and a shard grid.
@@ -132,7 +135,7 @@ class RowGroup:
     ``[i * shard_rows, (i + 1) * shard_rows)`` owns whole shards of every array.
     """
 
-    name: str
+    name: GroupName
     num_rows: int
     shard_rows: int
     arrays: tuple[ArraySpec, ...]
@@ -161,7 +164,7 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
-def _row_group(name: str, rows: int, columns: dict[str, tuple[tuple[int, ...], str]],
+def _row_group(name: GroupName, rows: int, columns: dict[str, tuple[tuple[int, ...], str]],
                cfg: StorageConfig) -> RowGroup:
     """Chunk and shard rows of a group, sized by its ``features`` array.
 

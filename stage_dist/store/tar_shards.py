@@ -275,6 +275,7 @@ class _ShardSink:
         if current is None or (current.samples and current.bytes + size > self.max_bytes):
             self._open(clip)
             current = self.shards[-1]
+        assert self._writer is not None  # open with the current shard
         for sample in samples:
             self._writer.write(sample)
         current.samples += len(samples)
