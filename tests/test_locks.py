@@ -111,3 +111,24 @@ def test_a_killed_holder_does_not_block_the_next_run(no_flock, tmp_path):
         holder.wait()
     with lock_output(out):  # the file is still there, but its holder is dead
         assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("rank,removed", [(None, True), ("0", True), ("1", False)])
+def test_only_rank_zero_removes_the_output_dir_a_failed_run_created(tmp_path, monkeypatch, rank, removed):
+    """A rank that fails at once must not remove the new --output-dir: rank 0 may be about to
+    write its config.json there (a race seen in CI as ENOENT on rank 0)."""
+    from stage_dist.core.config import from_flat
+    from stage_dist.engine.train_config import TrainConfig
+    from stage_dist.engine.trainer import run_lock
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "run"
+    config = from_flat(TrainConfig, train_store=str(tmp_path / "train.zarr"), output_dir=str(out))
+    with pytest.raises(RuntimeError, match="rank failed"):
+        with run_lock(config):
+            assert out.is_dir()
+            raise RuntimeError("rank failed")
+    assert out.exists() is not removed

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 from stage_dist.core.errors import EXIT_BAD_INPUT, INPUT_ERRORS, UserInputError
+from stage_dist.core.outputs import is_launch_rank_zero
 from stage_dist.core.paths import UserPaths, user_path_message
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class Command:
                 return EXIT_BAD_INPUT
         except tuple(stop.error for stop in self.stops) as error:  # outside: also one raised while reporting
             stop = next(stop for stop in self.stops if isinstance(error, stop.error))
-            self._report(stop.prefix + stop.message(error), print_here=not stop.main_rank_only or on_main_rank())
+            print_here = not stop.main_rank_only or is_launch_rank_zero()
+            self._report(stop.prefix + stop.message(error), print_here=print_here)
             return stop.exit_code(error)
 
     def _bad_input_line(self, error: BaseException, paths: UserPaths, writing: str | None) -> str | None:
@@ -98,16 +100,6 @@ class Command:
             print(line, file=sys.stderr)
         if self.to_launcher:
             report_to_launcher(line)
-
-
-def on_main_rank() -> bool:
-    """Whether this process is rank 0 of its launch (torchrun's ``RANK``; unset outside one), read
-    as :func:`stage_dist.core.outputs.launch_lock` reads it: without torch, before or after the process
-    group."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
 
 
 def report_to_launcher(message: str) -> None:

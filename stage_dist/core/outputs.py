@@ -438,9 +438,19 @@ def launch_lock(output: str | os.PathLike, what: str = "--out") -> "OutputLock |
     """The output's lock for a job started by ``torchrun`` (or plainly): taken by the launch's rank 0
     (``RANK`` 0 or unset) for the whole job, so a second job writing the same output stops at once
     naming the holder; other ranks get a no-op context."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_launch_rank_zero():
         return contextlib.nullcontext()
     return lock_output(output, what)
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is the launch's rank 0 (``RANK`` 0 or unset): the one that holds an
+    output's lock and so the one that may remove what it created. Read without torch, before or
+    after the process group; a malformed ``RANK`` counts as rank 0 (``init_distributed`` names it)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
 
 
 @contextmanager

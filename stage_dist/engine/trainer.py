@@ -64,7 +64,7 @@ from stage_dist.core.config import (
     to_dict,
 )
 from stage_dist.core.errors import UserInputError
-from stage_dist.core.outputs import check_not_input, launch_lock
+from stage_dist.core.outputs import check_not_input, is_launch_rank_zero, launch_lock
 from stage_dist.core.paths import check_target, ensure_free_space, user_path_errors
 from stage_dist.data.batch import Batch, Padding
 from stage_dist.data.splits import open_train_data
@@ -666,9 +666,10 @@ def run_lock(config: TrainConfig) -> Iterator[None]:
     """The output directory's one-writer lock, held by the launch's rank 0 for the whole run: a
     second training on the same ``--output-dir`` stops at once naming the holder (a run killed
     by ``torchrun --max-restarts`` leaves a stale lock that its restart takes over). A directory
-    it created is removed again if the run fails before writing anything in it."""
+    rank 0 created is removed again by rank 0 if the run fails before writing anything in it;
+    another rank never removes it (rank 0 may be about to write there)."""
     out = Path(config.output_dir)
-    created = not out.exists()
+    created = not out.exists() and is_launch_rank_zero()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
