@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from stage_dist.ava import results_check, statistics
 from stage_dist.ava.evaluation import (
     MAX_RESAMPLES,
     ActionGroups,
@@ -138,8 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: EvaluateConfig) -> int:
-    from stage_dist.ava import results_check, statistics as eval_stats
-
     _check_outputs(args)
     labelmap = read_labelmap(args.labelmap)
     groups = read_action_groups(args.labelmap)
@@ -150,10 +149,10 @@ def _evaluate(args: EvaluateConfig) -> int:
         return EXIT_OK if report.clean else EXIT_BAD_INPUT  # the results file is the input at fault
     if args.compare is not None:
         path_a, path_b = args.compare
-        output = eval_stats.compare_files(args.groundtruth, path_a, path_b, labelmap, args.exclusions, groups,
+        output = statistics.compare_files(args.groundtruth, path_a, path_b, labelmap, args.exclusions, groups,
                                           args.comparison_resamples, args.seed)
     elif len(detections) > 1:
-        output = eval_stats.runs_files(args.groundtruth, detections, labelmap, args.exclusions, groups)
+        output = statistics.runs_files(args.groundtruth, detections, labelmap, args.exclusions, groups)
     else:
         output = _evaluate_one(args, labelmap, groups)
     for flag, path, write in (("--json", args.json, output.write_json), ("--plot", args.plot, output.write_plot)):
@@ -166,15 +165,13 @@ def _evaluate(args: EvaluateConfig) -> int:
 
 
 def _evaluate_one(args: EvaluateConfig, labelmap: Mapping[int, str], groups: ActionGroups) -> CliOutput:
-    from stage_dist.ava import statistics as eval_stats
-
     assert args.detections is not None
     result, table = evaluate_with_table(args.groundtruth, args.detections[0], labelmap, args.exclusions,
                                         groups=groups)
     extra_lines: list[str] = []
     extra_json: dict[str, object] = {}
     if args.bootstrap:
-        found = eval_stats.bootstrap(table, groups, args.bootstrap, args.seed)
+        found = statistics.bootstrap(table, groups, args.bootstrap, args.seed)
         extra_lines.append(found.format())
         extra_json["bootstrap"] = found.as_json()
     return CliOutput(format_table(result, labelmap, extra=extra_lines), metrics_json(result, extra_json),

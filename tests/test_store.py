@@ -19,7 +19,7 @@ from zarr.codecs import ZstdCodec
 from stage_dist.convert import main
 from stage_dist.data.batch import collate
 from stage_dist.ingest.synthetic import SynthConfig, synthesize
-from stage_dist.store import zarr_shards as zarr_io
+from stage_dist.store import zarr_shards
 from stage_dist.store.feature_store import (
     SCHEMA_VERSION,
     FeatureStore,
@@ -183,7 +183,7 @@ def _zarr_arrays(tmp_path: Path) -> dict[str, tuple[zarr.Array, np.ndarray]]:
 
 
 def test_direct_reads_equal_zarr_in_every_layout(tmp_path, monkeypatch):
-    monkeypatch.setattr(zarr_io, "MAX_OPEN_FILES", 2)  # reads cross more files than stay open
+    monkeypatch.setattr(zarr_shards, "MAX_OPEN_FILES", 2)  # reads cross more files than stay open
     rng = np.random.default_rng(0)
     for name, (array, expected) in _zarr_arrays(tmp_path).items():
         reader = ArrayReader.open(tmp_path / "layouts.zarr", name)
@@ -239,7 +239,7 @@ def _sharding(**changes) -> list:
     return [{"name": "sharding_indexed", "configuration": config}]
 
 
-_CANONICAL = zarr_io.ShardLayout(shape=(203, 7), dtype=np.dtype("<f2"), fill_value=0.0, shard_rows=64,
+_CANONICAL = zarr_shards.ShardLayout(shape=(203, 7), dtype=np.dtype("<f2"), fill_value=0.0, shard_rows=64,
                                  chunk_rows=16, sharded=True, zstd={"level": 1, "checksum": False},
                                  index_dtype=np.dtype("<u8"))
 
@@ -269,11 +269,11 @@ def test_layout_from_zarr_json_in_every_form_of_the_spec(form):
     doc = _zarr_json(**_SAME_LAYOUT[form])
     if form == "defaults left out":
         del doc["codecs"][0]["configuration"]["index_location"], doc["storage_transformers"]
-    assert zarr_io.ShardLayout.from_zarr_json(json.loads(json.dumps(doc))) == _CANONICAL
+    assert zarr_shards.ShardLayout.from_zarr_json(json.loads(json.dumps(doc))) == _CANONICAL
 
 
 def test_layout_from_zarr_json_reads_each_decision():
-    big = zarr_io.ShardLayout.from_zarr_json(_zarr_json(
+    big = zarr_shards.ShardLayout.from_zarr_json(_zarr_json(
         codecs=_sharding(codecs=[{"name": "bytes", "configuration": {"endian": "big"}}],
                          index_codecs=[{"name": "bytes", "configuration": {"endian": "big"}}], index_location="start"),
         chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}, fill_value="NaN"))
@@ -281,12 +281,12 @@ def test_layout_from_zarr_json_reads_each_decision():
         (np.dtype(">f2"), np.dtype(">u8"), False, False, None)
     assert np.isnan(big.fill_value) and big.index_nbytes == 4 * 16 and big.file_key(3) == "3.0"
     assert _CANONICAL.file_key(3) == "c/3/0" and _CANONICAL.index_nbytes == 4 * 16 + 4
-    plain = zarr_io.ShardLayout.from_zarr_json(_zarr_json(
+    plain = zarr_shards.ShardLayout.from_zarr_json(_zarr_json(
         data_type="int32", fill_value=-7, codecs=["bytes"],
         chunk_key_encoding={"name": "default", "configuration": {"separator": "."}}))
     assert (plain.sharded, plain.chunk_rows, plain.shard_rows, plain.dtype, plain.fill_value, plain.file_key(2)) == \
         (False, 64, 64, np.dtype("<i4"), -7, "c.2.0")
-    assert zarr_io.ShardLayout.from_zarr_json(_zarr_json(fill_value="0x3c00")).fill_value == 1.0  # float16 1.0
+    assert zarr_shards.ShardLayout.from_zarr_json(_zarr_json(fill_value="0x3c00")).fill_value == 1.0  # float16 1.0
 
 
 # layouts the direct path does not read: zarr reads them, after a warning
@@ -321,7 +321,7 @@ _UNKNOWN: dict[str, tuple[dict[str, Any], str]] = {
 def test_layouts_zarr_json_describes_but_the_direct_path_does_not_know(case):
     changes, reason = _UNKNOWN[case]
     with pytest.raises(UnknownLayout, match=reason):
-        zarr_io.ShardLayout.from_zarr_json(json.loads(json.dumps(_zarr_json(**changes))))
+        zarr_shards.ShardLayout.from_zarr_json(json.loads(json.dumps(_zarr_json(**changes))))
 
 
 def _spec_forms(doc: dict) -> dict:
@@ -384,9 +384,9 @@ def test_streamed_shards_in_other_spec_layouts_read_back_in_zarr(tmp_path, optio
     array = root.create_array("x", shape=values.shape, dtype=values.dtype, chunks=(48, 2, 3), fill_value=0,
                               chunk_key_encoding={"name": "v2", "separator": "."}, compressors=None,
                               serializer=zarr.codecs.ShardingCodec(chunk_shape=(16, 2, 3), **options))
-    assert zarr_io.ShardStreamWriter.supports(array, tmp_path / "s")
+    assert zarr_shards.ShardStreamWriter.supports(array, tmp_path / "s")
     for start in range(0, 150, 48):
-        writer = zarr_io.ShardStreamWriter(SimpleNamespace(path="x"), tmp_path / "s", start, min(start + 48, 150))
+        writer = zarr_shards.ShardStreamWriter(SimpleNamespace(path="x"), tmp_path / "s", start, min(start + 48, 150))
         writer.append(values[start: start + 48])
         writer.close("x")
     assert sorted(p.name for p in (tmp_path / "s" / "x").iterdir()) == ["0.0.0", "1.0.0", "2.0.0", "3.0.0", "zarr.json"]
@@ -400,8 +400,8 @@ def test_arrays_the_streaming_writer_does_not_know_are_written_through_zarr(tmp_
     array = root.create_array("blosc", shape=values.shape, dtype=values.dtype, chunks=(16, 3), shards=(64, 3),
                               compressors=(zarr.codecs.BloscCodec(),))
     for start in range(0, 200, 64):
-        writer = zarr_io.row_writer(array, tmp_path / "s", start, min(start + 64, 200), 64)
-        assert isinstance(writer, zarr_io.BufferedRowWriter)
+        writer = zarr_shards.row_writer(array, tmp_path / "s", start, min(start + 64, 200), 64)
+        assert isinstance(writer, zarr_shards.BufferedRowWriter)
         writer.append(values[start: start + 64])
         writer.close("blosc")
     assert caplog.text.count("blosc is written through zarr") == 1  # once per array and process
