@@ -27,7 +27,7 @@ from typing import Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from stage_dist.ava.formats import read_labelmap
-from stage_dist.core.cli import Command, Stop
+from stage_dist.core.cli import Command, Stop, exit_process
 from stage_dist.core.config import (
     ConfigError,
     RuntimeConfig,
@@ -237,4 +237,4 @@ def run(config: InferConfig, env: DistEnv, class_ids: set[int] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -13,7 +13,7 @@ import argparse
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from stage_dist.core.cli import Command, Stop
+from stage_dist.core.cli import Command, Stop, exit_process
 from stage_dist.core.config import (
     build_parser as build_config_parser,
     parse_config,
@@ -79,4 +79,4 @@ def train(config: TrainConfig) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())
