@@ -338,9 +338,9 @@ class Trainer:
             self._pending_rng = None
 
     def close(self) -> None:
-        """Drop the DDP wrapper: its reducer holds the process group and Gloo's last work, and one
-        freed during interpreter shutdown (a trainer kept in a global) can abort the process
-        (SIGABRT) after a successful run. Call it before ``cleanup``; ``with Trainer(...)`` does."""
+        """Drop the DDP wrapper, whose reducer holds the process group, so that it is freed before
+        ``cleanup`` destroys the group rather than whenever the trainer goes (a trainer kept in a
+        global goes during interpreter shutdown). ``with Trainer(...)`` calls it."""
         self.ddp_model = self.model
 
     def __enter__(self) -> "Trainer":
